@@ -1,1 +1,536 @@
-//! placeholder
+//! Plumbing shared by the MIC vhost-user backend daemons (`mic-blk`, `mic-net`,
+//! `mic-console`).
+//!
+//! A daemon built on this crate looks like this:
+//!
+//! ```ignore
+//! init_logging();
+//! let args = Cli::parse();              // flattens `SocketArgs`
+//! let image = open_image(&args)?;       // validate BEFORE the socket exists
+//! let shutdown = Shutdown::install()?;  // SIGINT/SIGTERM -> clean exit
+//! let endpoint = Endpoint::new(&args.socket)?;
+//! serve("mic-xyz", endpoint, &shutdown, || Ok(MyBackend::new(&image)))?;
+//! ```
+//!
+//! [`run_daemon`] keeps serving across frontend disconnects: every new frontend
+//! gets a freshly created backend (from the factory closure) and a fresh
+//! [`VhostUserDaemon`], so no vring or feature state leaks from one frontend
+//! to the next.  Backends must return an exit event from
+//! `VhostUserBackend::exit_event` (use [`WorkerExitEvents`]) so that the
+//! worker threads of a finished connection can be joined.
+
+#![deny(missing_docs)]
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{debug, error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::bitmap::BitmapReplace;
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
+use vm_memory::mmap::NewBitmap;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+/// Errors reported by the shared daemon plumbing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another daemon accepts connections on this socket path.
+    #[error("socket path {0} is in use by a running daemon")]
+    SocketInUse(PathBuf),
+    /// The socket path exists and is not a socket; it is left alone.
+    #[error("socket path {0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// Inspecting, removing or binding the socket path failed.
+    #[error("cannot listen on socket path {0}: {1}")]
+    Listen(PathBuf, #[source] io::Error),
+    /// Setting up signal handling or an event fd failed.
+    #[error("cannot set up shutdown handling: {0}")]
+    Shutdown(#[source] io::Error),
+    /// The backend factory or the start hook failed.
+    #[error("cannot create the backend: {0}")]
+    Backend(#[source] io::Error),
+    /// The vhost-user daemon could not be created.
+    #[error("cannot create the vhost-user daemon: {0}")]
+    Daemon(String),
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Command line arguments every backend daemon shares.
+///
+/// Flatten it into the daemon's own clap parser with `#[command(flatten)]`.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct SocketArgs {
+    /// Path of the vhost-user UNIX socket.
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: PathBuf,
+    /// Connect to a listening frontend at --socket-path instead of listening.
+    #[arg(long)]
+    pub client: bool,
+}
+
+/// Initialise `env_logger`: `RUST_LOG` selects the level, `info` by default.
+///
+/// Safe to call more than once (later calls are ignored).
+pub fn init_logging() {
+    let env = env_logger::Env::default().default_filter_or("info");
+    let _ = env_logger::Builder::from_env(env)
+        .format_timestamp_millis()
+        .try_init();
+}
+
+/// Where frontends come from: a listening socket (default) or a socket to
+/// connect to (`--client`).
+pub enum Endpoint {
+    /// Listening socket bound at `path` (mode 0600).
+    Listen {
+        /// The bound listener, reused for every frontend.
+        listener: Listener,
+        /// Path of the socket, removed again on shutdown.
+        path: PathBuf,
+        /// Device and inode of the socket we created, to avoid removing
+        /// a socket somebody else created after us.
+        ident: (u64, u64),
+    },
+    /// Connect to a frontend listening at `path`, reconnecting after each
+    /// disconnect.
+    Connect {
+        /// Path of the frontend's socket.
+        path: PathBuf,
+    },
+}
+
+impl Endpoint {
+    /// Create the endpoint described by `args`.
+    ///
+    /// In listen mode: a path that a live daemon accepts connections on is an
+    /// error ([`Error::SocketInUse`]); a stale socket file (connect() refused)
+    /// is replaced; a path that is not a socket is never removed
+    /// ([`Error::NotASocket`]). The new socket has mode 0600.
+    pub fn new(args: &SocketArgs) -> Result<Endpoint> {
+        if args.client {
+            return Ok(Endpoint::Connect {
+                path: args.socket_path.clone(),
+            });
+        }
+        Self::listen(&args.socket_path)
+    }
+
+    /// Bind a listening socket at `path`; see [`Endpoint::new`].
+    pub fn listen(path: &Path) -> Result<Endpoint> {
+        let path = path.to_path_buf();
+        match fs::symlink_metadata(&path) {
+            Ok(meta) => {
+                if !meta.file_type().is_socket() {
+                    return Err(Error::NotASocket(path));
+                }
+                match UnixStream::connect(&path) {
+                    Ok(_) => return Err(Error::SocketInUse(path)),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        info!("replacing stale socket {}", path.display());
+                        fs::remove_file(&path).map_err(|e| Error::Listen(path.clone(), e))?;
+                    }
+                    Err(e) => return Err(Error::Listen(path, e)),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::Listen(path, e)),
+        }
+
+        // Create the socket with mode 0600 from the start: no window in
+        // which another user could connect.
+        // SAFETY: umask only changes the process file mode creation mask.
+        let old_mask = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(&path);
+        // SAFETY: as above, restores the previous mask.
+        unsafe { libc::umask(old_mask) };
+        let listener = bound.map_err(|e| Error::Listen(path.clone(), e))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::Listen(path.clone(), e))?;
+        let meta = fs::symlink_metadata(&path).map_err(|e| Error::Listen(path.clone(), e))?;
+        info!("listening on {}", path.display());
+        Ok(Endpoint::Listen {
+            listener: Listener::from(listener),
+            path,
+            ident: (meta.dev(), meta.ino()),
+        })
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        if let Endpoint::Listen { path, ident, .. } = self {
+            if let Ok(meta) = fs::symlink_metadata(&*path) {
+                if (meta.dev(), meta.ino()) == *ident {
+                    let _ = fs::remove_file(&*path);
+                }
+            }
+        }
+    }
+}
+
+/// Write end of the shutdown eventfd, used by the signal handler.
+static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    let fd = SIGNAL_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is valid for 8 bytes.
+        unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
+
+struct ShutdownInner {
+    /// eventfd that becomes (and stays) readable once shutdown is requested.
+    event: fs::File,
+    requested: AtomicBool,
+    /// Handle of the connection being served, if any.
+    active: Mutex<Option<ShutdownHandle>>,
+}
+
+/// Clean shutdown on SIGINT/SIGTERM (or on [`Shutdown::request`]).
+///
+/// Once requested, [`run_daemon`] stops accepting frontends, disconnects the
+/// current one, joins the worker threads and removes the socket file.
+#[derive(Clone)]
+pub struct Shutdown {
+    inner: Arc<ShutdownInner>,
+}
+
+impl Shutdown {
+    /// Create a shutdown trigger without installing signal handlers.
+    pub fn new() -> Result<Shutdown> {
+        // SAFETY: plain eventfd creation; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(Error::Shutdown(io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a freshly created eventfd that we own.
+        let event = unsafe { fs::File::from_raw_fd(fd) };
+        let shutdown = Shutdown {
+            inner: Arc::new(ShutdownInner {
+                event,
+                requested: AtomicBool::new(false),
+                active: Mutex::new(None),
+            }),
+        };
+        let watcher = shutdown.clone();
+        std::thread::Builder::new()
+            .name("shutdown".into())
+            .spawn(move || watcher.watch())
+            .map_err(Error::Shutdown)?;
+        Ok(shutdown)
+    }
+
+    /// Create a shutdown trigger and route SIGINT and SIGTERM to it.
+    ///
+    /// Only one trigger per process should be installed.
+    pub fn install() -> Result<Shutdown> {
+        let shutdown = Shutdown::new()?;
+        // The handler writes to a dup so the fd stays valid for the process
+        // lifetime even if every `Shutdown` clone is dropped.
+        // SAFETY: dup of a valid fd; result checked.
+        let fd = unsafe { libc::dup(shutdown.inner.event.as_raw_fd()) };
+        if fd < 0 {
+            return Err(Error::Shutdown(io::Error::last_os_error()));
+        }
+        let old = SIGNAL_FD.swap(fd, Ordering::SeqCst);
+        if old >= 0 {
+            // SAFETY: `old` was a dup owned by this static.
+            unsafe { libc::close(old) };
+        }
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: installing a handler that only calls write(2).
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_signal as *const () as usize;
+                sa.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                    return Err(Error::Shutdown(io::Error::last_os_error()));
+                }
+            }
+        }
+        Ok(shutdown)
+    }
+
+    /// Request shutdown (same effect as SIGTERM).
+    pub fn request(&self) {
+        let one: u64 = 1;
+        // SAFETY: valid eventfd, 8-byte buffer.
+        unsafe {
+            libc::write(
+                self.inner.event.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+    }
+
+    /// Whether shutdown has been requested.
+    pub fn requested(&self) -> bool {
+        self.inner.requested.load(Ordering::SeqCst) || poll_in(&[self.fd()], 0) == Some(0)
+    }
+
+    /// File descriptor that becomes readable once shutdown is requested
+    /// (never read it; it is level-triggered for all waiters).
+    pub fn fd(&self) -> RawFd {
+        self.inner.event.as_raw_fd()
+    }
+
+    fn watch(&self) {
+        loop {
+            if poll_in(&[self.fd()], -1) == Some(0) {
+                break;
+            }
+        }
+        info!("shutdown requested");
+        let mut active = self.inner.active.lock().unwrap();
+        self.inner.requested.store(true, Ordering::SeqCst);
+        if let Some(handle) = active.take() {
+            handle.shutdown();
+        }
+    }
+
+    /// Register the connection being served; returns false (and shuts the
+    /// connection down) if shutdown was already requested.
+    fn set_active(&self, handle: Option<ShutdownHandle>) -> bool {
+        let mut active = self.inner.active.lock().unwrap();
+        if self.inner.requested.load(Ordering::SeqCst) {
+            if let Some(h) = handle {
+                h.shutdown();
+            }
+            return false;
+        }
+        *active = handle;
+        true
+    }
+}
+
+/// poll() the fds for POLLIN; returns the index of the first readable fd,
+/// None on timeout or error (EINTR included).
+fn poll_in(fds: &[RawFd], timeout_ms: i32) -> Option<usize> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: pfds is a valid array of pollfd of the given length.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if n <= 0 {
+        return None;
+    }
+    pfds.iter().position(|p| p.revents != 0)
+}
+
+/// Per-worker-thread exit events for `VhostUserBackend::exit_event`.
+///
+/// vhost-user-backend takes ownership of the consumer side and never closes
+/// it; this helper remembers those fds and closes them when dropped (that is,
+/// when the last clone of the backend that owns it goes away, after all
+/// worker threads have been joined).
+#[derive(Debug, Default)]
+pub struct WorkerExitEvents {
+    handed_out: Mutex<Vec<RawFd>>,
+}
+
+impl WorkerExitEvents {
+    /// Create an empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A fresh exit event pair; return it from `VhostUserBackend::exit_event`.
+    pub fn create(&self) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok((consumer, notifier)) => {
+                let fd = consumer.into_raw_fd();
+                self.handed_out.lock().unwrap().push(fd);
+                // SAFETY: fd was just released from a valid EventConsumer.
+                Some((unsafe { EventConsumer::from_raw_fd(fd) }, notifier))
+            }
+            Err(e) => {
+                error!("cannot create worker exit event: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for WorkerExitEvents {
+    fn drop(&mut self) {
+        for fd in self.handed_out.lock().unwrap().drain(..) {
+            // SAFETY: these fds were leaked into the (now joined and dropped)
+            // worker epoll handlers, which never close them.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// Serve frontends until shutdown; see [`run_daemon`]. No start hook.
+pub fn serve<B, N>(
+    name: &str,
+    endpoint: Endpoint,
+    shutdown: &Shutdown,
+    new_backend: N,
+) -> Result<()>
+where
+    B: VhostUserBackend + Clone + 'static,
+    B::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+    B::Vring: Clone + Send + Sync,
+    N: FnMut() -> io::Result<B>,
+{
+    run_daemon(name, endpoint, shutdown, new_backend, |_| Ok(()))
+}
+
+/// The daemon loop: serve one frontend at a time until shutdown.
+///
+/// For every frontend: `new_backend()` builds a fresh backend, a new
+/// [`VhostUserDaemon`] is created for it, `on_start(&daemon)` runs (register
+/// extra fds with `daemon.get_epoll_handlers()` there), then the connection
+/// is served until the frontend disconnects or misbehaves (a protocol error
+/// only ends that connection).  The daemon is then dropped, which joins its
+/// worker threads, and the loop waits for the next frontend. In client mode
+/// the loop (re)connects every 100 ms until the frontend's socket accepts.
+///
+/// Returns `Ok(())` after a requested shutdown; the socket file is removed
+/// when `endpoint` is dropped. Errors from `new_backend`/`on_start` are fatal.
+pub fn run_daemon<B, N, S>(
+    name: &str,
+    mut endpoint: Endpoint,
+    shutdown: &Shutdown,
+    mut new_backend: N,
+    mut on_start: S,
+) -> Result<()>
+where
+    B: VhostUserBackend + Clone + 'static,
+    B::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+    B::Vring: Clone + Send + Sync,
+    N: FnMut() -> io::Result<B>,
+    S: FnMut(&VhostUserDaemon<B>) -> io::Result<()>,
+{
+    let mut connections: u64 = 0;
+    loop {
+        if shutdown.requested() {
+            break;
+        }
+        if let Endpoint::Listen { listener, .. } = &endpoint {
+            match poll_in(&[shutdown.fd(), listener.as_raw_fd()], -1) {
+                Some(0) => break,
+                Some(_) => {}
+                None => continue,
+            }
+        }
+
+        let backend = new_backend().map_err(Error::Backend)?;
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new());
+        let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
+            .map_err(|e| Error::Daemon(e.to_string()))?;
+        on_start(&daemon).map_err(Error::Backend)?;
+
+        let started = match &mut endpoint {
+            Endpoint::Listen { listener, .. } => daemon.start(listener),
+            Endpoint::Connect { path } => {
+                let p = path.to_string_lossy().into_owned();
+                daemon.start_client(&p)
+            }
+        };
+        if let Err(e) = started {
+            match &endpoint {
+                Endpoint::Listen { .. } => warn!("accepting a frontend failed: {e}"),
+                Endpoint::Connect { .. } => debug!("connecting to the frontend failed: {e}"),
+            }
+            drop(daemon);
+            // Back off before retrying; wake early on shutdown.
+            poll_in(&[shutdown.fd()], 100);
+            continue;
+        }
+        connections += 1;
+        info!("frontend {connections} connected");
+        shutdown.set_active(daemon.shutdown_handle());
+        match daemon.wait() {
+            Ok(()) => info!("frontend {connections} disconnected"),
+            Err(e) => warn!("frontend {connections} dropped: {e}"),
+        }
+        shutdown.set_active(None);
+        // Dropping the daemon stops and joins the worker threads.
+        drop(daemon);
+    }
+    info!("{name}: shutting down");
+    drop(endpoint);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        socket: SocketArgs,
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mic-common-{}-{}", tag, std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn socket_args_parse() {
+        let c = Cli::try_parse_from(["x", "--socket-path", "/tmp/s", "--client"]).unwrap();
+        assert_eq!(c.socket.socket_path, PathBuf::from("/tmp/s"));
+        assert!(c.socket.client);
+        assert!(Cli::try_parse_from(["x"]).is_err());
+    }
+
+    #[test]
+    fn listen_mode_0600_stale_replaced_live_refused() {
+        let d = tmpdir("listen");
+        let p = d.join("s.sock");
+        // Stale socket: bound then dropped listener leaves the file behind.
+        drop(UnixListener::bind(&p).unwrap());
+        assert!(p.exists());
+        let ep = Endpoint::listen(&p).unwrap();
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Live: a second endpoint on the same path is refused.
+        match Endpoint::listen(&p) {
+            Err(Error::SocketInUse(_)) => {}
+            other => panic!("expected SocketInUse, got {:?}", other.err()),
+        }
+        drop(ep);
+        assert!(!p.exists(), "socket removed on drop");
+        // Not a socket: left alone.
+        fs::write(&p, b"data").unwrap();
+        assert!(matches!(Endpoint::listen(&p), Err(Error::NotASocket(_))));
+        assert_eq!(fs::read(&p).unwrap(), b"data");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn shutdown_request_is_visible() {
+        let s = Shutdown::new().unwrap();
+        assert!(!s.requested());
+        s.request();
+        assert!(s.requested());
+        assert_eq!(poll_in(&[s.fd()], 1000), Some(0));
+    }
+}
