@@ -1,0 +1,70 @@
+# shellcheck shell=bash
+# Source-only apt entries for Debian suites that carry the QEMU source
+# packages.  Only deb-src lines are added, so no binary packages from these
+# suites can be installed by accident.
+
+MIC_APT_SOURCES_FILE=${MIC_APT_SOURCES_FILE:-/etc/apt/sources.list.d/mic-qemu-src.sources}
+
+mic_apt_sources_content() {
+    cat <<'SRC'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: trixie trixie-updates trixie-backports sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+}
+
+mic_sudo() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Writes the sources file if it is missing or differs; runs apt-get update
+# when it changed or when apt knows no qemu source package yet.
+mic_apt_sources_ensure() {
+    local want
+    want=$(mic_apt_sources_content)
+    if [ ! -f "$MIC_APT_SOURCES_FILE" ] || [ "$(cat "$MIC_APT_SOURCES_FILE")" != "$want" ]; then
+        echo "build-qemu: adding deb-src entries in $MIC_APT_SOURCES_FILE" >&2
+        printf '%s\n' "$want" | mic_sudo tee "$MIC_APT_SOURCES_FILE" >/dev/null
+        mic_sudo apt-get update -qq >&2
+    elif ! apt-cache showsrc qemu 2>/dev/null | grep -q '^Version:'; then
+        mic_sudo apt-get update -qq >&2
+    fi
+}
+
+# Installs the named Debian packages that are not installed yet.
+mic_apt_install_missing() {
+    local missing=() p
+    for p in "$@"; do
+        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+            missing+=("$p")
+        fi
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "build-qemu: installing ${missing[*]}" >&2
+        if ! mic_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; then
+            mic_sudo apt-get update -qq >&2
+            mic_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+        fi
+    fi
+}
+
+# All qemu source versions apt knows, one per line.
+mic_qemu_source_versions() {
+    apt-cache showsrc qemu 2>/dev/null | awk '/^Package: /{p=$2} /^Version: /{if (p=="qemu") print $2}' | sort -u
+}
+
+# Newest version of the given upstream series ("10.0" or "11"), or nothing.
+mic_qemu_newest_in_series() {
+    local series=$1 best="" v up
+    while read -r v; do
+        up=${v#*:}; up=${up%%+*}; up=${up%%-*}
+        case "$up" in
+            "$series".*) ;;
+            *) continue ;;
+        esac
+        if [ -z "$best" ] || dpkg --compare-versions "$v" gt "$best"; then best=$v; fi
+    done < <(mic_qemu_source_versions)
+    printf '%s\n' "$best"
+}
