@@ -1,1 +1,99 @@
-fn main() {}
+//! `mic-blk`: vhost-user-blk backend daemon serving a raw image file.
+//!
+//! Thin entry point: parse and validate the command line, open the image,
+//! then hand over to the shared daemon loop. Every startup error is reported
+//! as one line on stderr with a non-zero exit status, before the socket is
+//! created.
+
+mod backend;
+mod config;
+mod disk;
+mod request;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use log::info;
+use mic_backend_common::{init_logging, serve, Endpoint, Shutdown};
+
+use backend::{BlkBackend, BlkParams};
+use config::{BlkConfig, Cli};
+use disk::Disk;
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("mic-blk: {msg}");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: clap's first line without its "error: " prefix.
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            eprintln!("mic-blk: {line} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = match BlkConfig::from_cli(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mic-blk: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging();
+
+    let disk = match Disk::open(&cfg.image, cfg.readonly, cfg.direct) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            return fail(format_args!(
+                "cannot open image {}: {e}",
+                cfg.image.display()
+            ))
+        }
+    };
+    if disk.sectors() == 0 {
+        return fail(format_args!(
+            "image {} is smaller than one sector",
+            cfg.image.display()
+        ));
+    }
+    let shutdown = match Shutdown::install() {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let endpoint = match Endpoint::new(&cfg.socket) {
+        Ok(ep) => ep,
+        Err(e) => return fail(e),
+    };
+    info!(
+        "serving {} ({} bytes, {} sectors{}{}), {} queue(s) of up to {} entries",
+        cfg.image.display(),
+        disk.size(),
+        disk.sectors(),
+        if cfg.readonly { ", read-only" } else { "" },
+        if cfg.direct { ", O_DIRECT" } else { "" },
+        cfg.num_queues,
+        cfg.queue_size
+    );
+    let params = BlkParams {
+        serial: cfg.serial,
+        num_queues: cfg.num_queues,
+        queue_size: cfg.queue_size,
+    };
+    match serve("mic-blk", endpoint, &shutdown, || {
+        Ok(BlkBackend::new(disk.clone(), params.clone()))
+    }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}

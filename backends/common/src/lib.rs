@@ -463,7 +463,10 @@ where
         info!("frontend {connections} connected");
         shutdown.set_active(daemon.shutdown_handle());
         match daemon.wait() {
-            Ok(()) => info!("frontend {connections} disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("frontend {connections} disconnected"),
             Err(e) => warn!("frontend {connections} dropped: {e}"),
         }
         shutdown.set_active(None);

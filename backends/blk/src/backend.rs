@@ -1,0 +1,355 @@
+//! The vhost-user-blk backend: features, configuration space and the
+//! per-queue worker loop.
+//!
+//! One [`BlkBackend`] is created per frontend connection (state such as the
+//! acked features and the write-cache mode starts fresh); the [`Disk`] is
+//! shared between connections. Every queue has its own worker thread
+//! (`queues_per_thread`), and each worker owns reusable request buffers.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{debug, warn};
+use mic_backend_common::WorkerExitEvents;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use crate::disk::Disk;
+use crate::request::{self, Context, Scratch, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
+
+/// Size of the virtio-blk configuration space we expose.
+pub const CONFIG_LEN: usize = 60;
+/// Offset of the `writeback` byte in the configuration space.
+pub const CONFIG_WRITEBACK_OFFSET: u32 = 32;
+
+/// Device parameters shared by all connections.
+#[derive(Debug, Clone)]
+pub struct BlkParams {
+    /// GET_ID answer.
+    pub serial: [u8; 20],
+    /// Number of queues.
+    pub num_queues: u16,
+    /// Maximum queue size.
+    pub queue_size: u16,
+}
+
+/// The vhost-user-blk backend for one frontend connection.
+#[derive(Clone)]
+pub struct BlkBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    disk: Arc<Disk>,
+    params: BlkParams,
+    acked_features: AtomicU64,
+    event_idx: AtomicBool,
+    /// Config-space `writeback` value (1 = write-back cache, 0 = write-through).
+    writeback: AtomicBool,
+    mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    scratch: Vec<Mutex<Scratch>>,
+    exit: WorkerExitEvents,
+}
+
+const fn bit(b: u32) -> u64 {
+    1u64 << b
+}
+
+impl BlkBackend {
+    /// A backend serving `disk` with `params`.
+    pub fn new(disk: Arc<Disk>, params: BlkParams) -> BlkBackend {
+        let scratch = (0..params.num_queues)
+            .map(|_| Mutex::new(Scratch::default()))
+            .collect();
+        BlkBackend {
+            inner: Arc::new(Inner {
+                disk,
+                params,
+                acked_features: AtomicU64::new(0),
+                event_idx: AtomicBool::new(false),
+                writeback: AtomicBool::new(true),
+                mem: Mutex::new(None),
+                scratch,
+                exit: WorkerExitEvents::new(),
+            }),
+        }
+    }
+
+    /// Virtio features offered.
+    pub fn device_features(&self) -> u64 {
+        let mut f = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_TOPOLOGY)
+            | bit(VIRTIO_BLK_F_CONFIG_WCE)
+            | bit(VIRTIO_BLK_F_MQ)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.inner.disk.readonly() {
+            f |= bit(VIRTIO_BLK_F_RO);
+        } else {
+            f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        f
+    }
+
+    /// Whether writes must be synced individually: the driver disabled the
+    /// write cache (CONFIG_WCE) or cannot flush at all (no FLUSH).
+    pub fn writethrough(&self) -> bool {
+        let acked = self.inner.acked_features.load(Ordering::Relaxed);
+        if acked & bit(VIRTIO_BLK_F_FLUSH) == 0 {
+            return true;
+        }
+        acked & bit(VIRTIO_BLK_F_CONFIG_WCE) != 0 && !self.inner.writeback.load(Ordering::Relaxed)
+    }
+
+    /// The configuration space (`struct virtio_blk_config`, little endian).
+    pub fn config_space(&self) -> [u8; CONFIG_LEN] {
+        let p = &self.inner.params;
+        let disk = &self.inner.disk;
+        let bs = disk.block_size();
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..8].copy_from_slice(&disk.sectors().to_le_bytes()); // capacity
+        c[12..16].copy_from_slice(&u32::from(p.queue_size.saturating_sub(2).max(1)).to_le_bytes()); // seg_max
+        c[20..24].copy_from_slice(&bs.to_le_bytes()); // blk_size
+        c[24] = 0; // physical_block_exp
+        c[25] = 0; // alignment_offset
+        c[26..28].copy_from_slice(&1u16.to_le_bytes()); // min_io_size (blocks)
+        c[28..32].copy_from_slice(&0u32.to_le_bytes()); // opt_io_size
+        c[32] = self.inner.writeback.load(Ordering::Relaxed) as u8; // writeback
+        c[34..36].copy_from_slice(&p.num_queues.to_le_bytes()); // num_queues
+        if !disk.readonly() {
+            let align_sectors = bs / 512;
+            c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+            c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+            c[44..48].copy_from_slice(&align_sectors.to_le_bytes());
+            c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+            c[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+            c[56] = 1; // write_zeroes_may_unmap
+        }
+        c
+    }
+
+    fn process_vring(&self, vring: &VringRwLock, thread_id: usize) {
+        let Some(atomic) = self.inner.mem.lock().unwrap().clone() else {
+            debug!("queue event before SET_MEM_TABLE");
+            return;
+        };
+        let mem = atomic.memory();
+        let Some(scratch) = self.inner.scratch.get(thread_id) else {
+            return;
+        };
+        let mut scratch = scratch.lock().unwrap();
+        let ctx = Context {
+            disk: &self.inner.disk,
+            serial: &self.inner.params.serial,
+            writethrough: self.writethrough(),
+        };
+        let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        let mut state = vring.get_mut();
+        loop {
+            if event_idx {
+                let _ = state.get_queue_mut().disable_notification(&*mem);
+            }
+            let mut completed = false;
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
+                let head = chain.head_index();
+                let len = request::process(&*mem, chain, &ctx, &mut scratch);
+                if let Err(e) = state.get_queue_mut().add_used(&*mem, head, len) {
+                    warn!("cannot add used entry for head {head}: {e}");
+                }
+                completed = true;
+            }
+            if completed {
+                let notify = state
+                    .get_queue_mut()
+                    .needs_notification(&*mem)
+                    .unwrap_or(true);
+                if notify {
+                    if let Err(e) = state.signal_used_queue() {
+                        warn!("cannot signal the used queue: {e}");
+                    }
+                }
+            }
+            if !event_idx {
+                break;
+            }
+            // Re-enable notifications; loop if the driver added requests
+            // in the meantime.
+            match state.get_queue_mut().enable_notification(&*mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.inner.params.num_queues as usize
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.inner.params.queue_size as usize
+    }
+
+    fn features(&self) -> u64 {
+        self.device_features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.inner.acked_features.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&self) {
+        self.inner.acked_features.store(0, Ordering::Relaxed);
+        self.inner.writeback.store(true, Ordering::Relaxed);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = self.config_space();
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(CONFIG_LEN);
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(CONFIG_LEN);
+        out[..end - start].copy_from_slice(&cfg[start..end]);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the writeback byte is writable.
+        if offset == CONFIG_WRITEBACK_OFFSET && buf.len() == 1 {
+            let wb = buf[0] != 0;
+            debug!(
+                "write cache {}",
+                if wb { "write-back" } else { "write-through" }
+            );
+            if !wb {
+                // Switching to write-through: make earlier writes durable.
+                let _ = self.inner.disk.flush();
+            }
+            self.inner.writeback.store(wb, Ordering::Relaxed);
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only the writeback field is writable",
+            ))
+        }
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self.inner.mem.lock().unwrap() = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.params.num_queues)
+            .map(|i| 1u64 << i)
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.inner.exit.create()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            warn!("unexpected event set {evset:?}");
+            return Ok(());
+        }
+        // Each worker owns exactly one queue, at index 0 of its vrings.
+        match vrings.get(device_event as usize) {
+            Some(vring) => self.process_vring(vring, thread_id),
+            None => warn!("event for unknown queue {device_event}"),
+        }
+        // Errors caused by the guest never stop the worker.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(readonly: bool) -> (BlkBackend, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("mic-blk-be-{}-{readonly}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("img");
+        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+        let disk = Arc::new(Disk::open(&p, readonly, false).unwrap());
+        (
+            BlkBackend::new(
+                disk,
+                BlkParams {
+                    serial: [b'x'; 20],
+                    num_queues: 3,
+                    queue_size: 128,
+                },
+            ),
+            dir,
+        )
+    }
+
+    #[test]
+    fn features_and_config() {
+        let (b, dir) = backend(false);
+        let f = b.features();
+        assert!(f & bit(VIRTIO_BLK_F_RO) == 0);
+        assert!(f & bit(VIRTIO_BLK_F_DISCARD) != 0);
+        let c = b.get_config(0, CONFIG_LEN as u32);
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2048);
+        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 126);
+        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
+        assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 3);
+        assert_eq!(c[32], 1);
+        assert_eq!(b.queues_per_thread(), vec![1, 2, 4]);
+        // Writethrough selection.
+        assert!(b.writethrough(), "no FLUSH acked -> writethrough");
+        b.acked_features(bit(VIRTIO_BLK_F_FLUSH) | bit(VIRTIO_BLK_F_CONFIG_WCE));
+        assert!(!b.writethrough());
+        b.set_config(CONFIG_WRITEBACK_OFFSET, &[0]).unwrap();
+        assert!(b.writethrough());
+        assert_eq!(b.get_config(CONFIG_WRITEBACK_OFFSET, 1), vec![0]);
+        assert!(b.set_config(0, &[1, 2, 3, 4]).is_err());
+        // Reads past the config space are zero padded.
+        assert_eq!(b.get_config(100, 8), vec![0; 8]);
+        std::fs::remove_dir_all(dir).unwrap();
+
+        let (ro, dir) = backend(true);
+        assert!(ro.features() & bit(VIRTIO_BLK_F_RO) != 0);
+        assert!(ro.features() & bit(VIRTIO_BLK_F_DISCARD) == 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
