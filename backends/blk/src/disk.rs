@@ -153,7 +153,8 @@ impl Disk {
     pub fn iovecs_aligned(&self, iovs: &[libc::iovec]) -> bool {
         self.align == 1
             || iovs.iter().all(|v| {
-                (v.iov_base as u64).is_multiple_of(self.align) && (v.iov_len as u64).is_multiple_of(self.align)
+                (v.iov_base as u64).is_multiple_of(self.align)
+                    && (v.iov_len as u64).is_multiple_of(self.align)
             })
     }
 

@@ -45,11 +45,195 @@ fn get_id_and_config() {
     q.mem().write(r.hdr, &header(T_GET_ID, 0)).unwrap();
     let (st, used) = submit(
         q,
-        &[Desc::out(r.hdr, 16), Desc::inp(r.data, 20), Desc::inp(r.status, 1)],
+        &[
+            Desc::out(r.hdr, 16),
+            Desc::inp(r.data, 20),
+            Desc::inp(r.status, 1),
+        ],
         r.status,
     );
     assert_eq!((st, used), (S_OK, 21));
     let id = q.mem().read(r.data, 20).unwrap();
     assert_eq!(&id[..10], b"MIC-DISK-0");
     assert!(id[10..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn discard_and_write_zeroes_read_back_zeros() {
+    let s = Setup::new(1 << 20, 0x5a);
+    let _d = s.spawn(&["--num-queues", "1"]);
+    let mut f = connect(&s, 1);
+    let q = &mut f.queues[0];
+    // Discard 8 sectors at 16, write-zeroes with unmap at 64, without at 128.
+    assert_eq!(discard(q, T_DISCARD, 16, 8, 0), S_OK);
+    assert_eq!(discard(q, T_WRITE_ZEROES, 64, 16, 1), S_OK);
+    assert_eq!(discard(q, T_WRITE_ZEROES, 128, 3, 0), S_OK);
+    for (sector, n) in [(16u64, 8usize), (64, 16), (128, 3)] {
+        let (st, data) = read(q, sector, n * 512);
+        assert_eq!(st, S_OK);
+        assert!(data.iter().all(|&b| b == 0), "sector {sector} zeroed");
+        // Neighbours untouched.
+        let (_, before) = read(q, sector - 1, 512);
+        let (_, after) = read(q, sector + n as u64, 512);
+        assert!(before.iter().chain(after.iter()).all(|&b| b == 0x5a));
+    }
+    // Beyond the end / bad flags are refused and change nothing.
+    assert_eq!(discard(q, T_WRITE_ZEROES, 2047, 2, 0), S_IOERR);
+    assert_eq!(discard(q, T_DISCARD, 0, 1, 1), S_UNSUPP);
+    assert_eq!(discard(q, T_WRITE_ZEROES, 0, 1, 0x80), S_UNSUPP);
+    let img = s.image_bytes();
+    assert!(img[..512].iter().all(|&b| b == 0x5a));
+    assert!(img[2047 * 512..].iter().all(|&b| b == 0x5a));
+}
+
+#[test]
+fn readonly_refuses_writes() {
+    let s = Setup::new(1 << 20, 0x11);
+    let before = checksum(&s.image_bytes());
+    let _d = s.spawn(&["--readonly", "--num-queues", "1"]);
+    let mut f = connect(&s, 1);
+    assert!(
+        f.offered_features & (1 << 5) != 0,
+        "VIRTIO_BLK_F_RO offered"
+    );
+    let q = &mut f.queues[0];
+    assert_eq!(write(q, 0, &pattern(9, 4096)), S_IOERR);
+    assert_eq!(discard(q, T_WRITE_ZEROES, 0, 8, 0), S_UNSUPP);
+    assert_eq!(discard(q, T_DISCARD, 0, 8, 0), S_UNSUPP);
+    assert_eq!(simple(q, T_FLUSH), S_OK);
+    let (st, data) = read(q, 0, 4096);
+    assert_eq!(st, S_OK);
+    assert!(data.iter().all(|&b| b == 0x11));
+    assert_eq!(checksum(&s.image_bytes()), before);
+}
+
+#[test]
+fn indirect_descriptors_and_event_idx_off() {
+    let s = Setup::new(1 << 20, 0);
+    let _d = s.spawn(&["--num-queues", "1"]);
+    // Frontend without EVENT_IDX.
+    let mut f = TestFrontend::connect_with(
+        &s.socket,
+        vu_test::FrontendOptions {
+            features: !vu_test::VIRTIO_RING_F_EVENT_IDX,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(f.acked_features & vu_test::VIRTIO_RING_F_EVENT_IDX, 0);
+    let q = &mut f.queues[0];
+    let data = pattern(77, 8192);
+    let r = Req::alloc(q, 8192);
+    q.mem().write(r.hdr, &header(T_OUT, 10)).unwrap();
+    q.mem().write(r.data, &data).unwrap();
+    q.mem().write(r.status, &[0xff]).unwrap();
+    let head = q
+        .add_indirect(&[
+            Desc::out(r.hdr, 16),
+            Desc::out(r.data, 4096),
+            Desc::out(r.data + 4096, 4096),
+            Desc::inp(r.status, 1),
+        ])
+        .unwrap();
+    q.kick().unwrap();
+    q.wait_for(head, TIMEOUT).unwrap();
+    assert_eq!(q.mem().read(r.status, 1).unwrap()[0], S_OK);
+    let (st, back) = read(q, 10, 8192);
+    assert_eq!(st, S_OK);
+    assert_eq!(back, data);
+}
+
+#[test]
+fn many_requests_in_flight() {
+    let s = Setup::new(4 << 20, 0);
+    let _d = s.spawn(&["--num-queues", "1", "--queue-size", "64"]);
+    let mut f = TestFrontend::connect_with(
+        &s.socket,
+        vu_test::FrontendOptions {
+            queue_size: 64,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let q = &mut f.queues[0];
+    // 21 writes of 8 sectors posted at once (3 descriptors each), one kick.
+    let mut heads = Vec::new();
+    let mut reqs = Vec::new();
+    for i in 0..21u64 {
+        let r = Req::alloc(q, 4096);
+        q.mem().write(r.hdr, &header(T_OUT, i * 8)).unwrap();
+        q.mem().write(r.data, &pattern(i, 4096)).unwrap();
+        q.mem().write(r.status, &[0xff]).unwrap();
+        heads.push(
+            q.add_chain(&[
+                Desc::out(r.hdr, 16),
+                Desc::out(r.data, 4096),
+                Desc::inp(r.status, 1),
+            ])
+            .unwrap(),
+        );
+        reqs.push(r);
+    }
+    q.kick().unwrap();
+    let mut done = 0;
+    while done < heads.len() {
+        done += q.wait_used(TIMEOUT).unwrap().len();
+    }
+    for r in &reqs {
+        assert_eq!(q.mem().read(r.status, 1).unwrap()[0], S_OK);
+    }
+    let img = s.image_bytes();
+    for i in 0..21usize {
+        assert_eq!(&img[i * 4096..][..4096], &pattern(i as u64, 4096)[..]);
+    }
+}
+
+#[test]
+fn multiqueue_in_parallel() {
+    let s = Setup::new(8 << 20, 0);
+    let _d = s.spawn(&["--num-queues", "4"]);
+    let mut f = connect(&s, 4);
+    std::thread::scope(|sc| {
+        for (qi, q) in f.queues.iter_mut().enumerate() {
+            sc.spawn(move || {
+                // Each queue owns a 2 MiB slice of the disk.
+                let base = qi as u64 * 4096;
+                for i in 0..32u64 {
+                    let data = pattern(qi as u64 * 1000 + i, 16384);
+                    assert_eq!(write(q, base + i * 32, &data), S_OK);
+                    let (st, back) = read(q, base + i * 32, 16384);
+                    assert_eq!(st, S_OK);
+                    assert_eq!(checksum(&back), checksum(&data));
+                }
+            });
+        }
+    });
+    let img = s.image_bytes();
+    for qi in 0..4u64 {
+        for i in 0..32u64 {
+            let off = ((qi * 4096 + i * 32) * 512) as usize;
+            assert_eq!(
+                checksum(&img[off..off + 16384]),
+                checksum(&pattern(qi * 1000 + i, 16384))
+            );
+        }
+    }
+}
+
+#[test]
+fn writethrough_mode_via_config_wce() {
+    let s = Setup::new(1 << 20, 0);
+    let _d = s.spawn(&["--num-queues", "1"]);
+    let mut f = connect(&s, 1);
+    assert_eq!(
+        f.get_config(32, 1).unwrap(),
+        vec![1],
+        "write-back by default"
+    );
+    f.set_config(32, &[0]).unwrap();
+    assert_eq!(f.get_config(32, 1).unwrap(), vec![0]);
+    let q = &mut f.queues[0];
+    let data = pattern(3, 4096);
+    assert_eq!(write(q, 8, &data), S_OK);
+    assert_eq!(&s.image_bytes()[4096..8192], &data[..]);
 }

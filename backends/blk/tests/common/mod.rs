@@ -162,7 +162,11 @@ pub fn discard(q: &mut VirtQueue, t: u32, sector: u64, num: u32, flags: u32) -> 
     q.mem().write(r.data, &seg).unwrap();
     submit(
         q,
-        &[Desc::out(r.hdr, 16), Desc::out(r.data, 16), Desc::inp(r.status, 1)],
+        &[
+            Desc::out(r.hdr, 16),
+            Desc::out(r.data, 16),
+            Desc::inp(r.status, 1),
+        ],
         r.status,
     )
     .0

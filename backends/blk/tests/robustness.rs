@@ -1,0 +1,317 @@
+//! Malformed guest requests, protocol garbage, reconnects and lifecycle.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use vu_test::{outside, Desc, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+
+#[test]
+fn malformed_requests_get_errors_and_write_nothing() {
+    let s = Setup::new(1 << 20, 0x33);
+    let before = checksum(&s.image_bytes());
+    let _d = s.spawn(&["--num-queues", "1"]);
+    let mut f = connect(&s, 1);
+    let q = &mut f.queues[0];
+    let r = Req::alloc(q, 4096);
+    let m = q.mem().clone();
+    m.write(r.data, &pattern(1, 4096)).unwrap();
+
+    // Write whose data buffer is device-writable (wrong direction).
+    m.write(r.hdr, &header(T_OUT, 0)).unwrap();
+    let (st, _) = submit(
+        q,
+        &[
+            Desc::out(r.hdr, 16),
+            Desc::inp(r.data, 4096),
+            Desc::inp(r.status, 1),
+        ],
+        r.status,
+    );
+    assert_eq!(st, S_IOERR);
+    // Read with device-readable data buffer (wrong direction).
+    m.write(r.hdr, &header(T_IN, 0)).unwrap();
+    let (st, _) = submit(
+        q,
+        &[
+            Desc::out(r.hdr, 16),
+            Desc::out(r.data, 4096),
+            Desc::inp(r.status, 1),
+        ],
+        r.status,
+    );
+    assert_eq!(st, S_IOERR);
+    // Readable descriptor after a writable one.
+    m.write(r.hdr, &header(T_OUT, 0)).unwrap();
+    let (st, _) = submit(
+        q,
+        &[
+            Desc::out(r.hdr, 16),
+            Desc::inp(r.status, 1),
+            Desc::out(r.data, 4096),
+            Desc::inp(r.status, 1),
+        ],
+        r.status,
+    );
+    assert_eq!(st, S_IOERR);
+    // Data descriptor outside guest memory.
+    let (st, _) = submit(
+        q,
+        &[
+            Desc::out(r.hdr, 16),
+            Desc::out(outside(&m), 4096),
+            Desc::inp(r.status, 1),
+        ],
+        r.status,
+    );
+    assert_eq!(st, S_IOERR);
+    // Length running past the end of guest memory.
+    let (st, _) = submit(
+        q,
+        &[
+            Desc::out(r.hdr, 16),
+            Desc::out(m.size() - 512, 4096),
+            Desc::inp(r.status, 1),
+        ],
+        r.status,
+    );
+    assert_eq!(st, S_IOERR);
+    // Sector beyond the end, and a request straddling the end.
+    for sector in [2048u64, 2047, u64::MAX / 512] {
+        m.write(r.hdr, &header(T_OUT, sector)).unwrap();
+        let (st, _) = submit(
+            q,
+            &[
+                Desc::out(r.hdr, 16),
+                Desc::out(r.data, 1024),
+                Desc::inp(r.status, 1),
+            ],
+            r.status,
+        );
+        assert_eq!(st, S_IOERR, "write at sector {sector}");
+    }
+    let (st, _) = read(q, 2047, 1024);
+    assert_eq!(st, S_IOERR);
+    // Not a whole number of sectors.
+    m.write(r.hdr, &header(T_OUT, 0)).unwrap();
+    let (st, _) = submit(
+        q,
+        &[
+            Desc::out(r.hdr, 16),
+            Desc::out(r.data, 100),
+            Desc::inp(r.status, 1),
+        ],
+        r.status,
+    );
+    assert_eq!(st, S_IOERR);
+    // Header too short.
+    let (st, _) = submit(q, &[Desc::out(r.hdr, 8), Desc::inp(r.status, 1)], r.status);
+    assert_eq!(st, S_IOERR);
+    // Unknown request type.
+    m.write(r.hdr, &header(0x1234, 0)).unwrap();
+    let (st, _) = submit(q, &[Desc::out(r.hdr, 16), Desc::inp(r.status, 1)], r.status);
+    assert_eq!(st, S_UNSUPP);
+    // Chain whose `next` points beyond the descriptor table.
+    m.write(r.hdr, &header(T_OUT, 0)).unwrap();
+    m.write(r.status, &[0xff]).unwrap();
+    let head = q
+        .add_raw(
+            &[
+                Desc {
+                    addr: r.hdr,
+                    len: 16,
+                    flags: VRING_DESC_F_NEXT,
+                    next: 1,
+                },
+                Desc {
+                    addr: r.data,
+                    len: 4096,
+                    flags: VRING_DESC_F_NEXT,
+                    next: 2,
+                },
+                Desc {
+                    addr: r.status,
+                    len: 1,
+                    flags: VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
+                    next: 9999,
+                },
+            ],
+            true,
+        )
+        .unwrap();
+    q.kick().unwrap();
+    q.wait_for(head, TIMEOUT).unwrap();
+    assert_eq!(m.read(r.status, 1).unwrap()[0], S_IOERR, "truncated chain");
+    // A loop: descriptor pointing to itself.
+    let head = q
+        .add_raw(
+            &[
+                Desc {
+                    addr: r.hdr,
+                    len: 16,
+                    flags: VRING_DESC_F_NEXT,
+                    next: 1,
+                },
+                Desc {
+                    addr: r.data,
+                    len: 4096,
+                    flags: VRING_DESC_F_NEXT,
+                    next: 1,
+                },
+            ],
+            true,
+        )
+        .unwrap();
+    q.kick().unwrap();
+    let used = q.wait_for(head, TIMEOUT).unwrap();
+    assert_eq!(used.last().unwrap().len, 0, "no status byte -> used len 0");
+    // Only a header, no writable byte at all.
+    let head = q.add_chain(&[Desc::out(r.hdr, 16)]).unwrap();
+    q.kick().unwrap();
+    assert_eq!(q.wait_for(head, TIMEOUT).unwrap().last().unwrap().len, 0);
+
+    // Nothing was written, and the device still works.
+    assert_eq!(checksum(&s.image_bytes()), before);
+    let data = pattern(5, 512);
+    assert_eq!(write(q, 3, &data), S_OK);
+    assert_eq!(read(q, 3, 512), (S_OK, data));
+}
+
+#[test]
+fn reconnect_after_disconnect_and_garbage() {
+    let s = Setup::new(1 << 20, 0);
+    let mut d = s.spawn(&["--num-queues", "2"]);
+    {
+        let mut f = connect(&s, 2);
+        assert_eq!(write(&mut f.queues[1], 0, &pattern(1, 4096)), S_OK);
+        // Dropped with requests never completed: the next frontend starts fresh.
+    }
+    // Garbage on the vhost-user socket.
+    for junk in [
+        &b"\xff\xff\xff\xff garbage garbage garbage"[..],
+        &[0u8; 3][..],
+        &[0x01, 0, 0, 0, 0x01, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f][..],
+    ] {
+        let mut c = UnixStream::connect(&s.socket).unwrap();
+        let _ = c.write_all(junk);
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // The daemon closes the connection (EOF) or keeps waiting; drop it.
+        drop(c);
+    }
+    assert!(d.alive());
+    // A new frontend works, and sees the first frontend's data.
+    let mut f = connect(&s, 2);
+    let (st, back) = read(&mut f.queues[0], 0, 4096);
+    assert_eq!(st, S_OK);
+    assert_eq!(back, pattern(1, 4096));
+    drop(f);
+    let mut f = connect(&s, 1);
+    assert_eq!(write(&mut f.queues[0], 8, &pattern(2, 512)), S_OK);
+    assert!(d.alive());
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly_and_removes_socket() {
+    let s = Setup::new(1 << 20, 0);
+    let mut d = s.spawn(&["--num-queues", "1"]);
+    let mode = std::fs::metadata(&s.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let mut f = connect(&s, 1);
+    assert_eq!(write(&mut f.queues[0], 0, &pattern(4, 512)), S_OK);
+    // Shut down while a frontend is connected.
+    let st = d.signal_and_wait(libc::SIGTERM, TIMEOUT).unwrap();
+    assert!(st.success(), "exit status {st}");
+    assert!(!s.socket.exists());
+    drop(f);
+    // SIGINT while idle.
+    let mut d = s.spawn(&["--num-queues", "1"]);
+    let st = d.signal_and_wait(libc::SIGINT, TIMEOUT).unwrap();
+    assert!(st.success());
+    assert!(!s.socket.exists());
+}
+
+#[test]
+fn socket_in_use_and_stale_socket() {
+    let s = Setup::new(1 << 20, 0);
+    let image2 = s.dir.path().join("other.img");
+    std::fs::write(&image2, vec![0u8; 4096]).unwrap();
+    let mut d = s.spawn(&["--num-queues", "1"]);
+    let out = Command::new(bin())
+        .args([
+            "--socket-path",
+            s.socket.to_str().unwrap(),
+            "--image",
+            image2.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use"), "stderr: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(d.alive(), "the live daemon is unaffected");
+    let mut f = connect(&s, 1);
+    assert_eq!(write(&mut f.queues[0], 0, &pattern(1, 512)), S_OK);
+    drop(f);
+    // Kill it hard: the socket file stays behind and is replaced next time.
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    assert!(s.socket.exists());
+    let _d2 = s.spawn(&["--num-queues", "1"]);
+    let mut f = connect(&s, 1);
+    assert_eq!(read(&mut f.queues[0], 0, 512), (S_OK, pattern(1, 512)));
+}
+
+#[test]
+fn bad_arguments_fail_before_socket() {
+    let s = Setup::new(4096, 0);
+    let sock = s.socket.to_str().unwrap();
+    let img = s.image.to_str().unwrap();
+    let missing = s.dir.path().join("missing.img");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["--socket-path", sock, "--image", missing.to_str().unwrap()],
+        vec![
+            "--socket-path",
+            sock,
+            "--image",
+            s.dir.path().to_str().unwrap(),
+        ],
+        vec!["--socket-path", sock],
+        vec!["--image", img],
+        vec![
+            "--socket-path",
+            sock,
+            "--image",
+            img,
+            "--queue-size",
+            "1000",
+        ],
+        vec!["--socket-path", sock, "--image", img, "--num-queues", "0"],
+        vec![
+            "--socket-path",
+            sock,
+            "--image",
+            img,
+            "--serial",
+            "this-serial-is-too-long",
+        ],
+        vec!["--socket-path", sock, "--image", img, "--bogus"],
+    ];
+    for args in cases {
+        let out = Command::new(bin()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: one error line, got {err:?}"
+        );
+        assert!(err.starts_with("mic-blk: "), "{err}");
+        assert!(!s.socket.exists(), "{args:?} created the socket");
+    }
+}
