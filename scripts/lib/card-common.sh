@@ -12,7 +12,7 @@ CARD_APT_STAMP=""
 card_apt_update() {
 	local force="${1:-}"
 	if [[ $CARD_APT_UPDATED == 1 ]]; then return 0; fi
-	if [[ -z $force ]] && compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null &&
+	if [[ -z $force ]] && compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null &&
 		[[ -n $CARD_APT_STAMP && -f $CARD_APT_STAMP &&
 			-z $(find "$CARD_APT_STAMP" -mmin +1440 -print -quit) ]]; then
 		return 0
@@ -28,14 +28,14 @@ card_apt_update() {
 card_resolve_dep() {
 	local pkg="$1" prefix="$2" dep
 	dep=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null |
-		sed -n 's/^Depends: //p' | head -n1 | tr ',' '\n' |
-		sed 's/^ *//; s/ .*//' | grep "^$prefix" | head -n1) || true
+		awk '!f && /^Depends: / {sub(/^Depends: /, ""); print; f=1}' | tr ',' '\n' |
+		sed 's/^ *//; s/ .*//' | awk -v p="$prefix" '!f && index($0, p) == 1 {print; f=1}') || true
 	printf '%s' "$dep"
 }
 
 # card_pkg_version PKG -> candidate version
 card_pkg_version() {
-	apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p' | head -n1
+	apt-cache policy "$1" 2>/dev/null | awk '!f && $1 == "Candidate:" {print $2; f=1}' 
 }
 
 # card_fetch DESTDIR PKG[=VERSION]... -> downloads missing .debs into DESTDIR,

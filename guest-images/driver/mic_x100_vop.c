@@ -1,0 +1,1045 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Card side of the virtio-over-PCIe (VOP) transport of the emulated Intel
+ * MIC X100 coprocessor.
+ *
+ * The host serves virtio devices to the card through a 4 KiB device page in
+ * the aperture BAR (BAR2). The page lists one descriptor per device: its
+ * features, config space, a control block and, per virtqueue, the aperture
+ * offset of a split ring the host allocated. This driver registers each
+ * descriptor as a virtio device, builds the virtqueues on the rings in the
+ * aperture, kicks the host through the card-to-host doorbell registers in
+ * BAR0 and takes host-to-card doorbells as MSI-X vectors.
+ *
+ * The register map, the device page layout and the protocol are specified
+ * in docs/vop-abi.md; the structure of this driver follows virtio_mmio.c.
+ */
+
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/bitmap.h>
+#include <linux/delay.h>
+#include <linux/interrupt.h>
+#include <linux/io.h>
+#include <linux/jiffies.h>
+#include <linux/kernel.h>
+#include <linux/list.h>
+#include <linux/module.h>
+#include <linux/mutex.h>
+#include <linux/notifier.h>
+#include <linux/panic_notifier.h>
+#include <linux/pci.h>
+#include <linux/reboot.h>
+#include <linux/slab.h>
+#include <linux/version.h>
+#include <linux/virtio.h>
+#include <linux/virtio_config.h>
+#include <linux/virtio_ring.h>
+#include <linux/workqueue.h>
+#include <uapi/linux/virtio_config.h>
+
+#include "mic_x100_vop.h"
+
+#define DRV_NAME KBUILD_MODNAME
+
+static unsigned int poll_ms = 1000;
+module_param(poll_ms, uint, 0644);
+MODULE_PARM_DESC(poll_ms,
+		 "while no device page is published, also look for one every poll_ms milliseconds (0: only on the control vector)");
+
+static unsigned int reset_timeout_ms = 10000;
+module_param(reset_timeout_ms, uint, 0644);
+MODULE_PARM_DESC(reset_timeout_ms,
+		 "how long a device reset waits for the host's host_ack");
+
+struct vop_card;
+
+/* one virtio device served by the host */
+struct vop_vdev {
+	struct virtio_device vdev;
+	struct vop_card *card;
+	struct list_head node;
+
+	/* where the descriptor is, and its shape when it was registered */
+	unsigned int desc_off;		/* offset in the device page */
+	s8 type;
+	u8 num_vq;
+	u8 feature_len;
+	u8 config_len;
+	struct mic_device_desc *desc;
+	struct mic_vqconfig *vqconfig;
+	u8 *host_features;
+	u8 *acked_features;
+	u8 *config;
+	struct mic_device_ctrl *ctrl;
+
+	unsigned int c2h_db;		/* DOORBELL[c2h_db] */
+	unsigned int vector;		/* MSI-X vector (h2c_vdev_db) */
+	bool irq_requested;
+	bool seen;			/* visited by the current scan */
+	char irq_name[32];
+
+	unsigned int nvqs;
+	struct virtqueue *vqs[MIC_MAX_VQS];
+};
+
+struct vop_card {
+	struct pci_dev *pdev;
+	void __iomem *regs;
+	void *aperture;			/* BAR2, write-back mapping */
+	u64 aperture_size;
+	unsigned int num_doorbells;
+	unsigned int nvec;
+
+	struct mutex lock;		/* page, devices, vectors */
+	u64 page_off;			/* 0: no page accepted */
+	void *page;
+	u64 rejected_off;		/* last offset refused (log once) */
+	struct list_head vdevs;
+	DECLARE_BITMAP(vectors_used, MIC_MAX_VECTORS);
+	u64 next_cookie;
+	bool waiting_logged;
+	bool stopping;
+
+	struct workqueue_struct *wq;
+	struct work_struct ctrl_work;
+	struct delayed_work poll_work;
+
+	struct notifier_block reboot_nb;
+	struct notifier_block panic_nb;
+};
+
+#define to_vop_vdev(vd) container_of(vd, struct vop_vdev, vdev)
+
+static inline u32 vop_rreg(struct vop_card *card, unsigned int off)
+{
+	return readl(card->regs + off);
+}
+
+static inline void vop_wreg(struct vop_card *card, unsigned int off, u32 val)
+{
+	writel(val, card->regs + off);
+}
+
+static inline struct device *vop_dev(struct vop_card *card)
+{
+	return &card->pdev->dev;
+}
+
+static void vop_ring_control(struct vop_vdev *vd)
+{
+	vop_wreg(vd->card, MIC_REG_DOORBELL(vd->c2h_db), MIC_DB_CONTROL);
+}
+
+/* ------------------------------------------------------------------ */
+/* virtio_config_ops                                                    */
+
+static u64 vop_get_features(struct virtio_device *vdev)
+{
+	struct vop_vdev *vd = to_vop_vdev(vdev);
+	unsigned int i, n = min_t(unsigned int, vd->feature_len, 8);
+	u64 features = 0;
+
+	for (i = 0; i < n; i++)
+		features |= (u64)READ_ONCE(vd->host_features[i]) << (8 * i);
+	return features;
+}
+
+static int vop_finalize_features(struct virtio_device *vdev)
+{
+	struct vop_vdev *vd = to_vop_vdev(vdev);
+	unsigned int i;
+
+	/* Give virtio_ring a chance to accept features. */
+	vring_transport_features(vdev);
+
+	/* The rings are split rings in the aperture; nothing else is offered. */
+	__virtio_clear_bit(vdev, VIRTIO_F_RING_PACKED);
+	__virtio_clear_bit(vdev, VIRTIO_F_ACCESS_PLATFORM);
+#ifdef VIRTIO_F_NOTIFICATION_DATA
+	__virtio_clear_bit(vdev, VIRTIO_F_NOTIFICATION_DATA);
+#endif
+#ifdef VIRTIO_F_RING_RESET
+	__virtio_clear_bit(vdev, VIRTIO_F_RING_RESET);
+#endif
+
+	if (!__virtio_test_bit(vdev, VIRTIO_F_VERSION_1))
+		dev_warn_once(&vdev->dev,
+			      "device does not offer VIRTIO_F_VERSION_1, using legacy semantics\n");
+
+	for (i = 0; i < vd->feature_len; i++) {
+		u8 byte = i < 8 ? (u8)(vdev->features >> (8 * i)) : 0;
+
+		WRITE_ONCE(vd->acked_features[i], byte);
+	}
+	return 0;
+}
+
+static void vop_get(struct virtio_device *vdev, unsigned int offset,
+		    void *buf, unsigned int len)
+{
+	struct vop_vdev *vd = to_vop_vdev(vdev);
+
+	if (offset + len > vd->config_len || offset + len < offset) {
+		dev_warn_ratelimited(&vdev->dev,
+				     "config read %u+%u past config_len %u\n",
+				     offset, len, vd->config_len);
+		memset(buf, 0, len);
+		return;
+	}
+	memcpy(buf, vd->config + offset, len);
+}
+
+static void vop_set(struct virtio_device *vdev, unsigned int offset,
+		    const void *buf, unsigned int len)
+{
+	struct vop_vdev *vd = to_vop_vdev(vdev);
+
+	if (offset + len > vd->config_len || offset + len < offset) {
+		dev_warn_ratelimited(&vdev->dev,
+				     "config write %u+%u past config_len %u\n",
+				     offset, len, vd->config_len);
+		return;
+	}
+	memcpy(vd->config + offset, buf, len);
+	/* ring control after the bytes are in place (writel orders them) */
+	vop_ring_control(vd);
+}
+
+static u8 vop_get_status(struct virtio_device *vdev)
+{
+	return READ_ONCE(to_vop_vdev(vdev)->desc->status);
+}
+
+static void vop_set_status(struct virtio_device *vdev, u8 status)
+{
+	struct vop_vdev *vd = to_vop_vdev(vdev);
+
+	/* We should never be setting status to 0. */
+	WARN_ON(status == 0);
+	WRITE_ONCE(vd->desc->status, status);
+	vop_ring_control(vd);
+}
+
+/*
+ * Card-initiated reset (docs/vop-abi.md 7.3): ask, then wait until the host
+ * has stopped using the rings before the driver frees the buffers.
+ */
+static void vop_reset(struct virtio_device *vdev)
+{
+	struct vop_vdev *vd = to_vop_vdev(vdev);
+	struct mic_device_ctrl *ctrl = vd->ctrl;
+	unsigned long deadline;
+
+	WRITE_ONCE(ctrl->host_ack, 0);
+	WRITE_ONCE(ctrl->vdev_reset, 1);
+	vop_ring_control(vd);
+
+	deadline = jiffies + msecs_to_jiffies(reset_timeout_ms);
+	while (!READ_ONCE(ctrl->host_ack)) {
+		if (time_after(jiffies, deadline)) {
+			dev_warn(&vdev->dev,
+				 "host did not acknowledge the reset within %u ms\n",
+				 reset_timeout_ms);
+			break;
+		}
+		usleep_range(500, 1000);
+	}
+	/* the host sets it too; make sure it is 0 if it timed out */
+	WRITE_ONCE(vd->desc->status, 0);
+}
+
+static bool vop_notify(struct virtqueue *vq)
+{
+	struct vop_vdev *vd = to_vop_vdev(vq->vdev);
+
+	/* kick: the queue index to this device's doorbell */
+	vop_wreg(vd->card, MIC_REG_DOORBELL(vd->c2h_db), vq->index);
+	return true;
+}
+
+static irqreturn_t vop_vdev_interrupt(int irq, void *opaque)
+{
+	struct vop_vdev *vd = opaque;
+	unsigned int i;
+
+	for (i = 0; i < vd->nvqs; i++)
+		if (vd->vqs[i])
+			vring_interrupt(irq, vd->vqs[i]);
+	return IRQ_HANDLED;
+}
+
+static void vop_del_vqs(struct virtio_device *vdev)
+{
+	struct vop_vdev *vd = to_vop_vdev(vdev);
+	unsigned int i;
+
+	if (vd->irq_requested) {
+		free_irq(pci_irq_vector(vd->card->pdev, vd->vector), vd);
+		vd->irq_requested = false;
+	}
+	for (i = 0; i < vd->nvqs; i++) {
+		if (vd->vqs[i])
+			vring_del_virtqueue(vd->vqs[i]);
+		vd->vqs[i] = NULL;
+	}
+	vd->nvqs = 0;
+}
+
+static struct virtqueue *vop_setup_vq(struct vop_vdev *vd, unsigned int index,
+				      void (*callback)(struct virtqueue *vq),
+				      const char *name, bool ctx)
+{
+	struct vop_card *card = vd->card;
+	struct mic_vqconfig *vqc = &vd->vqconfig[index];
+	struct mic_vring_info *info;
+	struct virtqueue *vq;
+	u64 addr, used;
+	unsigned int num;
+	size_t size;
+	u32 magic, want;
+	void *va;
+
+	addr = le64_to_cpu(READ_ONCE(vqc->address));
+	used = le64_to_cpu(READ_ONCE(vqc->used_address));
+	num = le16_to_cpu(READ_ONCE(vqc->num));
+
+	if (!num || num > MIC_MAX_VRING_ENTRIES || !is_power_of_2(num)) {
+		dev_err(&vd->vdev.dev, "vq %u: bad ring size %u\n", index, num);
+		return ERR_PTR(-EINVAL);
+	}
+	size = vring_size(num, MIC_VIRTIO_RING_ALIGN);
+	if (!IS_ALIGNED(addr, PAGE_SIZE) || addr > card->aperture_size ||
+	    card->aperture_size - addr < size + sizeof(*info)) {
+		dev_err(&vd->vdev.dev,
+			"vq %u: ring at 0x%llx (%zu bytes) outside the aperture\n",
+			index, addr, size + sizeof(*info));
+		return ERR_PTR(-EINVAL);
+	}
+	if (used)
+		dev_warn(&vd->vdev.dev,
+			 "vq %u: used_address 0x%llx is not 0, ignored\n",
+			 index, used);
+
+	va = card->aperture + addr;
+	info = va + size;
+	magic = le32_to_cpu(READ_ONCE(info->magic));
+	want = MIC_MAGIC + (u32)(s32)vd->type + index;
+	if (magic != want) {
+		dev_err(&vd->vdev.dev, "vq %u: ring magic 0x%08x, expected 0x%08x\n",
+			index, magic, want);
+		return ERR_PTR(-EIO);
+	}
+
+	memset(va, 0, size);
+	vq = vring_new_virtqueue(index, num, MIC_VIRTIO_RING_ALIGN, &vd->vdev,
+				 true, ctx, va, vop_notify, callback, name);
+	if (!vq) {
+		dev_err(&vd->vdev.dev, "vq %u: cannot create the virtqueue\n",
+			index);
+		return ERR_PTR(-ENOMEM);
+	}
+	return vq;
+}
+
+static int vop_start_vqs(struct vop_vdev *vd)
+{
+	struct vop_card *card = vd->card;
+	int err;
+
+	snprintf(vd->irq_name, sizeof(vd->irq_name), "%s-vdev%u",
+		 DRV_NAME, vd->vdev.index);
+	err = request_irq(pci_irq_vector(card->pdev, vd->vector),
+			  vop_vdev_interrupt, 0, vd->irq_name, vd);
+	if (err) {
+		dev_err(&vd->vdev.dev, "cannot request vector %u: %d\n",
+			vd->vector, err);
+		return err;
+	}
+	vd->irq_requested = true;
+	return 0;
+}
+
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+static int vop_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
+			struct virtqueue *vqs[],
+			struct virtqueue_info vqs_info[],
+			struct irq_affinity *desc)
+{
+	struct vop_vdev *vd = to_vop_vdev(vdev);
+	unsigned int i, queue_idx = 0;
+	int err;
+
+	for (i = 0; i < nvqs; i++) {
+		struct virtqueue_info *vqi = &vqs_info[i];
+
+		if (!vqi->name) {
+			vqs[i] = NULL;
+			continue;
+		}
+		if (queue_idx >= vd->num_vq) {
+			err = -ENOENT;
+			goto fail;
+		}
+		vqs[i] = vop_setup_vq(vd, queue_idx, vqi->callback, vqi->name,
+				      vqi->ctx);
+		if (IS_ERR(vqs[i])) {
+			err = PTR_ERR(vqs[i]);
+			goto fail;
+		}
+		vd->vqs[queue_idx++] = vqs[i];
+		vd->nvqs = queue_idx;
+	}
+	err = vop_start_vqs(vd);
+	if (err)
+		goto fail;
+	return 0;
+fail:
+	vop_del_vqs(vdev);
+	return err;
+}
+#else
+static int vop_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
+			struct virtqueue *vqs[], vq_callback_t *callbacks[],
+			const char * const names[], const bool *ctx,
+			struct irq_affinity *desc)
+{
+	struct vop_vdev *vd = to_vop_vdev(vdev);
+	unsigned int i, queue_idx = 0;
+	int err;
+
+	for (i = 0; i < nvqs; i++) {
+		if (!names[i]) {
+			vqs[i] = NULL;
+			continue;
+		}
+		if (queue_idx >= vd->num_vq) {
+			err = -ENOENT;
+			goto fail;
+		}
+		vqs[i] = vop_setup_vq(vd, queue_idx, callbacks[i], names[i],
+				      ctx ? ctx[i] : false);
+		if (IS_ERR(vqs[i])) {
+			err = PTR_ERR(vqs[i]);
+			goto fail;
+		}
+		vd->vqs[queue_idx++] = vqs[i];
+		vd->nvqs = queue_idx;
+	}
+	err = vop_start_vqs(vd);
+	if (err)
+		goto fail;
+	return 0;
+fail:
+	vop_del_vqs(vdev);
+	return err;
+}
+#endif
+
+static void vop_synchronize_cbs(struct virtio_device *vdev)
+{
+	struct vop_vdev *vd = to_vop_vdev(vdev);
+
+	if (vd->irq_requested)
+		synchronize_irq(pci_irq_vector(vd->card->pdev, vd->vector));
+}
+
+static const char *vop_bus_name(struct virtio_device *vdev)
+{
+	return pci_name(to_vop_vdev(vdev)->card->pdev);
+}
+
+static const struct virtio_config_ops vop_config_ops = {
+	.get			= vop_get,
+	.set			= vop_set,
+	.get_status		= vop_get_status,
+	.set_status		= vop_set_status,
+	.reset			= vop_reset,
+	.find_vqs		= vop_find_vqs,
+	.del_vqs		= vop_del_vqs,
+	.synchronize_cbs	= vop_synchronize_cbs,
+	.get_features		= vop_get_features,
+	.finalize_features	= vop_finalize_features,
+	.bus_name		= vop_bus_name,
+};
+
+/* ------------------------------------------------------------------ */
+/* device page                                                          */
+
+static void vop_release_vdev(struct device *dev)
+{
+	struct virtio_device *vdev = dev_to_virtio(dev);
+
+	kfree(to_vop_vdev(vdev));
+}
+
+static int vop_alloc_vector(struct vop_card *card)
+{
+	unsigned int v;
+
+	/* vector 0 is the control vector */
+	v = find_next_zero_bit(card->vectors_used, card->nvec, 1);
+	if (v >= card->nvec)
+		return -ENOSPC;
+	set_bit(v, card->vectors_used);
+	return v;
+}
+
+static void vop_free_vector(struct vop_card *card, unsigned int v)
+{
+	if (v > 0 && v < card->nvec)
+		clear_bit(v, card->vectors_used);
+}
+
+static struct vop_vdev *vop_find_vdev(struct vop_card *card, unsigned int off)
+{
+	struct vop_vdev *vd;
+
+	list_for_each_entry(vd, &card->vdevs, node)
+		if (vd->desc_off == off)
+			return vd;
+	return NULL;
+}
+
+/* unregister a device; caller holds card->lock */
+static void vop_remove_vdev(struct vop_card *card, struct vop_vdev *vd,
+			    bool host_request)
+{
+	struct mic_device_ctrl *ctrl = vd->ctrl;
+	unsigned int vector = vd->vector;
+	s8 type = vd->type;
+	unsigned int off = vd->desc_off;
+
+	list_del(&vd->node);
+	/* the driver's remove resets the device and deletes the vqs */
+	unregister_virtio_device(&vd->vdev);	/* drops the last reference */
+	WRITE_ONCE(ctrl->h2c_vdev_db, -1);
+	vop_free_vector(card, vector);
+	if (host_request) {
+		/* the control block is written before the ack */
+		smp_wmb();
+		WRITE_ONCE(ctrl->guest_ack, 1);
+	}
+	dev_info(vop_dev(card), "removed virtio device type %d at 0x%x\n",
+		 type, off);
+}
+
+static void vop_remove_all(struct vop_card *card)
+{
+	struct vop_vdev *vd, *tmp;
+
+	list_for_each_entry_safe(vd, tmp, &card->vdevs, node)
+		vop_remove_vdev(card, vd, false);
+}
+
+static void vop_add_vdev(struct vop_card *card, struct mic_device_desc *desc,
+			 unsigned int off, s8 type, u8 num_vq, u8 feature_len,
+			 u8 config_len)
+{
+	struct device *dev = vop_dev(card);
+	struct mic_device_ctrl *ctrl;
+	struct vop_vdev *vd;
+	unsigned int dsize;
+	int c2h, vector, err;
+
+	dsize = mic_desc_size(num_vq, feature_len, config_len);
+	ctrl = (void *)desc + dsize;
+
+	c2h = READ_ONCE(ctrl->c2h_vdev_db);
+	if (c2h < 0 || c2h >= card->num_doorbells) {
+		dev_err(dev, "descriptor at 0x%x: c2h_vdev_db %d out of range, skipped\n",
+			off, c2h);
+		return;
+	}
+
+	vd = kzalloc(sizeof(*vd), GFP_KERNEL);
+	if (!vd)
+		return;
+	vector = vop_alloc_vector(card);
+	if (vector < 0) {
+		dev_err(dev, "descriptor at 0x%x: no free MSI-X vector, skipped\n",
+			off);
+		kfree(vd);
+		return;
+	}
+
+	vd->card = card;
+	vd->desc_off = off;
+	vd->type = type;
+	vd->num_vq = num_vq;
+	vd->feature_len = feature_len;
+	vd->config_len = config_len;
+	vd->desc = desc;
+	vd->vqconfig = (struct mic_vqconfig *)desc->config;
+	vd->host_features = (u8 *)(vd->vqconfig + num_vq);
+	vd->acked_features = vd->host_features + feature_len;
+	vd->config = vd->acked_features + feature_len;
+	vd->ctrl = ctrl;
+	vd->c2h_db = c2h;
+	vd->vector = vector;
+
+	vd->vdev.dev.parent = dev;
+	vd->vdev.dev.release = vop_release_vdev;
+	vd->vdev.id.device = (u8)type;
+	vd->vdev.id.vendor = MIC_X100_PCI_VENDOR;
+	vd->vdev.config = &vop_config_ops;
+
+	/* publish our vector, then learn the host's doorbell */
+	WRITE_ONCE(ctrl->h2c_vdev_db, vector);
+	smp_wmb();
+
+	list_add_tail(&vd->node, &card->vdevs);
+	vd->seen = true;
+	err = register_virtio_device(&vd->vdev);
+	if (err) {
+		dev_err(dev, "descriptor at 0x%x: registering virtio device type %d failed: %d\n",
+			off, type, err);
+		list_del(&vd->node);
+		WRITE_ONCE(ctrl->h2c_vdev_db, -1);
+		vop_free_vector(card, vector);
+		put_device(&vd->vdev.dev);
+		return;
+	}
+	WRITE_ONCE(ctrl->vdev, cpu_to_le64(++card->next_cookie));
+	dev_info(dev, "virtio device type %d at 0x%x: %u vqs, c2h doorbell %d, vector %d (%s)\n",
+		 type, off, num_vq, c2h, vector, dev_name(&vd->vdev.dev));
+}
+
+/* walk the device page; caller holds card->lock */
+static void vop_scan(struct vop_card *card)
+{
+	struct device *dev = vop_dev(card);
+	struct vop_vdev *vd, *tmp;
+	unsigned int off = sizeof(struct mic_bootparam);
+
+	list_for_each_entry(vd, &card->vdevs, node)
+		vd->seen = false;
+
+	while (off + sizeof(struct mic_device_desc) <= MIC_DP_SIZE) {
+		struct mic_device_desc *desc = card->page + off;
+		struct mic_device_ctrl *ctrl;
+		u8 num_vq, flen, clen, cc;
+		unsigned int total;
+		s8 type;
+
+		type = READ_ONCE(desc->type);
+		if (type == 0)
+			break;
+		/* pairs with the host's write barrier before it sets type */
+		rmb();
+		num_vq = READ_ONCE(desc->num_vq);
+		flen = READ_ONCE(desc->feature_len);
+		clen = READ_ONCE(desc->config_len);
+		total = mic_total_desc_size(num_vq, flen, clen);
+
+		if (off + total > MIC_DP_SIZE) {
+			dev_err_ratelimited(dev,
+				"descriptor at 0x%x (%u bytes) runs past the device page, scan stopped\n",
+				off, total);
+			break;
+		}
+
+		vd = vop_find_vdev(card, off);
+		if (vd && (vd->type != type || vd->num_vq != num_vq ||
+			   vd->feature_len != flen || vd->config_len != clen)) {
+			/* the slot was reused without us noticing the removal */
+			vop_remove_vdev(card, vd, false);
+			vd = NULL;
+		}
+
+		if (type == -1)
+			goto next;
+
+		if (!vd && (num_vq > MIC_MAX_VQS || num_vq == 0 ||
+			    flen < MIC_MIN_FEATURE_LEN ||
+			    flen > MIC_MAX_FEATURE_LEN ||
+			    total > MIC_MAX_DESC_SIZE)) {
+			dev_err_ratelimited(dev,
+				"descriptor at 0x%x (type %d, %u vqs, feature_len %u, config_len %u) breaks the limits, skipped\n",
+				off, type, num_vq, flen, clen);
+			goto next;
+		}
+
+		ctrl = (void *)desc + mic_desc_size(num_vq, flen, clen);
+		cc = READ_ONCE(ctrl->config_change);
+		if (vd) {
+			vd->seen = true;
+			if (cc == MIC_VIRTIO_PARAM_DEV_REMOVE) {
+				vop_remove_vdev(card, vd, true);
+			} else if (cc == MIC_VIRTIO_PARAM_CONFIG_CHANGED &&
+				   !READ_ONCE(ctrl->guest_ack)) {
+				virtio_config_changed(&vd->vdev);
+				smp_wmb();
+				WRITE_ONCE(ctrl->guest_ack, 1);
+			}
+		} else if (cc == MIC_VIRTIO_PARAM_DEV_REMOVE) {
+			/* being removed: acknowledge, never add */
+			if (!READ_ONCE(ctrl->guest_ack)) {
+				WRITE_ONCE(ctrl->h2c_vdev_db, -1);
+				smp_wmb();
+				WRITE_ONCE(ctrl->guest_ack, 1);
+			}
+		} else if (!card->stopping) {
+			vop_add_vdev(card, desc, off, type, num_vq, flen, clen);
+		}
+next:
+		off += total;
+	}
+
+	/* devices whose descriptors are gone */
+	list_for_each_entry_safe(vd, tmp, &card->vdevs, node)
+		if (!vd->seen)
+			vop_remove_vdev(card, vd, false);
+}
+
+/* look at the scratchpads; caller holds card->lock */
+static void vop_check_page(struct vop_card *card)
+{
+	struct device *dev = vop_dev(card);
+	struct mic_bootparam *bp;
+	u64 off;
+	u32 magic;
+
+	off = (u64)vop_rreg(card, MIC_REG_SPAD(MIC_DPHI_SPAD)) << 32 |
+	      vop_rreg(card, MIC_REG_SPAD(MIC_DPLO_SPAD));
+
+	if (!off) {
+		if (!card->page && !card->waiting_logged) {
+			dev_info(dev, "waiting for the host to publish the device page\n");
+			card->waiting_logged = true;
+		}
+		return;
+	}
+
+	if (card->page && off == card->page_off) {
+		bp = card->page;
+		magic = le32_to_cpu(READ_ONCE(bp->magic));
+		if (magic != MIC_MAGIC) {
+			dev_err_ratelimited(dev, "device page magic is now 0x%08x, not scanned\n",
+					    magic);
+			return;
+		}
+		vop_scan(card);
+		return;
+	}
+
+	/* a new page: forget the devices of the old one */
+	if (card->page) {
+		dev_info(dev, "device page moved from 0x%llx to 0x%llx\n",
+			 card->page_off, off);
+		vop_remove_all(card);
+		WRITE_ONCE(((struct mic_bootparam *)card->page)->h2c_config_db, -1);
+		card->page = NULL;
+		card->page_off = 0;
+	}
+
+	if (off > card->aperture_size || card->aperture_size - off < MIC_DP_SIZE ||
+	    !IS_ALIGNED(off, 8)) {
+		if (card->rejected_off != off)
+			dev_err(dev, "device page offset 0x%llx outside the aperture (0x%llx bytes)\n",
+				off, card->aperture_size);
+		card->rejected_off = off;
+		return;
+	}
+	bp = card->aperture + off;
+	magic = le32_to_cpu(READ_ONCE(bp->magic));
+	if (magic != MIC_MAGIC) {
+		if (card->rejected_off != off)
+			dev_err(dev, "device page at 0x%llx has magic 0x%08x, expected 0x%08x\n",
+				off, magic, MIC_MAGIC);
+		card->rejected_off = off;
+		return;
+	}
+	rmb();
+
+	card->rejected_off = 0;
+	card->page = bp;
+	card->page_off = off;
+	dev_info(dev, "device page at aperture offset 0x%llx, node %u\n",
+		 off, READ_ONCE(bp->node_id));
+
+	/* host-to-card config doorbell: the control vector */
+	WRITE_ONCE(bp->h2c_config_db, MIC_CTRL_VECTOR);
+	smp_wmb();
+
+	vop_scan(card);
+
+	if (!card->stopping) {
+		vop_wreg(card, MIC_REG_SHUTDOWN_STATUS, MIC_STATUS_NOP);
+		vop_wreg(card, MIC_REG_CARD_STATE, MIC_STATE_ONLINE);
+		dev_info(dev, "card online\n");
+	}
+}
+
+static void vop_ctrl_work(struct work_struct *work)
+{
+	struct vop_card *card = container_of(work, struct vop_card, ctrl_work);
+	u32 req;
+
+	mutex_lock(&card->lock);
+	if (card->stopping)
+		goto out;
+
+	req = vop_rreg(card, MIC_REG_HOST_REQUEST);
+	if (req == MIC_HOST_REQ_SHUTDOWN) {
+		vop_wreg(card, MIC_REG_HOST_REQUEST, MIC_HOST_REQ_NONE);
+		dev_info(vop_dev(card), "host requests shutdown, powering off\n");
+		orderly_poweroff(true);
+	} else if (req != MIC_HOST_REQ_NONE) {
+		dev_warn_ratelimited(vop_dev(card), "unknown host request %u\n", req);
+	}
+
+	vop_check_page(card);
+out:
+	mutex_unlock(&card->lock);
+}
+
+static void vop_poll_work(struct work_struct *work)
+{
+	struct vop_card *card = container_of(to_delayed_work(work),
+					     struct vop_card, poll_work);
+
+	if (READ_ONCE(card->page) || READ_ONCE(card->stopping) || !poll_ms)
+		return;
+	queue_work(card->wq, &card->ctrl_work);
+	queue_delayed_work(card->wq, &card->poll_work,
+			   msecs_to_jiffies(poll_ms));
+}
+
+static irqreturn_t vop_ctrl_interrupt(int irq, void *opaque)
+{
+	struct vop_card *card = opaque;
+
+	queue_work(card->wq, &card->ctrl_work);
+	return IRQ_HANDLED;
+}
+
+/* ------------------------------------------------------------------ */
+/* lifecycle notifications                                              */
+
+static int vop_reboot_notify(struct notifier_block *nb, unsigned long action,
+			     void *data)
+{
+	struct vop_card *card = container_of(nb, struct vop_card, reboot_nb);
+	u32 status;
+
+	switch (action) {
+	case SYS_HALT:
+		status = MIC_STATUS_HALTED;
+		break;
+	case SYS_POWER_OFF:
+		status = MIC_STATUS_POWER_OFF;
+		break;
+	case SYS_RESTART:
+		status = MIC_STATUS_RESTART;
+		break;
+	default:
+		return NOTIFY_DONE;
+	}
+	WRITE_ONCE(card->stopping, true);
+	vop_wreg(card, MIC_REG_SHUTDOWN_STATUS, status);
+	vop_wreg(card, MIC_REG_CARD_STATE, MIC_STATE_SHUTTING_DOWN);
+	dev_info(vop_dev(card), "card shutting down (status %u)\n", status);
+	return NOTIFY_DONE;
+}
+
+static int vop_panic_notify(struct notifier_block *nb, unsigned long action,
+			    void *data)
+{
+	struct vop_card *card = container_of(nb, struct vop_card, panic_nb);
+
+	WRITE_ONCE(card->stopping, true);
+	vop_wreg(card, MIC_REG_SHUTDOWN_STATUS, MIC_STATUS_CRASHED);
+	vop_wreg(card, MIC_REG_CARD_STATE, MIC_STATE_SHUTTING_DOWN);
+	return NOTIFY_DONE;
+}
+
+/* ------------------------------------------------------------------ */
+/* PCI                                                                  */
+
+static int vop_probe(struct pci_dev *pdev, const struct pci_device_id *id)
+{
+	struct device *dev = &pdev->dev;
+	struct vop_card *card;
+	resource_size_t ap_len;
+	u32 magic, abi, nvec;
+	u64 ap_size;
+	int err;
+
+	card = kzalloc(sizeof(*card), GFP_KERNEL);
+	if (!card)
+		return -ENOMEM;
+	card->pdev = pdev;
+	mutex_init(&card->lock);
+	INIT_LIST_HEAD(&card->vdevs);
+	INIT_WORK(&card->ctrl_work, vop_ctrl_work);
+	INIT_DELAYED_WORK(&card->poll_work, vop_poll_work);
+	pci_set_drvdata(pdev, card);
+
+	err = pci_enable_device_mem(pdev);
+	if (err)
+		goto err_free;
+	err = pci_request_regions(pdev, DRV_NAME);
+	if (err)
+		goto err_disable;
+	pci_set_master(pdev);
+
+	if (!(pci_resource_flags(pdev, MIC_BAR_REGS) & IORESOURCE_MEM) ||
+	    pci_resource_len(pdev, MIC_BAR_REGS) < MIC_REGS_SIZE ||
+	    !(pci_resource_flags(pdev, MIC_BAR_APERTURE) & IORESOURCE_MEM)) {
+		dev_err(dev, "unexpected BAR layout\n");
+		err = -ENODEV;
+		goto err_release;
+	}
+	card->regs = pci_iomap(pdev, MIC_BAR_REGS, MIC_REGS_SIZE);
+	if (!card->regs) {
+		err = -ENOMEM;
+		goto err_release;
+	}
+
+	magic = vop_rreg(card, MIC_REG_MAGIC);
+	abi = vop_rreg(card, MIC_REG_ABI_VERSION);
+	if (magic != MIC_REGS_MAGIC) {
+		dev_err(dev, "register magic 0x%08x, expected 0x%08x\n",
+			magic, MIC_REGS_MAGIC);
+		err = -ENODEV;
+		goto err_unmap_regs;
+	}
+	if (abi >> 16 != MIC_ABI_MAJOR) {
+		dev_err(dev, "ABI version %u.%u not supported (major %u)\n",
+			abi >> 16, abi & 0xffff, MIC_ABI_MAJOR);
+		err = -ENODEV;
+		goto err_unmap_regs;
+	}
+
+	card->num_doorbells = min_t(u32, vop_rreg(card, MIC_REG_NUM_DOORBELLS),
+				    MIC_MAX_DOORBELLS);
+	nvec = min_t(u32, vop_rreg(card, MIC_REG_NUM_VECTORS), MIC_MAX_VECTORS);
+	ap_size = (u64)vop_rreg(card, MIC_REG_APERTURE_HI) << 32 |
+		  vop_rreg(card, MIC_REG_APERTURE_LO);
+	ap_len = pci_resource_len(pdev, MIC_BAR_APERTURE);
+	if (ap_size > ap_len) {
+		dev_warn(dev, "APERTURE_SIZE 0x%llx larger than BAR2 (0x%llx), using BAR2's\n",
+			 ap_size, (u64)ap_len);
+		ap_size = ap_len;
+	}
+	if (!ap_size || ap_size < MIC_DP_SIZE || !nvec) {
+		dev_err(dev, "unusable device: aperture 0x%llx bytes, %u vectors\n",
+			ap_size, nvec);
+		err = -ENODEV;
+		goto err_unmap_regs;
+	}
+	card->aperture_size = ap_size;
+	card->aperture = memremap(pci_resource_start(pdev, MIC_BAR_APERTURE),
+				  ap_size, MEMREMAP_WB);
+	if (!card->aperture) {
+		dev_err(dev, "cannot map the aperture\n");
+		err = -ENOMEM;
+		goto err_unmap_regs;
+	}
+
+	err = pci_alloc_irq_vectors(pdev, 1, nvec, PCI_IRQ_MSIX);
+	if (err < 0) {
+		dev_err(dev, "cannot enable MSI-X: %d\n", err);
+		goto err_unmap_ap;
+	}
+	card->nvec = err;
+	set_bit(MIC_CTRL_VECTOR, card->vectors_used);
+
+	card->wq = alloc_ordered_workqueue("%s-%s", 0, DRV_NAME, pci_name(pdev));
+	if (!card->wq) {
+		err = -ENOMEM;
+		goto err_vectors;
+	}
+
+	err = request_irq(pci_irq_vector(pdev, MIC_CTRL_VECTOR),
+			  vop_ctrl_interrupt, 0, DRV_NAME "-ctrl", card);
+	if (err) {
+		dev_err(dev, "cannot request the control vector: %d\n", err);
+		goto err_wq;
+	}
+
+	card->reboot_nb.notifier_call = vop_reboot_notify;
+	err = register_reboot_notifier(&card->reboot_nb);
+	if (err)
+		goto err_irq;
+	card->panic_nb.notifier_call = vop_panic_notify;
+	atomic_notifier_chain_register(&panic_notifier_list, &card->panic_nb);
+
+	dev_info(dev, "MIC X100 family %u stepping 0x%02x node %u, ABI %u.%u, aperture %llu KiB, %u vectors, %u doorbells\n",
+		 vop_rreg(card, MIC_REG_FAMILY), vop_rreg(card, MIC_REG_STEPPING),
+		 vop_rreg(card, MIC_REG_NODE_ID), abi >> 16, abi & 0xffff,
+		 ap_size >> 10, card->nvec, card->num_doorbells);
+
+	queue_work(card->wq, &card->ctrl_work);
+	if (poll_ms)
+		queue_delayed_work(card->wq, &card->poll_work,
+				   msecs_to_jiffies(poll_ms));
+	return 0;
+
+err_irq:
+	free_irq(pci_irq_vector(pdev, MIC_CTRL_VECTOR), card);
+err_wq:
+	destroy_workqueue(card->wq);
+err_vectors:
+	pci_free_irq_vectors(pdev);
+err_unmap_ap:
+	memunmap(card->aperture);
+err_unmap_regs:
+	pci_iounmap(pdev, card->regs);
+err_release:
+	pci_release_regions(pdev);
+err_disable:
+	pci_disable_device(pdev);
+err_free:
+	kfree(card);
+	return err;
+}
+
+static void vop_remove(struct pci_dev *pdev)
+{
+	struct vop_card *card = pci_get_drvdata(pdev);
+
+	atomic_notifier_chain_unregister(&panic_notifier_list, &card->panic_nb);
+	unregister_reboot_notifier(&card->reboot_nb);
+
+	mutex_lock(&card->lock);
+	card->stopping = true;
+	mutex_unlock(&card->lock);
+
+	free_irq(pci_irq_vector(pdev, MIC_CTRL_VECTOR), card);
+	cancel_delayed_work_sync(&card->poll_work);
+	cancel_work_sync(&card->ctrl_work);
+
+	mutex_lock(&card->lock);
+	vop_remove_all(card);
+	if (card->page)
+		WRITE_ONCE(((struct mic_bootparam *)card->page)->h2c_config_db, -1);
+	card->page = NULL;
+	mutex_unlock(&card->lock);
+
+	destroy_workqueue(card->wq);
+	pci_free_irq_vectors(pdev);
+	memunmap(card->aperture);
+	pci_iounmap(pdev, card->regs);
+	pci_release_regions(pdev);
+	pci_disable_device(pdev);
+	kfree(card);
+}
+
+static const struct pci_device_id vop_pci_ids[] = {
+	{ PCI_DEVICE(MIC_X100_PCI_VENDOR, MIC_X100_PCI_DEVICE_2250) },
+	{ }
+};
+MODULE_DEVICE_TABLE(pci, vop_pci_ids);
+
+static struct pci_driver vop_pci_driver = {
+	.name		= DRV_NAME,
+	.id_table	= vop_pci_ids,
+	.probe		= vop_probe,
+	.remove		= vop_remove,
+};
+module_pci_driver(vop_pci_driver);
+
+MODULE_DESCRIPTION("Virtio over PCIe (VOP) transport, card side, for the emulated Intel MIC X100");
+MODULE_LICENSE("GPL");
