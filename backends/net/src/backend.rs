@@ -1,0 +1,700 @@
+//! The vhost-user virtio-net device.
+//!
+//! Queue layout: queue `2n` is the RX queue and `2n + 1` the TX queue of
+//! pair `n`. Each pair is served by its own worker thread, which also owns
+//! the pair's host side (one tap queue, or the stream port for pair 0).
+//!
+//! Everything read from the rings is treated as hostile: a chain with a
+//! descriptor of the wrong direction, pointing outside guest memory, or
+//! longer than the largest frame is returned to the guest unused and its
+//! frame dropped.
+
+use std::io;
+use std::os::unix::io::{AsRawFd, IntoRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use log::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_net::*;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::stream::{self, StreamPort, MAX_FRAME};
+use crate::tap::{TapQueue, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
+
+/// Guest memory as seen by the backend.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+type Vring = VringRwLock<GuestMem>;
+
+/// Size of the virtio-net header with VERSION_1 or MRG_RXBUF.
+pub const HDR_LEN_V1: usize = 12;
+/// Size of the legacy virtio-net header without MRG_RXBUF.
+pub const HDR_LEN_LEGACY: usize = 10;
+/// Smallest Ethernet frame accepted (a bare header).
+const MIN_FRAME: usize = 14;
+/// Room for the largest packet plus its header.
+const BUF_LEN: usize = HDR_LEN_V1 + MAX_FRAME;
+
+const fn bit(b: u32) -> u64 {
+    1u64 << b
+}
+
+/// Host side of a queue pair.
+pub enum HostPort {
+    /// One queue of a tap device.
+    Tap(TapQueue),
+    /// The stream transport (pair 0 only).
+    Stream(StreamPort),
+}
+
+struct PairState {
+    host: HostPort,
+    rx_frame: Vec<u8>,
+    rx_pending: Option<usize>,
+    tx_buf: Vec<u8>,
+}
+
+enum RxOutcome {
+    Delivered,
+    Dropped,
+    NoBuffers,
+}
+
+/// Traffic counters, for logging and tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Frames delivered to the guest.
+    pub rx_frames: AtomicU64,
+    /// Frames from the host dropped (no room, link down).
+    pub rx_dropped: AtomicU64,
+    /// Frames sent by the guest to the host.
+    pub tx_frames: AtomicU64,
+    /// Guest chains rejected as malformed or frames that could not be sent.
+    pub tx_dropped: AtomicU64,
+}
+
+/// The virtio-net vhost-user backend.
+pub struct NetBackend {
+    queue_pairs: usize,
+    queue_size: usize,
+    features: u64,
+    config: Vec<u8>,
+    pairs: Vec<Mutex<PairState>>,
+    acked: AtomicU64,
+    event_idx: AtomicBool,
+    mem: RwLock<Option<GuestMem>>,
+    exit_fds: Mutex<Vec<RawFd>>,
+    /// Traffic counters.
+    pub counters: Counters,
+}
+
+impl NetBackend {
+    /// Builds the device from its host ports (one per queue pair).
+    pub fn new(ports: Vec<HostPort>, mac: [u8; 6], mtu: u16, queue_size: u16) -> io::Result<Self> {
+        let queue_pairs = ports.len();
+        if queue_pairs == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no host port"));
+        }
+        let is_tap = matches!(ports[0], HostPort::Tap(_));
+        let mut features = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_NET_F_MAC)
+            | bit(VIRTIO_NET_F_MTU)
+            | bit(VIRTIO_NET_F_STATUS)
+            | bit(VIRTIO_NET_F_MRG_RXBUF)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if is_tap {
+            features |= bit(VIRTIO_NET_F_CSUM)
+                | bit(VIRTIO_NET_F_GUEST_CSUM)
+                | bit(VIRTIO_NET_F_GUEST_TSO4)
+                | bit(VIRTIO_NET_F_GUEST_TSO6)
+                | bit(VIRTIO_NET_F_GUEST_ECN)
+                | bit(VIRTIO_NET_F_HOST_TSO4)
+                | bit(VIRTIO_NET_F_HOST_TSO6)
+                | bit(VIRTIO_NET_F_HOST_ECN);
+        }
+        if queue_pairs > 1 {
+            features |= bit(VIRTIO_NET_F_MQ);
+        }
+        // struct virtio_net_config: mac, status, max_virtqueue_pairs, mtu.
+        let mut config = Vec::with_capacity(12);
+        config.extend_from_slice(&mac);
+        config.extend_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config.extend_from_slice(&(queue_pairs as u16).to_le_bytes());
+        config.extend_from_slice(&mtu.to_le_bytes());
+
+        let pairs = ports
+            .into_iter()
+            .map(|host| {
+                Mutex::new(PairState {
+                    host,
+                    rx_frame: vec![0; BUF_LEN],
+                    rx_pending: None,
+                    tx_buf: vec![0; BUF_LEN],
+                })
+            })
+            .collect();
+        Ok(NetBackend {
+            queue_pairs,
+            queue_size: queue_size as usize,
+            features,
+            config,
+            pairs,
+            acked: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            mem: RwLock::new(None),
+            exit_fds: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+        })
+    }
+
+    fn num_queues_total(&self) -> u64 {
+        2 * self.queue_pairs as u64
+    }
+
+    /// Event id of the host port (tap queue or stream connection).
+    fn host_event(&self) -> u64 {
+        self.num_queues_total() + 1
+    }
+
+    fn pair(&self, i: usize) -> MutexGuard<'_, PairState> {
+        self.pairs[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    fn hdr_len(&self) -> usize {
+        let f = self.acked();
+        if f & (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF)) != 0 {
+            HDR_LEN_V1
+        } else {
+            HDR_LEN_LEGACY
+        }
+    }
+
+    fn memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {
+        self.mem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|m| m.memory())
+    }
+
+    /// Registers the host ports with the workers' epoll sets (one epoll fd
+    /// per worker thread, in thread order). Called for every new frontend.
+    pub fn attach_workers(&self, epoll_fds: &[RawFd]) {
+        let ev = self.host_event();
+        for (i, epfd) in epoll_fds.iter().enumerate().take(self.queue_pairs) {
+            let mut st = self.pair(i);
+            match &mut st.host {
+                HostPort::Tap(t) => {
+                    let mut e = libc::epoll_event {
+                        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+                        u64: ev,
+                    };
+                    // SAFETY: plain epoll_ctl on descriptors owned by this process.
+                    let r = unsafe {
+                        libc::epoll_ctl(*epfd, libc::EPOLL_CTL_ADD, t.as_raw_fd(), &mut e)
+                    };
+                    if r < 0 {
+                        warn!("cannot watch tap queue {i}: {}", io::Error::last_os_error());
+                    }
+                }
+                HostPort::Stream(s) => s.attach(*epfd, ev),
+            }
+        }
+    }
+
+    /// Resets the device after the frontend went away: pending frames are
+    /// dropped, queued tap input is discarded, features are forgotten, and
+    /// the exit eventfds of the finished workers are closed.
+    pub fn disconnected(&self) {
+        for i in 0..self.queue_pairs {
+            let mut st = self.pair(i);
+            st.rx_pending = None;
+            let PairState { host, rx_frame, .. } = &mut *st;
+            // Input queued for the previous guest is stale.
+            match host {
+                HostPort::Tap(t) => while let Ok(Some(_)) = t.read_packet(rx_frame) {},
+                HostPort::Stream(s) => {
+                    s.detach();
+                    while s.next_frame(rx_frame).is_some() {}
+                }
+            }
+        }
+        self.acked.store(0, Ordering::Release);
+        self.event_idx.store(false, Ordering::Release);
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
+        for fd in self.exit_fds.lock().unwrap().drain(..) {
+            // SAFETY: these exit eventfds were handed to worker threads that
+            // have been joined; nothing else refers to them.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    fn apply_tap_features(&self, features: u64) {
+        let hdr = if features & (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF)) != 0 {
+            HDR_LEN_V1
+        } else {
+            HDR_LEN_LEGACY
+        };
+        let mut offload = 0;
+        if features & bit(VIRTIO_NET_F_GUEST_CSUM) != 0 {
+            offload |= TUN_F_CSUM;
+            if features & bit(VIRTIO_NET_F_GUEST_TSO4) != 0 {
+                offload |= TUN_F_TSO4;
+            }
+            if features & bit(VIRTIO_NET_F_GUEST_TSO6) != 0 {
+                offload |= TUN_F_TSO6;
+            }
+            if features & bit(VIRTIO_NET_F_GUEST_ECN) != 0
+                && offload & (TUN_F_TSO4 | TUN_F_TSO6) != 0
+            {
+                offload |= TUN_F_TSO_ECN;
+            }
+        }
+        for i in 0..self.queue_pairs {
+            let st = self.pair(i);
+            if let HostPort::Tap(t) = &st.host {
+                if let Err(e) = t.set_vnet_hdr_size(hdr as i32) {
+                    warn!("tap queue {i}: TUNSETVNETHDRSZ {hdr}: {e}");
+                }
+                if let Err(e) = t.set_offload(offload) {
+                    warn!("tap queue {i}: TUNSETOFFLOAD {offload:#x}: {e}");
+                }
+            }
+        }
+        debug!("vnet header {hdr} bytes, tap offloads {offload:#x}");
+    }
+
+    fn read_host_frame(st: &mut PairState, hdr_len: usize) -> Option<usize> {
+        loop {
+            match &mut st.host {
+                HostPort::Tap(t) => match t.read_packet(&mut st.rx_frame) {
+                    Ok(Some(n)) if n >= hdr_len + MIN_FRAME => return Some(n),
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return None,
+                    Err(e) => {
+                        debug!("tap read: {e}");
+                        return None;
+                    }
+                },
+                HostPort::Stream(s) => {
+                    let n = s.next_frame(&mut st.rx_frame[hdr_len..])?;
+                    if n < MIN_FRAME {
+                        continue;
+                    }
+                    st.rx_frame[..hdr_len].fill(0);
+                    return Some(hdr_len + n);
+                }
+            }
+        }
+    }
+
+    fn vring_ready(vring: &Vring) -> bool {
+        let s = vring.get_ref();
+        s.get_queue().ready() && s.is_enabled()
+    }
+
+    fn process_rx(&self, st: &mut PairState, vring: &Vring) -> io::Result<()> {
+        let hdr_len = self.hdr_len();
+        let Some(mem) = self.memory() else {
+            return Ok(());
+        };
+        if !Self::vring_ready(vring) {
+            // No frontend, or the queue is being set up: input stays queued
+            // in the tap or socket (bounded by the kernel); enabling the
+            // queue runs this again.
+            return Ok(());
+        }
+        let mrg = self.acked() & bit(VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let mut vr = vring.get_mut();
+        let mut used_any = false;
+        loop {
+            let len = match st.rx_pending {
+                Some(l) => l,
+                None => match Self::read_host_frame(st, hdr_len) {
+                    Some(l) => l,
+                    None => break,
+                },
+            };
+            st.rx_pending = Some(len);
+            let (outcome, used) = deliver(&mut vr, &mem, &mut st.rx_frame[..len], mrg, hdr_len);
+            used_any |= used;
+            match outcome {
+                RxOutcome::Delivered => {
+                    st.rx_pending = None;
+                    self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                }
+                RxOutcome::Dropped => {
+                    st.rx_pending = None;
+                    self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                RxOutcome::NoBuffers => {
+                    // Ask for a kick when buffers arrive; go on if some
+                    // arrived in the meantime.
+                    match vr.enable_notification() {
+                        Ok(true) => continue,
+                        Ok(false) => break,
+                        Err(e) => {
+                            debug!("rx enable_notification: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if used_any && vr.needs_notification().unwrap_or(true) {
+            vr.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    fn process_tx(&self, st: &mut PairState, vring: &Vring) -> io::Result<()> {
+        let Some(mem) = self.memory() else {
+            return Ok(());
+        };
+        if !Self::vring_ready(vring) {
+            return Ok(());
+        }
+        let hdr_len = self.hdr_len();
+        let mut vr = vring.get_mut();
+        let mut used_any = false;
+        'outer: loop {
+            let _ = vr.disable_notification();
+            loop {
+                if let HostPort::Stream(s) = &st.host {
+                    if s.tx_blocked() {
+                        // Resumed when the socket drains.
+                        break 'outer;
+                    }
+                }
+                let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(&*mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                match read_tx_chain(&mem, chain, &mut st.tx_buf) {
+                    Some(n) if n >= hdr_len + MIN_FRAME => {
+                        let pkt = &st.tx_buf[..n];
+                        match &mut st.host {
+                            HostPort::Tap(t) => {
+                                if let Err(e) = t.write_packet(pkt) {
+                                    debug!("tap write: {e}");
+                                    self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                                } else {
+                                    self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            HostPort::Stream(s) => {
+                                s.send_frame(&pkt[hdr_len..]);
+                                self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    _ => {
+                        debug!("tx: dropping malformed chain {head}");
+                        self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if let Err(e) = vr.add_used(head, 0) {
+                    debug!("tx add_used: {e}");
+                }
+                used_any = true;
+            }
+            match vr.enable_notification() {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        let _ = vr.enable_notification();
+        if used_any && vr.needs_notification().unwrap_or(true) {
+            vr.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects the writable segments of an RX chain; `None` if the chain is
+/// malformed (readable descriptor, outside guest memory, or empty).
+/// Guest buffers of one chain: (address, length).
+type Segments = Vec<(GuestAddress, usize)>;
+
+fn rx_segments(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Option<Segments> {
+    let mut segs = Vec::new();
+    let mut total: usize = 0;
+    let mut more = false;
+    for d in chain {
+        more = d.has_next();
+        if !d.is_write_only() {
+            return None;
+        }
+        let len = d.len() as usize;
+        if len == 0 {
+            continue;
+        }
+        if !mem.check_range(d.addr(), len) {
+            return None;
+        }
+        total = total.checked_add(len)?;
+        segs.push((d.addr(), len));
+    }
+    // A chain that still points on after the walk stopped loops, is longer
+    // than the queue, or points outside the descriptor table.
+    (total > 0 && !more).then_some(segs)
+}
+
+fn write_segments(mem: &GuestMemoryMmap, segs: &[(GuestAddress, usize)], data: &[u8]) -> usize {
+    let mut off = 0;
+    for (addr, len) in segs {
+        if off == data.len() {
+            break;
+        }
+        let n = (*len).min(data.len() - off);
+        if mem.write_slice(&data[off..off + n], *addr).is_err() {
+            break;
+        }
+        off += n;
+    }
+    off
+}
+
+/// Places one packet (header + frame) in the RX ring. Returns the outcome
+/// and whether any used entry was added.
+fn deliver(
+    vr: &mut VringState<GuestMem>,
+    mem: &GuestMemoryMmap,
+    data: &mut [u8],
+    mrg: bool,
+    hdr_len: usize,
+) -> (RxOutcome, bool) {
+    let mut used = false;
+    if !mrg {
+        loop {
+            let q = vr.get_queue_mut();
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                return (RxOutcome::NoBuffers, used);
+            };
+            let head = chain.head_index();
+            let Some(segs) = rx_segments(mem, chain) else {
+                let _ = q.add_used(mem, head, 0);
+                used = true;
+                continue;
+            };
+            let cap: usize = segs.iter().map(|s| s.1).sum();
+            if cap < data.len() {
+                // Buffer too small for this frame: keep the buffer.
+                q.go_to_previous_position();
+                return (RxOutcome::Dropped, used);
+            }
+            if hdr_len == HDR_LEN_V1 {
+                data[10..12].copy_from_slice(&1u16.to_le_bytes());
+            }
+            let n = write_segments(mem, &segs, data);
+            let _ = q.add_used(mem, head, n as u32);
+            return (RxOutcome::Delivered, true);
+        }
+    }
+    // Mergeable buffers: gather chains until the packet fits.
+    let q = vr.get_queue_mut();
+    let mut chains: Vec<(u16, Option<Segments>)> = Vec::new();
+    let mut cap = 0usize;
+    while cap < data.len() {
+        match q.pop_descriptor_chain(mem) {
+            None => {
+                for _ in 0..chains.len() {
+                    q.go_to_previous_position();
+                }
+                return (RxOutcome::NoBuffers, used);
+            }
+            Some(chain) => {
+                let head = chain.head_index();
+                let segs = rx_segments(mem, chain);
+                if segs.is_none() && chains.is_empty() {
+                    // A malformed buffer at the front goes back unused.
+                    let _ = q.add_used(mem, head, 0);
+                    used = true;
+                    continue;
+                }
+                if let Some(s) = &segs {
+                    cap += s.iter().map(|s| s.1).sum::<usize>();
+                }
+                chains.push((head, segs));
+            }
+        }
+    }
+    let nbufs = chains.iter().filter(|c| c.1.is_some()).count() as u16;
+    data[10..12].copy_from_slice(&nbufs.to_le_bytes());
+    for (head, segs) in &chains {
+        if segs.is_none() {
+            let _ = q.add_used(mem, *head, 0);
+        }
+    }
+    let mut off = 0;
+    for (head, segs) in &chains {
+        if let Some(segs) = segs {
+            let n = write_segments(mem, segs, &data[off..]);
+            off += n;
+            let _ = q.add_used(mem, *head, n as u32);
+        }
+    }
+    (RxOutcome::Delivered, true)
+}
+
+/// Copies a TX chain into `buf`; `None` if the chain is malformed (writable
+/// descriptor, outside guest memory, or larger than `buf`).
+fn read_tx_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    buf: &mut [u8],
+) -> Option<usize> {
+    let mut off = 0usize;
+    let mut more = false;
+    for d in chain {
+        more = d.has_next();
+        if d.is_write_only() {
+            return None;
+        }
+        let len = d.len() as usize;
+        let end = off.checked_add(len)?;
+        if end > buf.len() {
+            return None;
+        }
+        if len > 0 {
+            mem.read_slice(&mut buf[off..end], d.addr()).ok()?;
+        }
+        off = end;
+    }
+    (!more).then_some(off)
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        2 * self.queue_pairs
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Release);
+        self.apply_tap_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&self) {
+        for i in 0..self.queue_pairs {
+            self.pair(i).rx_pending = None;
+        }
+        self.acked.store(0, Ordering::Release);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut out = vec![0u8; size as usize];
+        let start = offset as usize;
+        if start < self.config.len() {
+            let n = (self.config.len() - start).min(out.len());
+            out[..n].copy_from_slice(&self.config[start..start + n]);
+        }
+        out
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.queue_pairs).map(|i| 0b11u64 << (2 * i)).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        // The worker takes the consumer over as a raw fd and never closes
+        // it; remember it so it can be closed once the worker is gone.
+        let c = {
+            let fd = c.into_raw_fd();
+            self.exit_fds.lock().unwrap().push(fd);
+            // SAFETY: fd was just released from an EventConsumer.
+            unsafe { <EventConsumer as std::os::unix::io::FromRawFd>::from_raw_fd(fd) }
+        };
+        Some((c, n))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if thread_id >= self.queue_pairs || vrings.len() < 2 {
+            return Ok(());
+        }
+        let ev = u64::from(device_event);
+        let host = self.host_event();
+        let mut st = self.pair(thread_id);
+        let st = &mut *st;
+        match ev {
+            0 => self.process_rx(st, &vrings[0])?,
+            1 => self.process_tx(st, &vrings[1])?,
+            e if e == host => {
+                if let HostPort::Stream(s) = &mut st.host {
+                    if evset.contains(EventSet::OUT) {
+                        s.flush();
+                    }
+                    self.process_rx(st, &vrings[0])?;
+                    self.process_tx(st, &vrings[1])?;
+                } else {
+                    self.process_rx(st, &vrings[0])?;
+                }
+            }
+            e if e > host => {
+                if let HostPort::Stream(s) = &mut st.host {
+                    s.handle_control_event(e - host);
+                    let _ = stream::EV_CONN;
+                    self.process_rx(st, &vrings[0])?;
+                    self.process_tx(st, &vrings[1])?;
+                }
+            }
+            _ => warn!("unexpected event {device_event}"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,799 @@
+//! Integration tests: the real `mic-net` binary driven over its vhost-user
+//! socket by the `vu-test` frontend.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use vu_test::{
+    Daemon, Desc, FrontendOptions, TempDir, TestFrontend, VirtQueue,
+    VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mic-net");
+const T: Duration = Duration::from_secs(5);
+const MRG_RXBUF: u64 = 1 << 15;
+const NET_F_MAC: u64 = 1 << 5;
+const NET_F_MQ: u64 = 1 << 22;
+const NET_F_CSUM: u64 = 1;
+
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[0..6].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 2]);
+    f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]); // local experimental ethertype
+    for (i, b) in f[14..].iter_mut().enumerate() {
+        *b = seed.wrapping_add(i as u8).wrapping_mul(7);
+    }
+    f
+}
+
+/// The test plays the stream peer: it listens, the daemon connects.
+struct Peer {
+    listener: UnixListener,
+    conn: Option<UnixStream>,
+}
+
+impl Peer {
+    fn new(path: &Path) -> Peer {
+        let listener = UnixListener::bind(path).unwrap();
+        Peer {
+            listener,
+            conn: None,
+        }
+    }
+
+    fn accept(&mut self) {
+        self.listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + T;
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(T)).unwrap();
+                    self.conn = Some(s);
+                    return;
+                }
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("daemon did not connect to the stream peer: {e}"),
+            }
+        }
+    }
+
+    fn send(&mut self, f: &[u8]) {
+        let c = self.conn.as_mut().unwrap();
+        c.write_all(&(f.len() as u32).to_be_bytes()).unwrap();
+        c.write_all(f).unwrap();
+    }
+
+    fn recv(&mut self) -> Vec<u8> {
+        let c = self.conn.as_mut().unwrap();
+        let mut l = [0u8; 4];
+        c.read_exact(&mut l).unwrap();
+        let mut f = vec![0u8; u32::from_be_bytes(l) as usize];
+        c.read_exact(&mut f).unwrap();
+        f
+    }
+}
+
+struct Setup {
+    _dir: TempDir,
+    sock: PathBuf,
+    daemon: Daemon,
+    peer: Peer,
+}
+
+fn stream_setup(extra: &[&str]) -> Setup {
+    let dir = TempDir::new("mic-net-test").unwrap();
+    let sock = dir.path().join("net.sock");
+    let peer_path = dir.path().join("peer.sock");
+    let mut peer = Peer::new(&peer_path);
+    let stream = format!("unix:{}", peer_path.display());
+    let mut args = vec![
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--stream",
+        &stream,
+        "--mac",
+        "52:54:00:00:00:02",
+    ];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::spawn(Path::new(BIN), &args, &sock).unwrap();
+    peer.accept();
+    Setup {
+        _dir: dir,
+        sock,
+        daemon,
+        peer,
+    }
+}
+
+fn connect(sock: &Path, features: u64, queues: usize) -> TestFrontend {
+    TestFrontend::connect_with(
+        sock,
+        FrontendOptions {
+            num_queues: queues,
+            queue_size: 256,
+            features,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn hdr_len(fe: &TestFrontend) -> usize {
+    if fe.acked_features & (VIRTIO_F_VERSION_1 | MRG_RXBUF) != 0 {
+        12
+    } else {
+        10
+    }
+}
+
+/// RX buffers posted and not yet used (head -> guest address), and used
+/// entries fetched from the ring but not consumed yet.
+#[derive(Default)]
+struct Pool {
+    bufs: HashMap<u16, u64>,
+    backlog: VecDeque<vu_test::Used>,
+}
+
+impl Pool {
+    fn new() -> Pool {
+        Pool::default()
+    }
+
+    fn len(&self) -> usize {
+        self.bufs.len()
+    }
+
+    fn next_used(&mut self, q: &mut VirtQueue) -> vu_test::Used {
+        if self.backlog.is_empty() {
+            self.backlog.extend(q.wait_used(T).unwrap());
+        }
+        self.backlog.pop_front().unwrap()
+    }
+}
+
+/// Posts `n` RX buffers of `size` bytes, recording them in `pool`.
+fn post_rx(q: &mut VirtQueue, n: usize, size: u32, pool: &mut Pool) {
+    for _ in 0..n {
+        let a = q.mem().alloc(size as u64, 64).unwrap();
+        let head = q.add_chain(&[Desc::inp(a, size)]).unwrap();
+        pool.bufs.insert(head, a);
+    }
+    q.kick().unwrap();
+}
+
+/// Sends `f` (with a zero vnet header) on the TX queue and waits for completion.
+fn send_tx(fe: &mut TestFrontend, txq: usize, f: &[u8]) {
+    let hl = hdr_len(fe);
+    let q = &mut fe.queues[txq];
+    let hdr = q.mem().alloc(hl as u64, 16).unwrap();
+    q.mem().fill(hdr, hl, 0).unwrap();
+    let body = q.mem().alloc(f.len() as u64, 16).unwrap();
+    q.mem().write(body, f).unwrap();
+    let head = q
+        .add_chain(&[Desc::out(hdr, hl as u32), Desc::out(body, f.len() as u32)])
+        .unwrap();
+    q.kick().unwrap();
+    q.wait_for(head, T).unwrap();
+}
+
+/// Waits for one received packet, reassembling merged buffers.
+fn recv_rx(fe: &mut TestFrontend, rxq: usize, pool: &mut Pool) -> (Vec<u8>, u16) {
+    let hl = hdr_len(fe);
+    let q = &mut fe.queues[rxq];
+    let take = |pool: &mut Pool, q: &mut VirtQueue| {
+        let u = pool.next_used(q);
+        let a = pool
+            .bufs
+            .remove(&u.id)
+            .unwrap_or_else(|| panic!("used id {} was not posted", u.id));
+        q.mem().read(a, u.len as usize).unwrap()
+    };
+    let mut pkt = take(pool, q);
+    let nbufs = if hl == 12 {
+        u16::from_le_bytes([pkt[10], pkt[11]])
+    } else {
+        1
+    };
+    for _ in 1..nbufs {
+        pkt.extend(take(pool, q));
+    }
+    (pkt[hl..].to_vec(), nbufs)
+}
+
+/// Waits until every head in `heads` has been used.
+fn wait_all(q: &mut VirtQueue, heads: &[u16]) {
+    let mut left: Vec<u16> = heads.to_vec();
+    while !left.is_empty() {
+        for u in q.wait_used(T).unwrap() {
+            left.retain(|h| *h != u.id);
+        }
+    }
+}
+
+/// Like [`recv_rx`], skipping frames the host stack sends on its own
+/// (IPv6 router solicitations and the like).
+fn recv_rx_test_frame(fe: &mut TestFrontend, rxq: usize, pool: &mut Pool) -> Vec<u8> {
+    let deadline = Instant::now() + T;
+    while Instant::now() < deadline {
+        if pool.len() < 4 {
+            post_rx(&mut fe.queues[rxq], 4, 2048, pool);
+        }
+        let (f, _) = recv_rx(fe, rxq, pool);
+        if f.len() >= 14 && f[12..14] == [0x88, 0xb5] {
+            return f;
+        }
+        eprintln!(
+            "skipping frame of {} bytes: {:02x?}",
+            f.len(),
+            &f[..f.len().min(16)]
+        );
+    }
+    panic!("no test frame received");
+}
+
+fn roundtrip(s: &mut Setup, fe: &mut TestFrontend, seed: u8) {
+    let mut bufs = Pool::new();
+    post_rx(&mut fe.queues[0], 1, 2048, &mut bufs);
+    let f = frame(100, seed);
+    s.peer.send(&f);
+    let (got, n) = recv_rx(fe, 0, &mut bufs);
+    assert_eq!(n, 1);
+    assert_eq!(got, f, "RX frame content");
+    let f2 = frame(300, seed.wrapping_add(1));
+    send_tx(fe, 1, &f2);
+    assert_eq!(s.peer.recv(), f2, "TX frame content");
+}
+
+#[test]
+fn stream_both_directions_with_vnet_features() {
+    let mut s = stream_setup(&[]);
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    assert_ne!(fe.acked_features & MRG_RXBUF, 0);
+    assert_ne!(fe.acked_features & VIRTIO_RING_F_EVENT_IDX, 0);
+    assert_eq!(
+        fe.offered_features & NET_F_CSUM,
+        0,
+        "stream offers no offloads"
+    );
+    assert_eq!(fe.offered_features & NET_F_MQ, 0);
+    assert_ne!(fe.offered_features & VIRTIO_RING_F_INDIRECT_DESC, 0);
+    // Config space: MAC, LINK_UP, 1 pair, MTU 1500.
+    let cfg = fe.get_config(0, 12).unwrap();
+    assert_eq!(&cfg[0..6], &[0x52, 0x54, 0, 0, 0, 2]);
+    assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 1);
+    assert_eq!(u16::from_le_bytes([cfg[8], cfg[9]]), 1);
+    assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 1500);
+    for i in 0..5 {
+        roundtrip(&mut s, &mut fe, i * 10);
+    }
+}
+
+#[test]
+fn stream_legacy_header_no_features() {
+    let mut s = stream_setup(&[]);
+    // No VERSION_1, no MRG_RXBUF, no PROTOCOL_FEATURES: 10-byte header.
+    let mut fe = connect(&s.sock, NET_F_MAC, 2);
+    assert_eq!(hdr_len(&fe), 10);
+    assert_eq!(fe.acked_features & VHOST_USER_F_PROTOCOL_FEATURES, 0);
+    roundtrip(&mut s, &mut fe, 3);
+    // Without MRG_RXBUF a frame larger than the buffer is dropped, the next
+    // one that fits is delivered.
+    let mut bufs = Pool::new();
+    post_rx(&mut fe.queues[0], 1, 1024, &mut bufs);
+    s.peer.send(&frame(4000, 1));
+    let small = frame(200, 9);
+    s.peer.send(&small);
+    let (got, _) = recv_rx(&mut fe, 0, &mut bufs);
+    assert_eq!(got, small);
+}
+
+#[test]
+fn stream_large_frames_span_merged_buffers() {
+    let mut s = stream_setup(&["--mtu", "9000"]);
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    let mut bufs = Pool::new();
+    post_rx(&mut fe.queues[0], 32, 1024, &mut bufs);
+    let big = frame(9014, 42);
+    s.peer.send(&big);
+    let (got, n) = recv_rx(&mut fe, 0, &mut bufs);
+    assert_eq!(n as usize, (9014usize + 12).div_ceil(1024));
+    assert_eq!(got, big);
+    // And a jumbo TX frame split over several descriptors (indirect too).
+    let hl = hdr_len(&fe);
+    let q = &mut fe.queues[1];
+    let big2 = frame(9000, 7);
+    let a = q.mem().alloc((hl + big2.len()) as u64, 16).unwrap();
+    q.mem().fill(a, hl, 0).unwrap();
+    q.mem().write(a + hl as u64, &big2).unwrap();
+    let descs: Vec<Desc> = (0..(hl + big2.len()).div_ceil(1000))
+        .map(|i| {
+            let off = i * 1000;
+            let len = (hl + big2.len() - off).min(1000);
+            Desc::out(a + off as u64, len as u32)
+        })
+        .collect();
+    let head = q.add_indirect(&descs).unwrap();
+    q.kick().unwrap();
+    q.wait_for(head, T).unwrap();
+    assert_eq!(s.peer.recv(), big2);
+}
+
+#[test]
+fn malformed_tx_chains_are_dropped() {
+    let mut s = stream_setup(&[]);
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    let outside = vu_test::outside(&fe.mem);
+    let q = &mut fe.queues[1];
+    let ok = q.mem().alloc(2048, 16).unwrap();
+    q.mem().fill(ok, 2048, 0).unwrap();
+    let mut heads = vec![
+        // Descriptor outside guest memory.
+        q.add_chain(&[Desc::out(outside, 100)]).unwrap(),
+        // Straddling the end of guest memory.
+        q.add_chain(&[Desc::out(q.mem().size() - 8, 100)]).unwrap(),
+        // Wrong direction (device-writable in a TX chain).
+        q.add_chain(&[Desc::out(ok, 12), Desc::inp(ok + 12, 100)])
+            .unwrap(),
+        // Far too long.
+        q.add_chain(&[Desc::out(ok, 12), Desc::out(0, 0x7fff_ffff)])
+            .unwrap(),
+        // Too short to be a frame.
+        q.add_chain(&[Desc::out(ok, 4)]).unwrap(),
+    ];
+    // A loop in the descriptor chain (next points back to itself).
+    heads.push(
+        q.add_raw(
+            &[Desc {
+                addr: ok,
+                len: 64,
+                flags: vu_test::VRING_DESC_F_NEXT,
+                next: 0,
+            }],
+            true,
+        )
+        .unwrap(),
+    );
+    q.kick().unwrap();
+    wait_all(q, &heads);
+    // Malformed RX chain (device-readable buffer) is returned unused.
+    let rq = &mut fe.queues[0];
+    let a = rq.mem().alloc(2048, 16).unwrap();
+    let bad = rq.add_chain(&[Desc::out(a, 2048)]).unwrap();
+    rq.kick().unwrap();
+    s.peer.send(&frame(100, 1));
+    let used = rq.wait_for(bad, T).unwrap();
+    assert!(used.iter().any(|u| u.id == bad && u.len == 0));
+    // The frame waits for a good buffer.
+    let mut bufs = Pool::new();
+    post_rx(&mut fe.queues[0], 1, 2048, &mut bufs);
+    assert_eq!(recv_rx(&mut fe, 0, &mut bufs).0, frame(100, 1));
+    // Nothing bad reached the peer, and the device still works.
+    assert!(s.daemon.alive());
+    let f = frame(64, 5);
+    send_tx(&mut fe, 1, &f);
+    assert_eq!(s.peer.recv(), f);
+    let mut bufs = Pool::new();
+    post_rx(&mut fe.queues[0], 4, 2048, &mut bufs);
+    let f = frame(80, 6);
+    s.peer.send(&f);
+    assert_eq!(recv_rx(&mut fe, 0, &mut bufs).0, f);
+}
+
+#[test]
+fn frontend_reconnect_and_garbage() {
+    let mut s = stream_setup(&[]);
+    {
+        let mut fe = connect(&s.sock, u64::MAX, 2);
+        roundtrip(&mut s, &mut fe, 1);
+    }
+    // Garbage on the vhost-user socket.
+    {
+        let mut g = UnixStream::connect(&s.sock).unwrap();
+        let _ = g.write_all(&[0xffu8; 37]);
+        let _ = g.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    }
+    {
+        let mut g = UnixStream::connect(&s.sock).unwrap();
+        // A valid header announcing a huge payload, then hang up.
+        let mut h = Vec::new();
+        h.extend_from_slice(&1u32.to_le_bytes());
+        h.extend_from_slice(&1u32.to_le_bytes());
+        h.extend_from_slice(&0xffff_fff0u32.to_le_bytes());
+        let _ = g.write_all(&h);
+    }
+    assert!(s.daemon.alive());
+    // Second and third frontends work with fresh device state (legacy
+    // header after a VERSION_1 frontend, then VERSION_1 again).
+    {
+        let mut fe = connect(&s.sock, NET_F_MAC, 2);
+        roundtrip(&mut s, &mut fe, 2);
+    }
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    roundtrip(&mut s, &mut fe, 3);
+    assert!(s.daemon.alive());
+}
+
+#[test]
+fn stream_peer_reconnects() {
+    let mut s = stream_setup(&[]);
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    roundtrip(&mut s, &mut fe, 1);
+    // The peer goes away; the daemon reconnects.
+    s.peer.conn = None;
+    s.peer.accept();
+    let mut bufs = Pool::new();
+    post_rx(&mut fe.queues[0], 4, 2048, &mut bufs);
+    let f = frame(128, 77);
+    s.peer.send(&f);
+    assert_eq!(recv_rx(&mut fe, 0, &mut bufs).0, f);
+}
+
+#[test]
+fn stream_listen_mode() {
+    let dir = TempDir::new("mic-net-test").unwrap();
+    let sock = dir.path().join("net.sock");
+    let peer_path = dir.path().join("peer.sock");
+    let stream = format!("unix:{}", peer_path.display());
+    let mut d = Daemon::spawn(
+        Path::new(BIN),
+        &[
+            "--socket-path",
+            sock.to_str().unwrap(),
+            "--stream",
+            &stream,
+            "--listen",
+        ],
+        &sock,
+    )
+    .unwrap();
+    let mut fe = connect(&sock, u64::MAX, 2);
+    let mut c = UnixStream::connect(&peer_path).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    let mut bufs = Pool::new();
+    post_rx(&mut fe.queues[0], 4, 2048, &mut bufs);
+    let f = frame(90, 1);
+    c.write_all(&(f.len() as u32).to_be_bytes()).unwrap();
+    c.write_all(&f).unwrap();
+    assert_eq!(recv_rx(&mut fe, 0, &mut bufs).0, f);
+    let f2 = frame(91, 2);
+    send_tx(&mut fe, 1, &f2);
+    let mut l = [0u8; 4];
+    c.read_exact(&mut l).unwrap();
+    let mut got = vec![0u8; u32::from_be_bytes(l) as usize];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(got, f2);
+    assert!(d.alive());
+}
+
+fn run_bad(args: &[&str], sock: &Path) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<_> = err.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one error line for {args:?}: {err}");
+    assert!(lines[0].starts_with("mic-net: error: "), "{err}");
+    assert!(!sock.exists(), "socket must not be created for {args:?}");
+}
+
+#[test]
+fn bad_arguments_fail_before_the_socket() {
+    let dir = TempDir::new("mic-net-test").unwrap();
+    let sock = dir.path().join("net.sock");
+    let s = sock.to_str().unwrap();
+    run_bad(&[], &sock);
+    run_bad(&["--socket-path", s], &sock);
+    run_bad(
+        &["--socket-path", s, "--tap", "a", "--stream", "unix:/x"],
+        &sock,
+    );
+    run_bad(&["--socket-path", s, "--stream", "bogus"], &sock);
+    run_bad(
+        &["--socket-path", s, "--stream", "unix:/x", "--mac", "1:2:3"],
+        &sock,
+    );
+    run_bad(
+        &["--socket-path", s, "--tap", "t", "--queue-size", "1000"],
+        &sock,
+    );
+    run_bad(&["--socket-path", s, "--tap", "t", "--frobnicate"], &sock);
+    // Listening on an unusable stream address.
+    run_bad(
+        &[
+            "--socket-path",
+            s,
+            "--stream",
+            "unix:/nonexistent/dir/x",
+            "--listen",
+        ],
+        &sock,
+    );
+    // A tap name that exists but is not a tap (loopback).
+    run_bad(&["--socket-path", s, "--tap", "lo"], &sock);
+}
+
+#[test]
+fn sigterm_exits_cleanly_and_removes_socket() {
+    let mut s = stream_setup(&[]);
+    let _fe = connect(&s.sock, u64::MAX, 2);
+    let st = s.daemon.signal_and_wait(libc::SIGTERM, T).unwrap();
+    assert!(st.success(), "{st}");
+    assert!(!s.sock.exists());
+}
+
+// ---- tap mode, inside a network namespace ----
+
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Option<Netns> {
+        // SAFETY: getuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: tap tests need root (CAP_NET_ADMIN)");
+            return None;
+        }
+        let name = format!("micnet-{}-{}", std::process::id(), rand_u32());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("SKIP: cannot create a network namespace (ip netns add)");
+            return None;
+        }
+        Some(Netns(name))
+    }
+
+    /// Runs `f` on a thread that has entered the namespace.
+    fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).unwrap();
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: setns on a valid namespace fd, for this thread only.
+            let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns");
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: valid buffer.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
+    u32::from_ne_bytes(b)
+}
+
+fn ifindex(name: &str) -> i32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) as i32 }
+}
+
+/// A raw AF_PACKET socket bound to an interface (in the calling thread's netns).
+struct RawSock(i32);
+
+impl RawSock {
+    fn bind(ifname: &str) -> RawSock {
+        let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+        // SAFETY: plain socket call.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+        assert!(fd >= 0);
+        // SAFETY: zeroed sockaddr_ll is valid.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = proto as u16;
+        sa.sll_ifindex = ifindex(ifname);
+        assert!(sa.sll_ifindex > 0);
+        // SAFETY: valid sockaddr_ll.
+        let r = unsafe {
+            libc::bind(
+                fd,
+                &sa as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(r, 0);
+        let tv = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        // SAFETY: valid timeval.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        RawSock(fd)
+    }
+
+    fn send(&self, f: &[u8]) {
+        // SAFETY: valid buffer.
+        let n = unsafe { libc::send(self.0, f.as_ptr().cast(), f.len(), 0) };
+        assert_eq!(n, f.len() as isize, "{}", std::io::Error::last_os_error());
+    }
+
+    /// Receives frames until one with our test ethertype arrives.
+    fn recv_test_frame(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; 70000];
+        let deadline = Instant::now() + T;
+        while Instant::now() < deadline {
+            // SAFETY: valid buffer.
+            let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            assert!(n >= 0, "recv: {}", std::io::Error::last_os_error());
+            let n = n as usize;
+            if n >= 14 && buf[12..14] == [0x88, 0xb5] {
+                return buf[..n].to_vec();
+            }
+        }
+        panic!("no test frame on the tap");
+    }
+}
+
+impl Drop for RawSock {
+    fn drop(&mut self) {
+        // SAFETY: owned fd.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn tap_daemon(ns: &Netns, dir: &TempDir, sock: &Path, extra: &[&str]) -> Daemon {
+    let _ = dir;
+    let mut args = vec![
+        "netns",
+        "exec",
+        &ns.0,
+        BIN,
+        "--socket-path",
+        sock.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Daemon::spawn(Path::new("ip"), &args, sock).unwrap()
+}
+
+#[test]
+fn tap_both_directions_in_netns() {
+    let Some(ns) = Netns::new() else { return };
+    let dir = TempDir::new("mic-net-tap").unwrap();
+    let sock = dir.path().join("net.sock");
+    let mut d = tap_daemon(&ns, &dir, &sock, &["--tap", "mic0", "--host-ip", "auto"]);
+    // The host address follows the X100 convention.
+    let addrs = Command::new("ip")
+        .args(["-n", &ns.0, "-4", "addr", "show", "dev", "mic0"])
+        .output()
+        .unwrap();
+    let addrs = String::from_utf8_lossy(&addrs.stdout).to_string();
+    assert!(addrs.contains("172.31.1.254/24"), "{addrs}");
+    assert!(addrs.contains("UP"), "{addrs}");
+
+    for features in [u64::MAX, NET_F_MAC] {
+        let mut fe = connect(&sock, features, 2);
+        if features == u64::MAX {
+            assert_ne!(fe.acked_features & NET_F_CSUM, 0, "tap offers offloads");
+        }
+        let raw = ns.run(|| RawSock::bind("mic0"));
+        // Guest -> tap.
+        let f = frame(200, 11);
+        send_tx(&mut fe, 1, &f);
+        assert_eq!(raw.recv_test_frame(), f);
+        // Tap -> guest.
+        let mut bufs = Pool::new();
+        post_rx(&mut fe.queues[0], 8, 2048, &mut bufs);
+        let f = frame(333, 12);
+        raw.send(&f);
+        assert_eq!(recv_rx_test_frame(&mut fe, 0, &mut bufs), f);
+        // Malformed chain dropped, the daemon goes on.
+        let q = &mut fe.queues[1];
+        let h = q
+            .add_chain(&[Desc::out(vu_test::outside(&fe.mem), 64)])
+            .unwrap();
+        q.kick().unwrap();
+        q.wait_for(h, T).unwrap();
+        assert!(d.alive());
+    }
+}
+
+#[test]
+fn tap_multiqueue_in_netns() {
+    let Some(ns) = Netns::new() else { return };
+    let dir = TempDir::new("mic-net-tap").unwrap();
+    let sock = dir.path().join("net.sock");
+    let _d = tap_daemon(
+        &ns,
+        &dir,
+        &sock,
+        &["--tap", "mq0", "--num-queue-pairs", "2"],
+    );
+    let mut fe = connect(&sock, u64::MAX, 4);
+    assert_ne!(fe.acked_features & NET_F_MQ, 0);
+    assert_eq!(fe.queue_num().unwrap(), 4);
+    let cfg = fe.get_config(8, 2).unwrap();
+    assert_eq!(u16::from_le_bytes([cfg[0], cfg[1]]), 2);
+    let raw = ns.run(|| RawSock::bind("mq0"));
+    for (i, txq) in [1usize, 3].into_iter().enumerate() {
+        let f = frame(150 + i, 20 + i as u8);
+        send_tx(&mut fe, txq, &f);
+        assert_eq!(raw.recv_test_frame(), f, "TX on queue {txq}");
+    }
+    // RX: the kernel picks the queue; buffers on both RX queues.
+    let mut b0 = Pool::new();
+    post_rx(&mut fe.queues[0], 32, 2048, &mut b0);
+    let mut b2 = Pool::new();
+    post_rx(&mut fe.queues[2], 32, 2048, &mut b2);
+    let f = frame(222, 5);
+    raw.send(&f);
+    let deadline = Instant::now() + T;
+    let got = loop {
+        let mut seen = None;
+        if let Some(u) = fe.queues[0].pop_used() {
+            seen = Some(fe.mem.read(b0.bufs[&u.id], u.len as usize).unwrap());
+        } else if let Some(u) = fe.queues[2].pop_used() {
+            seen = Some(fe.mem.read(b2.bufs[&u.id], u.len as usize).unwrap());
+        }
+        match seen {
+            // Skip frames the host stack sends by itself.
+            Some(p) if p.len() >= 26 && p[24..26] == [0x88, 0xb5] => break p,
+            Some(_) => continue,
+            None => {}
+        }
+        assert!(Instant::now() < deadline, "no RX on either queue");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(&got[12..], &f[..]);
+}
+
+#[test]
+fn tap_bad_existing_device() {
+    let Some(ns) = Netns::new() else { return };
+    let dir = TempDir::new("mic-net-tap").unwrap();
+    let sock = dir.path().join("net.sock");
+    // A tun (not tap) device of that name exists.
+    let ok = Command::new("ip")
+        .args([
+            "-n", &ns.0, "tuntap", "add", "mode", "tun", "name", "notatap",
+        ])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ip tuntap add");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            BIN,
+            "--socket-path",
+            sock.to_str().unwrap(),
+            "--tap",
+            "notatap",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("notatap"), "{err}");
+    assert!(!sock.exists());
+}
