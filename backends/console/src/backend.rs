@@ -1,0 +1,584 @@
+//! The vhost-user virtio-console device.
+//!
+//! Queues: 0 = receiveq of port 0 (host to card), 1 = transmitq of port 0
+//! (card to host); with `VIRTIO_CONSOLE_F_MULTIPORT` also 2 = control
+//! receiveq (device to driver) and 3 = control transmitq (driver to device).
+//! Port 0 is the only port and is announced as the console port, so Linux's
+//! virtio_console brings it up as hvc0.
+//!
+//! Worker threads: one for queue 0 (which also reads the host side), one for
+//! queue 1, one for the two control queues (a control exchange needs both).
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::io::{IntoRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use log::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::host::{Host, EV_INPUT, EV_LISTEN};
+
+/// Guest memory as seen by the backend.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+type Vring = VringRwLock<GuestMem>;
+
+/// VIRTIO_CONSOLE_F_SIZE: console size in config space.
+pub const F_SIZE: u32 = 0;
+/// VIRTIO_CONSOLE_F_MULTIPORT: control queues and several ports.
+pub const F_MULTIPORT: u32 = 1;
+/// VIRTIO_CONSOLE_F_EMERG_WRITE: emergency write through config space.
+pub const F_EMERG_WRITE: u32 = 2;
+
+/// Control event: driver is ready (driver to device).
+pub const DEVICE_READY: u16 = 0;
+/// Control event: a port was added (device to driver).
+pub const DEVICE_ADD: u16 = 1;
+/// Control event: port is ready (driver to device).
+pub const PORT_READY: u16 = 3;
+/// Control event: port is a console (device to driver).
+pub const CONSOLE_PORT: u16 = 4;
+/// Control event: console resize (device to driver).
+pub const RESIZE: u16 = 5;
+/// Control event: port opened or closed (both directions).
+pub const PORT_OPEN: u16 = 6;
+
+/// Largest control message accepted from the driver.
+const MAX_CTRL: usize = 64;
+/// Largest TX chain copied at once; longer chains are processed in pieces.
+const TX_CHUNK: usize = 64 * 1024;
+/// Host input read per step.
+const RX_CHUNK: usize = 4096;
+
+const fn bit(b: u32) -> u64 {
+    1u64 << b
+}
+
+struct RxState {
+    pending: Vec<u8>,
+    off: usize,
+    buf: Vec<u8>,
+}
+
+struct CtrlState {
+    out: VecDeque<Vec<u8>>,
+    device_ready: bool,
+    guest_open: bool,
+}
+
+/// Traffic counters.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes delivered to the card.
+    pub rx_bytes: AtomicU64,
+    /// Bytes written by the card.
+    pub tx_bytes: AtomicU64,
+    /// Malformed chains returned unused.
+    pub bad_chains: AtomicU64,
+}
+
+/// The virtio-console vhost-user backend.
+pub struct ConsoleBackend {
+    multiport: bool,
+    queue_size: usize,
+    features: u64,
+    host: Mutex<Host>,
+    rx: Mutex<RxState>,
+    ctrl: Mutex<CtrlState>,
+    acked: AtomicU64,
+    mem: RwLock<Option<GuestMem>>,
+    exit_fds: Mutex<Vec<RawFd>>,
+    /// Traffic counters.
+    pub counters: Counters,
+}
+
+fn ctrl_msg(id: u32, event: u16, value: u16) -> Vec<u8> {
+    let mut m = Vec::with_capacity(8);
+    m.extend_from_slice(&id.to_le_bytes());
+    m.extend_from_slice(&event.to_le_bytes());
+    m.extend_from_slice(&value.to_le_bytes());
+    m
+}
+
+/// Copies a driver-to-device chain (readable descriptors only) into `buf`,
+/// at most `buf.len()` bytes. `None` for a malformed chain.
+fn read_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Option<()> {
+    buf.clear();
+    let mut more = false;
+    for d in chain {
+        more = d.has_next();
+        if d.is_write_only() {
+            return None;
+        }
+        let len = d.len() as usize;
+        if len == 0 {
+            continue;
+        }
+        if !mem.check_range(d.addr(), len) || buf.len() + len > max {
+            return None;
+        }
+        let start = buf.len();
+        buf.resize(start + len, 0);
+        mem.read_slice(&mut buf[start..], d.addr()).ok()?;
+    }
+    (!more).then_some(())
+}
+
+/// Collects the writable segments of a device-to-driver chain.
+fn write_segments(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Option<Vec<(GuestAddress, usize)>> {
+    let mut segs = Vec::new();
+    let mut total = 0usize;
+    let mut more = false;
+    for d in chain {
+        more = d.has_next();
+        if !d.is_write_only() {
+            return None;
+        }
+        let len = d.len() as usize;
+        if len == 0 {
+            continue;
+        }
+        if !mem.check_range(d.addr(), len) {
+            return None;
+        }
+        total = total.checked_add(len)?;
+        segs.push((d.addr(), len));
+    }
+    (total > 0 && !more).then_some(segs)
+}
+
+fn fill(mem: &GuestMemoryMmap, segs: &[(GuestAddress, usize)], data: &[u8]) -> usize {
+    let mut off = 0;
+    for (a, l) in segs {
+        if off == data.len() {
+            break;
+        }
+        let n = (*l).min(data.len() - off);
+        if mem.write_slice(&data[off..off + n], *a).is_err() {
+            break;
+        }
+        off += n;
+    }
+    off
+}
+
+fn signal(vr: &mut VringState<GuestMem>) -> io::Result<()> {
+    if vr.needs_notification().unwrap_or(true) {
+        vr.signal_used_queue()?;
+    }
+    Ok(())
+}
+
+impl ConsoleBackend {
+    /// Builds the device around its host side.
+    pub fn new(host: Host, multiport: bool, queue_size: u16) -> Self {
+        let mut features = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(F_EMERG_WRITE)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if host.has_size() {
+            features |= bit(F_SIZE);
+        }
+        if multiport {
+            features |= bit(F_MULTIPORT);
+        }
+        ConsoleBackend {
+            multiport,
+            queue_size: queue_size as usize,
+            features,
+            host: Mutex::new(host),
+            rx: Mutex::new(RxState {
+                pending: Vec::new(),
+                off: 0,
+                buf: vec![0; RX_CHUNK],
+            }),
+            ctrl: Mutex::new(CtrlState {
+                out: VecDeque::new(),
+                device_ready: false,
+                guest_open: false,
+            }),
+            acked: AtomicU64::new(0),
+            mem: RwLock::new(None),
+            exit_fds: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The host side.
+    pub fn host(&self) -> MutexGuard<'_, Host> {
+        self.host.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn nq(&self) -> u64 {
+        if self.multiport {
+            4
+        } else {
+            2
+        }
+    }
+
+    fn memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {
+        self.mem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|m| m.memory())
+    }
+
+    fn ready(vring: &Vring) -> bool {
+        let s = vring.get_ref();
+        s.get_queue().ready() && s.is_enabled()
+    }
+
+    /// Registers the host side with the receive worker's epoll set. Called
+    /// for every new frontend, with the epoll fds in worker order.
+    pub fn attach_workers(&self, epoll_fds: &[RawFd]) {
+        if let Some(fd) = epoll_fds.first() {
+            self.host().attach(*fd, self.nq() + 1);
+        }
+    }
+
+    /// Resets the device state for a new frontend (host side kept).
+    pub fn disconnected(&self) {
+        self.host().detach();
+        {
+            let mut c = self.ctrl.lock().unwrap();
+            c.out.clear();
+            c.device_ready = false;
+            c.guest_open = false;
+        }
+        self.acked.store(0, Ordering::Release);
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
+        for fd in self.exit_fds.lock().unwrap().drain(..) {
+            // SAFETY: exit eventfds of workers that have been joined.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    fn config(&self) -> [u8; 12] {
+        let (cols, rows) = self.host().size().unwrap_or((80, 25));
+        let mut c = [0u8; 12];
+        c[0..2].copy_from_slice(&cols.to_le_bytes());
+        c[2..4].copy_from_slice(&rows.to_le_bytes());
+        c[4..8].copy_from_slice(&1u32.to_le_bytes());
+        c
+    }
+
+    /// Host input to queue 0.
+    fn process_rx(&self, vring: &Vring) -> io::Result<()> {
+        let Some(mem) = self.memory() else {
+            return Ok(());
+        };
+        if !Self::ready(vring) {
+            return Ok(());
+        }
+        let mut rx = self.rx.lock().unwrap();
+        let rx = &mut *rx;
+        let mut vr = vring.get_mut();
+        let mut used = false;
+        loop {
+            if rx.off == rx.pending.len() {
+                let n = match self.host().read_input(&mut rx.buf) {
+                    Some(n) => n,
+                    None => break,
+                };
+                rx.pending.clear();
+                rx.pending.extend_from_slice(&rx.buf[..n]);
+                rx.off = 0;
+            }
+            let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(&*mem) else {
+                match vr.enable_notification() {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            };
+            let head = chain.head_index();
+            let n = match write_segments(&mem, chain) {
+                Some(segs) => fill(&mem, &segs, &rx.pending[rx.off..]),
+                None => {
+                    self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
+                    0
+                }
+            };
+            rx.off += n;
+            self.counters
+                .rx_bytes
+                .fetch_add(n as u64, Ordering::Relaxed);
+            let _ = vr.add_used(head, n as u32);
+            used = true;
+        }
+        if used {
+            signal(&mut vr)?;
+        }
+        Ok(())
+    }
+
+    /// Card output from queue 1 to the host side.
+    fn process_tx(&self, vring: &Vring) -> io::Result<()> {
+        let Some(mem) = self.memory() else {
+            return Ok(());
+        };
+        if !Self::ready(vring) {
+            return Ok(());
+        }
+        let mut vr = vring.get_mut();
+        let mut buf = Vec::new();
+        let mut used = false;
+        loop {
+            let _ = vr.disable_notification();
+            while let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(&*mem) {
+                let head = chain.head_index();
+                if read_chain(&mem, chain, &mut buf, TX_CHUNK).is_some() {
+                    self.counters
+                        .tx_bytes
+                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    self.host().write_output(&buf);
+                } else {
+                    debug!("tx: dropping malformed chain {head}");
+                    self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = vr.add_used(head, 0);
+                used = true;
+            }
+            match vr.enable_notification() {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        if used {
+            signal(&mut vr)?;
+        }
+        Ok(())
+    }
+
+    /// Control messages from the driver (queue 3), answers on queue 2.
+    fn process_ctrl(&self, c_ivq: &Vring, c_ovq: &Vring) -> io::Result<()> {
+        let Some(mem) = self.memory() else {
+            return Ok(());
+        };
+        let mut ctrl = self.ctrl.lock().unwrap();
+        if Self::ready(c_ovq) {
+            let mut vr = c_ovq.get_mut();
+            let mut buf = Vec::new();
+            let mut used = false;
+            loop {
+                let _ = vr.disable_notification();
+                while let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(&*mem) {
+                    let head = chain.head_index();
+                    if read_chain(&mem, chain, &mut buf, MAX_CTRL).is_some() && buf.len() >= 8 {
+                        let id = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+                        let event = u16::from_le_bytes([buf[4], buf[5]]);
+                        let value = u16::from_le_bytes([buf[6], buf[7]]);
+                        self.control_event(&mut ctrl, id, event, value);
+                    } else {
+                        self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = vr.add_used(head, 0);
+                    used = true;
+                }
+                match vr.enable_notification() {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            }
+            if used {
+                signal(&mut vr)?;
+            }
+        }
+        if Self::ready(c_ivq) && !ctrl.out.is_empty() {
+            let mut vr = c_ivq.get_mut();
+            let mut used = false;
+            while let Some(msg) = ctrl.out.front() {
+                let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(&*mem) else {
+                    if let Ok(true) = vr.enable_notification() {
+                        continue;
+                    }
+                    break;
+                };
+                let head = chain.head_index();
+                match write_segments(&mem, chain) {
+                    Some(segs) if segs.iter().map(|s| s.1).sum::<usize>() >= msg.len() => {
+                        let n = fill(&mem, &segs, msg);
+                        let _ = vr.add_used(head, n as u32);
+                        ctrl.out.pop_front();
+                    }
+                    _ => {
+                        self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
+                        let _ = vr.add_used(head, 0);
+                    }
+                }
+                used = true;
+            }
+            if used {
+                signal(&mut vr)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn control_event(&self, ctrl: &mut CtrlState, id: u32, event: u16, value: u16) {
+        debug!("control: port {id} event {event} value {value}");
+        match event {
+            DEVICE_READY => {
+                if value != 1 {
+                    warn!("driver failed to initialise the console device");
+                    return;
+                }
+                ctrl.device_ready = true;
+                ctrl.out.push_back(ctrl_msg(0, DEVICE_ADD, 0));
+            }
+            PORT_READY if id == 0 => {
+                if value != 1 {
+                    warn!("driver failed to add console port 0");
+                    return;
+                }
+                ctrl.out.push_back(ctrl_msg(0, CONSOLE_PORT, 1));
+                if self.acked.load(Ordering::Acquire) & bit(F_SIZE) != 0 {
+                    if let Some((cols, rows)) = self.host().size() {
+                        // Linux reads rows before cols here.
+                        let mut m = ctrl_msg(0, RESIZE, 0);
+                        m.extend_from_slice(&rows.to_le_bytes());
+                        m.extend_from_slice(&cols.to_le_bytes());
+                        ctrl.out.push_back(m);
+                    }
+                }
+                ctrl.out.push_back(ctrl_msg(0, PORT_OPEN, 1));
+            }
+            PORT_OPEN if id == 0 => {
+                ctrl.guest_open = value != 0;
+                info!(
+                    "console port {}",
+                    if ctrl.guest_open { "opened" } else { "closed" }
+                );
+            }
+            _ => debug!("control: ignoring event {event} for port {id}"),
+        }
+    }
+}
+
+impl VhostUserBackend for ConsoleBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.nq() as usize
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&self) {
+        let mut c = self.ctrl.lock().unwrap();
+        c.out.clear();
+        c.device_ready = false;
+        c.guest_open = false;
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = self.config();
+        let mut out = vec![0u8; size as usize];
+        let start = offset as usize;
+        if start < cfg.len() {
+            let n = (cfg.len() - start).min(out.len());
+            out[..n].copy_from_slice(&cfg[start..start + n]);
+        }
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // emerg_wr (offset 8): one character written by the driver.
+        if offset == 8 && !buf.is_empty() {
+            self.host().write_output(&buf[..1]);
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        if self.multiport {
+            vec![0b0001, 0b0010, 0b1100]
+        } else {
+            vec![0b01, 0b10]
+        }
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        let fd = c.into_raw_fd();
+        self.exit_fds.lock().unwrap().push(fd);
+        // SAFETY: fd was just released from an EventConsumer.
+        let c = unsafe { <EventConsumer as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+        Some((c, n))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let ev = u64::from(device_event);
+        let base = self.nq() + 1;
+        match (thread_id, ev) {
+            (0, 0) => self.process_rx(&vrings[0]),
+            (0, e) if e == base + EV_INPUT => self.process_rx(&vrings[0]),
+            (0, e) if e == base + EV_LISTEN => {
+                self.host().accept();
+                self.process_rx(&vrings[0])
+            }
+            (1, 0) => self.process_tx(&vrings[0]),
+            (2, 0 | 1) if vrings.len() == 2 => self.process_ctrl(&vrings[0], &vrings[1]),
+            _ => {
+                warn!("unexpected event {device_event} on worker {thread_id}");
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Command-line parsing and validation for `mic-console`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Largest virtqueue size accepted on the command line.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Raw command line of `mic-console`.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "mic-console",
+    version,
+    about = "vhost-user virtio-console backend for the MIC X100 card (pty, unix socket or stdio)"
+)]
+pub struct ConsoleArgs {
+    /// vhost-user socket path.
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: PathBuf,
+
+    /// Connect to the socket (frontend listens) instead of listening on it.
+    #[arg(long)]
+    pub client: bool,
+
+    /// Put the console on a new pseudo-terminal (its path is printed on stdout).
+    #[arg(long, conflicts_with_all = ["unix", "stdio"], required_unless_present_any = ["unix", "stdio"])]
+    pub pty: bool,
+
+    /// Put the console on a unix socket at PATH (one client at a time).
+    #[arg(long, value_name = "PATH", conflicts_with = "stdio")]
+    pub unix: Option<PathBuf>,
+
+    /// Put the console on this process's stdin/stdout (raw terminal mode).
+    #[arg(long)]
+    pub stdio: bool,
+
+    /// Also append everything the card writes to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+
+    /// Do not offer VIRTIO_CONSOLE_F_MULTIPORT (plain 2-queue device).
+    #[arg(long)]
+    pub no_multiport: bool,
+
+    /// Maximum size of each virtqueue.
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+}
+
+/// Where the console goes on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleTarget {
+    /// A new pseudo-terminal.
+    Pty,
+    /// A listening unix socket.
+    Unix(PathBuf),
+    /// stdin/stdout.
+    Stdio,
+}
+
+/// Validated configuration of `mic-console`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    /// vhost-user socket path.
+    pub socket_path: PathBuf,
+    /// Connect to the vhost-user socket instead of listening.
+    pub client: bool,
+    /// Host side of the console.
+    pub target: ConsoleTarget,
+    /// Optional log file.
+    pub log: Option<PathBuf>,
+    /// Offer the multiport feature (and its 4 queues).
+    pub multiport: bool,
+    /// Maximum virtqueue size.
+    pub queue_size: u16,
+}
+
+/// A configuration error.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Queue size not a power of two in range.
+    #[error("invalid queue size {0} (power of two, 2..={MAX_QUEUE_SIZE})")]
+    QueueSize(u16),
+    /// The console socket and the vhost-user socket are the same path.
+    #[error("--unix and --socket-path must differ")]
+    SamePath,
+}
+
+impl ConsoleConfig {
+    /// Validates the raw arguments.
+    pub fn from_args(a: ConsoleArgs) -> Result<Self, ConfigError> {
+        if a.queue_size < 2 || !a.queue_size.is_power_of_two() {
+            return Err(ConfigError::QueueSize(a.queue_size));
+        }
+        let target = if let Some(p) = a.unix {
+            if p == a.socket_path {
+                return Err(ConfigError::SamePath);
+            }
+            ConsoleTarget::Unix(p)
+        } else if a.stdio {
+            ConsoleTarget::Stdio
+        } else {
+            ConsoleTarget::Pty
+        };
+        Ok(ConsoleConfig {
+            socket_path: a.socket_path,
+            client: a.client,
+            target,
+            log: a.log,
+            multiport: !a.no_multiport,
+            queue_size: a.queue_size,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<ConsoleConfig, String> {
+        let mut v = vec!["mic-console"];
+        v.extend_from_slice(args);
+        let a = ConsoleArgs::try_parse_from(v).map_err(|e| e.to_string())?;
+        ConsoleConfig::from_args(a).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn good_command_lines() {
+        let c = parse(&["--socket-path", "/s", "--pty"]).unwrap();
+        assert_eq!(c.target, ConsoleTarget::Pty);
+        assert!(c.multiport);
+        let c = parse(&[
+            "--socket-path",
+            "/s",
+            "--unix",
+            "/c",
+            "--log",
+            "/l",
+            "--no-multiport",
+        ])
+        .unwrap();
+        assert_eq!(c.target, ConsoleTarget::Unix("/c".into()));
+        assert_eq!(c.log, Some("/l".into()));
+        assert!(!c.multiport);
+        let c = parse(&["--socket-path", "/s", "--stdio", "--client"]).unwrap();
+        assert_eq!(c.target, ConsoleTarget::Stdio);
+        assert!(c.client);
+    }
+
+    #[test]
+    fn bad_command_lines() {
+        assert!(parse(&["--socket-path", "/s"]).is_err());
+        assert!(parse(&["--pty"]).is_err());
+        assert!(parse(&["--socket-path", "/s", "--pty", "--stdio"]).is_err());
+        assert!(parse(&["--socket-path", "/s", "--unix", "/c", "--stdio"]).is_err());
+        assert!(parse(&["--socket-path", "/s", "--unix", "/s"]).is_err());
+        assert!(parse(&["--socket-path", "/s", "--pty", "--queue-size", "3"]).is_err());
+    }
+}

@@ -1,0 +1,381 @@
+//! Integration tests: the real `mic-console` binary driven over its
+//! vhost-user socket by the `vu-test` frontend.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vu_test::{Daemon, Desc, FrontendOptions, TempDir, TestFrontend, VirtQueue};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mic-console");
+const T: Duration = Duration::from_secs(5);
+const F_SIZE: u64 = 1;
+const F_MULTIPORT: u64 = 2;
+
+fn connect(sock: &Path, features: u64, queues: usize) -> TestFrontend {
+    TestFrontend::connect_with(
+        sock,
+        FrontendOptions {
+            num_queues: queues,
+            queue_size: 64,
+            features,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Card output: writes `data` on the transmit queue.
+fn card_write(fe: &mut TestFrontend, q: usize, data: &[u8]) {
+    let q = &mut fe.queues[q];
+    let a = q.mem().alloc(data.len() as u64, 8).unwrap();
+    q.mem().write(a, data).unwrap();
+    let h = q.add_chain(&[Desc::out(a, data.len() as u32)]).unwrap();
+    q.kick().unwrap();
+    q.wait_for(h, T).unwrap();
+}
+
+/// Card input: posts one receive buffer per call and collects `len` bytes.
+fn card_read(fe: &mut TestFrontend, q: usize, len: usize) -> Vec<u8> {
+    let q = &mut fe.queues[q];
+    let mut got = Vec::new();
+    let deadline = Instant::now() + T;
+    while got.len() < len {
+        assert!(Instant::now() < deadline, "card input timed out: {got:?}");
+        let a = q.mem().alloc(256, 8).unwrap();
+        let h = q.add_chain(&[Desc::inp(a, 256)]).unwrap();
+        q.kick().unwrap();
+        for u in q.wait_for(h, T).unwrap() {
+            assert_eq!(u.id, h);
+            got.extend(q.mem().read(a, u.len as usize).unwrap());
+        }
+    }
+    got
+}
+
+fn read_exactly<R: Read>(r: &mut R, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    r.read_exact(&mut b).unwrap();
+    b
+}
+
+fn unix_daemon(dir: &TempDir, extra: &[&str]) -> (Daemon, PathBuf, PathBuf) {
+    let sock = dir.path().join("con.sock");
+    let csock = dir.path().join("console");
+    let mut args = vec![
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--unix",
+        csock.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let d = Daemon::spawn(Path::new(BIN), &args, &sock).unwrap();
+    (d, sock, csock)
+}
+
+fn attach(csock: &Path) -> UnixStream {
+    let c = UnixStream::connect(csock).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    c
+}
+
+#[test]
+fn unix_socket_both_ways_reattach_and_log() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let log = dir.path().join("console.log");
+    let (mut d, sock, csock) = unix_daemon(&dir, &["--log", log.to_str().unwrap()]);
+    // X100 mode: two queues, no features.
+    let mut fe = connect(&sock, 0, 2);
+    assert_eq!(fe.acked_features, 0);
+    let mut c = attach(&csock);
+    // Give the daemon a moment to register the client: probe with output
+    // until it arrives.
+    let deadline = Instant::now() + T;
+    c.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    loop {
+        card_write(&mut fe, 1, b"#");
+        let mut b = [0u8; 1];
+        if c.read_exact(&mut b).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "client never attached");
+    }
+    c.set_read_timeout(Some(T)).unwrap();
+    card_write(&mut fe, 1, b"Linux version 2.6.38 (mic)\r\n");
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(
+        line.trim_start_matches('#').starts_with("Linux version"),
+        "{line:?}"
+    );
+    c.write_all(b"root\n").unwrap();
+    assert_eq!(card_read(&mut fe, 0, 5), b"root\n");
+
+    // Detach, output while detached is dropped, reattach works.
+    drop(r);
+    drop(c);
+    card_write(&mut fe, 1, b"lost\n");
+    let mut c = attach(&csock);
+    c.write_all(b"again").unwrap();
+    assert_eq!(card_read(&mut fe, 0, 5), b"again");
+    card_write(&mut fe, 1, b"hello");
+    assert_eq!(read_exactly(&mut c, 5), b"hello");
+    assert!(d.alive());
+
+    // The log has everything the card wrote, detached or not.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("Linux version 2.6.38 (mic)\r\n"), "{text:?}");
+    assert!(text.contains("lost\n"));
+    assert!(text.ends_with("hello"));
+}
+
+#[test]
+fn pty_both_ways_and_size() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let sock = dir.path().join("con.sock");
+    let mut child = Command::new(BIN)
+        .args(["--socket-path", sock.to_str().unwrap(), "--pty"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pts = line
+        .trim()
+        .strip_prefix("mic-console: console on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    assert!(pts.starts_with("/dev/pts/"), "{pts}");
+    let mut d = Daemon {
+        child,
+        socket: sock.clone(),
+    };
+    d.wait_ready(T).unwrap();
+
+    let mut tty = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&pts)
+        .unwrap();
+    // Set a terminal size on the pty; the device reports it.
+    let ws = libc::winsize {
+        ws_row: 40,
+        ws_col: 132,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: valid winsize on a tty fd.
+    assert_eq!(
+        unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        0
+    );
+
+    let mut fe = connect(&sock, u64::MAX, 4);
+    assert_ne!(fe.acked_features & F_SIZE, 0);
+    let cfg = fe.get_config(0, 8).unwrap();
+    assert_eq!(u16::from_le_bytes([cfg[0], cfg[1]]), 132);
+    assert_eq!(u16::from_le_bytes([cfg[2], cfg[3]]), 40);
+    assert_eq!(u32::from_le_bytes([cfg[4], cfg[5], cfg[6], cfg[7]]), 1);
+
+    card_write(&mut fe, 1, b"login: ");
+    assert_eq!(read_exactly(&mut tty, 7), b"login: ");
+    tty.write_all(b"micuser\r").unwrap();
+    // Raw mode: no line discipline translation, bytes arrive as written.
+    assert_eq!(card_read(&mut fe, 0, 8), b"micuser\r");
+}
+
+fn ctrl_msg(id: u32, event: u16, value: u16) -> Vec<u8> {
+    let mut m = id.to_le_bytes().to_vec();
+    m.extend_from_slice(&event.to_le_bytes());
+    m.extend_from_slice(&value.to_le_bytes());
+    m
+}
+
+/// Reads control messages from the control receive queue until `n` arrived.
+fn ctrl_recv(q: &mut VirtQueue, n: usize) -> Vec<(u32, u16, u16, Vec<u8>)> {
+    let mut bufs = Vec::new();
+    for _ in 0..n {
+        let a = q.mem().alloc(64, 8).unwrap();
+        bufs.push((q.add_chain(&[Desc::inp(a, 64)]).unwrap(), a));
+    }
+    q.kick().unwrap();
+    let mut msgs = Vec::new();
+    let deadline = Instant::now() + T;
+    while msgs.len() < n {
+        assert!(Instant::now() < deadline, "control messages: got {msgs:?}");
+        for u in q.wait_used(T).unwrap() {
+            let a = bufs.iter().find(|b| b.0 == u.id).unwrap().1;
+            let m = q.mem().read(a, u.len as usize).unwrap();
+            let id = u32::from_le_bytes(m[0..4].try_into().unwrap());
+            let ev = u16::from_le_bytes(m[4..6].try_into().unwrap());
+            let val = u16::from_le_bytes(m[6..8].try_into().unwrap());
+            msgs.push((id, ev, val, m[8..].to_vec()));
+        }
+    }
+    msgs
+}
+
+fn ctrl_send(q: &mut VirtQueue, m: &[u8]) {
+    let a = q.mem().alloc(m.len() as u64, 8).unwrap();
+    q.mem().write(a, m).unwrap();
+    let h = q.add_chain(&[Desc::out(a, m.len() as u32)]).unwrap();
+    q.kick().unwrap();
+    q.wait_for(h, T).unwrap();
+}
+
+#[test]
+fn multiport_control_handshake() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let (_d, sock, csock) = unix_daemon(&dir, &[]);
+    let mut fe = connect(&sock, u64::MAX, 4);
+    assert_ne!(fe.acked_features & F_MULTIPORT, 0);
+    assert_eq!(fe.acked_features & F_SIZE, 0, "a socket has no size");
+    assert_eq!(fe.queue_num().unwrap(), 4);
+    let cfg = fe.get_config(4, 4).unwrap();
+    assert_eq!(u32::from_le_bytes(cfg[..4].try_into().unwrap()), 1);
+
+    // Malformed control chains are dropped.
+    let q = &mut fe.queues[3];
+    let h = q
+        .add_chain(&[Desc::out(vu_test::outside(&fe.mem), 8)])
+        .unwrap();
+    q.kick().unwrap();
+    q.wait_for(h, T).unwrap();
+
+    // DEVICE_READY -> PORT_ADD (DEVICE_ADD) for port 0.
+    ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 0, 1));
+    let m = ctrl_recv(&mut fe.queues[2], 1);
+    assert_eq!((m[0].0, m[0].1), (0, 1), "{m:?}");
+    // PORT_READY -> CONSOLE_PORT, PORT_OPEN.
+    ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 3, 1));
+    let m = ctrl_recv(&mut fe.queues[2], 2);
+    assert_eq!((m[0].0, m[0].1, m[0].2), (0, 4, 1), "{m:?}");
+    assert_eq!((m[1].0, m[1].1, m[1].2), (0, 6, 1), "{m:?}");
+    // Guest opens the port.
+    ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 6, 1));
+
+    // Data on port 0.
+    let mut c = attach(&csock);
+    c.write_all(b"ls\n").unwrap();
+    assert_eq!(card_read(&mut fe, 0, 3), b"ls\n");
+    let deadline = Instant::now() + T;
+    c.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    loop {
+        card_write(&mut fe, 1, b"x");
+        let mut b = [0u8; 1];
+        if c.read_exact(&mut b).is_ok() {
+            assert_eq!(&b, b"x");
+            break;
+        }
+        assert!(Instant::now() < deadline);
+    }
+}
+
+#[test]
+fn reconnect_garbage_and_malformed_chains() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let (mut d, sock, csock) = unix_daemon(&dir, &[]);
+    {
+        let mut fe = connect(&sock, u64::MAX, 4);
+        // Malformed TX chains: outside memory, wrong direction.
+        let out = vu_test::outside(&fe.mem);
+        let q = &mut fe.queues[1];
+        let a = q.mem().alloc(64, 8).unwrap();
+        let h1 = q.add_chain(&[Desc::out(out, 16)]).unwrap();
+        let h2 = q.add_chain(&[Desc::inp(a, 16)]).unwrap();
+        q.kick().unwrap();
+        let mut left = vec![h1, h2];
+        while !left.is_empty() {
+            for u in q.wait_used(T).unwrap() {
+                left.retain(|h| *h != u.id);
+            }
+        }
+        // Malformed RX chain (device-readable) comes back empty.
+        let mut c = attach(&csock);
+        let q = &mut fe.queues[0];
+        let a = q.mem().alloc(64, 8).unwrap();
+        let h = q.add_chain(&[Desc::out(a, 64)]).unwrap();
+        q.kick().unwrap();
+        c.write_all(b"z").unwrap();
+        let u = q.wait_for(h, T).unwrap();
+        assert!(u.iter().any(|u| u.id == h && u.len == 0));
+        assert_eq!(card_read(&mut fe, 0, 1), b"z");
+    }
+    for g in [
+        &[0xffu8; 40][..],
+        b"\x01\x00\x00\x00\x01\x00\x00\x00\xf0\xff\xff\xff",
+    ] {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        let _ = s.write_all(g);
+    }
+    assert!(d.alive());
+    // A new frontend (X100 style this time) works.
+    let mut fe = connect(&sock, 0, 2);
+    let mut c = attach(&csock);
+    c.write_all(b"after").unwrap();
+    assert_eq!(card_read(&mut fe, 0, 5), b"after");
+    assert!(d.alive());
+}
+
+#[test]
+fn stdio_mode() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let sock = dir.path().join("con.sock");
+    let mut child = Command::new(BIN)
+        .args(["--socket-path", sock.to_str().unwrap(), "--stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut d = Daemon {
+        child,
+        socket: sock.clone(),
+    };
+    d.wait_ready(T).unwrap();
+    let mut fe = connect(&sock, 0, 2);
+    card_write(&mut fe, 1, b"to stdout");
+    assert_eq!(read_exactly(&mut stdout, 9), b"to stdout");
+    stdin.write_all(b"from stdin").unwrap();
+    assert_eq!(card_read(&mut fe, 0, 10), b"from stdin");
+    let st = d.signal_and_wait(libc::SIGTERM, T).unwrap();
+    assert!(st.success(), "{st}");
+    assert!(!sock.exists());
+}
+
+#[test]
+fn bad_arguments_fail_before_the_socket() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let sock = dir.path().join("con.sock");
+    let s = sock.to_str().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec![],
+        vec!["--socket-path", s],
+        vec!["--socket-path", s, "--pty", "--stdio"],
+        vec!["--socket-path", s, "--pty", "--queue-size", "7"],
+        vec!["--socket-path", s, "--unix", "/nonexistent/dir/c"],
+        vec!["--socket-path", s, "--pty", "--log", "/nonexistent/dir/log"],
+        vec!["--socket-path", s, "--bogus"],
+    ];
+    for args in cases {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<_> = err.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines.len(), 1, "one error line for {args:?}: {err}");
+        assert!(lines[0].starts_with("mic-console: error: "), "{err}");
+        assert!(!sock.exists());
+    }
+}
