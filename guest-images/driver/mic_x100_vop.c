@@ -76,7 +76,8 @@ struct vop_vdev {
 	unsigned int c2h_db;		/* DOORBELL[c2h_db] */
 	unsigned int vector;		/* MSI-X vector (h2c_vdev_db) */
 	bool irq_requested;
-	bool seen;			/* visited by the current scan */
+	bool detached;			/* descriptor no longer ours: hands off */
+	u64 cookie;			/* written to ctrl->vdev */
 	char irq_name[32];
 
 	unsigned int nvqs;
@@ -201,6 +202,8 @@ static void vop_set(struct virtio_device *vdev, unsigned int offset,
 				     offset, len, vd->config_len);
 		return;
 	}
+	if (vd->detached)
+		return;
 	memcpy(vd->config + offset, buf, len);
 	/* ring control after the bytes are in place (writel orders them) */
 	vop_ring_control(vd);
@@ -217,6 +220,8 @@ static void vop_set_status(struct virtio_device *vdev, u8 status)
 
 	/* We should never be setting status to 0. */
 	WARN_ON(status == 0);
+	if (vd->detached)
+		return;
 	WRITE_ONCE(vd->desc->status, status);
 	vop_ring_control(vd);
 }
@@ -231,6 +236,8 @@ static void vop_reset(struct virtio_device *vdev)
 	struct mic_device_ctrl *ctrl = vd->ctrl;
 	unsigned long deadline;
 
+	if (vd->detached)
+		return;
 	WRITE_ONCE(ctrl->host_ack, 0);
 	WRITE_ONCE(ctrl->vdev_reset, 1);
 	vop_ring_control(vd);
@@ -253,6 +260,8 @@ static bool vop_notify(struct virtqueue *vq)
 {
 	struct vop_vdev *vd = to_vop_vdev(vq->vdev);
 
+	if (unlikely(vd->detached))
+		return false;
 	/* kick: the queue index to this device's doorbell */
 	vop_wreg(vd->card, MIC_REG_DOORBELL(vd->c2h_db), vq->index);
 	return true;
@@ -501,9 +510,15 @@ static struct vop_vdev *vop_find_vdev(struct vop_card *card, unsigned int off)
 	return NULL;
 }
 
+enum vop_remove_how {
+	VOP_REMOVE_LOCAL,	/* card-side teardown; the descriptor is intact */
+	VOP_REMOVE_HOST,	/* host asked (config_change 1): ack when done */
+	VOP_REMOVE_DETACHED,	/* descriptor gone or reused: do not touch it */
+};
+
 /* unregister a device; caller holds card->lock */
 static void vop_remove_vdev(struct vop_card *card, struct vop_vdev *vd,
-			    bool host_request)
+			    enum vop_remove_how how)
 {
 	struct mic_device_ctrl *ctrl = vd->ctrl;
 	unsigned int vector = vd->vector;
@@ -511,25 +526,29 @@ static void vop_remove_vdev(struct vop_card *card, struct vop_vdev *vd,
 	unsigned int off = vd->desc_off;
 
 	list_del(&vd->node);
+	if (how == VOP_REMOVE_DETACHED)
+		vd->detached = true;
 	/* the driver's remove resets the device and deletes the vqs */
 	unregister_virtio_device(&vd->vdev);	/* drops the last reference */
-	WRITE_ONCE(ctrl->h2c_vdev_db, -1);
 	vop_free_vector(card, vector);
-	if (host_request) {
+	if (how != VOP_REMOVE_DETACHED)
+		WRITE_ONCE(ctrl->h2c_vdev_db, -1);
+	if (how == VOP_REMOVE_HOST) {
 		/* the control block is written before the ack */
 		smp_wmb();
 		WRITE_ONCE(ctrl->guest_ack, 1);
 	}
-	dev_info(vop_dev(card), "removed virtio device type %d at 0x%x\n",
-		 type, off);
+	dev_info(vop_dev(card), "removed virtio device type %d at 0x%x%s\n",
+		 type, off, how == VOP_REMOVE_HOST ? " (host request)" :
+		 how == VOP_REMOVE_DETACHED ? " (descriptor gone)" : "");
 }
 
-static void vop_remove_all(struct vop_card *card)
+static void vop_remove_all(struct vop_card *card, enum vop_remove_how how)
 {
 	struct vop_vdev *vd, *tmp;
 
 	list_for_each_entry_safe(vd, tmp, &card->vdevs, node)
-		vop_remove_vdev(card, vd, false);
+		vop_remove_vdev(card, vd, how);
 }
 
 static void vop_add_vdev(struct vop_card *card, struct mic_device_desc *desc,
@@ -588,19 +607,21 @@ static void vop_add_vdev(struct vop_card *card, struct mic_device_desc *desc,
 	WRITE_ONCE(ctrl->h2c_vdev_db, vector);
 	smp_wmb();
 
+	vd->cookie = ++card->next_cookie;
+	WRITE_ONCE(ctrl->vdev, cpu_to_le64(vd->cookie));
+
 	list_add_tail(&vd->node, &card->vdevs);
-	vd->seen = true;
 	err = register_virtio_device(&vd->vdev);
 	if (err) {
 		dev_err(dev, "descriptor at 0x%x: registering virtio device type %d failed: %d\n",
 			off, type, err);
 		list_del(&vd->node);
+		WRITE_ONCE(ctrl->vdev, 0);
 		WRITE_ONCE(ctrl->h2c_vdev_db, -1);
 		vop_free_vector(card, vector);
 		put_device(&vd->vdev.dev);
 		return;
 	}
-	WRITE_ONCE(ctrl->vdev, cpu_to_le64(++card->next_cookie));
 	dev_info(dev, "virtio device type %d at 0x%x: %u vqs, c2h doorbell %d, vector %d (%s)\n",
 		 type, off, num_vq, c2h, vector, dev_name(&vd->vdev.dev));
 }
@@ -609,11 +630,8 @@ static void vop_add_vdev(struct vop_card *card, struct mic_device_desc *desc,
 static void vop_scan(struct vop_card *card)
 {
 	struct device *dev = vop_dev(card);
-	struct vop_vdev *vd, *tmp;
+	struct vop_vdev *vd;
 	unsigned int off = sizeof(struct mic_bootparam);
-
-	list_for_each_entry(vd, &card->vdevs, node)
-		vd->seen = false;
 
 	while (off + sizeof(struct mic_device_desc) <= MIC_DP_SIZE) {
 		struct mic_device_desc *desc = card->page + off;
@@ -641,14 +659,19 @@ static void vop_scan(struct vop_card *card)
 
 		vd = vop_find_vdev(card, off);
 		if (vd && (vd->type != type || vd->num_vq != num_vq ||
-			   vd->feature_len != flen || vd->config_len != clen)) {
+			   vd->feature_len != flen || vd->config_len != clen ||
+			   le64_to_cpu(READ_ONCE(vd->ctrl->vdev)) != vd->cookie)) {
 			/* the slot was reused without us noticing the removal */
-			vop_remove_vdev(card, vd, false);
+			vop_remove_vdev(card, vd, VOP_REMOVE_DETACHED);
 			vd = NULL;
 		}
 
-		if (type == -1)
+		if (type == -1) {
+			/* removed by the host without waiting for us */
+			if (vd)
+				vop_remove_vdev(card, vd, VOP_REMOVE_DETACHED);
 			goto next;
+		}
 
 		if (!vd && (num_vq > MIC_MAX_VQS || num_vq == 0 ||
 			    flen < MIC_MIN_FEATURE_LEN ||
@@ -663,9 +686,8 @@ static void vop_scan(struct vop_card *card)
 		ctrl = (void *)desc + mic_desc_size(num_vq, flen, clen);
 		cc = READ_ONCE(ctrl->config_change);
 		if (vd) {
-			vd->seen = true;
 			if (cc == MIC_VIRTIO_PARAM_DEV_REMOVE) {
-				vop_remove_vdev(card, vd, true);
+				vop_remove_vdev(card, vd, VOP_REMOVE_HOST);
 			} else if (cc == MIC_VIRTIO_PARAM_CONFIG_CHANGED &&
 				   !READ_ONCE(ctrl->guest_ack)) {
 				virtio_config_changed(&vd->vdev);
@@ -686,10 +708,10 @@ next:
 		off += total;
 	}
 
-	/* devices whose descriptors are gone */
-	list_for_each_entry_safe(vd, tmp, &card->vdevs, node)
-		if (!vd->seen)
-			vop_remove_vdev(card, vd, false);
+	/*
+	 * Devices after a type 0 entry are kept: the host writes type 0 into a
+	 * slot it is filling (hot add) and the real type when it is done.
+	 */
 }
 
 /* look at the scratchpads; caller holds card->lock */
@@ -727,8 +749,8 @@ static void vop_check_page(struct vop_card *card)
 	if (card->page) {
 		dev_info(dev, "device page moved from 0x%llx to 0x%llx\n",
 			 card->page_off, off);
-		vop_remove_all(card);
-		WRITE_ONCE(((struct mic_bootparam *)card->page)->h2c_config_db, -1);
+		/* the old page and its rings may be reused by now */
+		vop_remove_all(card, VOP_REMOVE_DETACHED);
 		card->page = NULL;
 		card->page_off = 0;
 	}
@@ -1012,7 +1034,7 @@ static void vop_remove(struct pci_dev *pdev)
 	cancel_work_sync(&card->ctrl_work);
 
 	mutex_lock(&card->lock);
-	vop_remove_all(card);
+	vop_remove_all(card, VOP_REMOVE_LOCAL);
 	if (card->page)
 		WRITE_ONCE(((struct mic_bootparam *)card->page)->h2c_config_db, -1);
 	card->page = NULL;

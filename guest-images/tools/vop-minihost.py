@@ -1,0 +1,618 @@
+#!/usr/bin/env python3
+"""Minimal host side of the MIC X100 VOP transport, for checking the card image.
+
+Connects to the mic-x100 device's socket (docs/device-protocol.md), builds a
+device page (docs/vop-abi.md) with a virtio console, a virtio block device
+(RAM disk) and a virtio net device (no data path), serves the console and
+block queues through DOORBELL/RAISE_VECTOR messages, and runs a scripted
+scenario against the card: shell round trip over the console, block I/O,
+config change, hot removal, hot add and host-requested shutdown.
+
+Standard library only. Prints "minihost: PASS ..." / "minihost: FAIL ..."
+lines and exits 0 when every check passed.
+"""
+
+import argparse
+import mmap
+import os
+import select
+import socket
+import struct
+import sys
+import time
+
+MIC_MAGIC = 0xC0FFEE00
+DP_OFF = 0x1000
+DP_SIZE = 4096
+ALIGN = 4096
+
+# registers
+CARD_STATE, SHUTDOWN_STATUS, HOST_REQUEST = 0x40, 0x44, 0x48
+
+
+def SPAD(i):
+    return 0x100 + 4 * i
+
+
+# message types
+HELLO, MEM_TABLE, REG_WRITE, DOORBELL, CARD_EVENT = 1, 2, 3, 4, 5
+SET_DOORBELL_FD, SET_VECTOR_FD, RAISE_VECTOR, SYNC, ERROR = 6, 7, 8, 10, 11
+
+VIRTIO_NET, VIRTIO_BLK, VIRTIO_CONSOLE = 1, 2, 3
+F_VERSION_1 = 1 << 32
+NET_F_MAC = 1 << 5
+BLK_F_SEG_MAX = 1 << 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+
+VRING_DESC_F_NEXT, VRING_DESC_F_WRITE = 1, 2
+
+
+def vring_size(num):
+    s = 16 * num + 6 + 2 * num
+    s = (s + ALIGN - 1) & ~(ALIGN - 1)
+    return s + 6 + 8 * num
+
+
+def log(*a):
+    print("minihost:", *a, flush=True)
+
+
+class Conn:
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.time() + 30
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.buf = b""
+        self.fds = []
+
+    def send(self, mtype, payload=b"", fds=()):
+        data = struct.pack("<II", mtype, len(payload)) + payload
+        anc = []
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))]
+        self.sock.sendmsg([data], anc)
+
+    def fill(self):
+        data, anc, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+        if not data:
+            raise EOFError("device closed the connection")
+        for level, typ, cd in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                n = len(cd) // 4
+                self.fds.extend(struct.unpack("%di" % n, cd[: 4 * n]))
+        self.buf += data
+
+    def messages(self):
+        while len(self.buf) >= 8:
+            mtype, size = struct.unpack_from("<II", self.buf)
+            if len(self.buf) < 8 + size:
+                return
+            payload = self.buf[8 : 8 + size]
+            self.buf = self.buf[8 + size :]
+            yield mtype, payload
+
+
+class Mem:
+    """card RAM regions from MEM_TABLE"""
+
+    def __init__(self):
+        self.regions = []
+
+    def set(self, regions):
+        self.regions = regions
+
+    def _find(self, gpa, n):
+        for base, size, m in self.regions:
+            if base <= gpa and gpa + n <= base + size:
+                return m, gpa - base
+        raise ValueError("gpa 0x%x+%d not in card RAM" % (gpa, n))
+
+    def read(self, gpa, n):
+        m, o = self._find(gpa, n)
+        return m[o : o + n]
+
+    def write(self, gpa, data):
+        m, o = self._find(gpa, len(data))
+        m[o : o + len(data)] = data
+
+
+class Ring:
+    def __init__(self, ap, off, num):
+        self.ap, self.off, self.num = ap, off, num
+        self.avail = off + 16 * num
+        self.used = (self.avail + 6 + 2 * num + ALIGN - 1) & ~(ALIGN - 1)
+        self.last_avail = 0
+
+    def reset(self):
+        self.ap[self.off : self.off + vring_size(self.num)] = bytes(vring_size(self.num))
+        self.last_avail = 0
+
+    def avail_idx(self):
+        return struct.unpack_from("<H", self.ap, self.avail + 2)[0]
+
+    def pop(self):
+        """-> (head, [(addr, len, flags)]) or None"""
+        if self.last_avail == self.avail_idx():
+            return None
+        head = struct.unpack_from("<H", self.ap, self.avail + 4 + 2 * (self.last_avail % self.num))[0]
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        chain, i, n = [], head, 0
+        while True:
+            addr, ln, flags, nxt = struct.unpack_from("<QIHH", self.ap, self.off + 16 * i)
+            chain.append((addr, ln, flags))
+            n += 1
+            if not flags & VRING_DESC_F_NEXT or n > self.num:
+                break
+            i = nxt
+        return head, chain
+
+    def push(self, head, written):
+        idx = struct.unpack_from("<H", self.ap, self.used + 2)[0]
+        struct.pack_into("<II", self.ap, self.used + 4 + 8 * (idx % self.num), head, written)
+        struct.pack_into("<H", self.ap, self.used + 2, (idx + 1) & 0xFFFF)
+
+
+class Device:
+    def __init__(self, host, type_, num_vq, features, config, num=256):
+        self.host, self.type, self.num_vq = host, type_, num_vq
+        self.features, self.config, self.num = features, config, num
+        self.feature_len = 8
+        self.rings = []
+        self.pos = None
+        self.c2h_db = None
+        self.removed = False
+
+    @property
+    def ap(self):
+        return self.host.ap
+
+    def desc_size(self):
+        s = 8 + 24 * self.num_vq + 2 * self.feature_len + len(self.config)
+        return (s + 7) & ~7
+
+    def total(self):
+        return self.desc_size() + 16
+
+    def ctrl(self):
+        return self.pos + self.desc_size()
+
+    def cfg_off(self):
+        return self.pos + 8 + 24 * self.num_vq + 2 * self.feature_len
+
+    def rd8(self, off):
+        return self.ap[off]
+
+    def wr8(self, off, v):
+        self.ap[off] = v & 0xFF
+
+    def status(self):
+        return self.rd8(self.pos + 4)
+
+    def h2c(self):
+        v = self.rd8(self.ctrl() + 14)
+        return v - 256 if v > 127 else v
+
+    def raise_irq(self):
+        v = self.h2c()
+        if v >= 0:
+            self.host.conn.send(RAISE_VECTOR, struct.pack("<I", v))
+
+    def write_desc(self, pos, c2h_db, ring_offs):
+        ap = self.ap
+        self.pos, self.c2h_db = pos, c2h_db
+        ap[pos : pos + self.total()] = bytes(self.total())
+        struct.pack_into("<bBBBB", ap, pos, 0, self.num_vq, self.feature_len, len(self.config), 0)
+        self.rings = []
+        for i, ro in enumerate(ring_offs):
+            struct.pack_into("<QQH", ap, pos + 8 + 24 * i, ro, 0, self.num)
+            r = Ring(ap, ro, self.num)
+            r.reset()
+            struct.pack_into("<I", ap, ro + vring_size(self.num) + 4, (MIC_MAGIC + self.type + i) & 0xFFFFFFFF)
+            self.rings.append(r)
+        fo = pos + 8 + 24 * self.num_vq
+        ap[fo : fo + 8] = struct.pack("<Q", self.features)
+        co = self.cfg_off()
+        ap[co : co + len(self.config)] = self.config
+        c = self.ctrl()
+        struct.pack_into("<QBBBBBbbB", ap, c, 0, 0, 0, 0, 0, 0, c2h_db, -1, 0)
+        # the type last (x86 stores are ordered)
+        struct.pack_into("<b", ap, pos, self.type)
+
+    def acked(self):
+        fo = self.pos + 8 + 24 * self.num_vq + self.feature_len
+        return struct.unpack_from("<Q", self.ap, fo)[0]
+
+    def control(self):
+        c = self.ctrl()
+        if self.rd8(c + 9) == 1:  # vdev_reset
+            log("device type %d: reset requested" % self.type)
+            for r in self.rings:
+                r.reset()
+                struct.pack_into("<I", self.ap, r.off + vring_size(self.num) + 4,
+                                 (MIC_MAGIC + self.type + self.rings.index(r)) & 0xFFFFFFFF)
+            self.wr8(self.pos + 4, 0)
+            self.wr8(c + 9, 0)
+            self.wr8(c + 11, 1)
+            self.on_reset()
+        st = self.status()
+        if st & STATUS_DRIVER_OK and not getattr(self, "started", False):
+            self.started = True
+            log("device type %d: DRIVER_OK, acked features 0x%x" % (self.type, self.acked()))
+            self.host.events.append(("driver_ok", self.type))
+            for q in range(self.num_vq):
+                self.kick(q)
+        if not st & STATUS_DRIVER_OK:
+            self.started = False
+
+    def on_reset(self):
+        pass
+
+    def kick(self, q):
+        pass
+
+
+class Console(Device):
+    def __init__(self, host):
+        super().__init__(host, VIRTIO_CONSOLE, 2, F_VERSION_1, struct.pack("<HHII", 0, 0, 1, 0))
+        self.out = b""
+        self.pending_in = b""
+
+    def kick(self, q):
+        if not self.started:
+            return
+        did = False
+        if q == 1:
+            while True:
+                e = self.rings[1].pop()
+                if not e:
+                    break
+                head, chain = e
+                for addr, ln, flags in chain:
+                    if not flags & VRING_DESC_F_WRITE:
+                        self.out += bytes(self.host.mem.read(addr, ln))
+                self.rings[1].push(head, 0)
+                did = True
+        if self.pending_in:
+            did |= self.feed()
+        if did:
+            self.raise_irq()
+
+    def feed(self):
+        did = False
+        while self.pending_in:
+            e = self.rings[0].pop()
+            if not e:
+                break
+            head, chain = e
+            addr, ln, flags = chain[0]
+            chunk = self.pending_in[:ln]
+            self.pending_in = self.pending_in[len(chunk) :]
+            self.host.mem.write(addr, chunk)
+            self.rings[0].push(head, len(chunk))
+            did = True
+        return did
+
+    def type_in(self, s):
+        self.pending_in += s.encode()
+        if self.started and self.feed():
+            self.raise_irq()
+
+
+class Blk(Device):
+    def __init__(self, host, sectors=2048):
+        cfg = struct.pack("<QII", sectors, 0, 126)  # capacity, size_max, seg_max
+        super().__init__(host, VIRTIO_BLK, 1, F_VERSION_1 | BLK_F_SEG_MAX, cfg, num=128)
+        self.disk = bytearray(sectors * 512)
+        self.reqs = 0
+
+    def kick(self, q):
+        if not self.started:
+            return
+        did = False
+        while True:
+            e = self.rings[0].pop()
+            if not e:
+                break
+            head, chain = e
+            hdr = bytes(self.host.mem.read(chain[0][0], 16))
+            typ, _, sector = struct.unpack("<IIQ", hdr)
+            data = chain[1:-1]
+            st_addr = chain[-1][0]
+            off = sector * 512
+            written = 0
+            status = 0
+            for addr, ln, flags in data:
+                if typ == 0:  # IN
+                    self.host.mem.write(addr, bytes(self.disk[off : off + ln]))
+                    written += ln
+                elif typ == 1:  # OUT
+                    self.disk[off : off + ln] = bytes(self.host.mem.read(addr, ln))
+                elif typ == 8:  # GET_ID
+                    idb = b"minihost-blk".ljust(ln, b"\0")[:ln]
+                    self.host.mem.write(addr, idb)
+                    written += ln
+                else:
+                    status = 2
+                off += ln
+            if typ not in (0, 1, 4, 8):
+                status = 2
+            self.host.mem.write(st_addr, bytes([status]))
+            self.rings[0].push(head, written + 1)
+            self.reqs += 1
+            did = True
+        if did:
+            self.raise_irq()
+
+
+class Net(Device):
+    def __init__(self, host):
+        cfg = bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]) + struct.pack("<HH", 1, 1)
+        super().__init__(host, VIRTIO_NET, 2, F_VERSION_1 | NET_F_MAC, cfg)
+
+
+class Host:
+    def __init__(self, args):
+        self.args = args
+        self.conn = Conn(args.socket)
+        self.ap = None
+        self.mem = Mem()
+        self.regs = {}
+        self.devs = []
+        self.events = []
+        self.next_ring = 0x2000
+        self.failures = 0
+        self.serial = None
+        if args.serial_log:
+            self.serial = args.serial_log
+
+    # -- device page ---------------------------------------------------
+    def alloc_ring(self, num):
+        sz = (vring_size(num) + 8 + ALIGN - 1) & ~(ALIGN - 1)
+        off = self.next_ring
+        self.next_ring += sz
+        return off
+
+    def add_device(self, dev, db):
+        pos = 24
+        while True:
+            t = struct.unpack_from("<b", self.ap, DP_OFF + pos)[0]
+            if t == 0 or t == -1:
+                break
+            nvq, fl, cl = self.ap[DP_OFF + pos + 1], self.ap[DP_OFF + pos + 2], self.ap[DP_OFF + pos + 3]
+            s = ((8 + 24 * nvq + 2 * fl + cl + 7) & ~7) + 16
+            pos += s
+        rings = [self.alloc_ring(dev.num) for _ in range(dev.num_vq)]
+        dev.write_desc(DP_OFF + pos, db, rings)
+        self.devs.append(dev)
+        return dev
+
+    def build_page(self, bad_magic=False):
+        ap = self.ap
+        ap[DP_OFF : DP_OFF + DP_SIZE] = bytes(DP_SIZE)
+        struct.pack_into("<IbBBBQQ", ap, DP_OFF, MIC_MAGIC ^ (1 if bad_magic else 0), -1, 1, 0, 0, 0, 0)
+
+    def publish(self, off):
+        self.reg_write(SPAD(14), off & 0xFFFFFFFF)
+        self.reg_write(SPAD(15), off >> 32)
+        self.sync()
+        self.raise_vec(0)
+
+    def reg_write(self, off, val):
+        self.conn.send(REG_WRITE, struct.pack("<II", off, val))
+
+    def raise_vec(self, v):
+        self.conn.send(RAISE_VECTOR, struct.pack("<I", v))
+
+    def sync(self):
+        self.conn.send(SYNC, struct.pack("<Q", 1))
+
+    def h2c_config_db(self):
+        return struct.unpack_from("<b", self.ap, DP_OFF + 4)[0]
+
+    # -- messages --------------------------------------------------------
+    def handle(self, mtype, p):
+        if mtype == HELLO:
+            ver, node, apsize = struct.unpack_from("<IIQ", p)
+            fd = self.conn.fds.pop(0)
+            self.ap = mmap.mmap(fd, apsize, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            os.close(fd)
+            log("HELLO version 0x%x node %d aperture %d KiB" % (ver, node, apsize >> 10))
+            self.conn.send(HELLO, struct.pack("<I", 0x00010000))
+            self.events.append(("hello",))
+        elif mtype == MEM_TABLE:
+            count = struct.unpack_from("<I", p)[0]
+            regs = []
+            for i in range(count):
+                gpa, size, fo = struct.unpack_from("<QQQ", p, 8 + 24 * i)
+                fd = self.conn.fds.pop(0)
+                m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=fo)
+                os.close(fd)
+                regs.append((gpa, size, m))
+            self.mem.set(regs)
+            log("MEM_TABLE %s" % ", ".join("0x%x+0x%x" % (g, s) for g, s, _ in regs))
+        elif mtype == REG_WRITE:
+            off, val = struct.unpack_from("<II", p)
+            self.regs[off] = val
+            log("REG_WRITE 0x%03x = %d" % (off, val))
+            self.events.append(("reg", off, val))
+        elif mtype == DOORBELL:
+            db, val = struct.unpack_from("<II", p)
+            for d in self.devs:
+                if d.c2h_db == db and not d.removed:
+                    if val == 0x80000000:
+                        d.control()
+                    elif val <= 0xFFFF:
+                        d.kick(val)
+                    break
+            else:
+                log("DOORBELL %d value 0x%x for no device" % (db, val))
+        elif mtype == CARD_EVENT:
+            ev = struct.unpack_from("<I", p)[0]
+            log("CARD_EVENT %d" % ev)
+            self.events.append(("card_event", ev))
+        elif mtype == ERROR:
+            log("ERROR %r" % (p,))
+            self.fail("device reported an error")
+
+    def pump(self, timeout):
+        r, _, _ = select.select([self.conn.sock], [], [], timeout)
+        if r:
+            self.conn.fill()
+            for m in self.conn.messages():
+                self.handle(*m)
+
+    def wait_for(self, what, pred, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if pred():
+                log("ok: " + what)
+                return True
+            self.pump(0.05)
+        self.fail("timeout: " + what)
+        return False
+
+    def fail(self, msg):
+        log("FAIL " + msg)
+        self.failures += 1
+
+    def serial_has(self, text):
+        if not self.serial:
+            return True
+        try:
+            with open(self.serial, "rb") as f:
+                return text.encode() in f.read()
+        except OSError:
+            return False
+
+    # -- scenario --------------------------------------------------------
+    def run(self):
+        a = self.args
+        self.wait_for("HELLO", lambda: self.ap is not None, 30)
+        if a.bad_page:
+            # a malformed page: wrong magic first, then a descriptor that runs past the page
+            self.build_page(bad_magic=True)
+            self.publish(DP_OFF)
+            self.pump_for(2)
+            self.build_page()
+            p = DP_OFF + 24
+            struct.pack_into("<bBBB", self.ap, p, 3, 200, 255, 255)
+            self.raise_vec(0)
+            self.pump_for(2)
+            struct.pack_into("<bBBB", self.ap, p, 1, 99, 8, 10)  # too many vqs, fits
+            self.raise_vec(0)
+            self.pump_for(2)
+        if a.bad_page:
+            # keep the bootparam (the card has set h2c_config_db); new descriptors
+            self.ap[DP_OFF + 24 : DP_OFF + DP_SIZE] = bytes(DP_SIZE - 24)
+        else:
+            self.build_page()
+        con = self.add_device(Console(self), 0)
+        blk = self.add_device(Blk(self), 1)
+        net = self.add_device(Net(self), 2)
+        if a.bad_page:
+            self.raise_vec(0)
+        else:
+            self.publish(DP_OFF)
+        self.wait_for("card online (CARD_STATE=2)", lambda: self.regs.get(CARD_STATE) == 2, 60)
+        self.wait_for("h2c_config_db set", lambda: self.h2c_config_db() >= 0, 5)
+        self.wait_for("console DRIVER_OK", lambda: con.started, 30)
+        self.wait_for("block DRIVER_OK", lambda: blk.started, 30)
+        self.wait_for("net DRIVER_OK", lambda: net.started, 30)
+        if not con.acked() & F_VERSION_1:
+            self.fail("console did not ack VERSION_1")
+        self.wait_for("card reports online on serial", lambda: self.serial_has("mic-card: online"), 60)
+        # shell round trip over the virtio console
+        con.type_in("\necho VOP-$((6*7))-OK\n")
+        self.wait_for("shell over hvc0", lambda: b"VOP-42-OK" in con.out, 30)
+        # block I/O: write a pattern through the card, read it back here
+        con.type_in("echo minihost-pattern | dd of=/dev/vda bs=512 seek=7 conv=sync 2>/dev/null; sync; echo BLK-$((1+1))-DONE\n")
+        self.wait_for("block write", lambda: b"BLK-2-DONE" in con.out, 30)
+        if blk.disk[7 * 512 : 7 * 512 + 16] != b"minihost-pattern":
+            self.fail("block data not on the disk: %r" % bytes(blk.disk[7 * 512 : 7 * 512 + 16]))
+        else:
+            log("ok: block data on the disk")
+        con.type_in("ip -o addr show; cat /sys/class/net/eth0/address\n")
+        self.wait_for("net configured", lambda: b"172.31.1.1/24" in con.out and b"52:54:00:12:34:56" in con.out, 15)
+        # config change on the net device
+        c = net.ctrl()
+        net.wr8(c + 10, 0)
+        net.wr8(c + 8, 2)
+        self.raise_vec(self.h2c_config_db())
+        self.wait_for("config change acked", lambda: net.rd8(c + 10) == 1, 10)
+        net.wr8(c + 8, 0)
+        net.wr8(c + 10, 0)
+        # hot removal of the block device
+        c = blk.ctrl()
+        blk.wr8(c + 8, 1)
+        self.raise_vec(self.h2c_config_db())
+        self.wait_for("removal acked", lambda: blk.rd8(c + 10) == 1, 20)
+        if blk.h2c() != -1:
+            self.fail("h2c_vdev_db not freed on removal")
+        blk.wr8(c + 8, 0)
+        blk.wr8(c + 10, 0)
+        blk.removed = True
+        struct.pack_into("<b", self.ap, blk.pos, -1)
+        self.wait_for("card saw the block device go", lambda: self.serial_has("mic-card: block removed vda"), 20)
+        # hot add of a new block device into the freed slot
+        blk2 = Blk(self, sectors=4096)
+        rings = [self.alloc_ring(blk2.num)]
+        blk2.write_desc(blk.pos, 3, rings)
+        self.devs.append(blk2)
+        self.raise_vec(self.h2c_config_db())
+        self.wait_for("hot-added block DRIVER_OK", lambda: blk2.started, 30)
+        con.type_in("cat /sys/block/vda/size\n")
+        self.wait_for("hot-added block size", lambda: b"\n4096" in con.out, 15)
+        if a.no_shutdown:
+            return
+        # host-requested shutdown
+        self.reg_write(HOST_REQUEST, 1)
+        self.sync()
+        self.raise_vec(0)
+        self.wait_for("shutdown status poweroff", lambda: self.regs.get(SHUTDOWN_STATUS) == 3, 60)
+        self.wait_for("card state shutting down", lambda: self.regs.get(CARD_STATE) == 3, 5)
+        self.wait_for("host request taken", lambda: self.regs.get(HOST_REQUEST) == 0, 5)
+        self.wait_for("POWEROFF event", lambda: ("card_event", 2) in self.events, 60)
+
+    def pump_for(self, secs):
+        end = time.time() + secs
+        while time.time() < end:
+            self.pump(0.05)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("socket", help="the mic-x100 chardev socket (QEMU listening)")
+    ap.add_argument("--serial-log", help="file QEMU writes the card's serial port to")
+    ap.add_argument("--bad-page", action="store_true", help="first publish malformed pages")
+    ap.add_argument("--no-shutdown", action="store_true")
+    ap.add_argument("--console-log", help="write what the card printed on hvc0 here")
+    args = ap.parse_args()
+    h = Host(args)
+    try:
+        h.run()
+    except EOFError as e:
+        if not ("card_event", 2) in h.events:
+            h.fail(str(e))
+    finally:
+        if args.console_log:
+            con = [d for d in h.devs if isinstance(d, Console)]
+            if con:
+                with open(args.console_log, "wb") as f:
+                    f.write(con[0].out)
+    if h.failures:
+        log("FAIL (%d failures)" % h.failures)
+        return 1
+    log("PASS")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
