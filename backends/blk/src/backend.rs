@@ -25,6 +25,10 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use crate::disk::Disk;
 use crate::request::{self, Context, Scratch, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 
+/// Transfers at least this large signal completion without waiting for the
+/// end of the batch.
+const EARLY_SIGNAL_BYTES: u64 = 32 << 10;
+
 /// Size of the virtio-blk configuration space we expose.
 pub const CONFIG_LEN: usize = 60;
 /// Offset of the `writeback` byte in the configuration space.
@@ -169,6 +173,22 @@ impl BlkBackend {
                     warn!("cannot add used entry for head {head}: {e}");
                 }
                 completed = true;
+                // After a large transfer, tell the driver right away if it
+                // asked for a notification, so it can refill the ring while
+                // we work on the rest of the batch. Small requests are
+                // cheaper than a notification: those are batched.
+                if event_idx
+                    && scratch.last_bytes >= EARLY_SIGNAL_BYTES
+                    && state
+                        .get_queue_mut()
+                        .needs_notification(&*mem)
+                        .unwrap_or(true)
+                {
+                    if let Err(e) = state.signal_used_queue() {
+                        warn!("cannot signal the used queue: {e}");
+                    }
+                    completed = false;
+                }
             }
             if completed {
                 let notify = state

@@ -64,6 +64,8 @@ pub struct Scratch {
     writable: Vec<Segment>,
     iovecs: Vec<libc::iovec>,
     bounce: AlignedBuf,
+    /// Data bytes moved by the last request processed (0 for non-I/O).
+    pub last_bytes: u64,
 }
 
 // SAFETY: the iovecs only hold pointers during one request (they are
@@ -77,6 +79,7 @@ impl Default for Scratch {
             writable: Vec::with_capacity(64),
             iovecs: Vec::with_capacity(256),
             bounce: AlignedBuf::empty(),
+            last_bytes: 0,
         }
     }
 }
@@ -202,6 +205,7 @@ where
 {
     s.readable.clear();
     s.writable.clear();
+    s.last_bytes = 0;
     let mut malformed = false;
     let mut last_has_next = false;
     for d in descs {
@@ -364,6 +368,7 @@ fn rw<M: GuestMemoryBackend + ?Sized>(
     if len == 0 {
         return Ok(());
     }
+    s.last_bytes = len;
     let (segs, skip) = if write {
         (&s.readable, HEADER_LEN)
     } else {

@@ -1,0 +1,241 @@
+//! `vu-blk-bench`: drive any vhost-user-blk backend socket through the
+//! vu-test frontend and report IOPS, MB/s and latency percentiles.
+//!
+//! Workloads (one queue): 4 KiB random read/write at queue depth 1 and 32,
+//! 128 KiB sequential read/write at queue depth 4 (configurable).
+//! Output: a header line, then one tab-separated line per workload:
+//! `name  iops  MB/s  p50_us  p99_us`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use vu_test::{Desc, FrontendOptions, TestFrontend, VirtQueue};
+
+#[derive(Parser, Debug)]
+#[command(about = "vhost-user-blk benchmark over the vu-test frontend")]
+struct Args {
+    /// vhost-user-blk socket of the backend to measure.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Seconds per workload.
+    #[arg(long, default_value_t = 5.0)]
+    runtime: f64,
+    /// Queue size to negotiate.
+    #[arg(long, default_value_t = 128)]
+    queue_size: u16,
+    /// Queue depth of the sequential workloads.
+    #[arg(long, default_value_t = 4)]
+    seq_depth: usize,
+    /// Only run workloads whose name contains this string.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+struct Slot {
+    hdr: u64,
+    data: u64,
+    status: u64,
+    started: Instant,
+}
+
+struct Workload {
+    name: &'static str,
+    write: bool,
+    random: bool,
+    bs: u64,
+    depth: usize,
+}
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+
+fn header(t: u32, sector: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&t.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    h
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn run(q: &mut VirtQueue, capacity: u64, w: &Workload, runtime: Duration) -> (f64, f64, f64, f64) {
+    let mem = q.mem().clone();
+    let mark = mem.mark();
+    let blocks = capacity / w.bs;
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut seq = 0u64;
+    let mut slots: Vec<Slot> = (0..w.depth)
+        .map(|i| {
+            let data = mem.alloc(w.bs, 4096).unwrap();
+            mem.write(data, &vec![i as u8 ^ 0x5a; w.bs as usize])
+                .unwrap();
+            Slot {
+                hdr: mem.alloc(16, 16).unwrap(),
+                data,
+                status: mem.alloc(1, 1).unwrap(),
+                started: Instant::now(),
+            }
+        })
+        .collect();
+    // head index -> slot
+    let mut owner = vec![usize::MAX; q.size() as usize];
+    let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
+    let mut bytes = 0u64;
+    let mut ops = 0u64;
+
+    let mut submit = |q: &mut VirtQueue, slot: &mut Slot, idx: usize, owner: &mut Vec<usize>| {
+        let block = if w.random {
+            rng.next() % blocks
+        } else {
+            let b = seq % blocks;
+            seq += 1;
+            b
+        };
+        let t = if w.write { T_OUT } else { T_IN };
+        mem.write(slot.hdr, &header(t, block * w.bs / 512)).unwrap();
+        let data = if w.write {
+            Desc::out(slot.data, w.bs as u32)
+        } else {
+            Desc::inp(slot.data, w.bs as u32)
+        };
+        slot.started = Instant::now();
+        let head = q
+            .add_chain(&[Desc::out(slot.hdr, 16), data, Desc::inp(slot.status, 1)])
+            .unwrap();
+        owner[head as usize] = idx;
+    };
+
+    let start = Instant::now();
+    for (i, s) in slots.iter_mut().enumerate() {
+        submit(q, s, i, &mut owner);
+    }
+    q.kick().unwrap();
+    let deadline = start + runtime;
+    let mut inflight = w.depth;
+    let mut stopping = false;
+    while inflight > 0 {
+        let used = q
+            .wait_used(Duration::from_secs(30))
+            .expect("backend stalled");
+        let now = Instant::now();
+        if now >= deadline {
+            stopping = true;
+        }
+        for u in used {
+            let idx = owner[u.id as usize];
+            let slot = &mut slots[idx];
+            let st = mem.read(slot.status, 1).unwrap()[0];
+            assert_eq!(st, 0, "request failed with status {st}");
+            lat.push(now.duration_since(slot.started).as_micros() as u32);
+            bytes += w.bs;
+            ops += 1;
+            inflight -= 1;
+            if !stopping {
+                submit(q, slot, idx, &mut owner);
+                inflight += 1;
+            }
+        }
+        if !stopping {
+            q.kick().unwrap();
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    mem.release(mark);
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64;
+    (
+        ops as f64 / elapsed,
+        bytes as f64 / elapsed / 1e6,
+        pct(0.50),
+        pct(0.99),
+    )
+}
+
+fn main() {
+    let args = Args::parse();
+    let mut f = TestFrontend::connect_with(
+        &args.socket,
+        FrontendOptions {
+            num_queues: 1,
+            queue_size: args.queue_size,
+            mem_size: 256 << 20,
+            ..Default::default()
+        },
+    )
+    .expect("connect to the backend");
+    let cfg = f.get_config(0, 8).expect("read the capacity (CONFIG)");
+    let capacity = u64::from_le_bytes(cfg[0..8].try_into().unwrap()) * 512;
+    eprintln!(
+        "capacity {} MiB, features {:#x}",
+        capacity >> 20,
+        f.acked_features
+    );
+    let sd = args.seq_depth;
+    let workloads = [
+        Workload {
+            name: "randread-4k-qd1",
+            write: false,
+            random: true,
+            bs: 4096,
+            depth: 1,
+        },
+        Workload {
+            name: "randwrite-4k-qd1",
+            write: true,
+            random: true,
+            bs: 4096,
+            depth: 1,
+        },
+        Workload {
+            name: "randread-4k-qd32",
+            write: false,
+            random: true,
+            bs: 4096,
+            depth: 32,
+        },
+        Workload {
+            name: "randwrite-4k-qd32",
+            write: true,
+            random: true,
+            bs: 4096,
+            depth: 32,
+        },
+        Workload {
+            name: "seqread-128k",
+            write: false,
+            random: false,
+            bs: 128 << 10,
+            depth: sd,
+        },
+        Workload {
+            name: "seqwrite-128k",
+            write: true,
+            random: false,
+            bs: 128 << 10,
+            depth: sd,
+        },
+    ];
+    println!("workload\tiops\tMB/s\tp50_us\tp99_us");
+    let q = &mut f.queues[0];
+    for w in &workloads {
+        if let Some(o) = &args.only {
+            if !w.name.contains(o.as_str()) {
+                continue;
+            }
+        }
+        let (iops, mbs, p50, p99) = run(q, capacity, w, Duration::from_secs_f64(args.runtime));
+        println!(
+            "{}\t{:.0}\t{:.1}\t{:.0}\t{:.0}",
+            w.name, iops, mbs, p50, p99
+        );
+    }
+}
