@@ -10,9 +10,12 @@ use std::sync::Arc;
 
 use clap::Parser;
 use log::{error, info};
-use mic_backend_common::{init_logging, run_daemon, Endpoint, Shutdown, SocketArgs};
+use mic_backend_common::{init_logging, Endpoint, Shutdown, SocketArgs};
 
 mod backend;
+// The daemon loop and vhost-user compatibility shim are shared with mic-net.
+#[path = "../../net/src/compat.rs"]
+mod compat;
 mod config;
 mod host;
 
@@ -75,7 +78,7 @@ fn main() -> ExitCode {
         cfg.target, cfg.multiport, cfg.queue_size
     );
     let factory_backend = backend.clone();
-    let result = run_daemon(
+    let result = compat::serve(
         NAME,
         endpoint,
         &shutdown,

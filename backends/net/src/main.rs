@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use clap::Parser;
 use log::{error, info};
-use mic_backend_common::{init_logging, run_daemon, Endpoint, Shutdown, SocketArgs};
+use mic_backend_common::{init_logging, Endpoint, Shutdown, SocketArgs};
 use std::os::unix::io::AsRawFd;
 
 mod backend;
+mod compat;
 mod config;
 mod stream;
 mod tap;
@@ -104,7 +105,7 @@ fn main() -> ExitCode {
         cfg.queue_size
     );
     let factory_backend = backend.clone();
-    let result = run_daemon(
+    let result = compat::serve(
         NAME,
         endpoint,
         &shutdown,

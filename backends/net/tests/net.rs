@@ -797,3 +797,46 @@ fn tap_bad_existing_device() {
     assert!(err.contains("notatap"), "{err}");
     assert!(!sock.exists());
 }
+
+fn vu_msg(req: u32, flags: u32, body: &[u8]) -> Vec<u8> {
+    let mut v = req.to_le_bytes().to_vec();
+    v.extend_from_slice(&flags.to_le_bytes());
+    v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn vu_reply_u64(s: &mut UnixStream) -> u64 {
+    let mut r = [0u8; 20];
+    s.read_exact(&mut r).unwrap();
+    u64::from_le_bytes(r[12..20].try_into().unwrap())
+}
+
+/// QEMU's vhost-user net client enables rings before SET_FEATURES; the
+/// daemon must keep the connection (and honour the enable afterwards).
+#[test]
+fn early_vring_enable_like_qemu() {
+    let mut s = stream_setup(&[]);
+    let mut c = UnixStream::connect(&s.sock).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    c.write_all(&vu_msg(1, 1, &[])).unwrap(); // GET_FEATURES
+    let feats = vu_reply_u64(&mut c);
+    assert_ne!(feats & VHOST_USER_F_PROTOCOL_FEATURES, 0);
+    c.write_all(&vu_msg(15, 1, &[])).unwrap(); // GET_PROTOCOL_FEATURES
+    let _ = vu_reply_u64(&mut c);
+    c.write_all(&vu_msg(16, 1, &0x9u64.to_le_bytes())).unwrap(); // MQ | REPLY_ACK
+    c.write_all(&vu_msg(3, 1, &[])).unwrap(); // SET_OWNER
+                                              // SET_VRING_ENABLE(0, 1) and (1, 1), the second asking for a reply.
+    c.write_all(&vu_msg(18, 1, &[0, 0, 0, 0, 1, 0, 0, 0]))
+        .unwrap();
+    c.write_all(&vu_msg(18, 1 | 8, &[1, 0, 0, 0, 1, 0, 0, 0]))
+        .unwrap();
+    assert_eq!(vu_reply_u64(&mut c), 0, "enable acknowledged");
+    c.write_all(&vu_msg(2, 1, &feats.to_le_bytes())).unwrap(); // SET_FEATURES
+    c.write_all(&vu_msg(17, 1, &[])).unwrap(); // GET_QUEUE_NUM
+    assert_eq!(vu_reply_u64(&mut c), 2, "connection still served");
+    drop(c);
+    // A regular frontend still works afterwards.
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    roundtrip(&mut s, &mut fe, 9);
+}

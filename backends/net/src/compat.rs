@@ -1,0 +1,462 @@
+//! Daemon loop with a vhost-user compatibility shim.
+//!
+//! QEMU's vhost-user network client sends `VHOST_USER_SET_VRING_ENABLE` as
+//! soon as the backend offers `VHOST_USER_F_PROTOCOL_FEATURES`, before it
+//! sends `VHOST_USER_SET_FEATURES`. The `vhost` crate (0.18) rejects such a
+//! message and drops the connection. This module sits between the frontend's
+//! socket and the `vhost-user-backend` daemon and holds early
+//! `SET_VRING_ENABLE` messages back until `SET_FEATURES` has been forwarded
+//! (replaying them in order afterwards, and acknowledging them itself when
+//! the frontend asked for a reply). Every other message, with its file
+//! descriptors, passes through unchanged. Only the control channel goes
+//! through the shim; rings, kicks and calls are shared directly.
+//!
+//! The loop itself follows `mic_backend_common::run_daemon`: one frontend at
+//! a time, a fresh `VhostUserDaemon` per frontend, clean exit on shutdown.
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use mic_backend_common::{Endpoint, Shutdown};
+use vhost_user_backend::bitmap::BitmapReplace;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
+use vm_memory::mmap::NewBitmap;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+const HDR_LEN: usize = 12;
+const MAX_BODY: usize = 0x1000;
+const MAX_FDS: usize = 32;
+const SET_FEATURES: u32 = 2;
+const SET_VRING_ENABLE: u32 = 18;
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// poll() for POLLIN on `fds`; index of the first ready one, `None` on
+/// timeout or EINTR.
+fn poll_in(fds: &[RawFd], timeout_ms: i32) -> Option<usize> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: valid pollfd array of the given length.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+    if n <= 0 {
+        return None;
+    }
+    p.iter().position(|x| x.revents != 0)
+}
+
+/// One vhost-user message: header + body, and attached descriptors.
+struct Msg {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Msg {
+    fn field(&self, i: usize) -> u32 {
+        u32::from_le_bytes(self.bytes[4 * i..4 * i + 4].try_into().unwrap())
+    }
+    fn request(&self) -> u32 {
+        self.field(0)
+    }
+    fn flags(&self) -> u32 {
+        self.field(1)
+    }
+}
+
+/// Receives the header with its descriptors, then the body.
+fn recv_msg(sock: &UnixStream) -> io::Result<Option<Msg>> {
+    let mut hdr = [0u8; HDR_LEN];
+    let mut got = 0;
+    let mut fds = Vec::new();
+    while got < HDR_LEN {
+        let mut iov = libc::iovec {
+            iov_base: hdr[got..].as_mut_ptr().cast(),
+            iov_len: HDR_LEN - got,
+        };
+        // Room for MAX_FDS descriptors (u64 aligned).
+        let mut cbuf = [0u64; (MAX_FDS * 4 + 16) / 8 + 2];
+        // SAFETY: msghdr is plain data.
+        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+        mh.msg_iov = &mut iov;
+        mh.msg_iovlen = 1;
+        mh.msg_control = cbuf.as_mut_ptr().cast();
+        mh.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+        // SAFETY: msghdr points at live buffers.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: walking the control messages recvmsg filled in.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&mh);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c) as *const RawFd;
+                    let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                    for i in 0..len / std::mem::size_of::<RawFd>() {
+                        fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&mh, c);
+            }
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        got += n as usize;
+    }
+    let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
+    if size > MAX_BODY {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message too large",
+        ));
+    }
+    let mut bytes = hdr.to_vec();
+    bytes.resize(HDR_LEN + size, 0);
+    (&*sock).read_exact(&mut bytes[HDR_LEN..])?;
+    Ok(Some(Msg { bytes, fds }))
+}
+
+/// Sends a message with its descriptors.
+fn send_msg(sock: &UnixStream, msg: &Msg) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < msg.bytes.len() {
+        let mut iov = libc::iovec {
+            iov_base: msg.bytes[sent..].as_ptr() as *mut libc::c_void,
+            iov_len: msg.bytes.len() - sent,
+        };
+        let mut cbuf = [0u64; (MAX_FDS * 4 + 16) / 8 + 2];
+        // SAFETY: msghdr is plain data.
+        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+        mh.msg_iov = &mut iov;
+        mh.msg_iovlen = 1;
+        if sent == 0 && !msg.fds.is_empty() {
+            let n = msg.fds.len().min(MAX_FDS);
+            // SAFETY: the control buffer is large enough for n descriptors.
+            unsafe {
+                let space = libc::CMSG_SPACE((n * std::mem::size_of::<RawFd>()) as u32);
+                mh.msg_control = cbuf.as_mut_ptr().cast();
+                mh.msg_controllen = space as _;
+                let c = libc::CMSG_FIRSTHDR(&mh);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN((n * std::mem::size_of::<RawFd>()) as u32) as _;
+                let data = libc::CMSG_DATA(c) as *mut RawFd;
+                for (i, fd) in msg.fds.iter().take(n).enumerate() {
+                    std::ptr::write_unaligned(data.add(i), fd.as_raw_fd());
+                }
+            }
+        }
+        // SAFETY: msghdr points at live buffers.
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &mh, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        sent += n as usize;
+    }
+    Ok(())
+}
+
+fn enable_msg(body: &[u8]) -> Msg {
+    let mut bytes = Vec::with_capacity(HDR_LEN + body.len());
+    bytes.extend_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+    bytes.extend_from_slice(&FLAG_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(body);
+    Msg {
+        bytes,
+        fds: Vec::new(),
+    }
+}
+
+/// Frontend to backend: forwards messages, holding back early enables.
+fn pump_requests(
+    front: UnixStream,
+    front_w: Arc<Mutex<UnixStream>>,
+    back: UnixStream,
+    shutdown_fd: RawFd,
+) {
+    let mut features_seen = false;
+    let mut held: Vec<Msg> = Vec::new();
+    let result: io::Result<()> = (|| loop {
+        if poll_in(&[shutdown_fd, front.as_raw_fd()], -1) == Some(0) {
+            return Ok(());
+        }
+        let Some(msg) = recv_msg(&front)? else {
+            return Ok(());
+        };
+        match msg.request() {
+            SET_VRING_ENABLE if !features_seen => {
+                debug!("holding SET_VRING_ENABLE received before SET_FEATURES");
+                if msg.flags() & FLAG_NEED_REPLY != 0 {
+                    let mut reply = Vec::with_capacity(HDR_LEN + 8);
+                    reply.extend_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+                    reply.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+                    reply.extend_from_slice(&8u32.to_le_bytes());
+                    reply.extend_from_slice(&0u64.to_le_bytes());
+                    let w = front_w.lock().unwrap();
+                    send_msg(
+                        &w,
+                        &Msg {
+                            bytes: reply,
+                            fds: Vec::new(),
+                        },
+                    )?;
+                }
+                held.push(enable_msg(&msg.bytes[HDR_LEN..]));
+            }
+            SET_FEATURES => {
+                send_msg(&back, &msg)?;
+                features_seen = true;
+                for m in held.drain(..) {
+                    send_msg(&back, &m)?;
+                }
+            }
+            _ => send_msg(&back, &msg)?,
+        }
+    })();
+    if let Err(e) = result {
+        debug!("vhost-user shim (requests): {e}");
+    }
+    let _ = front.shutdown(std::net::Shutdown::Both);
+    let _ = back.shutdown(std::net::Shutdown::Both);
+}
+
+/// Backend to frontend: forwards replies and backend messages.
+fn pump_replies(back: UnixStream, front_w: Arc<Mutex<UnixStream>>) {
+    let result: io::Result<()> = (|| {
+        while let Some(msg) = recv_msg(&back)? {
+            let w = front_w.lock().unwrap();
+            send_msg(&w, &msg)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        debug!("vhost-user shim (replies): {e}");
+    }
+    let w = front_w.lock().unwrap();
+    let _ = w.shutdown(std::net::Shutdown::Both);
+    let _ = back.shutdown(std::net::Shutdown::Both);
+}
+
+/// A private socket the daemon connects to, in a 0700 directory.
+struct Inner {
+    dir: PathBuf,
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+impl Inner {
+    fn new(name: &str) -> io::Result<Inner> {
+        let mut rnd = [0u8; 8];
+        // SAFETY: valid buffer.
+        unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) };
+        let dir = std::env::temp_dir().join(format!(
+            ".{name}-{}-{:016x}",
+            std::process::id(),
+            u64::from_ne_bytes(rnd)
+        ));
+        fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let path = dir.join("vu.sock");
+        let listener = UnixListener::bind(&path)?;
+        Ok(Inner {
+            dir,
+            path,
+            listener,
+        })
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// Waits for the next frontend connection; `None` on shutdown.
+fn next_frontend(endpoint: &Endpoint, shutdown: &Shutdown) -> Option<UnixStream> {
+    loop {
+        if shutdown.requested() {
+            return None;
+        }
+        match endpoint {
+            Endpoint::Listen { listener, .. } => {
+                match poll_in(&[shutdown.fd(), listener.as_raw_fd()], -1) {
+                    Some(0) => return None,
+                    Some(_) => {}
+                    None => continue,
+                }
+                match listener.accept() {
+                    Ok(Some(s)) => return Some(s),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        warn!("accepting a frontend failed: {e}");
+                        poll_in(&[shutdown.fd()], 100);
+                    }
+                }
+            }
+            Endpoint::Connect { path } => match UnixStream::connect(path) {
+                Ok(s) => return Some(s),
+                Err(e) => {
+                    debug!("connecting to the frontend failed: {e}");
+                    poll_in(&[shutdown.fd()], 100);
+                }
+            },
+        }
+    }
+}
+
+/// Serves frontends one at a time until shutdown.
+///
+/// For every frontend: `new_backend()` returns the backend (reset for the
+/// new frontend), a new `VhostUserDaemon` is created for it, `on_start`
+/// registers extra descriptors with the daemon's workers, and the
+/// connection is served through the shim until the frontend goes away.
+pub fn serve<B, N, S>(
+    name: &str,
+    endpoint: Endpoint,
+    shutdown: &Shutdown,
+    mut new_backend: N,
+    mut on_start: S,
+) -> io::Result<()>
+where
+    B: VhostUserBackend + Clone + 'static,
+    B::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+    B::Vring: Clone + Send + Sync,
+    N: FnMut() -> io::Result<B>,
+    S: FnMut(&VhostUserDaemon<B>) -> io::Result<()>,
+{
+    let inner = Inner::new(name)?;
+    let inner_path = inner.path.to_string_lossy().into_owned();
+    let mut n: u64 = 0;
+    while let Some(front) = next_frontend(&endpoint, shutdown) {
+        let backend = new_backend()?;
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new());
+        let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        on_start(&daemon)?;
+        daemon
+            .start_client(&inner_path)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let (back, _) = inner.listener.accept()?;
+        n += 1;
+        info!("frontend {n} connected");
+        let front_w = Arc::new(Mutex::new(front.try_clone()?));
+        let back2 = back.try_clone()?;
+        let fw = front_w.clone();
+        let sfd = shutdown.fd();
+        let t1 = std::thread::Builder::new()
+            .name("vu-shim-req".into())
+            .spawn(move || pump_requests(front, fw, back, sfd))?;
+        let t2 = std::thread::Builder::new()
+            .name("vu-shim-rep".into())
+            .spawn(move || pump_replies(back2, front_w))?;
+        match daemon.wait() {
+            Ok(()) => info!("frontend {n} disconnected"),
+            Err(e) => warn!("frontend {n} dropped: {e}"),
+        }
+        drop(daemon);
+        let _ = t1.join();
+        let _ = t2.join();
+        // Client mode: do not spin on a frontend that keeps closing.
+        if matches!(endpoint, Endpoint::Connect { .. }) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    info!("{name}: shutting down");
+    drop(endpoint);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn msg(req: u32, flags: u32, body: &[u8]) -> Vec<u8> {
+        let mut v = req.to_le_bytes().to_vec();
+        v.extend_from_slice(&flags.to_le_bytes());
+        v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn early_enable_is_held_until_set_features() {
+        let (mut fe, front) = UnixStream::pair().unwrap();
+        let (back, mut be) = UnixStream::pair().unwrap();
+        let (sd_r, _sd_w) = UnixStream::pair().unwrap();
+        let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
+        let t = std::thread::spawn(move || pump_requests(front, fw, back, sd_r.as_raw_fd()));
+        let enable = msg(
+            SET_VRING_ENABLE,
+            FLAG_VERSION | FLAG_NEED_REPLY,
+            &[0, 0, 0, 0, 1, 0, 0, 0],
+        );
+        fe.write_all(&msg(1, FLAG_VERSION, &[])).unwrap();
+        fe.write_all(&enable).unwrap();
+        // The shim acknowledges the held message itself.
+        let mut reply = [0u8; 20];
+        fe.read_exact(&mut reply).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(reply[0..4].try_into().unwrap()),
+            SET_VRING_ENABLE
+        );
+        assert_eq!(
+            u32::from_le_bytes(reply[4..8].try_into().unwrap()),
+            FLAG_VERSION | FLAG_REPLY
+        );
+        assert_eq!(&reply[12..20], &[0u8; 8]);
+        let feats = msg(SET_FEATURES, FLAG_VERSION, &(1u64 << 30).to_le_bytes());
+        fe.write_all(&feats).unwrap();
+        // Backend sees GET_FEATURES, SET_FEATURES, then the enable (no
+        // reply requested).
+        let mut got = vec![0u8; 12 + 20 + 20];
+        be.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..12], &msg(1, FLAG_VERSION, &[])[..]);
+        assert_eq!(&got[12..32], &feats[..]);
+        assert_eq!(
+            &got[32..],
+            &msg(SET_VRING_ENABLE, FLAG_VERSION, &[0, 0, 0, 0, 1, 0, 0, 0])[..]
+        );
+        drop(fe);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn descriptors_pass_through() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = fs::File::open("/dev/null").unwrap();
+        let m = Msg {
+            bytes: msg(13, FLAG_VERSION, &0u64.to_le_bytes()),
+            fds: vec![OwnedFd::from(f)],
+        };
+        send_msg(&a, &m).unwrap();
+        let r = recv_msg(&b).unwrap().unwrap();
+        assert_eq!(r.bytes, m.bytes);
+        assert_eq!(r.fds.len(), 1);
+    }
+}
