@@ -315,3 +315,51 @@ fn bad_arguments_fail_before_socket() {
         assert!(!s.socket.exists(), "{args:?} created the socket");
     }
 }
+
+#[test]
+fn client_mode_connects_and_reconnects() {
+    let s = Setup::new(1 << 20, 0);
+    let listener = std::os::unix::net::UnixListener::bind(&s.socket).unwrap();
+    let child = Command::new(bin())
+        .args([
+            "--socket-path",
+            s.socket.to_str().unwrap(),
+            "--image",
+            s.image.to_str().unwrap(),
+            "--client",
+            "--num-queues",
+            "1",
+        ])
+        .spawn()
+        .unwrap();
+    let mut d = vu_test::Daemon {
+        child,
+        socket: s.socket.clone(),
+    };
+    for round in 0..2u64 {
+        let (stream, _) = listener.accept().unwrap();
+        let mut f = vu_test::TestFrontend::from_stream(stream, Default::default()).unwrap();
+        let q = &mut f.queues[0];
+        let data = pattern(round, 4096);
+        assert_eq!(write(q, round * 8, &data), S_OK);
+        assert_eq!(read(q, round * 8, 4096), (S_OK, data));
+        // Dropping the frontend closes the connection; the daemon reconnects.
+    }
+    assert!(d.alive());
+}
+
+#[test]
+fn device_state_is_reset_for_a_new_frontend() {
+    let s = Setup::new(1 << 20, 0);
+    let _d = s.spawn(&["--num-queues", "1"]);
+    let mut f = connect(&s, 1);
+    f.set_config(32, &[0]).unwrap();
+    assert_eq!(f.get_config(32, 1).unwrap(), vec![0]);
+    // Leave a request un-kicked in the ring.
+    let _ = f.queues[0].add_chain(&[Desc::out(f.mem.alloc(16, 16).unwrap(), 16)]);
+    drop(f);
+    let mut f = connect(&s, 1);
+    assert_eq!(f.get_config(32, 1).unwrap(), vec![1], "write-back again");
+    assert_eq!(write(&mut f.queues[0], 0, &pattern(8, 512)), S_OK);
+    assert_eq!(read(&mut f.queues[0], 0, 512), (S_OK, pattern(8, 512)));
+}

@@ -587,6 +587,12 @@ impl TestFrontend {
                 Err(e) => return Err(e.into()),
             }
         };
+        Self::from_stream(stream, opts)
+    }
+
+    /// Run the setup sequence over an already connected stream (for
+    /// backends started with `--client` that connect to the test).
+    pub fn from_stream(stream: UnixStream, opts: FrontendOptions) -> Result<TestFrontend> {
         let mut frontend = Frontend::from_stream(stream, opts.num_queues as u64);
         frontend.set_owner()?;
         let offered = frontend.get_features()?;
