@@ -187,6 +187,12 @@ fn send_tx(fe: &mut TestFrontend, txq: usize, f: &[u8]) {
 
 /// Waits for one received packet, reassembling merged buffers.
 fn recv_rx(fe: &mut TestFrontend, rxq: usize, pool: &mut Pool) -> (Vec<u8>, u16) {
+    let (_, f, n) = recv_rx_full(fe, rxq, pool);
+    (f, n)
+}
+
+/// Like [`recv_rx`], also returning the virtio-net header.
+fn recv_rx_full(fe: &mut TestFrontend, rxq: usize, pool: &mut Pool) -> (Vec<u8>, Vec<u8>, u16) {
     let hl = hdr_len(fe);
     let q = &mut fe.queues[rxq];
     let take = |pool: &mut Pool, q: &mut VirtQueue| {
@@ -206,7 +212,7 @@ fn recv_rx(fe: &mut TestFrontend, rxq: usize, pool: &mut Pool) -> (Vec<u8>, u16)
     for _ in 1..nbufs {
         pkt.extend(take(pool, q));
     }
-    (pkt[hl..].to_vec(), nbufs)
+    (pkt[..hl].to_vec(), pkt[hl..].to_vec(), nbufs)
 }
 
 /// Waits until every head in `heads` has been used.
@@ -839,4 +845,234 @@ fn early_vring_enable_like_qemu() {
     // A regular frontend still works afterwards.
     let mut fe = connect(&s.sock, u64::MAX, 2);
     roundtrip(&mut s, &mut fe, 9);
+}
+
+/// Rootless networking through passt (skipped when passt is not installed):
+/// an ARP request from the guest is answered by passt.
+#[test]
+fn passt_answers_arp() {
+    let have_passt = Command::new("passt")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have_passt {
+        eprintln!("SKIP: passt not installed");
+        return;
+    }
+    let dir = TempDir::new("mic-net-passt").unwrap();
+    // passt drops privileges when started as root; let it create its socket.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let psock = dir.path().join("passt.sock");
+    let mut passt = Command::new("passt")
+        .args(["-f", "-q", "-s", psock.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _k = Kill(&mut passt);
+    let sock = dir.path().join("net.sock");
+    let stream = format!("unix:{}", psock.display());
+    // mic-net keeps retrying until passt's socket exists.
+    let _d = Daemon::spawn(
+        Path::new(BIN),
+        &["--socket-path", sock.to_str().unwrap(), "--stream", &stream],
+        &sock,
+    )
+    .unwrap();
+    let mut fe = connect(&sock, u64::MAX, 2);
+    let mut pool = Pool::new();
+    post_rx(&mut fe.queues[0], 16, 2048, &mut pool);
+    let mac = [0x52, 0x54, 0, 0, 0, 2];
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&mac);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&mac);
+    arp.extend_from_slice(&[0, 0, 0, 0]); // probe: sender 0.0.0.0
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&[10, 1, 2, 3]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "no ARP reply from passt");
+        // passt may not be connected yet: repeat the request.
+        send_tx(&mut fe, 1, &arp);
+        if pool.backlog.is_empty() {
+            match fe.queues[0].wait_used(Duration::from_millis(200)) {
+                Ok(u) => pool.backlog.extend(u),
+                Err(_) => continue,
+            }
+        }
+        let (f, _) = recv_rx(&mut fe, 0, &mut pool);
+        if f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
+            assert_eq!(&f[0..6], &mac, "reply to our MAC");
+            assert_eq!(
+                &f[28..32],
+                &[10, 1, 2, 3],
+                "sender is the requested address"
+            );
+            break;
+        }
+    }
+}
+
+fn ip_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        sum += u32::from(w);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Ethernet + IPv4 + UDP frame with an incomplete (pseudo-header only) UDP
+/// checksum, as a driver using checksum offload sends it.
+fn udp_frame_partial_csum(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let udp_len = 8 + payload.len();
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let c = ip_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&4000u16.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    // Pseudo-header sum, not inverted: the device completes it.
+    let mut ph = Vec::new();
+    ph.extend_from_slice(&src);
+    ph.extend_from_slice(&dst);
+    ph.extend_from_slice(&[0, 17]);
+    ph.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    f.extend_from_slice(&(!ip_checksum(&ph)).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Checksum offload through the tap: the guest sends UDP with
+/// NEEDS_CSUM (an incomplete checksum the host stack must not reject) and
+/// receives host UDP with the header the tap produced.
+#[test]
+fn tap_checksum_offload_in_netns() {
+    let Some(ns) = Netns::new() else { return };
+    let dir = TempDir::new("mic-net-tap").unwrap();
+    let sock = dir.path().join("net.sock");
+    let _d = tap_daemon(
+        &ns,
+        &dir,
+        &sock,
+        &[
+            "--tap",
+            "mic3",
+            "--host-ip",
+            "auto",
+            "--mac",
+            "52:54:00:00:00:02",
+        ],
+    );
+    let guest_mac = [0x52, 0x54, 0, 0, 0, 2];
+    let ok = Command::new("ip")
+        .args([
+            "-n",
+            &ns.0,
+            "neigh",
+            "replace",
+            "172.31.4.1",
+            "lladdr",
+            "52:54:00:00:00:02",
+            "dev",
+            "mic3",
+        ])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let mut fe = connect(&sock, u64::MAX, 2);
+    assert_ne!(fe.acked_features & NET_F_CSUM, 0);
+    assert_ne!(fe.acked_features & (1 << 1), 0, "GUEST_CSUM");
+    let host = ns.run(|| {
+        let s = std::net::UdpSocket::bind("172.31.4.254:5001").unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s
+    });
+    // Guest -> host with NEEDS_CSUM.
+    let payload = b"offload-tx payload";
+    let f = udp_frame_partial_csum(
+        [0xff; 6],
+        guest_mac,
+        [172, 31, 4, 1],
+        [172, 31, 4, 254],
+        5001,
+        payload,
+    );
+    {
+        let q = &mut fe.queues[1];
+        let mut hdr = [0u8; 12];
+        hdr[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+        hdr[6..8].copy_from_slice(&34u16.to_le_bytes()); // csum_start
+        hdr[8..10].copy_from_slice(&6u16.to_le_bytes()); // csum_offset
+        let a = q.mem().alloc(12 + f.len() as u64, 16).unwrap();
+        q.mem().write(a, &hdr).unwrap();
+        q.mem().write(a + 12, &f).unwrap();
+        let h = q.add_chain(&[Desc::out(a, 12 + f.len() as u32)]).unwrap();
+        q.kick().unwrap();
+        q.wait_for(h, T).unwrap();
+    }
+    let mut buf = [0u8; 128];
+    let (n, from) = host
+        .recv_from(&mut buf)
+        .expect("host received the offloaded UDP packet");
+    assert_eq!(&buf[..n], payload);
+    assert_eq!(from.to_string(), "172.31.4.1:4000");
+
+    // Host -> guest: the tap hands over a partial checksum with NEEDS_CSUM.
+    let mut pool = Pool::new();
+    post_rx(&mut fe.queues[0], 16, 2048, &mut pool);
+    host.send_to(b"offload-rx", "172.31.4.1:6000").unwrap();
+    let deadline = Instant::now() + T;
+    loop {
+        assert!(Instant::now() < deadline, "no UDP frame for the guest");
+        if pool.len() < 4 {
+            post_rx(&mut fe.queues[0], 8, 2048, &mut pool);
+        }
+        let (hdr, f, _) = recv_rx_full(&mut fe, 0, &mut pool);
+        if f.len() >= 42
+            && f[12..14] == [0x08, 0x00]
+            && f[23] == 17
+            && f[36..38] == 6000u16.to_be_bytes()
+        {
+            assert_eq!(&f[42..], b"offload-rx");
+            assert_eq!(hdr[0] & 1, 1, "NEEDS_CSUM passed through: {hdr:?}");
+            assert_eq!(u16::from_le_bytes([hdr[6], hdr[7]]), 34, "csum_start");
+            assert_eq!(u16::from_le_bytes([hdr[8], hdr[9]]), 6, "csum_offset");
+            break;
+        }
+    }
 }
