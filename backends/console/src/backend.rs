@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::unix::io::{IntoRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
@@ -31,6 +31,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::host::{Host, EV_INPUT, EV_LISTEN};
 
@@ -64,6 +65,10 @@ const MAX_CTRL: usize = 64;
 const TX_CHUNK: usize = 64 * 1024;
 /// Host input read per step.
 const RX_CHUNK: usize = 4096;
+/// How often the terminal size is checked for changes (multiport only).
+const SIZE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+/// Event id offset (from the first backend event) of the size timer.
+const EV_SIZE_TIMER: u64 = 2;
 
 const fn bit(b: u32) -> u64 {
     1u64 << b
@@ -78,7 +83,9 @@ struct RxState {
 struct CtrlState {
     out: VecDeque<Vec<u8>>,
     device_ready: bool,
+    port_ready: bool,
     guest_open: bool,
+    last_size: Option<(u16, u16)>,
 }
 
 /// Traffic counters.
@@ -103,8 +110,17 @@ pub struct ConsoleBackend {
     acked: AtomicU64,
     mem: RwLock<Option<GuestMem>>,
     exit_fds: Mutex<Vec<RawFd>>,
+    size_timer: Mutex<Option<TimerFd>>,
     /// Traffic counters.
     pub counters: Counters,
+}
+
+/// RESIZE for port 0. Linux reads rows before cols here.
+fn resize_msg(cols: u16, rows: u16) -> Vec<u8> {
+    let mut m = ctrl_msg(0, RESIZE, 0);
+    m.extend_from_slice(&rows.to_le_bytes());
+    m.extend_from_slice(&cols.to_le_bytes());
+    m
 }
 
 fn ctrl_msg(id: u32, event: u16, value: u16) -> Vec<u8> {
@@ -219,8 +235,11 @@ impl ConsoleBackend {
             ctrl: Mutex::new(CtrlState {
                 out: VecDeque::new(),
                 device_ready: false,
+                port_ready: false,
                 guest_open: false,
+                last_size: None,
             }),
+            size_timer: Mutex::new(None),
             acked: AtomicU64::new(0),
             mem: RwLock::new(None),
             exit_fds: Mutex::new(Vec::new()),
@@ -260,6 +279,48 @@ impl ConsoleBackend {
         if let Some(fd) = epoll_fds.first() {
             self.host().attach(*fd, self.nq() + 1);
         }
+        // Terminal size changes are announced through the control queue.
+        if let (true, Some(fd)) = (self.multiport && self.host().has_size(), epoll_fds.get(2)) {
+            let mut t = self.size_timer.lock().unwrap();
+            if t.is_none() {
+                match TimerFd::new() {
+                    Ok(mut timer) => {
+                        if let Err(e) = timer.reset(SIZE_POLL, Some(SIZE_POLL)) {
+                            warn!("console size timer: {e}");
+                        }
+                        *t = Some(timer);
+                    }
+                    Err(e) => warn!("console size timer: {e}"),
+                }
+            }
+            if let Some(timer) = t.as_ref() {
+                let mut ev = libc::epoll_event {
+                    events: libc::EPOLLIN as u32,
+                    u64: self.nq() + 1 + EV_SIZE_TIMER,
+                };
+                // SAFETY: plain epoll_ctl on descriptors owned by this process.
+                unsafe { libc::epoll_ctl(*fd, libc::EPOLL_CTL_ADD, timer.as_raw_fd(), &mut ev) };
+            }
+        }
+    }
+
+    /// Queues a RESIZE control message when the terminal size changed.
+    fn check_size(&self) {
+        if let Some(t) = self.size_timer.lock().unwrap().as_mut() {
+            let _ = t.wait();
+        }
+        let size = self.host().size();
+        let mut ctrl = self.ctrl.lock().unwrap();
+        if size.is_none() || size == ctrl.last_size {
+            return;
+        }
+        let old = ctrl.last_size.replace(size.unwrap());
+        if old.is_some() && ctrl.port_ready && self.acked.load(Ordering::Acquire) & bit(F_SIZE) != 0
+        {
+            let (cols, rows) = size.unwrap();
+            debug!("console resized to {cols}x{rows}");
+            ctrl.out.push_back(resize_msg(cols, rows));
+        }
     }
 
     /// Resets the device state for a new frontend (host side kept).
@@ -270,6 +331,8 @@ impl ConsoleBackend {
             c.out.clear();
             c.device_ready = false;
             c.guest_open = false;
+            c.port_ready = false;
+            c.last_size = None;
         }
         self.acked.store(0, Ordering::Release);
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
@@ -456,14 +519,12 @@ impl ConsoleBackend {
                     warn!("driver failed to add console port 0");
                     return;
                 }
+                ctrl.port_ready = true;
                 ctrl.out.push_back(ctrl_msg(0, CONSOLE_PORT, 1));
                 if self.acked.load(Ordering::Acquire) & bit(F_SIZE) != 0 {
                     if let Some((cols, rows)) = self.host().size() {
-                        // Linux reads rows before cols here.
-                        let mut m = ctrl_msg(0, RESIZE, 0);
-                        m.extend_from_slice(&rows.to_le_bytes());
-                        m.extend_from_slice(&cols.to_le_bytes());
-                        ctrl.out.push_back(m);
+                        ctrl.last_size = Some((cols, rows));
+                        ctrl.out.push_back(resize_msg(cols, rows));
                     }
                 }
                 ctrl.out.push_back(ctrl_msg(0, PORT_OPEN, 1));
@@ -511,6 +572,8 @@ impl VhostUserBackend for ConsoleBackend {
         c.out.clear();
         c.device_ready = false;
         c.guest_open = false;
+        c.port_ready = false;
+        c.last_size = None;
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
@@ -575,6 +638,10 @@ impl VhostUserBackend for ConsoleBackend {
             }
             (1, 0) => self.process_tx(&vrings[0]),
             (2, 0 | 1) if vrings.len() == 2 => self.process_ctrl(&vrings[0], &vrings[1]),
+            (2, e) if e == base + EV_SIZE_TIMER && vrings.len() == 2 => {
+                self.check_size();
+                self.process_ctrl(&vrings[0], &vrings[1])
+            }
             _ => {
                 warn!("unexpected event {device_event} on worker {thread_id}");
                 Ok(())

@@ -192,6 +192,34 @@ fn pty_both_ways_and_size() {
     tty.write_all(b"micuser\r").unwrap();
     // Raw mode: no line discipline translation, bytes arrive as written.
     assert_eq!(card_read(&mut fe, 0, 8), b"micuser\r");
+
+    // Multiport handshake reports the size, and later changes of it.
+    ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 0, 1));
+    assert_eq!(ctrl_recv(&mut fe.queues[2], 1)[0].1, 1);
+    ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 3, 1));
+    let m = ctrl_recv(&mut fe.queues[2], 3);
+    assert_eq!(m[0].1, 4, "CONSOLE_PORT: {m:?}");
+    assert_eq!(m[1].1, 5, "RESIZE: {m:?}");
+    assert_eq!(
+        m[1].3,
+        [40u16.to_le_bytes(), 132u16.to_le_bytes()].concat(),
+        "rows, cols"
+    );
+    assert_eq!(m[2].1, 6, "PORT_OPEN: {m:?}");
+    let ws = libc::winsize {
+        ws_row: 30,
+        ws_col: 100,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: valid winsize on a tty fd.
+    assert_eq!(
+        unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        0
+    );
+    let m = ctrl_recv(&mut fe.queues[2], 1);
+    assert_eq!(m[0].1, 5, "RESIZE after the change: {m:?}");
+    assert_eq!(m[0].3, [30u16.to_le_bytes(), 100u16.to_le_bytes()].concat());
 }
 
 fn ctrl_msg(id: u32, event: u16, value: u16) -> Vec<u8> {

@@ -1076,3 +1076,58 @@ fn tap_checksum_offload_in_netns() {
         }
     }
 }
+
+/// `--client`: the daemon connects to a listening frontend and reconnects
+/// after the frontend goes away.
+#[test]
+fn client_mode_connects_and_reconnects() {
+    let dir = TempDir::new("mic-net-test").unwrap();
+    let sock = dir.path().join("front.sock");
+    let peer_path = dir.path().join("peer.sock");
+    let _peer = Peer::new(&peer_path);
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let stream = format!("unix:{}", peer_path.display());
+    let mut child = Command::new(BIN)
+        .args([
+            "--socket-path",
+            sock.to_str().unwrap(),
+            "--stream",
+            &stream,
+            "--client",
+        ])
+        .spawn()
+        .unwrap();
+    for round in 0..2 {
+        let (mut c, _) = listener.accept().unwrap();
+        c.set_read_timeout(Some(T)).unwrap();
+        c.write_all(&vu_msg(1, 1, &[])).unwrap();
+        let f = vu_reply_u64(&mut c);
+        assert_ne!(f & VIRTIO_F_VERSION_1, 0, "round {round}");
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = vu_test::wait_exit(&mut child, T).unwrap();
+    assert!(st.success());
+}
+
+/// Attaching to a persistent tap created beforehand (`ip tuntap add`).
+#[test]
+fn tap_existing_device_in_netns() {
+    let Some(ns) = Netns::new() else { return };
+    let dir = TempDir::new("mic-net-tap").unwrap();
+    let sock = dir.path().join("net.sock");
+    let ok = Command::new("ip")
+        .args([
+            "-n", &ns.0, "tuntap", "add", "mode", "tap", "vnet_hdr", "name", "pre0",
+        ])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ip tuntap add");
+    let _d = tap_daemon(&ns, &dir, &sock, &["--tap", "pre0"]);
+    let mut fe = connect(&sock, u64::MAX, 2);
+    let raw = ns.run(|| RawSock::bind("pre0"));
+    let f = frame(180, 31);
+    send_tx(&mut fe, 1, &f);
+    assert_eq!(raw.recv_test_frame(), f);
+}
