@@ -280,7 +280,8 @@ impl ConsoleBackend {
             self.host().attach(*fd, self.nq() + 1);
         }
         // Terminal size changes are announced through the control queue.
-        if let (true, Some(fd)) = (self.multiport && self.host().has_size(), epoll_fds.get(2)) {
+        let watch_size = self.multiport && self.host().has_size();
+        if let (true, Some(fd)) = (watch_size, epoll_fds.get(2)) {
             let mut t = self.size_timer.lock().unwrap();
             if t.is_none() {
                 match TimerFd::new() {
