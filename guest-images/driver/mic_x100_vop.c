@@ -235,6 +235,7 @@ static void vop_reset(struct virtio_device *vdev)
 	struct vop_vdev *vd = to_vop_vdev(vdev);
 	struct mic_device_ctrl *ctrl = vd->ctrl;
 	unsigned long deadline;
+	unsigned int timeout;
 
 	if (vd->detached)
 		return;
@@ -242,12 +243,19 @@ static void vop_reset(struct virtio_device *vdev)
 	WRITE_ONCE(ctrl->vdev_reset, 1);
 	vop_ring_control(vd);
 
-	deadline = jiffies + msecs_to_jiffies(reset_timeout_ms);
+	/*
+	 * While the card goes down (devices are reset from device_shutdown())
+	 * its memory is not reused before the host sees the power event, so
+	 * a host that does not answer does not hold the shutdown for long.
+	 */
+	timeout = READ_ONCE(vd->card->stopping) ?
+		  min(reset_timeout_ms, 1000U) : reset_timeout_ms;
+	deadline = jiffies + msecs_to_jiffies(timeout);
 	while (!READ_ONCE(ctrl->host_ack)) {
 		if (time_after(jiffies, deadline)) {
 			dev_warn(&vdev->dev,
 				 "host did not acknowledge the reset within %u ms\n",
-				 reset_timeout_ms);
+				 timeout);
 			break;
 		}
 		usleep_range(500, 1000);

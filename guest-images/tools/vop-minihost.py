@@ -169,6 +169,7 @@ class Device:
         self.pos = None
         self.c2h_db = None
         self.removed = False
+        self.started = False
 
     @property
     def ap(self):
@@ -243,7 +244,7 @@ class Device:
             self.wr8(c + 11, 1)
             self.on_reset()
         st = self.status()
-        if st & STATUS_DRIVER_OK and not getattr(self, "started", False):
+        if st & STATUS_DRIVER_OK and not self.started:
             self.started = True
             log("device type %d: DRIVER_OK, acked features 0x%x" % (self.type, self.acked()))
             self.host.events.append(("driver_ok", self.type))
