@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use log::{debug, warn};
 use mic_backend_common::WorkerExitEvents;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -23,7 +23,14 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::disk::Disk;
+use crate::pool::{Batch, IoPool};
 use crate::request::{self, Context, Scratch, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
+
+/// Requests whose buffers add up to at least this many bytes may be handed
+/// to the I/O helper pool.
+const OFFLOAD_BYTES: u64 = 64 << 10;
+
+type GM = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// Transfers at least this large signal completion without waiting for the
 /// end of the batch.
@@ -43,6 +50,8 @@ pub struct BlkParams {
     pub num_queues: u16,
     /// Maximum queue size.
     pub queue_size: u16,
+    /// I/O helper threads for large requests (0: none).
+    pub io_threads: usize,
 }
 
 /// The vhost-user-blk backend for one frontend connection.
@@ -60,6 +69,7 @@ struct Inner {
     writeback: AtomicBool,
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     scratch: Vec<Mutex<Scratch>>,
+    pool: Option<IoPool>,
     exit: WorkerExitEvents,
 }
 
@@ -69,11 +79,15 @@ const fn bit(b: u32) -> u64 {
 
 impl BlkBackend {
     /// A backend serving `disk` with `params`.
-    pub fn new(disk: Arc<Disk>, params: BlkParams) -> BlkBackend {
+    pub fn new(disk: Arc<Disk>, params: BlkParams) -> io::Result<BlkBackend> {
         let scratch = (0..params.num_queues)
             .map(|_| Mutex::new(Scratch::default()))
             .collect();
-        BlkBackend {
+        let pool = match params.io_threads {
+            0 => None,
+            n => Some(IoPool::new(n)?),
+        };
+        Ok(BlkBackend {
             inner: Arc::new(Inner {
                 disk,
                 params,
@@ -82,9 +96,10 @@ impl BlkBackend {
                 writeback: AtomicBool::new(true),
                 mem: Mutex::new(None),
                 scratch,
+                pool,
                 exit: WorkerExitEvents::new(),
             }),
-        }
+        })
     }
 
     /// Virtio features offered.
@@ -149,29 +164,60 @@ impl BlkBackend {
             debug!("queue event before SET_MEM_TABLE");
             return;
         };
-        let mem = atomic.memory();
+        let mem_arc = atomic.memory().into_inner();
+        let mem: &GuestMemoryMmap = &mem_arc;
         let Some(scratch) = self.inner.scratch.get(thread_id) else {
             return;
         };
         let mut scratch = scratch.lock().unwrap();
+        let writethrough = self.writethrough();
         let ctx = Context {
             disk: &self.inner.disk,
             serial: &self.inner.params.serial,
-            writethrough: self.writethrough(),
+            writethrough,
         };
+        let pool = self.inner.pool.as_ref();
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
         let mut state = vring.get_mut();
         loop {
             if event_idx {
-                let _ = state.get_queue_mut().disable_notification(&*mem);
+                let _ = state.get_queue_mut().disable_notification(mem);
             }
             let mut completed = false;
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
-                let head = chain.head_index();
-                let len = request::process(&*mem, chain, &ctx, &mut scratch);
-                if let Err(e) = state.get_queue_mut().add_used(&*mem, head, len) {
-                    warn!("cannot add used entry for head {head}: {e}");
+            // The first large request of a batch is kept for this thread;
+            // further large ones go to the helper pool.
+            let mut local_large = None;
+            let mut batch = None;
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
+                if let Some(pool) = pool {
+                    let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+                    if bytes >= OFFLOAD_BYTES {
+                        if local_large.is_none() {
+                            local_large = Some(chain);
+                            continue;
+                        }
+                        let head = chain.head_index();
+                        let descs: Vec<_> = chain.collect();
+                        let b = batch.get_or_insert_with(Batch::new).clone();
+                        b.add();
+                        let m = mem_arc.clone();
+                        let disk = self.inner.disk.clone();
+                        let serial = self.inner.params.serial;
+                        pool.spawn(Box::new(move |s| {
+                            let ctx = Context {
+                                disk: &disk,
+                                serial: &serial,
+                                writethrough,
+                            };
+                            let len = request::process(&*m, descs.into_iter(), &ctx, s);
+                            b.done(head, len);
+                        }));
+                        continue;
+                    }
                 }
+                let head = chain.head_index();
+                let len = request::process(mem, chain, &ctx, &mut scratch);
+                Self::add_used(&mut state, mem, head, len);
                 completed = true;
                 // After a large transfer, tell the driver right away if it
                 // asked for a notification, so it can refill the ring while
@@ -179,38 +225,58 @@ impl BlkBackend {
                 // cheaper than a notification: those are batched.
                 if event_idx
                     && scratch.last_bytes >= EARLY_SIGNAL_BYTES
-                    && state
-                        .get_queue_mut()
-                        .needs_notification(&*mem)
-                        .unwrap_or(true)
+                    && Self::signal_if_needed(&mut state, mem)
                 {
-                    if let Err(e) = state.signal_used_queue() {
-                        warn!("cannot signal the used queue: {e}");
-                    }
                     completed = false;
                 }
             }
-            if completed {
-                let notify = state
-                    .get_queue_mut()
-                    .needs_notification(&*mem)
-                    .unwrap_or(true);
-                if notify {
-                    if let Err(e) = state.signal_used_queue() {
-                        warn!("cannot signal the used queue: {e}");
-                    }
+            if let Some(chain) = local_large.take() {
+                let head = chain.head_index();
+                let len = request::process(mem, chain, &ctx, &mut scratch);
+                Self::add_used(&mut state, mem, head, len);
+                completed = true;
+            }
+            if let (Some(b), Some(pool)) = (batch.take(), pool) {
+                // Help with what the helpers have not started yet.
+                while pool.run_one(&mut scratch) {}
+                for (head, len) in b.wait() {
+                    Self::add_used(&mut state, mem, head, len);
                 }
+                completed = true;
+            }
+            if completed {
+                Self::signal_if_needed(&mut state, mem);
             }
             if !event_idx {
                 break;
             }
             // Re-enable notifications; loop if the driver added requests
             // in the meantime.
-            match state.get_queue_mut().enable_notification(&*mem) {
+            match state.get_queue_mut().enable_notification(mem) {
                 Ok(true) => continue,
                 _ => break,
             }
         }
+    }
+
+    fn add_used(state: &mut VringState<GM>, mem: &GuestMemoryMmap, head: u16, len: u32) {
+        if let Err(e) = state.get_queue_mut().add_used(mem, head, len) {
+            warn!("cannot add used entry for head {head}: {e}");
+        }
+    }
+
+    /// Signal the driver if it wants a notification; returns whether it did.
+    fn signal_if_needed(state: &mut VringState<GM>, mem: &GuestMemoryMmap) -> bool {
+        let notify = state
+            .get_queue_mut()
+            .needs_notification(mem)
+            .unwrap_or(true);
+        if notify {
+            if let Err(e) = state.signal_used_queue() {
+                warn!("cannot signal the used queue: {e}");
+            }
+        }
+        notify
     }
 }
 
@@ -336,8 +402,10 @@ mod tests {
                     serial: [b'x'; 20],
                     num_queues: 3,
                     queue_size: 128,
+                    io_threads: 1,
                 },
-            ),
+            )
+            .unwrap(),
             dir,
         )
     }

@@ -15,6 +15,8 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 pub const MAX_QUEUES: u16 = 64;
 /// Length of a virtio-blk device ID (`VIRTIO_BLK_T_GET_ID`).
 pub const SERIAL_LEN: usize = 20;
+/// Largest number of I/O helper threads.
+pub const MAX_IO_THREADS: usize = 64;
 /// Default queue size.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// Upper bound of the default number of queues.
@@ -51,6 +53,10 @@ pub struct Cli {
     /// Maximum size of each queue (power of two).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_QUEUE_SIZE)]
     pub queue_size: u16,
+    /// Helper threads that share large (>= 64 KiB) requests of a batch
+    /// with the queue workers; 0 disables them [default: host CPUs, at most 4].
+    #[arg(long, value_name = "N")]
+    pub io_threads: Option<usize>,
 }
 
 /// Validated configuration.
@@ -70,6 +76,8 @@ pub struct BlkConfig {
     pub num_queues: u16,
     /// Maximum queue size.
     pub queue_size: u16,
+    /// I/O helper threads.
+    pub io_threads: usize,
 }
 
 /// A configuration error (one line, printed before exiting).
@@ -84,6 +92,9 @@ pub enum ConfigError {
     /// --serial too long or not printable ASCII.
     #[error("--serial must be at most {SERIAL_LEN} bytes of printable ASCII, got {0:?}")]
     Serial(String),
+    /// --io-threads out of range.
+    #[error("--io-threads must be between 0 and {MAX_IO_THREADS}, got {0}")]
+    IoThreads(usize),
     /// Empty path argument.
     #[error("{0} must not be empty")]
     EmptyPath(&'static str),
@@ -106,6 +117,10 @@ impl BlkConfig {
         if !(2..=MAX_QUEUE_SIZE).contains(&qs) || !qs.is_power_of_two() {
             return Err(ConfigError::QueueSize(qs));
         }
+        let io_threads = cli.io_threads.unwrap_or_else(default_io_threads);
+        if io_threads > MAX_IO_THREADS {
+            return Err(ConfigError::IoThreads(io_threads));
+        }
         let serial = match &cli.serial {
             Some(s) => parse_serial(s)?,
             None => default_serial(&cli.image),
@@ -118,6 +133,7 @@ impl BlkConfig {
             serial,
             num_queues,
             queue_size: qs,
+            io_threads,
         })
     }
 }
@@ -126,6 +142,13 @@ impl BlkConfig {
 pub fn default_num_queues() -> u16 {
     std::thread::available_parallelism()
         .map(|n| n.get().min(DEFAULT_MAX_QUEUES as usize) as u16)
+        .unwrap_or(1)
+}
+
+/// Default number of I/O helper threads: host CPUs, at most 4.
+pub fn default_io_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().min(4))
         .unwrap_or(1)
 }
 
@@ -194,12 +217,15 @@ mod tests {
             "4",
             "--queue-size",
             "1024",
+            "--io-threads",
+            "0",
             "--client",
         ])
         .unwrap();
         assert!(c.readonly && c.direct && c.socket.client);
         assert_eq!(c.num_queues, 4);
         assert_eq!(c.queue_size, 1024);
+        assert_eq!(c.io_threads, 0);
         assert_eq!(&c.serial[..5], b"disk0");
         assert!(c.serial[5..].iter().all(|&b| b == 0));
     }
@@ -228,6 +254,9 @@ mod tests {
         assert!(with(&["--serial", "bad\nid"]).is_err());
         assert!(with(&["--serial", "exactly-twenty-bytes"]).is_ok());
         assert!(with(&["--bogus"]).is_err());
+        assert!(with(&["--io-threads", "65"])
+            .unwrap_err()
+            .contains("--io-threads"));
         assert!(parse(&["--image", "/i"]).is_err(), "socket path required");
         assert!(parse(&["--socket-path", "/s"]).is_err(), "image required");
         assert!(parse(&["--socket-path", "", "--image", "/i"]).is_err());

@@ -8,6 +8,7 @@
 mod backend;
 mod config;
 mod disk;
+mod pool;
 mod request;
 
 use std::process::ExitCode;
@@ -89,9 +90,10 @@ fn main() -> ExitCode {
         serial: cfg.serial,
         num_queues: cfg.num_queues,
         queue_size: cfg.queue_size,
+        io_threads: cfg.io_threads,
     };
     match serve("mic-blk", endpoint, &shutdown, || {
-        Ok(BlkBackend::new(disk.clone(), params.clone()))
+        BlkBackend::new(disk.clone(), params.clone())
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),

@@ -294,3 +294,94 @@ fn direct_io_aligned_and_bounced() {
     assert_eq!(&img[256 * 512..][..8192], &odd[..]);
     assert!(img[1024..128 * 512].iter().all(|&b| b == 0x77));
 }
+
+/// Batches of large requests (shared with the I/O helper threads), mixed
+/// with small ones, in both directions.
+#[test]
+fn large_requests_in_flight() {
+    let s = Setup::new(8 << 20, 0);
+    let _d = s.spawn(&["--num-queues", "1", "--io-threads", "2"]);
+    let mut f = connect(&s, 1);
+    let q = &mut f.queues[0];
+    let sizes = [
+        128usize << 10,
+        4096,
+        256 << 10,
+        64 << 10,
+        512,
+        128 << 10,
+        1 << 20,
+        8192,
+    ];
+    let mut offsets = Vec::new();
+    let mut off = 0u64;
+    for &len in &sizes {
+        offsets.push(off);
+        off += len as u64 / 512 + 8;
+    }
+    for round in 0..3u64 {
+        // Writes, all posted before one kick.
+        let mut reqs = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            let r = Req::alloc(q, len);
+            q.mem().write(r.hdr, &header(T_OUT, offsets[i])).unwrap();
+            q.mem()
+                .write(r.data, &pattern(round * 100 + i as u64, len))
+                .unwrap();
+            q.mem().write(r.status, &[0xff]).unwrap();
+            q.add_chain(&[
+                Desc::out(r.hdr, 16),
+                Desc::out(r.data, len as u32),
+                Desc::inp(r.status, 1),
+            ])
+            .unwrap();
+            reqs.push(r);
+        }
+        q.kick().unwrap();
+        let mut n = 0;
+        while n < sizes.len() {
+            n += q.wait_used(TIMEOUT).unwrap().len();
+        }
+        for r in &reqs {
+            assert_eq!(q.mem().read(r.status, 1).unwrap()[0], S_OK);
+        }
+        // Reads, all posted before one kick.
+        let mut reads = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            let r = Req::alloc(q, len);
+            q.mem().write(r.hdr, &header(T_IN, offsets[i])).unwrap();
+            q.mem().write(r.status, &[0xff]).unwrap();
+            let head = q
+                .add_chain(&[
+                    Desc::out(r.hdr, 16),
+                    Desc::inp(r.data, len as u32),
+                    Desc::inp(r.status, 1),
+                ])
+                .unwrap();
+            reads.push((head, r, len));
+        }
+        q.kick().unwrap();
+        let mut used = Vec::new();
+        while used.len() < sizes.len() {
+            used.extend(q.wait_used(TIMEOUT).unwrap());
+        }
+        for (i, (head, r, len)) in reads.iter().enumerate() {
+            assert_eq!(q.mem().read(r.status, 1).unwrap()[0], S_OK);
+            let u = used.iter().find(|u| u.id == *head).unwrap();
+            assert_eq!(u.len as usize, len + 1);
+            let back = q.mem().read(r.data, *len).unwrap();
+            assert_eq!(
+                checksum(&back),
+                checksum(&pattern(round * 100 + i as u64, *len))
+            );
+        }
+    }
+    let img = s.image_bytes();
+    for (i, &len) in sizes.iter().enumerate() {
+        let o = offsets[i] as usize * 512;
+        assert_eq!(
+            checksum(&img[o..o + len]),
+            checksum(&pattern(200 + i as u64, len))
+        );
+    }
+}
