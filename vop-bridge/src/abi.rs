@@ -1,0 +1,654 @@
+//! The VOP ABI of the emulated X100 card as Rust types: the BAR0 register map,
+//! doorbell values, card states and the device page layout.
+//!
+//! `docs/vop-abi.md` is the specification; every constant and offset here is
+//! taken from it and pinned by the tests at the bottom of this file.
+
+use std::fmt;
+
+use vm_memory::ByteValued;
+
+/// PCI vendor id of the card (Intel).
+pub const PCI_VENDOR_ID: u16 = 0x8086;
+/// PCI device id of the card (an X100 id).
+pub const PCI_DEVICE_ID: u16 = 0x2250;
+/// PCI class code (co-processor).
+pub const PCI_CLASS: u16 = 0x0b40;
+/// BAR holding the registers.
+pub const BAR_REGS: u8 = 0;
+/// BAR holding the aperture (host memory shared with the card).
+pub const BAR_APERTURE: u8 = 2;
+/// BAR holding the MSI-X table and PBA.
+pub const BAR_MSIX: u8 = 4;
+/// Size of the register BAR.
+pub const REGS_SIZE: u64 = 4096;
+
+/// Offsets and values of the BAR0 registers.
+pub mod reg {
+    /// `MAGIC`: reads [`MAGIC_VALUE`].
+    pub const MAGIC: u32 = 0x000;
+    /// `ABI_VERSION`: `major << 16 | minor`.
+    pub const ABI_VERSION: u32 = 0x004;
+    /// `FAMILY`: reads [`FAMILY_X100`].
+    pub const FAMILY: u32 = 0x008;
+    /// `STEPPING`: the card's stepping.
+    pub const STEPPING: u32 = 0x00c;
+    /// `NODE_ID`: the card's node id.
+    pub const NODE_ID: u32 = 0x010;
+    /// `NUM_SPADS`: number of scratchpads.
+    pub const NUM_SPADS: u32 = 0x014;
+    /// `NUM_DOORBELLS`: number of card-to-host doorbells.
+    pub const NUM_DOORBELLS: u32 = 0x018;
+    /// `NUM_VECTORS`: number of MSI-X vectors.
+    pub const NUM_VECTORS: u32 = 0x01c;
+    /// `APERTURE_SIZE_LO`: aperture size, low half.
+    pub const APERTURE_SIZE_LO: u32 = 0x020;
+    /// `APERTURE_SIZE_HI`: aperture size, high half.
+    pub const APERTURE_SIZE_HI: u32 = 0x024;
+    /// `CARD_STATE`: what the card says of itself.
+    pub const CARD_STATE: u32 = 0x040;
+    /// `SHUTDOWN_STATUS`: why the card stops.
+    pub const SHUTDOWN_STATUS: u32 = 0x044;
+    /// `HOST_REQUEST`: a request from the host to the card.
+    pub const HOST_REQUEST: u32 = 0x048;
+    /// First scratchpad; scratchpad `i` is at `SPAD_BASE + 4 * i`.
+    pub const SPAD_BASE: u32 = 0x100;
+    /// First doorbell; doorbell `n` is at `DOORBELL_BASE + 4 * n`.
+    pub const DOORBELL_BASE: u32 = 0x200;
+
+    /// Value of the `MAGIC` register ("MICX").
+    pub const MAGIC_VALUE: u32 = 0x5843_494d;
+    /// ABI version this crate implements (1.0).
+    pub const ABI_VERSION_VALUE: u32 = 0x0001_0000;
+    /// Value of the `FAMILY` register for an X100.
+    pub const FAMILY_X100: u32 = 100;
+    /// Stepping C0, the default.
+    pub const STEPPING_C0: u32 = 0x20;
+    /// `HOST_REQUEST` value asking the card to shut down.
+    pub const HOST_REQUEST_SHUTDOWN: u32 = 1;
+
+    /// Offset of scratchpad `i`.
+    pub const fn spad(i: u32) -> u32 {
+        SPAD_BASE + 4 * i
+    }
+
+    /// Offset of doorbell `n`.
+    pub const fn doorbell(n: u32) -> u32 {
+        DOORBELL_BASE + 4 * n
+    }
+
+    /// Whether `offset` is a register both card and host may write.
+    pub fn is_writable(offset: u32) -> bool {
+        matches!(offset, CARD_STATE | SHUTDOWN_STATUS | HOST_REQUEST)
+            || (SPAD_BASE..SPAD_BASE + 4 * super::NUM_SPADS).contains(&offset) && offset.is_multiple_of(4)
+    }
+}
+
+/// Number of scratchpads.
+pub const NUM_SPADS: u32 = 16;
+/// Number of card-to-host doorbells.
+pub const NUM_DOORBELLS: u32 = 32;
+/// Number of MSI-X vectors (host-to-card doorbells).
+pub const NUM_VECTORS: u32 = 32;
+/// Scratchpad holding the device page offset, low half (upstream `MIC_DPLO_SPAD`).
+pub const SPAD_DP_LO: u32 = 14;
+/// Scratchpad holding the device page offset, high half (upstream `MIC_DPHI_SPAD`).
+pub const SPAD_DP_HI: u32 = 15;
+/// MSI-X vector reserved for control: page published, host request.
+pub const CONTROL_VECTOR: u32 = 0;
+
+/// Doorbell value meaning "re-read this device's status, control block and config".
+pub const DOORBELL_CONTROL: u32 = 0x8000_0000;
+/// Largest doorbell value that is a kick (the virtqueue index).
+pub const DOORBELL_KICK_MAX: u32 = 0xffff;
+
+/// What a value written to a card-to-host doorbell means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DoorbellValue {
+    /// Virtqueue `index` of the doorbell's device has new buffers.
+    Kick(u16),
+    /// Re-read status, control block and config space.
+    Control,
+    /// A reserved value: logged and ignored.
+    Reserved(u32),
+}
+
+impl From<u32> for DoorbellValue {
+    fn from(value: u32) -> Self {
+        match value {
+            0..=DOORBELL_KICK_MAX => DoorbellValue::Kick(value as u16),
+            DOORBELL_CONTROL => DoorbellValue::Control,
+            other => DoorbellValue::Reserved(other),
+        }
+    }
+}
+
+/// Card state as the host tracks it (upstream `MIC_READY` .. `MIC_RESET_FAILED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CardState {
+    /// Powered, not running.
+    Ready = 0,
+    /// Running, not yet online.
+    Booting = 1,
+    /// The card's driver is up.
+    Online = 2,
+    /// The card is halting, powering off, restarting or crashed.
+    ShuttingDown = 3,
+    /// The card was reset; the host rebuilds the device page.
+    Resetting = 4,
+    /// The device page could not be rebuilt after a reset.
+    ResetFailed = 5,
+}
+
+impl CardState {
+    /// Name as shown to users (upstream sysfs `state` spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            CardState::Ready => "ready",
+            CardState::Booting => "booting",
+            CardState::Online => "online",
+            CardState::ShuttingDown => "shutting_down",
+            CardState::Resetting => "resetting",
+            CardState::ResetFailed => "reset_failed",
+        }
+    }
+}
+
+impl TryFrom<u32> for CardState {
+    type Error = u32;
+
+    fn try_from(value: u32) -> Result<Self, u32> {
+        Ok(match value {
+            0 => CardState::Ready,
+            1 => CardState::Booting,
+            2 => CardState::Online,
+            3 => CardState::ShuttingDown,
+            4 => CardState::Resetting,
+            5 => CardState::ResetFailed,
+            other => return Err(other),
+        })
+    }
+}
+
+impl fmt::Display for CardState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why the card stopped (upstream `MIC_NOP` .. `MIC_RESTART`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ShutdownStatus {
+    /// Nothing to report.
+    Nop = 0,
+    /// The card panicked.
+    Crashed = 1,
+    /// The card halted.
+    Halted = 2,
+    /// The card powered off.
+    PowerOff = 3,
+    /// The card is rebooting.
+    Restart = 4,
+}
+
+impl ShutdownStatus {
+    /// Name as shown to users (upstream sysfs `shutdown_status` spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            ShutdownStatus::Nop => "nop",
+            ShutdownStatus::Crashed => "crashed",
+            ShutdownStatus::Halted => "halted",
+            ShutdownStatus::PowerOff => "poweroff",
+            ShutdownStatus::Restart => "restart",
+        }
+    }
+}
+
+impl TryFrom<u32> for ShutdownStatus {
+    type Error = u32;
+
+    fn try_from(value: u32) -> Result<Self, u32> {
+        Ok(match value {
+            0 => ShutdownStatus::Nop,
+            1 => ShutdownStatus::Crashed,
+            2 => ShutdownStatus::Halted,
+            3 => ShutdownStatus::PowerOff,
+            4 => ShutdownStatus::Restart,
+            other => return Err(other),
+        })
+    }
+}
+
+impl fmt::Display for ShutdownStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Device page magic (upstream `MIC_MAGIC`).
+pub const MIC_MAGIC: u32 = 0xc0ff_ee00;
+/// Size of the device page (upstream `MIC_DP_SIZE`).
+pub const DP_SIZE: usize = 4096;
+/// Aperture offset where `vop-bridge` places the device page.
+pub const DP_DEFAULT_OFFSET: u64 = 0x1000;
+/// Ring alignment (upstream `MIC_VIRTIO_RING_ALIGN`).
+pub const RING_ALIGN: u64 = 4096;
+/// Most virtqueues per device (upstream allowed 4).
+pub const MAX_VQS: usize = 16;
+/// Most entries per ring (upstream allowed 128).
+pub const MAX_RING_ENTRIES: u16 = 1024;
+/// Largest descriptor, `total_size` (upstream allowed 256).
+pub const MAX_DESC_SIZE: usize = 1024;
+/// Bytes per feature bitmap written by our host.
+pub const FEATURE_LEN: u8 = 8;
+/// `config_change` value: the host removes the device.
+pub const CONFIG_CHANGE_REMOVE: u8 = 1;
+/// `config_change` value: the config space changed.
+pub const CONFIG_CHANGE_CONFIG: u8 = 2;
+/// `type` of a removed descriptor slot.
+pub const TYPE_REMOVED: i8 = -1;
+/// `type` that ends the descriptor list.
+pub const TYPE_END: i8 = 0;
+
+/// `mic_bootparam`: the head of the device page (upstream 4.4+ layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BootParam {
+    /// [`MIC_MAGIC`].
+    pub magic: u32,
+    /// Vector the host raises on add/remove/config change; card-written.
+    pub h2c_config_db: i8,
+    /// Node id.
+    pub node_id: u8,
+    /// Unused (SCIF).
+    pub h2c_scif_db: u8,
+    /// Unused (SCIF).
+    pub c2h_scif_db: u8,
+    /// Unused (SCIF).
+    pub scif_host_dma_addr: u64,
+    /// Unused (SCIF).
+    pub scif_card_dma_addr: u64,
+}
+
+/// `mic_device_desc`: the fixed head of a device descriptor.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeviceDesc {
+    /// Virtio device id; 0 ends the list, -1 is a removed slot.
+    pub type_: i8,
+    /// Number of virtqueues.
+    pub num_vq: u8,
+    /// Bytes per feature bitmap.
+    pub feature_len: u8,
+    /// Bytes of config space.
+    pub config_len: u8,
+    /// Virtio device status, card-written.
+    pub status: u8,
+    /// Padding.
+    pub pad: [u8; 3],
+}
+
+/// `mic_vqconfig`: where a virtqueue's ring is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VqConfig {
+    /// Aperture offset of the ring allocation.
+    pub address: u64,
+    /// Must be 0 (the used ring stays in the aperture).
+    pub used_address: u64,
+    /// Ring size in entries.
+    pub num: u16,
+    /// Padding.
+    pub pad: [u8; 6],
+}
+
+/// `mic_device_ctrl`: a device's control block.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeviceCtrl {
+    /// Card cookie.
+    pub vdev: u64,
+    /// Host: 1 remove, 2 config changed.
+    pub config_change: u8,
+    /// Card: asks for a device reset.
+    pub vdev_reset: u8,
+    /// Card: acknowledges `config_change`.
+    pub guest_ack: u8,
+    /// Host: acknowledges `vdev_reset`.
+    pub host_ack: u8,
+    /// Unused, must stay 0.
+    pub used_address_updated: u8,
+    /// Host-allocated card-to-host doorbell.
+    pub c2h_vdev_db: i8,
+    /// Card-allocated MSI-X vector.
+    pub h2c_vdev_db: i8,
+    /// Padding.
+    pub pad: u8,
+}
+
+/// `_mic_vring_info`: the trailer after each ring.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VringInfo {
+    /// Unused; 0.
+    pub avail_idx: u16,
+    /// Padding.
+    pub pad: u16,
+    /// `MIC_MAGIC + type + vq_index`.
+    pub magic: u32,
+}
+
+// SAFETY: plain-old-data structs of integers with no implicit padding; every
+// bit pattern is a valid value.
+unsafe impl ByteValued for BootParam {}
+// SAFETY: as above.
+unsafe impl ByteValued for DeviceDesc {}
+// SAFETY: as above.
+unsafe impl ByteValued for VqConfig {}
+// SAFETY: as above.
+unsafe impl ByteValued for DeviceCtrl {}
+// SAFETY: as above.
+unsafe impl ByteValued for VringInfo {}
+
+/// Rounds `v` up to a multiple of `a` (a power of two).
+pub const fn align_up(v: u64, a: u64) -> u64 {
+    (v + a - 1) & !(a - 1)
+}
+
+/// Size of a split ring of `num` entries with the used ring aligned to `align`
+/// (Linux `vring_size`).
+pub const fn vring_size(num: u16, align: u64) -> u64 {
+    let num = num as u64;
+    align_up(16 * num + 2 * (3 + num), align) + 2 * 3 + 8 * num
+}
+
+/// Bytes the host allocates for one ring: the ring, its trailer, page aligned.
+pub const fn ring_alloc_size(num: u16) -> u64 {
+    align_up(
+        vring_size(num, RING_ALIGN) + std::mem::size_of::<VringInfo>() as u64,
+        4096,
+    )
+}
+
+/// Ring trailer magic for virtqueue `vq_index` of a device of `device_type`.
+pub const fn vring_magic(device_type: u8, vq_index: u16) -> u32 {
+    MIC_MAGIC
+        .wrapping_add(device_type as u32)
+        .wrapping_add(vq_index as u32)
+}
+
+/// Byte offsets of every part of one device descriptor, relative to its start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DescLayout {
+    /// Number of virtqueues.
+    pub num_vq: u8,
+    /// Bytes per feature bitmap.
+    pub feature_len: u8,
+    /// Bytes of config space.
+    pub config_len: u8,
+}
+
+impl DescLayout {
+    /// Offset of the `status` byte.
+    pub const STATUS: usize = 4;
+
+    /// Offset of virtqueue `i`'s `mic_vqconfig`.
+    pub fn vqconfig(&self, i: usize) -> usize {
+        8 + 24 * i
+    }
+
+    /// Offset of the host feature bitmap.
+    pub fn host_features(&self) -> usize {
+        8 + 24 * self.num_vq as usize
+    }
+
+    /// Offset of the acked feature bitmap.
+    pub fn acked_features(&self) -> usize {
+        self.host_features() + self.feature_len as usize
+    }
+
+    /// Offset of the config space.
+    pub fn config(&self) -> usize {
+        self.acked_features() + self.feature_len as usize
+    }
+
+    /// Size of the descriptor without its control block (`mic_desc_size`).
+    pub fn desc_size(&self) -> usize {
+        align_up(self.config() as u64 + self.config_len as u64, 8) as usize
+    }
+
+    /// Offset of the control block.
+    pub fn ctrl(&self) -> usize {
+        self.desc_size()
+    }
+
+    /// Size of the descriptor with its control block (`mic_total_desc_size`).
+    pub fn total_size(&self) -> usize {
+        self.desc_size() + std::mem::size_of::<DeviceCtrl>()
+    }
+
+    /// Checks the layout against the limits of `docs/vop-abi.md` section 5.4.
+    pub fn check_limits(&self) -> Result<(), LayoutError> {
+        if self.num_vq == 0 || self.num_vq as usize > MAX_VQS {
+            return Err(LayoutError::NumVq(self.num_vq));
+        }
+        if self.feature_len == 0 || self.feature_len > 32 {
+            return Err(LayoutError::FeatureLen(self.feature_len));
+        }
+        if self.total_size() > MAX_DESC_SIZE {
+            return Err(LayoutError::TooLarge(self.total_size()));
+        }
+        Ok(())
+    }
+}
+
+/// A device descriptor that breaks the ABI's limits.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// `num_vq` is 0 or above [`MAX_VQS`].
+    #[error("num_vq {0} is outside 1..={MAX_VQS}")]
+    NumVq(u8),
+    /// `feature_len` is 0 or above 32.
+    #[error("feature_len {0} is outside 1..=32")]
+    FeatureLen(u8),
+    /// The descriptor is larger than [`MAX_DESC_SIZE`].
+    #[error("descriptor of {0} bytes exceeds {MAX_DESC_SIZE}")]
+    TooLarge(usize),
+    /// The descriptor runs past the end of the device page.
+    #[error("descriptor at offset {0} runs past the device page")]
+    PastPage(usize),
+    /// A ring size is not a power of two in 1..=[`MAX_RING_ENTRIES`].
+    #[error("ring size {0} is not a power of two up to {MAX_RING_ENTRIES}")]
+    RingSize(u16),
+}
+
+/// Checks a ring size against the ABI limits.
+pub fn check_ring_size(num: u16) -> Result<(), LayoutError> {
+    if num == 0 || num > MAX_RING_ENTRIES || !num.is_power_of_two() {
+        return Err(LayoutError::RingSize(num));
+    }
+    Ok(())
+}
+
+/// Encodes a 64-bit feature word into a bitmap of `len` bytes, byte `i`
+/// holding bits `8i .. 8i+7`.
+pub fn features_to_bytes(features: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            if i < 8 {
+                (features >> (8 * i)) as u8
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
+/// Decodes a feature bitmap (bits above 63 are ignored).
+pub fn features_from_bytes(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .take(8)
+        .enumerate()
+        .fold(0, |acc, (i, b)| acc | (u64::from(*b) << (8 * i)))
+}
+
+/// Transport feature bits the host never offers to the card
+/// (`docs/vop-abi.md` section 5.5).
+pub const UNSUPPORTED_FEATURES: u64 = (1 << 30) // VHOST_USER_F_PROTOCOL_FEATURES
+    | (1 << 33) // VIRTIO_F_ACCESS_PLATFORM
+    | (1 << 34) // VIRTIO_F_RING_PACKED
+    | (1 << 36) // VIRTIO_F_ORDER_PLATFORM
+    | (1 << 37) // VIRTIO_F_SR_IOV
+    | (1 << 38) // VIRTIO_F_NOTIFICATION_DATA
+    | (1 << 40); // VIRTIO_F_RING_RESET
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn bootparam_layout_matches_upstream() {
+        assert_eq!(size_of::<BootParam>(), 24);
+        assert_eq!(offset_of!(BootParam, magic), 0);
+        assert_eq!(offset_of!(BootParam, h2c_config_db), 4);
+        assert_eq!(offset_of!(BootParam, node_id), 5);
+        assert_eq!(offset_of!(BootParam, h2c_scif_db), 6);
+        assert_eq!(offset_of!(BootParam, c2h_scif_db), 7);
+        assert_eq!(offset_of!(BootParam, scif_host_dma_addr), 8);
+        assert_eq!(offset_of!(BootParam, scif_card_dma_addr), 16);
+    }
+
+    #[test]
+    fn device_desc_layout_matches_upstream() {
+        assert_eq!(size_of::<DeviceDesc>(), 8);
+        assert_eq!(offset_of!(DeviceDesc, type_), 0);
+        assert_eq!(offset_of!(DeviceDesc, num_vq), 1);
+        assert_eq!(offset_of!(DeviceDesc, feature_len), 2);
+        assert_eq!(offset_of!(DeviceDesc, config_len), 3);
+        assert_eq!(offset_of!(DeviceDesc, status), DescLayout::STATUS);
+    }
+
+    #[test]
+    fn vqconfig_layout_matches_upstream() {
+        assert_eq!(size_of::<VqConfig>(), 24);
+        assert_eq!(offset_of!(VqConfig, address), 0);
+        assert_eq!(offset_of!(VqConfig, used_address), 8);
+        assert_eq!(offset_of!(VqConfig, num), 16);
+    }
+
+    #[test]
+    fn device_ctrl_layout_matches_upstream() {
+        assert_eq!(size_of::<DeviceCtrl>(), 16);
+        assert_eq!(offset_of!(DeviceCtrl, vdev), 0);
+        assert_eq!(offset_of!(DeviceCtrl, config_change), 8);
+        assert_eq!(offset_of!(DeviceCtrl, vdev_reset), 9);
+        assert_eq!(offset_of!(DeviceCtrl, guest_ack), 10);
+        assert_eq!(offset_of!(DeviceCtrl, host_ack), 11);
+        assert_eq!(offset_of!(DeviceCtrl, used_address_updated), 12);
+        assert_eq!(offset_of!(DeviceCtrl, c2h_vdev_db), 13);
+        assert_eq!(offset_of!(DeviceCtrl, h2c_vdev_db), 14);
+    }
+
+    #[test]
+    fn vring_info_layout_matches_upstream() {
+        assert_eq!(size_of::<VringInfo>(), 8);
+        assert_eq!(offset_of!(VringInfo, avail_idx), 0);
+        assert_eq!(offset_of!(VringInfo, magic), 4);
+    }
+
+    #[test]
+    fn register_offsets_match_spec() {
+        assert_eq!(reg::MAGIC_VALUE.to_le_bytes(), *b"MICX");
+        assert_eq!(reg::spad(SPAD_DP_LO), 0x138);
+        assert_eq!(reg::spad(SPAD_DP_HI), 0x13c);
+        assert_eq!(reg::doorbell(31), 0x27c);
+        assert!(reg::is_writable(reg::CARD_STATE));
+        assert!(reg::is_writable(reg::spad(15)));
+        assert!(!reg::is_writable(reg::spad(16)));
+        assert!(!reg::is_writable(reg::spad(1) + 2));
+        assert!(!reg::is_writable(reg::MAGIC));
+        assert!(!reg::is_writable(reg::doorbell(0)));
+    }
+
+    #[test]
+    fn desc_sizes_match_upstream_formula() {
+        // Upstream console: 2 vqs, 4-byte features, no config.
+        let l = DescLayout {
+            num_vq: 2,
+            feature_len: 4,
+            config_len: 0,
+        };
+        assert_eq!(l.host_features(), 56);
+        assert_eq!(l.acked_features(), 60);
+        assert_eq!(l.config(), 64);
+        assert_eq!(l.desc_size(), 64);
+        assert_eq!(l.total_size(), 80);
+        // Our block device: 1 vq, 8-byte features, 60 bytes of config.
+        let l = DescLayout {
+            num_vq: 1,
+            feature_len: 8,
+            config_len: 60,
+        };
+        assert_eq!(l.config(), 48);
+        assert_eq!(l.desc_size(), 112);
+        assert_eq!(l.total_size(), 128);
+        assert!(l.check_limits().is_ok());
+        let l = DescLayout {
+            num_vq: 17,
+            feature_len: 8,
+            config_len: 0,
+        };
+        assert_eq!(l.check_limits(), Err(LayoutError::NumVq(17)));
+    }
+
+    #[test]
+    fn ring_sizes() {
+        // Linux vring_size(128, 4096) = 4096 + 2054 ... checked by hand:
+        // desc 2048 + avail 6+256 = 2310 -> 4096; used 6 + 1024 = 1030.
+        assert_eq!(vring_size(128, 4096), 4096 + 1030);
+        assert_eq!(ring_alloc_size(128), 8192);
+        assert_eq!(vring_size(256, 4096), 8192 + 2054);
+        assert_eq!(ring_alloc_size(256), 12288);
+        assert!(check_ring_size(256).is_ok());
+        assert!(check_ring_size(100).is_err());
+        assert!(check_ring_size(2048).is_err());
+        assert_eq!(vring_magic(3, 1), 0xc0ff_ee04);
+    }
+
+    #[test]
+    fn doorbell_values() {
+        assert_eq!(DoorbellValue::from(3), DoorbellValue::Kick(3));
+        assert_eq!(DoorbellValue::from(0xffff), DoorbellValue::Kick(0xffff));
+        assert_eq!(DoorbellValue::from(0x8000_0000), DoorbellValue::Control);
+        assert_eq!(
+            DoorbellValue::from(0x1_0000),
+            DoorbellValue::Reserved(0x1_0000)
+        );
+    }
+
+    #[test]
+    fn feature_bitmaps_round_trip() {
+        let f = (1u64 << 32) | (1 << 29) | 0x5;
+        let b = features_to_bytes(f, 8);
+        assert_eq!(b, vec![5, 0, 0, 0x20, 1, 0, 0, 0]);
+        assert_eq!(features_from_bytes(&b), f);
+        assert_eq!(features_to_bytes(f, 4), vec![5, 0, 0, 0x20]);
+    }
+
+    #[test]
+    fn states_round_trip() {
+        for v in 0..6 {
+            assert_eq!(CardState::try_from(v).unwrap() as u32, v);
+        }
+        assert!(CardState::try_from(6).is_err());
+        assert_eq!(CardState::ShuttingDown.name(), "shutting_down");
+        for v in 0..5 {
+            assert_eq!(ShutdownStatus::try_from(v).unwrap() as u32, v);
+        }
+        assert_eq!(ShutdownStatus::PowerOff.to_string(), "poweroff");
+    }
+}
