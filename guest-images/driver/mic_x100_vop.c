@@ -77,6 +77,7 @@ struct vop_vdev {
 	unsigned int vector;		/* MSI-X vector (h2c_vdev_db) */
 	bool irq_requested;
 	bool detached;			/* descriptor no longer ours: hands off */
+	u8 shadow_status;		/* the status once detached */
 	u64 cookie;			/* written to ctrl->vdev */
 	char irq_name[32];
 
@@ -211,7 +212,11 @@ static void vop_set(struct virtio_device *vdev, unsigned int offset,
 
 static u8 vop_get_status(struct virtio_device *vdev)
 {
-	return READ_ONCE(to_vop_vdev(vdev)->desc->status);
+	struct vop_vdev *vd = to_vop_vdev(vdev);
+
+	if (vd->detached)
+		return vd->shadow_status;
+	return READ_ONCE(vd->desc->status);
 }
 
 static void vop_set_status(struct virtio_device *vdev, u8 status)
@@ -220,8 +225,10 @@ static void vop_set_status(struct virtio_device *vdev, u8 status)
 
 	/* We should never be setting status to 0. */
 	WARN_ON(status == 0);
-	if (vd->detached)
+	if (vd->detached) {
+		vd->shadow_status = status;
 		return;
+	}
 	WRITE_ONCE(vd->desc->status, status);
 	vop_ring_control(vd);
 }
@@ -237,8 +244,10 @@ static void vop_reset(struct virtio_device *vdev)
 	unsigned long deadline;
 	unsigned int timeout;
 
-	if (vd->detached)
+	if (vd->detached) {
+		vd->shadow_status = 0;
 		return;
+	}
 	WRITE_ONCE(ctrl->host_ack, 0);
 	WRITE_ONCE(ctrl->vdev_reset, 1);
 	vop_ring_control(vd);
@@ -534,8 +543,12 @@ static void vop_remove_vdev(struct vop_card *card, struct vop_vdev *vd,
 	unsigned int off = vd->desc_off;
 
 	list_del(&vd->node);
-	if (how == VOP_REMOVE_DETACHED)
-		vd->detached = true;
+	if (how == VOP_REMOVE_DETACHED) {
+		vd->shadow_status = READ_ONCE(vd->desc->status);
+		/* status first: the ops test detached without a lock */
+		smp_wmb();
+		WRITE_ONCE(vd->detached, true);
+	}
 	/* the driver's remove resets the device and deletes the vqs */
 	unregister_virtio_device(&vd->vdev);	/* drops the last reference */
 	vop_free_vector(card, vector);

@@ -237,8 +237,6 @@ class Device:
             log("device type %d: reset requested" % self.type)
             for r in self.rings:
                 r.reset()
-                struct.pack_into("<I", self.ap, r.off + vring_size(self.num) + 4,
-                                 (MIC_MAGIC + self.type + self.rings.index(r)) & 0xFFFFFFFF)
             self.wr8(self.pos + 4, 0)
             self.wr8(c + 9, 0)
             self.wr8(c + 11, 1)
@@ -498,18 +496,7 @@ class Host:
         a = self.args
         self.wait_for("HELLO", lambda: self.ap is not None, 30)
         if a.bad_page:
-            # a malformed page: wrong magic first, then a descriptor that runs past the page
-            self.build_page(bad_magic=True)
-            self.publish(DP_OFF)
-            self.pump_for(2)
-            self.build_page()
-            p = DP_OFF + 24
-            struct.pack_into("<bBBB", self.ap, p, 3, 200, 255, 255)
-            self.raise_vec(0)
-            self.pump_for(2)
-            struct.pack_into("<bBBB", self.ap, p, 1, 99, 8, 10)  # too many vqs, fits
-            self.raise_vec(0)
-            self.pump_for(2)
+            self.bad_pages()
         if a.bad_page:
             # keep the bootparam (the card has set h2c_config_db); new descriptors
             self.ap[DP_OFF + 24 : DP_OFF + DP_SIZE] = bytes(DP_SIZE - 24)
@@ -581,6 +568,44 @@ class Host:
         self.wait_for("card state shutting down", lambda: self.regs.get(CARD_STATE) == 3, 5)
         self.wait_for("host request taken", lambda: self.regs.get(HOST_REQUEST) == 0, 5)
         self.wait_for("POWEROFF event", lambda: ("card_event", 2) in self.events, 60)
+
+    def bad_pages(self):
+        """malformed device pages: the card must log and skip, never crash"""
+        self.wait_for("driver waits for the page",
+                      lambda: self.serial_has("waiting for the host to publish the device page"), 120)
+        p = DP_OFF + 24
+        # 1. wrong magic
+        self.build_page(bad_magic=True)
+        self.publish(DP_OFF)
+        self.wait_for("bad magic refused", lambda: self.serial_has("has magic 0xc0ffee01"), 20)
+        # 2. right magic, a descriptor that runs past the page
+        self.build_page()
+        struct.pack_into("<bBBB", self.ap, p, 3, 200, 255, 255)
+        self.raise_vec(0)
+        self.wait_for("descriptor past the page skipped", lambda: self.serial_has("runs past the device page"), 20)
+        # 3. a descriptor over the limits (fits in the page), then one with a
+        #    bad doorbell, then one whose ring magic is wrong
+        self.ap[p : p + 8] = bytes(8)
+        struct.pack_into("<bBBB", self.ap, p, 1, 99, 8, 10)
+        bad = Console(self)
+        pos2 = p + ((8 + 24 * 99 + 16 + 10 + 7) & ~7) + 16
+        bad.write_desc(pos2, 99, [self.alloc_ring(bad.num) for _ in range(2)])
+        pos3 = pos2 + bad.total()
+        badring = Console(self)
+        badring.write_desc(pos3, 5, [self.alloc_ring(badring.num) for _ in range(2)])
+        struct.pack_into("<I", self.ap, badring.rings[1].off + vring_size(badring.num) + 4, 0x12345678)
+        self.devs.append(badring)
+        self.raise_vec(0)
+        self.wait_for("descriptor over the limits skipped", lambda: self.serial_has("breaks the limits"), 20)
+        self.wait_for("bad doorbell skipped", lambda: self.serial_has("c2h_vdev_db 99 out of range"), 20)
+        self.wait_for("bad ring magic refused", lambda: self.serial_has("ring magic 0x12345678"), 30)
+        # 4. the host takes the broken device away without waiting: the card
+        #    must drop it without touching the slot
+        badring.removed = True
+        struct.pack_into("<b", self.ap, pos3, -1)
+        self.raise_vec(0)
+        self.wait_for("stale device dropped", lambda: self.serial_has("(descriptor gone)"), 20)
+        self.pump_for(1)
 
     def pump_for(self, secs):
         end = time.time() + secs
