@@ -375,7 +375,10 @@ where
             .name("vu-shim-rep".into())
             .spawn(move || pump_replies(back2, front_w))?;
         match daemon.wait() {
-            Ok(()) => info!("frontend {n} disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("frontend {n} disconnected"),
             Err(e) => warn!("frontend {n} dropped: {e}"),
         }
         drop(daemon);
