@@ -560,6 +560,18 @@ class Host:
         self.wait_for("hot-added block size", lambda: b"\n4096" in con.out, 15)
         if a.no_shutdown:
             return
+        if a.end == "panic":
+            con.type_in("echo c > /proc/sysrq-trigger\n")
+            self.wait_for("shutdown status crashed", lambda: self.regs.get(SHUTDOWN_STATUS) == 1, 60)
+            self.wait_for("card state shutting down", lambda: self.regs.get(CARD_STATE) == 3, 5)
+            return
+        if a.end == "reboot":
+            con.type_in("reboot\n")
+            self.wait_for("shutdown status restart", lambda: self.regs.get(SHUTDOWN_STATUS) == 4, 60)
+            self.wait_for("card state shutting down", lambda: self.regs.get(CARD_STATE) == 3, 5)
+            # RESET, or POWEROFF when QEMU runs with -no-reboot
+            self.wait_for("RESET or POWEROFF event", lambda: ("card_event", 1) in self.events or ("card_event", 2) in self.events, 60)
+            return
         # host-requested shutdown
         self.reg_write(HOST_REQUEST, 1)
         self.sync()
@@ -619,6 +631,8 @@ def main():
     ap.add_argument("--serial-log", help="file QEMU writes the card's serial port to")
     ap.add_argument("--bad-page", action="store_true", help="first publish malformed pages")
     ap.add_argument("--no-shutdown", action="store_true")
+    ap.add_argument("--end", choices=("shutdown", "panic", "reboot"), default="shutdown",
+                    help="how the card stops: host request, panic on the card, reboot on the card")
     ap.add_argument("--console-log", help="write what the card printed on hvc0 here")
     args = ap.parse_args()
     h = Host(args)
