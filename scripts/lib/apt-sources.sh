@@ -55,16 +55,27 @@ mic_qemu_source_versions() {
     apt-cache showsrc qemu 2>/dev/null | awk '/^Package: /{p=$2} /^Version: /{if (p=="qemu") print $2}' | sort -u
 }
 
-# Newest version of the given upstream series ("10.0" or "11"), or nothing.
-mic_qemu_newest_in_series() {
-    local series=$1 best="" v up
+# Versions of the given upstream series ("10.0" or "11"), newest first.
+mic_qemu_versions_in_series() {
+    local series=$1 v up
     while read -r v; do
         up=${v#*:}; up=${up%%+*}; up=${up%%-*}
         case "$up" in
-            "$series".*) ;;
-            *) continue ;;
+            "$series".*) printf '%s\n' "$v" ;;
         esac
-        if [ -z "$best" ] || dpkg --compare-versions "$v" gt "$best"; then best=$v; fi
-    done < <(mic_qemu_source_versions)
-    printf '%s\n' "$best"
+    done < <(mic_qemu_source_versions) | mic_sort_versions_desc
+}
+
+# Sorts Debian versions (one per line) newest first.
+mic_sort_versions_desc() {
+    local vs=() v i j t
+    while read -r v; do vs+=("$v"); done
+    for ((i = 0; i < ${#vs[@]}; i++)); do
+        for ((j = i + 1; j < ${#vs[@]}; j++)); do
+            if dpkg --compare-versions "${vs[j]}" gt "${vs[i]}"; then
+                t=${vs[i]}; vs[i]=${vs[j]}; vs[j]=$t
+            fi
+        done
+    done
+    for v in "${vs[@]}"; do printf '%s\n' "$v"; done
 }
