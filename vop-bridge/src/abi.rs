@@ -80,7 +80,8 @@ pub mod reg {
     /// Whether `offset` is a register both card and host may write.
     pub fn is_writable(offset: u32) -> bool {
         matches!(offset, CARD_STATE | SHUTDOWN_STATUS | HOST_REQUEST)
-            || (SPAD_BASE..SPAD_BASE + 4 * super::NUM_SPADS).contains(&offset) && offset.is_multiple_of(4)
+            || (SPAD_BASE..SPAD_BASE + 4 * super::NUM_SPADS).contains(&offset)
+                && offset.is_multiple_of(4)
     }
 }
 

@@ -3,6 +3,17 @@
 //! - [`abi`]: the card's registers and device page (`docs/vop-abi.md`).
 //! - [`device_protocol`]: the link to the `mic-x100` QEMU device
 //!   (`docs/device-protocol.md`).
+//! - [`page`]: building and adopting the device page in the aperture.
+//! - [`backend`]: one device's vhost-user backend.
+//! - [`card`]: the card lifecycle.
+//! - [`bridge`]: the control loop tying them together.
+//! - [`config`], [`control`]: configuration and the control socket.
 
 pub mod abi;
+pub mod backend;
+pub mod bridge;
+pub mod card;
+pub mod config;
+pub mod control;
 pub mod device_protocol;
+pub mod page;

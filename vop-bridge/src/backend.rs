@@ -1,0 +1,454 @@
+//! One device's backend, driven as a vhost-user frontend (`vhost` crate).
+//!
+//! The bridge connects to the backend, learns its features, queue count and
+//! config space (which become the device descriptor), and when the card sets
+//! `DRIVER_OK` hands it the memory table, the ring addresses and the kick and
+//! call eventfds. After that the backend and QEMU talk through those eventfds
+//! alone.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info};
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::abi;
+use crate::config::DeviceKind;
+use crate::page::DeviceSpec;
+
+/// Errors talking to a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A vhost-user request failed.
+    #[error("{socket}: {what}: {err}")]
+    Vhost {
+        /// Backend socket.
+        socket: PathBuf,
+        /// The request.
+        what: &'static str,
+        /// Cause.
+        err: vhost::Error,
+    },
+    /// The backend offers something the card cannot use.
+    #[error("{socket}: {why}")]
+    Unusable {
+        /// Backend socket.
+        socket: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// Protocol features the bridge uses when the backend has them.
+const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::CONFIG)
+    .union(VhostUserProtocolFeatures::BACKEND_REQ);
+
+/// virtio-net features that need a control virtqueue, which vhost-user leaves
+/// to the frontend; the bridge keeps out of the data path, so it offers none.
+const NET_CTRL_FEATURES: u64 = (1 << 17) // CTRL_VQ
+    | (1 << 18) // CTRL_RX
+    | (1 << 19) // CTRL_VLAN
+    | (1 << 20) // CTRL_RX_EXTRA
+    | (1 << 21) // GUEST_ANNOUNCE
+    | (1 << 22) // MQ
+    | (1 << 23) // CTRL_MAC_ADDR
+    | (1 << 2) // CTRL_GUEST_OFFLOADS
+    | (1 << 60) // RSS
+    | (1 << 57); // HASH_REPORT
+
+/// Config space sizes the bridge asks for.
+fn config_len(kind: DeviceKind) -> u32 {
+    match kind {
+        // cols, rows, max_nr_ports, emerg_wr
+        DeviceKind::Console => 12,
+        // struct virtio_blk_config up to write_zeroes_may_unmap + padding
+        DeviceKind::Blk => 60,
+        // mac, status, max_virtqueue_pairs, mtu
+        DeviceKind::Net => 12,
+    }
+}
+
+/// Records backend-initiated config changes (vhost-user `CONFIG_CHANGE_MSG`).
+#[derive(Default)]
+pub struct ConfigChangeFlag(AtomicBool);
+
+impl ConfigChangeFlag {
+    /// Returns and clears the flag.
+    pub fn take(&self) -> bool {
+        self.0.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl VhostUserFrontendReqHandler for ConfigChangeFlag {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.0.store(true, Ordering::Release);
+        Ok(0)
+    }
+}
+
+/// Where one ring is and which eventfds serve it.
+pub struct RingSetup<'a> {
+    /// Entries.
+    pub num: u16,
+    /// Descriptor table, in the memory table's userspace addresses.
+    pub desc: u64,
+    /// Available ring.
+    pub avail: u64,
+    /// Used ring.
+    pub used: u64,
+    /// Index to resume from (0 on a fresh start).
+    pub base: u16,
+    /// Kick eventfd (the card's doorbell write signals it).
+    pub kick: &'a EventFd,
+    /// Call eventfd (raises the device's MSI-X vector).
+    pub call: &'a EventFd,
+}
+
+/// A connected vhost-user backend.
+pub struct Backend {
+    kind: DeviceKind,
+    socket: PathBuf,
+    frontend: Frontend,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+    num_queues: usize,
+    config: Vec<u8>,
+    requests: Option<FrontendReqHandler<ConfigChangeFlag>>,
+    flag: Arc<ConfigChangeFlag>,
+    started: bool,
+}
+
+impl Backend {
+    fn err(&self, what: &'static str) -> impl FnOnce(vhost::Error) -> BackendError + '_ {
+        move |err| BackendError::Vhost {
+            socket: self.socket.clone(),
+            what,
+            err,
+        }
+    }
+
+    /// Connects (retrying for up to `timeout` while the socket is missing)
+    /// and learns what the backend offers.
+    pub fn connect(
+        kind: DeviceKind,
+        socket: &Path,
+        timeout: Duration,
+    ) -> Result<Self, BackendError> {
+        let deadline = Instant::now() + timeout;
+        let vhost_err = |what, err| BackendError::Vhost {
+            socket: socket.into(),
+            what,
+            err,
+        };
+        let frontend = loop {
+            match Frontend::connect(socket, abi::MAX_VQS as u64) {
+                Ok(f) => break f,
+                Err(e) if Instant::now() < deadline => {
+                    debug!("{}: {e}; retrying", socket.display());
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(vhost_err("connect", e)),
+            }
+        };
+        let mut b = Backend {
+            kind,
+            socket: socket.into(),
+            frontend,
+            features: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            num_queues: 0,
+            config: Vec::new(),
+            requests: None,
+            flag: Arc::new(ConfigChangeFlag::default()),
+            started: false,
+        };
+        b.handshake()?;
+        info!(
+            "{} backend {}: features {:#x}, {} queues",
+            kind.name(),
+            socket.display(),
+            b.features,
+            b.num_queues
+        );
+        Ok(b)
+    }
+
+    fn handshake(&mut self) -> Result<(), BackendError> {
+        self.frontend.set_owner().map_err(self.err("SET_OWNER"))?;
+        self.features = self
+            .frontend
+            .get_features()
+            .map_err(self.err("GET_FEATURES"))?;
+        if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let theirs = self
+                .frontend
+                .get_protocol_features()
+                .map_err(self.err("GET_PROTOCOL_FEATURES"))?;
+            self.protocol = theirs & WANTED_PROTOCOL;
+            self.frontend
+                .set_protocol_features(self.protocol)
+                .map_err(self.err("SET_PROTOCOL_FEATURES"))?;
+        }
+        if self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            self.config = self.read_config()?;
+        } else {
+            self.config = vec![0; config_len(self.kind) as usize];
+        }
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ)
+        {
+            let mut h = FrontendReqHandler::new(self.flag.clone())
+                .map_err(vhost::Error::VhostUserProtocol)
+                .map_err(self.err("backend request channel"))?;
+            h.set_reply_ack_flag(self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+            self.frontend
+                .set_backend_request_fd(&h.get_tx_raw_fd())
+                .map_err(self.err("SET_BACKEND_REQ_FD"))?;
+            self.requests = Some(h);
+        }
+        self.num_queues = self.queue_count()?;
+        Ok(())
+    }
+
+    fn read_config(&mut self) -> Result<Vec<u8>, BackendError> {
+        let len = config_len(self.kind);
+        let buf = vec![0u8; len as usize];
+        let (_, data) = self
+            .frontend
+            .get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf)
+            .map_err(self.err("GET_CONFIG"))?;
+        Ok(data)
+    }
+
+    /// Number of virtqueues the card gets, and the config adjusted to it.
+    fn queue_count(&mut self) -> Result<usize, BackendError> {
+        let unusable = |why: String| BackendError::Unusable {
+            socket: self.socket.clone(),
+            why,
+        };
+        let n = match self.kind {
+            DeviceKind::Console if self.features & (1 << 1) != 0 => {
+                // MULTIPORT: port 0 rx/tx, control rx/tx, then 2 per extra port.
+                let ports = u32::from_le_bytes(self.config[4..8].try_into().unwrap()).max(1);
+                let ports = ports.min(abi::MAX_VQS as u32 / 2 - 1);
+                self.config[4..8].copy_from_slice(&ports.to_le_bytes());
+                2 * (ports as usize + 1)
+            }
+            DeviceKind::Console => 2,
+            DeviceKind::Blk if self.features & (1 << 12) != 0 => {
+                let q = u16::from_le_bytes(self.config[34..36].try_into().unwrap())
+                    .clamp(1, abi::MAX_VQS as u16);
+                self.config[34..36].copy_from_slice(&q.to_le_bytes());
+                q as usize
+            }
+            DeviceKind::Blk => 1,
+            DeviceKind::Net => 2,
+        };
+        if self.protocol.contains(VhostUserProtocolFeatures::MQ) {
+            let max = self
+                .frontend
+                .get_queue_num()
+                .map_err(self.err("GET_QUEUE_NUM"))? as usize;
+            if max < n {
+                return Err(unusable(format!("offers {max} queues, {n} needed")));
+            }
+        }
+        Ok(n)
+    }
+
+    /// Device kind.
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+
+    /// Backend socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Number of virtqueues.
+    pub fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    /// Whether the rings run.
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
+    /// Features offered to the card (`docs/vop-abi.md` section 5.5).
+    pub fn card_features(&self) -> u64 {
+        let mut f = self.features & !abi::UNSUPPORTED_FEATURES;
+        if self.kind == DeviceKind::Net {
+            f &= !NET_CTRL_FEATURES;
+        }
+        f
+    }
+
+    /// Current config space.
+    pub fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    /// What the device page gets for this device.
+    pub fn spec(&self, queue_size: u16) -> DeviceSpec {
+        DeviceSpec {
+            device_type: self.kind.virtio_id(),
+            queue_sizes: vec![queue_size; self.num_queues],
+            features: self.card_features(),
+            config: self.config.clone(),
+        }
+    }
+
+    /// Sends (or resends) the memory table.
+    pub fn set_mem_table(
+        &mut self,
+        regions: &[VhostUserMemoryRegionInfo],
+    ) -> Result<(), BackendError> {
+        self.frontend
+            .set_mem_table(regions)
+            .map_err(self.err("SET_MEM_TABLE"))?;
+        Ok(())
+    }
+
+    /// Starts the rings with the features the card acked.
+    pub fn start(
+        &mut self,
+        acked: u64,
+        regions: &[VhostUserMemoryRegionInfo],
+        rings: &[RingSetup<'_>],
+    ) -> Result<(), BackendError> {
+        let proto = !self.protocol.is_empty()
+            || self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        let mut features = acked & self.card_features();
+        if proto {
+            features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        }
+        self.frontend
+            .set_features(features)
+            .map_err(self.err("SET_FEATURES"))?;
+        self.set_mem_table(regions)?;
+        for (q, r) in rings.iter().enumerate() {
+            self.frontend
+                .set_vring_num(q, r.num)
+                .map_err(self.err("SET_VRING_NUM"))?;
+            let addr = VringConfigData {
+                queue_max_size: r.num,
+                queue_size: r.num,
+                flags: 0,
+                desc_table_addr: r.desc,
+                used_ring_addr: r.used,
+                avail_ring_addr: r.avail,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_addr(q, &addr)
+                .map_err(self.err("SET_VRING_ADDR"))?;
+            self.frontend
+                .set_vring_base(q, r.base)
+                .map_err(self.err("SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_call(q, r.call)
+                .map_err(self.err("SET_VRING_CALL"))?;
+            self.frontend
+                .set_vring_kick(q, r.kick)
+                .map_err(self.err("SET_VRING_KICK"))?;
+        }
+        if proto {
+            for q in 0..rings.len() {
+                self.frontend
+                    .set_vring_enable(q, true)
+                    .map_err(self.err("SET_VRING_ENABLE"))?;
+            }
+        }
+        self.started = true;
+        Ok(())
+    }
+
+    /// Stops the rings; returns where each stopped.
+    pub fn stop(&mut self) -> Result<Vec<u32>, BackendError> {
+        if !self.started {
+            return Ok(Vec::new());
+        }
+        self.started = false;
+        let proto = !self.protocol.is_empty()
+            || self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        let mut bases = Vec::with_capacity(self.num_queues);
+        for q in 0..self.num_queues {
+            if proto {
+                self.frontend
+                    .set_vring_enable(q, false)
+                    .map_err(self.err("SET_VRING_ENABLE"))?;
+            }
+            bases.push(
+                self.frontend
+                    .get_vring_base(q)
+                    .map_err(self.err("GET_VRING_BASE"))?,
+            );
+        }
+        Ok(bases)
+    }
+
+    /// Forwards config bytes the card wrote.
+    pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), BackendError> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Ok(());
+        }
+        self.frontend
+            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+            .map_err(self.err("SET_CONFIG"))?;
+        let end = (offset as usize + data.len()).min(self.config.len());
+        if (offset as usize) < end {
+            self.config[offset as usize..end].copy_from_slice(&data[..end - offset as usize]);
+        }
+        Ok(())
+    }
+
+    /// Backend request channel fd, to poll (if the backend has one).
+    pub fn request_fd(&self) -> Option<RawFd> {
+        self.requests.as_ref().map(|h| h.as_raw_fd())
+    }
+
+    /// Handles one backend request; returns the new config space when the
+    /// backend announced a config change.
+    pub fn handle_request(&mut self) -> Result<Option<Vec<u8>>, BackendError> {
+        if let Some(h) = self.requests.as_mut() {
+            h.handle_request().map_err(|err| BackendError::Vhost {
+                socket: self.socket.clone(),
+                what: "backend request",
+                err: vhost::Error::VhostUserProtocol(err),
+            })?;
+        }
+        if self.flag.take() && self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            let mut cfg = self.read_config()?;
+            // Keep the adjustments made for the card (queue counts).
+            cfg.truncate(self.config.len());
+            if self.kind == DeviceKind::Console && cfg.len() >= 8 {
+                cfg[4..8].copy_from_slice(&self.config[4..8]);
+            }
+            if self.kind == DeviceKind::Blk && cfg.len() >= 36 {
+                cfg[34..36].copy_from_slice(&self.config[34..36]);
+            }
+            self.config = cfg.clone();
+            return Ok(Some(cfg));
+        }
+        Ok(None)
+    }
+
+    /// The vhost-user socket fd (readable or hung up when the backend dies).
+    pub fn socket_fd(&self) -> RawFd {
+        self.frontend.as_raw_fd()
+    }
+}

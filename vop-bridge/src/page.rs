@@ -1,0 +1,620 @@
+//! The device page and the rings in the aperture (`docs/vop-abi.md` section 5).
+//!
+//! The host writes the page's structure (descriptor heads, ring
+//! configuration, host features, `c2h_vdev_db`) once and keeps its own copy of
+//! it in [`Slot`]s; afterwards it reads only the fields the card owns (status,
+//! acked features, config space, control-block bytes) at offsets it computed
+//! itself, so nothing the card writes can redirect the host outside the page
+//! or the rings.
+
+use std::sync::atomic::{fence, Ordering};
+
+use log::warn;
+
+use crate::abi::{self, BootParam, DescLayout, DeviceCtrl, DeviceDesc, VqConfig, VringInfo};
+use crate::device_protocol::{Aperture, ProtocolError};
+
+/// Errors building or adopting a device page.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    /// The aperture could not be accessed.
+    #[error(transparent)]
+    Aperture(#[from] ProtocolError),
+    /// A descriptor breaks the ABI limits.
+    #[error("device descriptor: {0}")]
+    Layout(#[from] abi::LayoutError),
+    /// No room left in the page or the aperture.
+    #[error("no room for the device in the {0}")]
+    NoRoom(&'static str),
+    /// No card-to-host doorbell left.
+    #[error("all {} card-to-host doorbells are in use", abi::NUM_DOORBELLS)]
+    NoDoorbell,
+    /// The page found in the aperture is not a valid device page.
+    #[error("invalid device page at {offset:#x}: {why}")]
+    Invalid {
+        /// Aperture offset of the page.
+        offset: u64,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// What the host offers for one device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Virtio device id.
+    pub device_type: u8,
+    /// Ring sizes, one per virtqueue.
+    pub queue_sizes: Vec<u16>,
+    /// Device features offered to the card.
+    pub features: u64,
+    /// Initial config space.
+    pub config: Vec<u8>,
+}
+
+/// One virtqueue's ring in the aperture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ring {
+    /// Aperture offset of the ring allocation.
+    pub offset: u64,
+    /// Entries.
+    pub num: u16,
+}
+
+impl Ring {
+    /// Offset of the descriptor table.
+    pub fn desc(&self) -> u64 {
+        self.offset
+    }
+
+    /// Offset of the available ring.
+    pub fn avail(&self) -> u64 {
+        self.offset + 16 * u64::from(self.num)
+    }
+
+    /// Offset of the used ring.
+    pub fn used(&self) -> u64 {
+        self.offset
+            + abi::align_up(
+                16 * u64::from(self.num) + 2 * (3 + u64::from(self.num)),
+                abi::RING_ALIGN,
+            )
+    }
+
+    /// Offset of the ring's trailer (`_mic_vring_info`).
+    pub fn info(&self) -> u64 {
+        self.offset + abi::vring_size(self.num, abi::RING_ALIGN)
+    }
+}
+
+/// A device descriptor the host wrote, as the host remembers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// Page offset of the descriptor.
+    pub desc_offset: usize,
+    /// Virtio device id.
+    pub device_type: u8,
+    /// Layout of the descriptor.
+    pub layout: DescLayout,
+    /// The rings.
+    pub rings: Vec<Ring>,
+    /// Card-to-host doorbell of the device.
+    pub c2h_db: u8,
+}
+
+/// The device page in the aperture and the rings it points to.
+pub struct DevicePage {
+    offset: u64,
+    slots: Vec<Option<Slot>>,
+    /// Page offset where the next descriptor goes.
+    list_end: usize,
+    /// Next free byte of the ring area (rings are allocated upwards from the
+    /// page; a reset rebuilds the page and starts over).
+    ring_top: u64,
+    aperture_size: u64,
+}
+
+impl DevicePage {
+    /// Builds an empty page at aperture `offset` (rings go after it).
+    pub fn build(aperture: &Aperture, offset: u64, node_id: u8) -> Result<Self, PageError> {
+        let zero = vec![0u8; abi::DP_SIZE];
+        aperture.write(offset, &zero)?;
+        aperture.write_obj(
+            offset,
+            BootParam {
+                magic: abi::MIC_MAGIC,
+                h2c_config_db: -1,
+                node_id,
+                ..Default::default()
+            },
+        )?;
+        Ok(DevicePage {
+            offset,
+            slots: Vec::new(),
+            list_end: std::mem::size_of::<BootParam>(),
+            ring_top: offset + abi::DP_SIZE as u64,
+            aperture_size: aperture.size(),
+        })
+    }
+
+    /// Aperture offset of the page.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The descriptors, by slot index (`None` for removed ones).
+    pub fn slots(&self) -> &[Option<Slot>] {
+        &self.slots
+    }
+
+    fn used_doorbells(&self) -> impl Iterator<Item = u8> + '_ {
+        self.slots.iter().flatten().map(|s| s.c2h_db)
+    }
+
+    /// Adds a device (`docs/vop-abi.md` 7.4). Returns its slot index.
+    pub fn add(&mut self, aperture: &Aperture, spec: &DeviceSpec) -> Result<usize, PageError> {
+        let layout = DescLayout {
+            num_vq: u8::try_from(spec.queue_sizes.len())
+                .map_err(|_| abi::LayoutError::NumVq(u8::MAX))?,
+            feature_len: abi::FEATURE_LEN,
+            config_len: u8::try_from(spec.config.len())
+                .map_err(|_| PageError::NoRoom("config space"))?,
+        };
+        layout.check_limits()?;
+        for &n in &spec.queue_sizes {
+            abi::check_ring_size(n)?;
+        }
+        let c2h_db = (0..abi::NUM_DOORBELLS as u8)
+            .find(|d| !self.used_doorbells().any(|u| u == *d))
+            .ok_or(PageError::NoDoorbell)?;
+
+        // New descriptors go at the end of the list: removed slots keep their
+        // bytes (`type = -1`) because descriptor sizes differ.
+        let desc_offset = self.list_end;
+        // A terminating zero byte must fit after the descriptor.
+        if desc_offset + layout.total_size() + 1 > abi::DP_SIZE {
+            return Err(PageError::NoRoom("device page"));
+        }
+
+        let mut rings = Vec::with_capacity(spec.queue_sizes.len());
+        for &num in &spec.queue_sizes {
+            let size = abi::ring_alloc_size(num);
+            if self.ring_top + size > self.aperture_size {
+                return Err(PageError::NoRoom("aperture"));
+            }
+            rings.push(Ring {
+                offset: self.ring_top,
+                num,
+            });
+            self.ring_top += size;
+        }
+
+        let base = self.offset + desc_offset as u64;
+        aperture.write(base, &vec![0u8; layout.total_size()])?;
+        aperture.write_obj(
+            base,
+            DeviceDesc {
+                type_: 0,
+                num_vq: layout.num_vq,
+                feature_len: layout.feature_len,
+                config_len: layout.config_len,
+                ..Default::default()
+            },
+        )?;
+        for (i, r) in rings.iter().enumerate() {
+            aperture.write_obj(
+                base + layout.vqconfig(i) as u64,
+                VqConfig {
+                    address: r.offset,
+                    num: r.num,
+                    ..Default::default()
+                },
+            )?;
+            init_ring(aperture, r, spec.device_type, i as u16)?;
+        }
+        aperture.write(
+            base + layout.host_features() as u64,
+            &abi::features_to_bytes(spec.features, layout.feature_len as usize),
+        )?;
+        aperture.write(base + layout.config() as u64, &spec.config)?;
+        aperture.write_obj(
+            base + layout.ctrl() as u64,
+            DeviceCtrl {
+                c2h_vdev_db: c2h_db as i8,
+                h2c_vdev_db: -1,
+                ..Default::default()
+            },
+        )?;
+        fence(Ordering::Release);
+        aperture.write_obj(base, spec.device_type as i8)?;
+
+        self.list_end = desc_offset + layout.total_size();
+        self.slots.push(Some(Slot {
+            desc_offset,
+            device_type: spec.device_type,
+            layout,
+            rings,
+            c2h_db,
+        }));
+        Ok(self.slots.len() - 1)
+    }
+
+    /// Marks a slot removed (`type = -1`) after the card acknowledged removal.
+    pub fn remove(&mut self, aperture: &Aperture, index: usize) -> Result<(), PageError> {
+        if let Some(Some(s)) = self.slots.get(index) {
+            aperture.write_obj(self.offset + s.desc_offset as u64, abi::TYPE_REMOVED)?;
+            self.slots[index] = None;
+        }
+        Ok(())
+    }
+
+    /// Adopts a page the card already uses (a host side reattaching): checks
+    /// it thoroughly and remembers its structure. Rings stay as they are.
+    pub fn adopt(aperture: &Aperture, offset: u64) -> Result<Self, PageError> {
+        let invalid = |why: String| PageError::Invalid { offset, why };
+        if !offset.is_multiple_of(8) || offset + abi::DP_SIZE as u64 > aperture.size() {
+            return Err(invalid("page outside the aperture".into()));
+        }
+        let bp: BootParam = aperture.read_obj(offset)?;
+        if bp.magic != abi::MIC_MAGIC {
+            return Err(invalid(format!("magic {:#x}", bp.magic)));
+        }
+        let mut page = DevicePage {
+            offset,
+            slots: Vec::new(),
+            list_end: std::mem::size_of::<BootParam>(),
+            ring_top: offset + abi::DP_SIZE as u64,
+            aperture_size: aperture.size(),
+        };
+        let mut at = std::mem::size_of::<BootParam>();
+        while at + std::mem::size_of::<DeviceDesc>() <= abi::DP_SIZE {
+            let d: DeviceDesc = aperture.read_obj(offset + at as u64)?;
+            if d.type_ == abi::TYPE_END {
+                break;
+            }
+            let layout = DescLayout {
+                num_vq: d.num_vq,
+                feature_len: d.feature_len,
+                config_len: d.config_len,
+            };
+            layout
+                .check_limits()
+                .map_err(|e| invalid(format!("descriptor at {at}: {e}")))?;
+            if at + layout.total_size() > abi::DP_SIZE {
+                return Err(invalid(abi::LayoutError::PastPage(at).to_string()));
+            }
+            if d.type_ == abi::TYPE_REMOVED {
+                page.slots.push(None);
+                at += layout.total_size();
+                page.list_end = at;
+                continue;
+            }
+            let base = offset + at as u64;
+            let ctrl: DeviceCtrl = aperture.read_obj(base + layout.ctrl() as u64)?;
+            if ctrl.c2h_vdev_db < 0 || ctrl.c2h_vdev_db as u32 >= abi::NUM_DOORBELLS {
+                return Err(invalid(format!("doorbell {} at {at}", ctrl.c2h_vdev_db)));
+            }
+            let mut rings = Vec::new();
+            for i in 0..layout.num_vq as usize {
+                let vq: VqConfig = aperture.read_obj(base + layout.vqconfig(i) as u64)?;
+                abi::check_ring_size(vq.num).map_err(|e| invalid(e.to_string()))?;
+                let r = Ring {
+                    offset: vq.address,
+                    num: vq.num,
+                };
+                let end = r.offset.checked_add(abi::ring_alloc_size(r.num));
+                if !r.offset.is_multiple_of(4096)
+                    || r.offset < offset + abi::DP_SIZE as u64
+                    || end.is_none_or(|e| e > aperture.size())
+                {
+                    return Err(invalid(format!(
+                        "ring {i} of descriptor {at} at {:#x}",
+                        r.offset
+                    )));
+                }
+                page.ring_top = page.ring_top.max(end.unwrap());
+                rings.push(r);
+            }
+            page.slots.push(Some(Slot {
+                desc_offset: at,
+                device_type: d.type_ as u8,
+                layout,
+                rings,
+                c2h_db: ctrl.c2h_vdev_db as u8,
+            }));
+            at += layout.total_size();
+            page.list_end = at;
+        }
+        Ok(page)
+    }
+
+    fn slot(&self, index: usize) -> &Slot {
+        self.slots[index].as_ref().expect("live slot")
+    }
+
+    fn field(&self, index: usize, off: usize) -> u64 {
+        self.offset + (self.slot(index).desc_offset + off) as u64
+    }
+
+    /// `h2c_config_db` as the card set it (`None` while -1 or out of range).
+    pub fn h2c_config_db(&self, aperture: &Aperture) -> Result<Option<u32>, PageError> {
+        let v: i8 = aperture.read_obj(self.offset + 4)?;
+        Ok((v >= 0 && (v as u32) < abi::NUM_VECTORS).then_some(v as u32))
+    }
+
+    /// The device status the card wrote.
+    pub fn status(&self, aperture: &Aperture, index: usize) -> Result<u8, PageError> {
+        Ok(aperture.read_obj(self.field(index, DescLayout::STATUS))?)
+    }
+
+    /// Writes the device status (the host does so only on reset).
+    pub fn set_status(&self, aperture: &Aperture, index: usize, v: u8) -> Result<(), PageError> {
+        Ok(aperture.write_obj(self.field(index, DescLayout::STATUS), v)?)
+    }
+
+    /// Features the card acked.
+    pub fn acked_features(&self, aperture: &Aperture, index: usize) -> Result<u64, PageError> {
+        let l = self.slot(index).layout;
+        let mut b = vec![0u8; l.feature_len as usize];
+        aperture.read(self.field(index, l.acked_features()), &mut b)?;
+        Ok(abi::features_from_bytes(&b))
+    }
+
+    /// The config space as it is in the page.
+    pub fn config(&self, aperture: &Aperture, index: usize) -> Result<Vec<u8>, PageError> {
+        let l = self.slot(index).layout;
+        let mut b = vec![0u8; l.config_len as usize];
+        aperture.read(self.field(index, l.config()), &mut b)?;
+        Ok(b)
+    }
+
+    /// Writes config space bytes (a config change from the backend).
+    pub fn write_config(
+        &self,
+        aperture: &Aperture,
+        index: usize,
+        data: &[u8],
+    ) -> Result<(), PageError> {
+        let l = self.slot(index).layout;
+        let n = data.len().min(l.config_len as usize);
+        Ok(aperture.write(self.field(index, l.config()), &data[..n])?)
+    }
+
+    /// The control block.
+    pub fn ctrl(&self, aperture: &Aperture, index: usize) -> Result<DeviceCtrl, PageError> {
+        let l = self.slot(index).layout;
+        Ok(aperture.read_obj(self.field(index, l.ctrl()))?)
+    }
+
+    /// Writes one byte of the control block (`field` is its offset in it).
+    pub fn set_ctrl_byte(
+        &self,
+        aperture: &Aperture,
+        index: usize,
+        field: usize,
+        v: u8,
+    ) -> Result<(), PageError> {
+        let l = self.slot(index).layout;
+        Ok(aperture.write_obj(self.field(index, l.ctrl() + field), v)?)
+    }
+
+    /// The card's MSI-X vector for a device (`None` while unset or out of range).
+    pub fn h2c_vdev_db(&self, aperture: &Aperture, index: usize) -> Result<Option<u32>, PageError> {
+        let v = self.ctrl(aperture, index)?.h2c_vdev_db;
+        Ok((v >= 0 && (v as u32) < abi::NUM_VECTORS).then_some(v as u32))
+    }
+
+    /// Zeroes a device's rings and rewrites their trailers (device reset).
+    pub fn reset_rings(&self, aperture: &Aperture, index: usize) -> Result<(), PageError> {
+        let s = self.slot(index);
+        for (i, r) in s.rings.iter().enumerate() {
+            init_ring(aperture, r, s.device_type, i as u16)?;
+        }
+        Ok(())
+    }
+
+    /// The used index of a ring (where a restarted backend resumes).
+    pub fn used_idx(&self, aperture: &Aperture, index: usize, q: usize) -> Result<u16, PageError> {
+        let r = self.slot(index).rings[q];
+        Ok(aperture.read_obj(r.used() + 2)?)
+    }
+}
+
+/// Offsets of control-block bytes, for [`DevicePage::set_ctrl_byte`].
+pub mod ctrl_field {
+    /// `config_change`.
+    pub const CONFIG_CHANGE: usize = 8;
+    /// `vdev_reset`.
+    pub const VDEV_RESET: usize = 9;
+    /// `guest_ack`.
+    pub const GUEST_ACK: usize = 10;
+    /// `host_ack`.
+    pub const HOST_ACK: usize = 11;
+}
+
+fn init_ring(aperture: &Aperture, r: &Ring, device_type: u8, vq: u16) -> Result<(), PageError> {
+    aperture.write(r.offset, &vec![0u8; abi::ring_alloc_size(r.num) as usize])?;
+    aperture.write_obj(
+        r.info(),
+        VringInfo {
+            magic: abi::vring_magic(device_type, vq),
+            ..Default::default()
+        },
+    )?;
+    Ok(())
+}
+
+/// Logs the fields of a control block that the ABI says must stay zero.
+pub fn check_unused_fields(aperture: &Aperture, page: &DevicePage, index: usize) {
+    let s = page.slot(index);
+    if let Ok(ctrl) = page.ctrl(aperture, index) {
+        if ctrl.used_address_updated != 0 {
+            warn!("device {index}: card set used_address_updated; ignored (rings stay in the aperture)");
+        }
+    }
+    let base = page.offset + s.desc_offset as u64;
+    for i in 0..s.rings.len() {
+        if let Ok(vq) = aperture.read_obj::<VqConfig>(base + s.layout.vqconfig(i) as u64) {
+            if vq.used_address != 0 {
+                warn!("device {index} queue {i}: card wrote used_address; ignored");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+
+    fn aperture(size: u64) -> Aperture {
+        // SAFETY: memfd_create with a valid name; we own the returned fd.
+        let fd = unsafe { libc::memfd_create(c"test-aperture".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh, owned descriptor.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(size).unwrap();
+        Aperture::map(f, size).unwrap()
+    }
+
+    fn blk_spec() -> DeviceSpec {
+        DeviceSpec {
+            device_type: 2,
+            queue_sizes: vec![256],
+            features: 1 << 32 | 1 << 29,
+            config: (0..60).collect(),
+        }
+    }
+
+    #[test]
+    fn built_page_matches_the_abi_bytes() {
+        let ap = aperture(1 << 20);
+        let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
+        let i = page.add(&ap, &blk_spec()).unwrap();
+        let j = page
+            .add(
+                &ap,
+                &DeviceSpec {
+                    device_type: 3,
+                    queue_sizes: vec![128, 128],
+                    features: 1 << 32,
+                    config: vec![],
+                },
+            )
+            .unwrap();
+        assert_eq!((i, j), (0, 1));
+        let mut raw = vec![0u8; 4096];
+        ap.read(0x1000, &mut raw).unwrap();
+        assert_eq!(&raw[0..4], &abi::MIC_MAGIC.to_le_bytes());
+        assert_eq!(raw[4] as i8, -1);
+        assert_eq!(raw[5], 1);
+        // First descriptor at 24: type 2, 1 vq, 8-byte features, 60 bytes config.
+        assert_eq!(&raw[24..29], &[2, 1, 8, 60, 0]);
+        // vqconfig: ring right after the page.
+        assert_eq!(u64::from_le_bytes(raw[32..40].try_into().unwrap()), 0x2000);
+        assert_eq!(u16::from_le_bytes(raw[48..50].try_into().unwrap()), 256);
+        // host features at 24 + 32, config at 24 + 48, ctrl at 24 + 112.
+        assert_eq!(&raw[56..64], &[0, 0, 0, 0x20, 1, 0, 0, 0]);
+        assert_eq!(raw[72..132], (0..60).collect::<Vec<u8>>()[..]);
+        assert_eq!(raw[24 + 112 + 13], 0); // c2h_vdev_db
+        assert_eq!(raw[24 + 112 + 14] as i8, -1); // h2c_vdev_db
+                                                  // Second descriptor at 24 + 128 with doorbell 1; list ends after it.
+        assert_eq!(&raw[152..157], &[3, 2, 8, 0, 0]);
+        let second_total = DescLayout {
+            num_vq: 2,
+            feature_len: 8,
+            config_len: 0,
+        }
+        .total_size();
+        assert_eq!(raw[152 + second_total - 16 + 13], 1);
+        assert_eq!(raw[152 + second_total], 0);
+        // Ring trailer magic.
+        let r = page.slots()[1].as_ref().unwrap().rings[1];
+        let info: VringInfo = ap.read_obj(r.info()).unwrap();
+        assert_eq!(info.magic, abi::vring_magic(3, 1));
+        assert_eq!(
+            r.offset,
+            0x2000 + abi::ring_alloc_size(256) + abi::ring_alloc_size(128)
+        );
+    }
+
+    #[test]
+    fn adopt_recovers_the_structure() {
+        let ap = aperture(1 << 20);
+        let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
+        page.add(&ap, &blk_spec()).unwrap();
+        let adopted = DevicePage::adopt(&ap, 0x1000).unwrap();
+        assert_eq!(adopted.slots(), page.slots());
+        assert_eq!(adopted.ring_top, page.ring_top);
+    }
+
+    #[test]
+    fn adopt_rejects_malformed_pages() {
+        let ap = aperture(1 << 20);
+        let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
+        page.add(&ap, &blk_spec()).unwrap();
+        // Ring pointing outside the aperture.
+        ap.write_obj(0x1000 + 32, 0xffff_0000u64).unwrap();
+        assert!(DevicePage::adopt(&ap, 0x1000).is_err());
+        ap.write_obj(0x1000 + 32, 0x2000u64).unwrap();
+        assert!(DevicePage::adopt(&ap, 0x1000).is_ok());
+        // Too many queues.
+        ap.write_obj(0x1000 + 25, 200u8).unwrap();
+        assert!(DevicePage::adopt(&ap, 0x1000).is_err());
+        ap.write_obj(0x1000 + 25, 1u8).unwrap();
+        // Bad magic.
+        ap.write_obj(0x1000, 0u32).unwrap();
+        assert!(DevicePage::adopt(&ap, 0x1000).is_err());
+        // Page outside the aperture.
+        assert!(DevicePage::adopt(&ap, (1 << 20) - 8).is_err());
+    }
+
+    #[test]
+    fn card_fields_are_read_from_computed_offsets() {
+        let ap = aperture(1 << 20);
+        let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
+        page.add(&ap, &blk_spec()).unwrap();
+        // The card acks features, sets status and its vector.
+        ap.write(0x1000 + 24 + 8 + 24 + 8, &[0, 0, 0, 0x20, 1, 0, 0, 0])
+            .unwrap();
+        ap.write_obj(0x1000 + 24 + 4, 0x0fu8).unwrap();
+        ap.write_obj(0x1000 + 24 + 112 + 14, 5i8).unwrap();
+        assert_eq!(page.acked_features(&ap, 0).unwrap(), 1 << 32 | 1 << 29);
+        assert_eq!(page.status(&ap, 0).unwrap(), 0x0f);
+        assert_eq!(page.h2c_vdev_db(&ap, 0).unwrap(), Some(5));
+        ap.write_obj(0x1000 + 24 + 112 + 14, 77i8).unwrap();
+        assert_eq!(page.h2c_vdev_db(&ap, 0).unwrap(), None);
+        // A card that rewrites num_vq cannot change what the host uses.
+        ap.write_obj(0x1000 + 25, 16u8).unwrap();
+        assert_eq!(page.slots()[0].as_ref().unwrap().rings.len(), 1);
+    }
+
+    #[test]
+    fn limits_and_room_are_enforced() {
+        let ap = aperture(64 << 10);
+        let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
+        let mut s = blk_spec();
+        s.queue_sizes = vec![100];
+        assert!(matches!(page.add(&ap, &s), Err(PageError::Layout(_))));
+        s.queue_sizes = vec![1024; 4];
+        assert!(matches!(
+            page.add(&ap, &s),
+            Err(PageError::NoRoom("aperture"))
+        ));
+        s.queue_sizes = vec![256];
+        assert!(page.add(&ap, &s).is_ok());
+    }
+
+    #[test]
+    fn removed_slot_is_marked() {
+        let ap = aperture(1 << 20);
+        let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
+        page.add(&ap, &blk_spec()).unwrap();
+        page.remove(&ap, 0).unwrap();
+        let t: i8 = ap.read_obj(0x1000 + 24).unwrap();
+        assert_eq!(t, -1);
+        let adopted = DevicePage::adopt(&ap, 0x1000).unwrap();
+        assert_eq!(adopted.slots(), &[None]);
+    }
+}
