@@ -20,6 +20,9 @@ use log::{debug, info, warn};
 
 use crate::config::ConsoleTarget;
 
+/// Ctrl-]: leaves stdio mode when stdin is a terminal.
+const ESCAPE: u8 = 0x1d;
+
 /// Event id offset: console input readable.
 pub const EV_INPUT: u64 = 0;
 /// Event id offset: new client on the unix socket.
@@ -333,7 +336,23 @@ impl Host {
                 self.input_closed("end of input");
                 None
             }
-            Ok(n) => Some(n),
+            Ok(n) => {
+                if let Kind::Stdio(Stdio {
+                    saved_termios: Some(_),
+                    ..
+                }) = &self.kind
+                {
+                    // Raw mode disables Ctrl-C; Ctrl-] quits instead.
+                    if let Some(i) = buf[..n].iter().position(|&b| b == ESCAPE) {
+                        info!("console: Ctrl-] on stdin, shutting down");
+                        // SAFETY: raising a signal in our own process; the
+                        // daemon's handler turns it into a clean shutdown.
+                        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                        return (i > 0).then_some(i);
+                    }
+                }
+                Some(n)
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
             Err(e) => {

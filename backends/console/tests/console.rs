@@ -407,3 +407,76 @@ fn bad_arguments_fail_before_the_socket() {
         assert!(!sock.exists());
     }
 }
+
+fn lflag(fd: i32) -> libc::tcflag_t {
+    // SAFETY: termios is plain data; tcgetattr fills it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and pointer.
+    assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
+    t.c_lflag
+}
+
+/// stdio on a terminal: raw mode while running, Ctrl-] quits, the terminal
+/// mode is restored on exit.
+#[test]
+fn stdio_terminal_raw_mode_and_escape() {
+    use std::os::unix::io::{AsRawFd, FromRawFd};
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let sock = dir.path().join("con.sock");
+    // SAFETY: plain pty allocation; results checked.
+    let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
+    assert!(master >= 0);
+    // SAFETY: valid master fd.
+    unsafe {
+        assert_eq!(libc::grantpt(master), 0);
+        assert_eq!(libc::unlockpt(master), 0);
+    }
+    let mut name = [0 as libc::c_char; 64];
+    // SAFETY: buffer valid for its length.
+    assert_eq!(
+        unsafe { libc::ptsname_r(master, name.as_mut_ptr(), name.len()) },
+        0
+    );
+    // SAFETY: NUL-terminated by ptsname_r.
+    let pts = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    let slave = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&pts)
+        .unwrap();
+    // SAFETY: master is a valid fd owned from here on.
+    let mut master = unsafe { std::fs::File::from_raw_fd(master) };
+    assert_ne!(lflag(slave.as_raw_fd()) & libc::ICANON, 0);
+    let child = Command::new(BIN)
+        .args(["--socket-path", sock.to_str().unwrap(), "--stdio"])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut d = Daemon {
+        child,
+        socket: sock.clone(),
+    };
+    d.wait_ready(T).unwrap();
+    assert_eq!(
+        lflag(slave.as_raw_fd()) & libc::ICANON,
+        0,
+        "raw while running"
+    );
+    let mut fe = connect(&sock, 0, 2);
+    master.write_all(b"typed").unwrap();
+    assert_eq!(card_read(&mut fe, 0, 5), b"typed");
+    master.write_all(&[0x1d]).unwrap();
+    let st = vu_test::wait_exit(&mut d.child, T).unwrap();
+    assert!(st.success(), "{st}");
+    assert_ne!(
+        lflag(slave.as_raw_fd()) & libc::ICANON,
+        0,
+        "terminal mode restored"
+    );
+    assert!(!sock.exists());
+}
