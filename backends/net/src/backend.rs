@@ -240,6 +240,8 @@ impl NetBackend {
         }
         self.acked.store(0, Ordering::Release);
         self.event_idx.store(false, Ordering::Release);
+        // Until the next SET_FEATURES: no offloads, the legacy header.
+        self.apply_tap_features(0);
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
         for fd in self.exit_fds.lock().unwrap().drain(..) {
             // SAFETY: these exit eventfds were handed to worker threads that
