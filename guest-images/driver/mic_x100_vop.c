@@ -694,7 +694,7 @@ static void vop_scan(struct vop_card *card)
 			goto next;
 		}
 
-		if (!vd && (num_vq > MIC_MAX_VQS || num_vq == 0 ||
+		if (!vd && (num_vq > MIC_MAX_VQS ||
 			    flen < MIC_MIN_FEATURE_LEN ||
 			    flen > MIC_MAX_FEATURE_LEN ||
 			    total > MIC_MAX_DESC_SIZE)) {
