@@ -179,16 +179,19 @@ impl BlkBackend {
         let pool = self.inner.pool.as_ref();
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
         let mut state = vring.get_mut();
+        let mut empty_rounds = 0u32;
         loop {
             if event_idx {
                 let _ = state.get_queue_mut().disable_notification(mem);
             }
             let mut completed = false;
+            let mut popped = false;
             // The first large request of a batch is kept for this thread;
             // further large ones go to the helper pool.
             let mut local_large = None;
             let mut batch = None;
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
+                popped = true;
                 if let Some(pool) = pool {
                     let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
                     if bytes >= OFFLOAD_BYTES {
@@ -251,9 +254,16 @@ impl BlkBackend {
                 break;
             }
             // Re-enable notifications; loop if the driver added requests
-            // in the meantime.
+            // in the meantime. A driver that moved the avail index to an
+            // impossible value gets no further service (and no busy loop)
+            // until it kicks again.
             match state.get_queue_mut().enable_notification(mem) {
-                Ok(true) => continue,
+                Ok(true) if popped || empty_rounds == 0 => {
+                    if !popped {
+                        empty_rounds += 1;
+                    }
+                    continue;
+                }
                 _ => break,
             }
         }
@@ -261,7 +271,8 @@ impl BlkBackend {
 
     fn add_used(state: &mut VringState<GM>, mem: &GuestMemoryMmap, head: u16, len: u32) {
         if let Err(e) = state.get_queue_mut().add_used(mem, head, len) {
-            warn!("cannot add used entry for head {head}: {e}");
+            // Guest-controlled (bad head index): not worth more than debug.
+            debug!("cannot add used entry for head {head}: {e}");
         }
     }
 

@@ -363,3 +363,47 @@ fn device_state_is_reset_for_a_new_frontend() {
     assert_eq!(write(&mut f.queues[0], 0, &pattern(8, 512)), S_OK);
     assert_eq!(read(&mut f.queues[0], 0, 512), (S_OK, pattern(8, 512)));
 }
+
+/// CPU time (user + system, in clock ticks) consumed so far by a process.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn corrupted_avail_ring_does_not_spin_or_crash() {
+    let s = Setup::new(1 << 20, 0);
+    let mut d = s.spawn(&["--num-queues", "2"]);
+    let mut f = connect(&s, 2);
+    // Queue 0: head index beyond the ring, then a sane request behind it.
+    {
+        let q = &mut f.queues[0];
+        q.publish_raw_head(60000);
+        q.kick_always().unwrap();
+        let data = pattern(21, 512);
+        assert_eq!(write(q, 1, &data), S_OK);
+        assert_eq!(read(q, 1, 512), (S_OK, data));
+    }
+    // Queue 1: avail index far beyond what the ring can hold.
+    {
+        let q = &mut f.queues[1];
+        q.corrupt_avail_idx(30000);
+        q.kick_always().unwrap();
+    }
+    let pid = d.child.id();
+    let t0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(500));
+    let used = cpu_ticks(pid) - t0;
+    // A spinning worker would burn ~50 ticks (100 Hz) in 0.5 s.
+    assert!(used < 20, "daemon burnt {used} ticks in 0.5 s");
+    assert!(d.alive());
+    // The other queue still works.
+    let q = &mut f.queues[0];
+    assert_eq!(write(q, 2, &pattern(22, 512)), S_OK);
+    drop(f);
+    // And a new frontend gets a clean device.
+    let mut f = connect(&s, 2);
+    assert_eq!(read(&mut f.queues[1], 1, 512), (S_OK, pattern(21, 512)));
+}

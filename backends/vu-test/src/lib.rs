@@ -398,6 +398,19 @@ impl VirtQueue {
         self.mem.store_u16(self.avail + 2, self.avail_idx);
     }
 
+    /// Overwrite the avail ring's index without adding entries (for tests
+    /// of drivers that corrupt their ring).
+    pub fn corrupt_avail_idx(&mut self, idx: u16) {
+        fence(Ordering::Release);
+        self.mem.store_u16(self.avail + 2, idx);
+    }
+
+    /// Put an arbitrary head index into the next avail slot and publish it
+    /// (for tests of out-of-range heads).
+    pub fn publish_raw_head(&mut self, head: u16) {
+        self.publish(head);
+    }
+
     /// Notify the backend (subject to its notification suppression);
     /// returns whether the kick eventfd was written.
     pub fn kick(&mut self) -> Result<bool> {
