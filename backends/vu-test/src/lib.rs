@@ -751,6 +751,30 @@ impl Daemon {
     }
 }
 
+/// Path of a binary built in the same target directory as the running test
+/// or tool (`target/<profile>/<name>`), e.g. another workspace daemon.
+/// Build it first (`cargo build -p <crate>`); integration tests of the
+/// binary's own crate should prefer `env!("CARGO_BIN_EXE_<name>")`.
+pub fn workspace_bin(name: &str) -> io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent();
+    while let Some(d) = dir {
+        let candidate = d.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        // Stop at the profile directory (tests live in <profile>/deps).
+        if d.file_name().is_some_and(|n| n != "deps") {
+            break;
+        }
+        dir = d.parent();
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{name} not found next to {}", exe.display()),
+    ))
+}
+
 /// Wait for a child to exit, with a timeout.
 pub fn wait_exit(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
     let deadline = Instant::now() + timeout;
