@@ -424,6 +424,7 @@ where
     S: FnMut(&VhostUserDaemon<B>) -> io::Result<()>,
 {
     let mut connections: u64 = 0;
+    let mut pending: Option<VhostUserDaemon<B>> = None;
     loop {
         if shutdown.requested() {
             break;
@@ -436,11 +437,19 @@ where
             }
         }
 
-        let backend = new_backend().map_err(Error::Backend)?;
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new());
-        let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
-            .map_err(|e| Error::Daemon(e.to_string()))?;
-        on_start(&daemon).map_err(Error::Backend)?;
+        // A daemon (backend + worker threads) is built once per frontend
+        // and kept across failed connection attempts.
+        let daemon = match &mut pending {
+            Some(d) => d,
+            None => {
+                let backend = new_backend().map_err(Error::Backend)?;
+                let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new());
+                let d = VhostUserDaemon::new(name.to_string(), backend, mem)
+                    .map_err(|e| Error::Daemon(e.to_string()))?;
+                on_start(&d).map_err(Error::Backend)?;
+                pending.insert(d)
+            }
+        };
 
         let started = match &mut endpoint {
             Endpoint::Listen { listener, .. } => daemon.start(listener),
@@ -454,11 +463,11 @@ where
                 Endpoint::Listen { .. } => warn!("accepting a frontend failed: {e}"),
                 Endpoint::Connect { .. } => debug!("connecting to the frontend failed: {e}"),
             }
-            drop(daemon);
             // Back off before retrying; wake early on shutdown.
             poll_in(&[shutdown.fd()], 100);
             continue;
         }
+        let mut daemon = pending.take().expect("daemon was just started");
         connections += 1;
         info!("frontend {connections} connected");
         shutdown.set_active(daemon.shutdown_handle());
