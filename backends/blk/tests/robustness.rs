@@ -319,7 +319,6 @@ fn bad_arguments_fail_before_socket() {
 #[test]
 fn client_mode_connects_and_reconnects() {
     let s = Setup::new(1 << 20, 0);
-    let listener = std::os::unix::net::UnixListener::bind(&s.socket).unwrap();
     let child = Command::new(bin())
         .args([
             "--socket-path",
@@ -336,6 +335,10 @@ fn client_mode_connects_and_reconnects() {
         child,
         socket: s.socket.clone(),
     };
+    // The frontend starts listening after the daemon: it keeps retrying.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(d.alive());
+    let listener = std::os::unix::net::UnixListener::bind(&s.socket).unwrap();
     for round in 0..2u64 {
         let (stream, _) = listener.accept().unwrap();
         let mut f = vu_test::TestFrontend::from_stream(stream, Default::default()).unwrap();
