@@ -722,7 +722,7 @@ static void vop_scan(struct vop_card *card)
 				smp_wmb();
 				WRITE_ONCE(ctrl->guest_ack, 1);
 			}
-		} else if (!card->stopping) {
+		} else if (!READ_ONCE(card->stopping)) {
 			vop_add_vdev(card, desc, off, type, num_vq, flen, clen);
 		}
 next:
@@ -807,7 +807,7 @@ static void vop_check_page(struct vop_card *card)
 
 	vop_scan(card);
 
-	if (!card->stopping) {
+	if (!READ_ONCE(card->stopping)) {
 		vop_wreg(card, MIC_REG_SHUTDOWN_STATUS, MIC_STATUS_NOP);
 		vop_wreg(card, MIC_REG_CARD_STATE, MIC_STATE_ONLINE);
 		dev_info(dev, "card online\n");
@@ -820,7 +820,7 @@ static void vop_ctrl_work(struct work_struct *work)
 	u32 req;
 
 	mutex_lock(&card->lock);
-	if (card->stopping)
+	if (READ_ONCE(card->stopping))
 		goto out;
 
 	req = vop_rreg(card, MIC_REG_HOST_REQUEST);
@@ -833,6 +833,10 @@ static void vop_ctrl_work(struct work_struct *work)
 	}
 
 	vop_check_page(card);
+	/* no page (any more): look again periodically, too */
+	if (!card->page && poll_ms && !READ_ONCE(card->stopping))
+		queue_delayed_work(card->wq, &card->poll_work,
+				   msecs_to_jiffies(poll_ms));
 out:
 	mutex_unlock(&card->lock);
 }
