@@ -564,6 +564,20 @@ class Host:
         self.wait_for("hot-added block DRIVER_OK", lambda: blk2.started, 30)
         con.type_in("cat /sys/block/vda/size\n")
         self.wait_for("hot-added block size", lambda: b"\n4096" in con.out, 15)
+        if a.reload:
+            # unload and reload the driver on the card (from a detached shell:
+            # the console itself goes away with the driver)
+            con.type_in("setsid sh -c 'sleep 1; rmmod mic_x100_vop; sleep 1; "
+                        "insmod /lib/modules/$(uname -r)/extra/mic_x100_vop.ko' </dev/null >/dev/null 2>&1 &\n")
+            self.wait_for("driver unloaded", lambda: self.h2c_config_db() == -1, 60)
+            for d in (con, net, blk2):
+                d.started = False
+            self.wait_for("console back after reload", lambda: con.started, 60)
+            self.wait_for("block back after reload", lambda: blk2.started, 60)
+            self.wait_for("net back after reload", lambda: net.started, 60)
+            con.out = b""
+            con.type_in("\necho RELOAD-$((7*6))-OK\n")
+            self.wait_for("shell over hvc0 after reload", lambda: b"RELOAD-42-OK" in con.out, 60)
         if a.no_shutdown:
             return
         if a.end == "panic":
@@ -637,6 +651,7 @@ def main():
     ap.add_argument("--serial-log", help="file QEMU writes the card's serial port to")
     ap.add_argument("--bad-page", action="store_true", help="first publish malformed pages")
     ap.add_argument("--no-shutdown", action="store_true")
+    ap.add_argument("--reload", action="store_true", help="rmmod/insmod the card driver midway")
     ap.add_argument("--end", choices=("shutdown", "panic", "reboot"), default="shutdown",
                     help="how the card stops: host request, panic on the card, reboot on the card")
     ap.add_argument("--console-log", help="write what the card printed on hvc0 here")
