@@ -188,7 +188,16 @@ impl Bridge {
                 Some(l) => l,
                 None => return Ok(()),
             };
-            let mut a = self.attach(link)?;
+            let mut a = match self.attach(link) {
+                Ok(a) => a,
+                // The device may be going away (QEMU exiting): try again.
+                Err(BridgeError::Protocol(e)) => {
+                    warn!("attaching to the device failed: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             self.watch(a.link.as_raw_fd(), TOKEN_LINK, EventSet::IN)?;
             let ended = self.serve(&mut a);
             self.unwatch(a.link.as_raw_fd());

@@ -1,0 +1,566 @@
+//! Boot-test harness: one emulated card with the real QEMU (TCG), the real
+//! card OS, the real backends and the real bridge, in a temporary directory.
+//!
+//! The card's console is `mic-console --unix`; the harness attaches to it,
+//! types commands and reads their output. The card's state comes from the
+//! bridge's control socket.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a boot may take under TCG on a loaded two-core machine.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .into()
+}
+
+/// A binary of the workspace, from the same profile as this test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// Our QEMU (`MIC_QEMU`, else build/qemu).
+pub fn qemu() -> PathBuf {
+    let p = std::env::var_os("MIC_QEMU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("build/qemu/bin/qemu-system-x86_64"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-qemu",
+        p.display()
+    );
+    p
+}
+
+/// The card OS (`MIC_CARD_DIR`, else build/card).
+pub fn card_dir() -> PathBuf {
+    let p = std::env::var_os("MIC_CARD_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("build/card"));
+    assert!(
+        p.join("vmlinuz").exists() && p.join("initrd.img").exists(),
+        "{} has no card image: run scripts/build-card-image",
+        p.display()
+    );
+    p
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory named after `tag`.
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "mic-{tag}-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ (rand_u64() & 0xffff_ffff) as u128
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("MIC_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A non-cryptographic random number (seeding test data and names).
+pub fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    u64::from_ne_bytes(b)
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The block backend of a card.
+pub enum Blk {
+    /// No disk.
+    None,
+    /// `mic-blk` on this image.
+    MicBlk(PathBuf),
+    /// qemu-storage-daemon's vhost-user-blk export of this image.
+    Qsd(PathBuf),
+}
+
+/// The network backend of a card.
+pub enum Net {
+    /// No network.
+    None,
+    /// `mic-net` in stream mode, connecting to this unix socket.
+    Stream(PathBuf),
+    /// `mic-net` on tap `name`, host address 172.31.1.254/24, started inside
+    /// network namespace `netns`.
+    Tap {
+        /// Tap device name.
+        name: String,
+        /// Network namespace (`ip netns`) the tap lives in.
+        netns: String,
+    },
+}
+
+/// What a test card gets.
+pub struct CardOptions {
+    /// Disk.
+    pub blk: Blk,
+    /// Network.
+    pub net: Net,
+    /// Card memory in MiB.
+    pub memory_mib: u32,
+    /// Extra kernel command line.
+    pub cmdline: String,
+    /// Devices that make the card print its `online` marker.
+    pub expect: &'static str,
+}
+
+impl Default for CardOptions {
+    fn default() -> Self {
+        CardOptions {
+            blk: Blk::None,
+            net: Net::None,
+            memory_mib: 512,
+            cmdline: String::new(),
+            expect: "console",
+        }
+    }
+}
+
+/// A running emulated card.
+pub struct Card {
+    /// Working directory (sockets, logs).
+    pub dir: TempDir,
+    backends: Vec<Child>,
+    bridge: Option<Child>,
+    qemu: Option<Child>,
+    console: Option<UnixStream>,
+    output: Arc<Mutex<Vec<u8>>>,
+    marker: u32,
+    options: CardOptions,
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> Child {
+    let f = std::fs::File::create(log).unwrap();
+    cmd.stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"))
+}
+
+fn wait_socket(p: &Path, what: &str) {
+    wait_for(Duration::from_secs(20), what, || p.exists().then_some(()));
+}
+
+impl Card {
+    /// Starts backends, QEMU and the bridge; returns once the card's console
+    /// has a shell and the bridge reports the card online.
+    pub fn boot(options: CardOptions) -> Card {
+        let dir = TempDir::new("card");
+        let mut card = Card {
+            dir,
+            backends: Vec::new(),
+            bridge: None,
+            qemu: None,
+            console: None,
+            output: Arc::new(Mutex::new(Vec::new())),
+            marker: 0,
+            options,
+        };
+        card.start_backends();
+        card.start_qemu();
+        card.start_bridge();
+        card.attach_console();
+        card.wait_online();
+        card
+    }
+
+    /// Path of a file in the card's working directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.0.join(name)
+    }
+
+    fn start_backends(&mut self) {
+        let d = self.dir.0.clone();
+        let s = |n: &str| d.join(n).to_str().unwrap().to_string();
+        self.backends.push(spawn(
+            Command::new(bin("mic-console"))
+                .args([
+                    "--socket-path",
+                    &s("console.sock"),
+                    "--unix",
+                    &s("con.sock"),
+                ])
+                .args(["--log", &s("console.log")])
+                .env("RUST_LOG", "info"),
+            &d.join("mic-console.log"),
+        ));
+        match &self.options.blk {
+            Blk::None => {}
+            Blk::MicBlk(img) => self.backends.push(spawn(
+                Command::new(bin("mic-blk"))
+                    .args(["--socket-path", &s("blk.sock"), "--image"])
+                    .arg(img)
+                    .env("RUST_LOG", "info"),
+                &d.join("mic-blk.log"),
+            )),
+            Blk::Qsd(img) => self.backends.push(spawn(
+                Command::new("qemu-storage-daemon")
+                    .arg("--blockdev")
+                    .arg(format!(
+                        "driver=file,node-name=disk,filename={},cache.direct=off",
+                        img.display()
+                    ))
+                    .arg("--export")
+                    .arg(format!(
+                        "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on",
+                        s("blk.sock")
+                    )),
+                &d.join("qsd.log"),
+            )),
+        }
+        match &self.options.net {
+            Net::None => {}
+            Net::Stream(peer) => self.backends.push(spawn(
+                Command::new(bin("mic-net"))
+                    .args(["--socket-path", &s("net.sock"), "--stream"])
+                    .arg(format!("unix:{}", peer.display()))
+                    .env("RUST_LOG", "info"),
+                &d.join("mic-net.log"),
+            )),
+            Net::Tap { name, netns } => self.backends.push(spawn(
+                Command::new("ip")
+                    .args(["netns", "exec", netns])
+                    .arg(bin("mic-net"))
+                    .args(["--socket-path", &s("net.sock"), "--tap", name])
+                    .args(["--host-ip", "172.31.1.254/24"])
+                    .env("RUST_LOG", "info"),
+                &d.join("mic-net.log"),
+            )),
+        }
+        wait_socket(&d.join("console.sock"), "mic-console's socket");
+        if !matches!(self.options.blk, Blk::None) {
+            wait_socket(&d.join("blk.sock"), "the block backend's socket");
+        }
+        if !matches!(self.options.net, Net::None) {
+            wait_socket(&d.join("net.sock"), "mic-net's socket");
+        }
+    }
+
+    /// Starts QEMU with the card (the bridge may come later).
+    pub fn start_qemu(&mut self) {
+        let d = &self.dir.0;
+        let card = card_dir();
+        let mem = self.options.memory_mib;
+        let append = format!(
+            "console=ttyS0 panic=-1 mic.expect={} {}",
+            self.options.expect, self.options.cmdline
+        );
+        let mut cmd = Command::new(qemu());
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+            "-m",
+            &mem.to_string(),
+        ])
+        .arg("-object")
+        .arg(format!("memory-backend-memfd,id=mem,size={mem}M,share=on"))
+        .args(["-machine", "q35,memory-backend=mem"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=mic0,path={},server=on,wait=off",
+            d.join("dev.sock").display()
+        ))
+        .args(["-device", "mic-x100,chardev=mic0"])
+        .arg("-kernel")
+        .arg(card.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(card.join("initrd.img"))
+        .args(["-append", &append])
+        .arg("-serial")
+        .arg(format!("file:{}", d.join("serial.log").display()))
+        .args(["-display", "none", "-monitor", "none"]);
+        let _ = std::fs::remove_file(d.join("dev.sock"));
+        self.qemu = Some(spawn(&mut cmd, &d.join("qemu.log")));
+        wait_socket(&d.join("dev.sock"), "QEMU's device socket");
+    }
+
+    /// Starts (or restarts) the bridge.
+    pub fn start_bridge(&mut self) {
+        let d = self.dir.0.clone();
+        let mut cmd = Command::new(bin("vop-bridge"));
+        cmd.arg("--device-socket")
+            .arg(d.join("dev.sock"))
+            .arg("--control-socket")
+            .arg(d.join("ctl.sock"))
+            .arg("--console")
+            .arg(d.join("console.sock"));
+        if !matches!(self.options.blk, Blk::None) {
+            cmd.arg("--blk").arg(d.join("blk.sock"));
+        }
+        if !matches!(self.options.net, Net::None) {
+            cmd.arg("--net").arg(d.join("net.sock"));
+        }
+        cmd.env("RUST_LOG", "info");
+        let log = d.join(format!("bridge-{}.log", rand_u64() % 100000));
+        self.bridge = Some(spawn(&mut cmd, &log));
+        wait_socket(&d.join("ctl.sock"), "the bridge's control socket");
+    }
+
+    /// Kills the bridge (SIGKILL: no clean-up of any kind).
+    pub fn kill_bridge(&mut self) {
+        if let Some(mut b) = self.bridge.take() {
+            let _ = b.kill();
+            let _ = b.wait();
+        }
+        let _ = std::fs::remove_file(self.path("ctl.sock"));
+    }
+
+    fn attach_console(&mut self) {
+        let p = self.path("con.sock");
+        wait_socket(&p, "mic-console's unix socket");
+        let s = UnixStream::connect(&p).unwrap();
+        let mut r = s.try_clone().unwrap();
+        let out = self.output.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                out.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        self.console = Some(s);
+    }
+
+    /// The card's state line from the bridge (`state=... shutdown_status=...`).
+    pub fn status(&self) -> Option<String> {
+        vop_bridge::control::request(&self.path("ctl.sock"), "status").ok()
+    }
+
+    /// Waits until the bridge reports `state` (e.g. "online").
+    pub fn wait_state(&self, state: &str, timeout: Duration) -> String {
+        let want = format!("state={state} ");
+        wait_for(timeout, &format!("card state {state}"), || {
+            self.status().filter(|s| s.starts_with(&want))
+        })
+    }
+
+    /// Waits for the card to be online with a shell on its console.
+    pub fn wait_online(&mut self) {
+        self.wait_state("online", BOOT_TIMEOUT);
+        wait_for(BOOT_TIMEOUT, "the card's online marker", || {
+            self.serial().contains("mic-card: online").then_some(())
+        });
+        // The console shell answers.
+        self.run("true", Duration::from_secs(60));
+    }
+
+    /// Everything the card printed on its serial port.
+    pub fn serial(&self) -> String {
+        std::fs::read_to_string(self.path("serial.log")).unwrap_or_default()
+    }
+
+    /// Everything read from the virtio console so far.
+    pub fn console_output(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    /// Types `text` on the card's console.
+    pub fn type_text(&mut self, text: &str) {
+        self.console
+            .as_mut()
+            .expect("console attached")
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+
+    /// Runs a shell command on the card's console; returns its output and
+    /// exit code.
+    pub fn run_status(&mut self, cmd: &str, timeout: Duration) -> (String, i32) {
+        self.marker += 1;
+        let n = self.marker;
+        // The marker number is computed by the card's shell, so the echo of
+        // the command line itself never matches.
+        let begin = format!("<<B{}>>", 1000 + n);
+        let end = format!("<<E{}>>", 1000 + n);
+        let start = self.output.lock().unwrap().len();
+        self.type_text(&format!(
+            "echo '<<'B$((1000+{n}))'>>'; {cmd}; echo '<<'E$((1000+{n}))'>>' $?\n"
+        ));
+        let text = wait_for(timeout, &format!("`{cmd}` on the card"), || {
+            let out = self.output.lock().unwrap();
+            let s = String::from_utf8_lossy(&out[start..]).into_owned();
+            let b = s.find(&begin)?;
+            let e = s[b..].find(&end)? + b;
+            let rest = &s[e + end.len()..];
+            rest.contains('\n')
+                .then(|| (s[b + begin.len()..e].to_string(), rest.to_string()))
+        });
+        let code = text
+            .1
+            .split_whitespace()
+            .next()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(-1);
+        (
+            text.0.replace('\r', "").trim_matches('\n').to_string(),
+            code,
+        )
+    }
+
+    /// Runs a command that must succeed; returns its output.
+    pub fn run(&mut self, cmd: &str, timeout: Duration) -> String {
+        let (out, code) = self.run_status(cmd, timeout);
+        assert_eq!(code, 0, "`{cmd}` failed on the card: {out}");
+        out
+    }
+
+    /// Waits for QEMU to exit on its own.
+    pub fn wait_qemu_exit(&mut self, timeout: Duration) {
+        let q = self.qemu.as_mut().expect("qemu running");
+        wait_for(timeout, "QEMU to exit", || {
+            q.try_wait().unwrap().map(|_| ())
+        });
+        self.qemu = None;
+    }
+
+    /// Kills QEMU hard (SIGKILL), as a power cut would.
+    pub fn kill_qemu(&mut self) {
+        if let Some(mut q) = self.qemu.take() {
+            let _ = q.kill();
+            let _ = q.wait();
+        }
+    }
+
+    /// Everything the bridge logged (all of its runs).
+    pub fn bridge_log(&self) -> String {
+        let mut all = String::new();
+        for e in std::fs::read_dir(&self.dir.0).unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with("bridge-") {
+                all += &std::fs::read_to_string(e.path()).unwrap_or_default();
+            }
+        }
+        all
+    }
+}
+
+impl Drop for Card {
+    fn drop(&mut self) {
+        self.kill_qemu();
+        self.kill_bridge();
+        for b in &mut self.backends {
+            // SIGTERM first so daemons remove their sockets and taps.
+            // SAFETY: plain kill(2) on our child's pid.
+            unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
+        }
+        for b in &mut self.backends {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && b.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = b.kill();
+            let _ = b.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- serial ---\n{}", tail(&self.serial(), 60));
+            eprintln!("--- bridge ---\n{}", tail(&self.bridge_log(), 40));
+            eprintln!("--- console ---\n{}", tail(&self.console_output(), 40));
+        }
+    }
+}
+
+/// The last `n` lines of `s`.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<_> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// sha256 of a file's first `len` bytes (all of it for `None`), via the
+/// system's sha256sum.
+pub fn sha256_file(path: &Path, len: Option<u64>) -> String {
+    let script = match len {
+        Some(l) => format!("head -c {l} '{}' | sha256sum", path.display()),
+        None => format!("sha256sum < '{}'", path.display()),
+    };
+    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// sha256 of `len` bytes at `offset` of a file.
+pub fn sha256_range(path: &Path, offset: u64, len: u64) -> String {
+    let mut f = std::fs::File::open(path).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact(&mut buf).unwrap();
+    let tmp = std::env::temp_dir().join(format!("mic-range-{}", rand_u64()));
+    std::fs::write(&tmp, &buf).unwrap();
+    let s = sha256_file(&tmp, None);
+    std::fs::remove_file(&tmp).unwrap();
+    s
+}
+
+/// The first word of the last line of `out` that looks like a sha256 sum.
+pub fn sum_in(out: &str) -> String {
+    out.lines()
+        .rev()
+        .filter_map(|l| l.split_whitespace().next())
+        .find(|w| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no sha256 in {out:?}"))
+        .to_string()
+}
+
+/// Creates a sparse image file of `size` bytes.
+pub fn image(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    p
+}
