@@ -1,0 +1,507 @@
+//! Helpers for tests that drive the real QEMU with the `mic-x100` device
+//! through QEMU's qtest protocol (no guest code runs: the test plays the card
+//! OS through PCI config space and memory accesses) and the real host side
+//! (`vop_bridge::device_protocol`) over the device socket.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Guest RAM of the test machines.
+pub const RAM_SIZE: u64 = 64 << 20;
+/// Aperture size the tests configure.
+pub const APERTURE_SIZE: u64 = 1 << 20;
+/// Where the tests place BAR0 (registers).
+pub const BAR0_ADDR: u64 = 0xfe00_0000;
+/// Where the tests place BAR4 (MSI-X table and PBA).
+pub const BAR4_ADDR: u64 = 0xfe10_0000;
+/// Where the tests place BAR2 (the aperture), inside q35's 32-bit PCI hole.
+pub const BAR2_ADDR: u64 = 0xc000_0000;
+/// Guest RAM where MSI-X messages of vector v land (4 bytes per vector).
+pub const MSI_SINK: u64 = 0x0030_0000;
+
+/// Path of the QEMU binary under test: `$MIC_QEMU`, else
+/// `build/qemu/bin/qemu-system-x86_64` in the workspace. Panics (failing the
+/// test) when it is missing.
+pub fn qemu_binary() -> PathBuf {
+    let path = match std::env::var_os("MIC_QEMU") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("build/qemu/bin/qemu-system-x86_64"),
+    };
+    if !path.is_file() {
+        panic!(
+            "QEMU with the mic-x100 device not found at {}: run scripts/build-qemu \
+             (or set MIC_QEMU to its last output line)",
+            path.display()
+        );
+    }
+    path
+}
+
+/// A private directory for sockets, removed on drop.
+pub struct TestDir(PathBuf);
+
+impl TestDir {
+    pub fn new(tag: &str) -> TestDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "mic-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TestDir(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The QEMU command line pieces the tests use.
+pub struct QemuArgs {
+    pub shared_ram: bool,
+    pub ram_share_off: bool,
+    pub device: Option<String>,
+    pub chardev: bool,
+    pub extra: Vec<String>,
+}
+
+impl Default for QemuArgs {
+    fn default() -> Self {
+        QemuArgs {
+            shared_ram: true,
+            ram_share_off: false,
+            device: Some(format!(
+                "mic-x100,chardev=mic0,aperture-size={APERTURE_SIZE},node-id=3"
+            )),
+            chardev: true,
+            extra: Vec::new(),
+        }
+    }
+}
+
+impl QemuArgs {
+    fn build(&self, dir: &TestDir) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "-machine",
+            "q35",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            "none",
+            "-monitor",
+            "none",
+            "-m",
+            "64M",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if self.shared_ram {
+            a.push("-object".into());
+            a.push(format!(
+                "memory-backend-memfd,id=mem,size={RAM_SIZE},share={}",
+                if self.ram_share_off { "off" } else { "on" }
+            ));
+            a.push("-machine".into());
+            a.push("memory-backend=mem".into());
+        }
+        if self.chardev {
+            a.push("-chardev".into());
+            a.push(format!(
+                "socket,id=mic0,path={},server=on,wait=off",
+                dir.path("mic.sock").display()
+            ));
+        }
+        if let Some(d) = &self.device {
+            a.push("-device".into());
+            a.push(d.clone());
+        }
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+}
+
+/// Runs QEMU with `args` (and no qtest) and waits for it to exit on its own;
+/// returns its exit status and stderr. Used for start-up errors.
+pub fn run_qemu_expecting_exit(args: &QemuArgs, timeout: Duration) -> (ExitStatus, String) {
+    let dir = TestDir::new("exit");
+    let mut cmd = Command::new(qemu_binary());
+    cmd.args(args.build(&dir))
+        .args(["-accel", "qtest", "-S"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn qemu");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (st, err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("QEMU did not exit within {timeout:?} although its configuration is invalid");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running QEMU driven through qtest.
+pub struct Qemu {
+    child: Child,
+    qtest: BufReader<UnixStream>,
+    qtest_w: UnixStream,
+    stderr_path: PathBuf,
+    pub dir: TestDir,
+}
+
+impl Qemu {
+    /// Starts QEMU with the default test configuration.
+    pub fn start() -> Qemu {
+        Qemu::start_with(&QemuArgs::default())
+    }
+
+    pub fn start_with(args: &QemuArgs) -> Qemu {
+        let dir = TestDir::new("qtest");
+        let qtest_path = dir.path("qtest.sock");
+        let listener = UnixListener::bind(&qtest_path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stderr_path = dir.path("stderr");
+        let mut cmd = Command::new(qemu_binary());
+        cmd.args(args.build(&dir))
+            .args(["-accel", "qtest", "-qtest"])
+            .arg(format!("unix:{}", qtest_path.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr_path).unwrap());
+        let mut child = cmd.spawn().expect("spawn qemu");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("qtest accept: {e}"),
+            }
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!(
+                    "QEMU exited ({st}) before connecting qtest: {}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("QEMU did not connect its qtest socket");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        stream.set_nonblocking(false).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let qtest_w = stream.try_clone().unwrap();
+        Qemu {
+            child,
+            qtest: BufReader::new(stream),
+            qtest_w,
+            stderr_path,
+            dir,
+        }
+    }
+
+    /// Path of the device socket QEMU listens on.
+    pub fn device_socket(&self) -> PathBuf {
+        self.dir.path("mic.sock")
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends one qtest command and returns the words after "OK".
+    pub fn cmd(&mut self, line: &str) -> Vec<String> {
+        self.qtest_w
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+        loop {
+            let mut resp = String::new();
+            let n = self
+                .qtest
+                .read_line(&mut resp)
+                .unwrap_or_else(|e| panic!("qtest '{line}': {e}; QEMU stderr: {}", self.stderr()));
+            if n == 0 {
+                panic!(
+                    "qtest '{line}': QEMU closed qtest; stderr: {}",
+                    self.stderr()
+                );
+            }
+            let words: Vec<String> = resp.split_whitespace().map(String::from).collect();
+            match words.first().map(String::as_str) {
+                Some("OK") => return words[1..].to_vec(),
+                Some("IRQ") => continue,
+                _ => panic!("qtest '{line}' failed: {resp}"),
+            }
+        }
+    }
+
+    fn value(&mut self, line: &str) -> u64 {
+        let w = self.cmd(line);
+        let s = w
+            .first()
+            .unwrap_or_else(|| panic!("qtest '{line}': no value"));
+        u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap()
+    }
+
+    pub fn outl(&mut self, port: u16, v: u32) {
+        self.cmd(&format!("outl {port:#x} {v:#x}"));
+    }
+    pub fn outb(&mut self, port: u16, v: u8) {
+        self.cmd(&format!("outb {port:#x} {v:#x}"));
+    }
+    pub fn inl(&mut self, port: u16) -> u32 {
+        self.value(&format!("inl {port:#x}")) as u32
+    }
+    pub fn readl(&mut self, addr: u64) -> u32 {
+        self.value(&format!("readl {addr:#x}")) as u32
+    }
+    pub fn readw(&mut self, addr: u64) -> u16 {
+        self.value(&format!("readw {addr:#x}")) as u16
+    }
+    pub fn readb(&mut self, addr: u64) -> u8 {
+        self.value(&format!("readb {addr:#x}")) as u8
+    }
+    pub fn readq(&mut self, addr: u64) -> u64 {
+        self.value(&format!("readq {addr:#x}"))
+    }
+    pub fn writel(&mut self, addr: u64, v: u32) {
+        self.cmd(&format!("writel {addr:#x} {v:#x}"));
+    }
+    pub fn writew(&mut self, addr: u64, v: u16) {
+        self.cmd(&format!("writew {addr:#x} {v:#x}"));
+    }
+    pub fn writeb(&mut self, addr: u64, v: u8) {
+        self.cmd(&format!("writeb {addr:#x} {v:#x}"));
+    }
+    pub fn writeq(&mut self, addr: u64, v: u64) {
+        self.cmd(&format!("writeq {addr:#x} {v:#x}"));
+    }
+
+    /// Reads guest memory (qtest `read`).
+    pub fn read(&mut self, addr: u64, len: usize) -> Vec<u8> {
+        let w = self.cmd(&format!("read {addr:#x} {len:#x}"));
+        let hex = w[0].trim_start_matches("0x");
+        (0..len)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Writes guest memory (qtest `write`).
+    pub fn write(&mut self, addr: u64, data: &[u8]) {
+        let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+        self.cmd(&format!("write {addr:#x} {:#x} 0x{hex}", data.len()));
+    }
+
+    /// Polls a 32-bit guest-memory word until `pred` holds or `timeout` passes;
+    /// returns the last value read.
+    pub fn poll_readl(&mut self, addr: u64, timeout: Duration, pred: impl Fn(u32) -> bool) -> u32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.readl(addr);
+            if pred(v) || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends SIGTERM and waits for QEMU to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// PCI through the legacy config mechanism (0xcf8/0xcfc) on bus 0.
+
+pub fn cfg_addr(dev: u8, off: u8) -> u32 {
+    0x8000_0000 | (u32::from(dev) << 11) | u32::from(off & 0xfc)
+}
+
+pub fn cfg_read32(q: &mut Qemu, dev: u8, off: u8) -> u32 {
+    q.outl(0xcf8, cfg_addr(dev, off));
+    q.inl(0xcfc)
+}
+
+pub fn cfg_write32(q: &mut Qemu, dev: u8, off: u8, v: u32) {
+    q.outl(0xcf8, cfg_addr(dev, off));
+    q.outl(0xcfc, v);
+}
+
+pub fn cfg_read16(q: &mut Qemu, dev: u8, off: u8) -> u16 {
+    (cfg_read32(q, dev, off) >> ((off & 2) * 8)) as u16
+}
+
+pub fn cfg_write16(q: &mut Qemu, dev: u8, off: u8, v: u16) {
+    let old = cfg_read32(q, dev, off);
+    let shift = u32::from(off & 2) * 8;
+    let new = (old & !(0xffff << shift)) | (u32::from(v) << shift);
+    cfg_write32(q, dev, off, new);
+}
+
+/// Size of a memory BAR (probes with all ones, then restores).
+pub fn bar_size(q: &mut Qemu, dev: u8, bar: u8) -> u64 {
+    let off = 0x10 + 4 * bar;
+    let lo = cfg_read32(q, dev, off);
+    let is64 = lo & 0x6 == 0x4;
+    cfg_write32(q, dev, off, 0xffff_ffff);
+    let mut mask = u64::from(cfg_read32(q, dev, off) & !0xf);
+    cfg_write32(q, dev, off, lo);
+    if is64 {
+        let hi = cfg_read32(q, dev, off + 4);
+        cfg_write32(q, dev, off + 4, 0xffff_ffff);
+        mask |= u64::from(cfg_read32(q, dev, off + 4)) << 32;
+        cfg_write32(q, dev, off + 4, hi);
+    } else {
+        mask |= 0xffff_ffff_0000_0000;
+    }
+    (!mask).wrapping_add(1)
+}
+
+/// Finds a device by vendor and device id on bus 0.
+pub fn find_device(q: &mut Qemu, vendor: u16, device: u16) -> Option<u8> {
+    (0..32u8).find(|&d| cfg_read32(q, d, 0) == (u32::from(device) << 16 | u32::from(vendor)))
+}
+
+/// Finds a capability in config space.
+pub fn find_cap(q: &mut Qemu, dev: u8, id: u8) -> Option<u8> {
+    let mut p = (cfg_read32(q, dev, 0x34) & 0xfc) as u8;
+    let mut guard = 0;
+    while p != 0 && guard < 48 {
+        let w = cfg_read32(q, dev, p);
+        if w as u8 == id {
+            return Some(p);
+        }
+        p = ((w >> 8) & 0xfc) as u8;
+        guard += 1;
+    }
+    None
+}
+
+pub const PCI_CAP_ID_MSIX: u8 = 0x11;
+
+/// The card as the card OS sees it: BARs assigned, memory and bus
+/// mastering enabled, MSI-X table located.
+pub struct Card {
+    pub dev: u8,
+    pub msix_cap: u8,
+    pub table: u64,
+    pub pba: u64,
+    pub vectors: u32,
+}
+
+impl Card {
+    /// Finds the device, programs the BARs and enables memory decoding and
+    /// bus mastering.
+    pub fn setup(q: &mut Qemu) -> Card {
+        let dev = find_device(q, 0x8086, 0x2250).expect("mic-x100 not found on bus 0");
+        cfg_write32(q, dev, 0x10, BAR0_ADDR as u32);
+        cfg_write32(q, dev, 0x18, BAR2_ADDR as u32);
+        cfg_write32(q, dev, 0x1c, (BAR2_ADDR >> 32) as u32);
+        cfg_write32(q, dev, 0x20, BAR4_ADDR as u32);
+        let cmd = cfg_read16(q, dev, 0x04);
+        cfg_write16(q, dev, 0x04, cmd | 0x2 | 0x4); // memory space, bus master
+        let msix_cap = find_cap(q, dev, PCI_CAP_ID_MSIX).expect("no MSI-X capability");
+        let ctrl = cfg_read16(q, dev, msix_cap + 2);
+        let vectors = u32::from(ctrl & 0x7ff) + 1;
+        let t = cfg_read32(q, dev, msix_cap + 4);
+        let p = cfg_read32(q, dev, msix_cap + 8);
+        assert_eq!(t & 7, 4, "MSI-X table not in BAR4");
+        assert_eq!(p & 7, 4, "MSI-X PBA not in BAR4");
+        Card {
+            dev,
+            msix_cap,
+            table: BAR4_ADDR + u64::from(t & !7),
+            pba: BAR4_ADDR + u64::from(p & !7),
+            vectors,
+        }
+    }
+
+    pub fn reg(&self, off: u32) -> u64 {
+        BAR0_ADDR + u64::from(off)
+    }
+
+    /// Points every MSI-X entry at `MSI_SINK + 4*v` with data `0xda7a0000 | v`,
+    /// unmasked, clears the sink, and enables MSI-X.
+    pub fn enable_msix(&self, q: &mut Qemu) {
+        for v in 0..self.vectors {
+            let e = self.table + 16 * u64::from(v);
+            q.writel(e, (MSI_SINK + 4 * u64::from(v)) as u32);
+            q.writel(e + 4, 0);
+            q.writel(e + 8, msi_data(v));
+            q.writel(e + 12, 0);
+            q.writel(MSI_SINK + 4 * u64::from(v), 0);
+        }
+        let ctrl = cfg_read16(q, self.dev, self.msix_cap + 2);
+        cfg_write16(q, self.dev, self.msix_cap + 2, (ctrl | 0x8000) & !0x4000);
+    }
+
+    pub fn mask_vector(&self, q: &mut Qemu, v: u32, masked: bool) {
+        q.writel(self.table + 16 * u64::from(v) + 12, u32::from(masked));
+    }
+
+    pub fn pending(&self, q: &mut Qemu, v: u32) -> bool {
+        q.readl(self.pba + 4 * u64::from(v / 32)) & (1 << (v % 32)) != 0
+    }
+
+    /// Reads and clears every vector's sink word; returns the vectors that fired.
+    pub fn take_fired(&self, q: &mut Qemu) -> Vec<u32> {
+        let mut fired = Vec::new();
+        for v in 0..self.vectors {
+            let a = MSI_SINK + 4 * u64::from(v);
+            let d = q.readl(a);
+            if d != 0 {
+                assert_eq!(d, msi_data(v), "vector {v} delivered foreign data");
+                fired.push(v);
+                q.writel(a, 0);
+            }
+        }
+        fired
+    }
+}
+
+pub fn msi_data(v: u32) -> u32 {
+    0xda7a_0000 | v
+}
