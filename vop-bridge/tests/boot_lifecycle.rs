@@ -1,0 +1,134 @@
+//! Boot tests of the card lifecycle: power-off, reboot, crash and a
+//! host-requested shutdown as the bridge reports them, and a bridge that
+//! restarts and reattaches to a running card.
+
+mod card;
+
+use std::time::Duration;
+
+use card::{image, sha256_range, sum_in, Blk, Card, CardOptions, BOOT_TIMEOUT};
+
+const MIB: u64 = 1 << 20;
+const CMD: Duration = Duration::from_secs(120);
+
+fn card_with_disk(tmp: &card::TempDir) -> (Card, std::path::PathBuf) {
+    let img = image(&tmp.0, "disk.img", 32 * MIB);
+    let card = Card::boot(CardOptions {
+        blk: Blk::MicBlk(img.clone()),
+        expect: "console,blk",
+        ..Default::default()
+    });
+    (card, img)
+}
+
+/// Writes 1 MiB of fresh random data at `mib` on the card's disk and checks
+/// the host sees exactly those bytes.
+fn disk_works(card: &mut Card, img: &std::path::Path, mib: u64) {
+    let out = card.run(
+        &format!(
+            "dd if=/dev/urandom of=/tmp/p bs=1M count=1 2>/dev/null && sha256sum /tmp/p && \
+             dd if=/tmp/p of=/dev/vda bs=1M seek={mib} oflag=direct 2>/dev/null"
+        ),
+        CMD,
+    );
+    assert_eq!(sha256_range(img, mib * MIB, MIB), sum_in(&out));
+}
+
+fn bridge_said(card: &Card, line: &str) -> bool {
+    card.bridge_log().contains(line)
+}
+
+#[test]
+fn poweroff_is_reported() {
+    let mut card = Card::boot(CardOptions::default());
+    card.type_text("poweroff\n");
+    card.wait_qemu_exit(Duration::from_secs(120));
+    let st = card.wait_state("ready", Duration::from_secs(30));
+    assert_eq!(st, "state=ready shutdown_status=poweroff");
+    assert!(bridge_said(
+        &card,
+        "card state: shutting_down (shutdown status poweroff)"
+    ));
+}
+
+#[test]
+fn host_requested_shutdown_powers_the_card_off() {
+    let card = Card::boot(CardOptions::default());
+    let reply = vop_bridge::control::request(&card.path("ctl.sock"), "shutdown").unwrap();
+    assert!(reply.starts_with("state=shutting_down"), "{reply}");
+    let mut card = card;
+    card.wait_qemu_exit(Duration::from_secs(120));
+    assert_eq!(
+        card.wait_state("ready", Duration::from_secs(30)),
+        "state=ready shutdown_status=poweroff"
+    );
+    assert!(card.serial().contains("host requests shutdown"));
+}
+
+#[test]
+fn reboot_restarts_and_devices_work_again() {
+    let tmp = card::TempDir::new("reboot");
+    let (mut card, img) = card_with_disk(&tmp);
+    disk_works(&mut card, &img, 1);
+    card.type_text("reboot\n");
+    card::wait_for(BOOT_TIMEOUT, "the restart to be reported", || {
+        bridge_said(&card, "card state: shutting_down (shutdown status restart)").then_some(())
+    });
+    card::wait_for(BOOT_TIMEOUT, "the reset", || {
+        bridge_said(&card, "card state: resetting").then_some(())
+    });
+    // Online again, on a new boot, with working devices.
+    card::wait_for(BOOT_TIMEOUT, "a second boot", || {
+        (card.serial().matches("mic-card: online").count() >= 2).then_some(())
+    });
+    card.wait_state("online", BOOT_TIMEOUT);
+    let boots = card.run("cat /proc/sys/kernel/random/boot_id", CMD);
+    assert_eq!(boots.len(), 36, "{boots}");
+    disk_works(&mut card, &img, 2);
+    // The first boot's data is still there, read by the new boot.
+    let out = card.run(
+        "dd if=/dev/vda bs=1M skip=1 count=1 iflag=direct 2>/dev/null | sha256sum",
+        CMD,
+    );
+    assert_eq!(sum_in(&out), sha256_range(&img, MIB, MIB));
+    // Back online, the card cleared its shutdown status.
+    assert!(card.status().unwrap().ends_with("shutdown_status=nop"));
+}
+
+#[test]
+fn crash_is_reported_and_the_card_comes_back() {
+    let mut card = Card::boot(CardOptions::default());
+    card.type_text("echo c > /proc/sysrq-trigger\n");
+    card::wait_for(BOOT_TIMEOUT, "the crash to be reported", || {
+        bridge_said(&card, "card state: shutting_down (shutdown status crashed)").then_some(())
+    });
+    // panic=-1 reboots the card; it comes back online.
+    card::wait_for(BOOT_TIMEOUT, "a second boot", || {
+        (card.serial().matches("mic-card: online").count() >= 2).then_some(())
+    });
+    card.wait_state("online", BOOT_TIMEOUT);
+    assert_eq!(card.run("echo back", CMD), "back");
+}
+
+#[test]
+fn bridge_restart_reattaches_without_rebooting_the_card() {
+    let tmp = card::TempDir::new("reattach");
+    let (mut card, img) = card_with_disk(&tmp);
+    let boot_id = card.run("cat /proc/sys/kernel/random/boot_id", CMD);
+    disk_works(&mut card, &img, 1);
+    card.kill_bridge();
+    card.start_bridge();
+    card.wait_state("online", Duration::from_secs(30));
+    assert!(
+        bridge_said(&card, "adopted the card's device page"),
+        "{}",
+        card.bridge_log()
+    );
+    // Same boot, working console and disk.
+    assert_eq!(
+        card.run("cat /proc/sys/kernel/random/boot_id", CMD),
+        boot_id
+    );
+    disk_works(&mut card, &img, 3);
+    assert_eq!(card.serial().matches("mic-card: online").count(), 1);
+}
