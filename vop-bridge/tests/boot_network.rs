@@ -13,7 +13,6 @@
 //! Needs root (network namespaces, taps).
 
 // The shared harness names a variant after its enum (`Blk::MicBlk`).
-#[allow(clippy::enum_variant_names)]
 mod card;
 
 use std::fs::File;

@@ -111,6 +111,7 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
 }
 
 /// The block backend of a card.
+#[allow(clippy::enum_variant_names)] // MicBlk names the daemon.
 pub enum Blk {
     /// No disk.
     None,
