@@ -744,25 +744,30 @@ impl Bridge {
             }
         }
         if unwire {
-            if let Some(slot) = self.devices[i].slot.and_then(|s| a.page.slots()[s].clone()) {
-                for q in 0..w.kicks.len() {
-                    let _ = a.link.send(&HostMessage::SetDoorbellFd {
-                        doorbell: u32::from(slot.c2h_db),
-                        value: q as u32,
-                        fd: None,
-                    });
-                }
-            }
-            let _ = a.link.send(&HostMessage::SetVectorFd {
-                vector: w.vector,
-                fd: None,
-            });
+            self.unwire(a, i, &w);
             if let Err(e) = a.link.sync() {
                 warn!("unwiring device {i}: {e}");
             }
         }
         drop(w.calls);
         info!("device {i} ({}) stopped", self.devices[i].cfg.kind.name());
+    }
+
+    /// Asks the device to forget a device's kick and call eventfds.
+    fn unwire(&self, a: &mut Attached, i: usize, w: &Wiring) {
+        if let Some(slot) = self.devices[i].slot.and_then(|s| a.page.slots()[s].clone()) {
+            for q in 0..w.kicks.len() {
+                let _ = a.link.send(&HostMessage::SetDoorbellFd {
+                    doorbell: u32::from(slot.c2h_db),
+                    value: q as u32,
+                    fd: None,
+                });
+            }
+        }
+        let _ = a.link.send(&HostMessage::SetVectorFd {
+            vector: w.vector,
+            fd: None,
+        });
     }
 
     fn on_backend_gone(&mut self, a: &mut Attached, i: usize) {
@@ -774,19 +779,7 @@ impl Bridge {
         let was_running = self.devices[i].wiring.is_some();
         // Its rings are gone with it; unwire so kicks come to us meanwhile.
         if let Some(w) = self.devices[i].wiring.take() {
-            if let Some(slot) = self.devices[i].slot.and_then(|s| a.page.slots()[s].clone()) {
-                for q in 0..w.kicks.len() {
-                    let _ = a.link.send(&HostMessage::SetDoorbellFd {
-                        doorbell: u32::from(slot.c2h_db),
-                        value: q as u32,
-                        fd: None,
-                    });
-                }
-            }
-            let _ = a.link.send(&HostMessage::SetVectorFd {
-                vector: w.vector,
-                fd: None,
-            });
+            self.unwire(a, i, &w);
         }
         self.drop_backend(i);
         if was_running {

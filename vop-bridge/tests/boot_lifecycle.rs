@@ -132,3 +132,35 @@ fn bridge_restart_reattaches_without_rebooting_the_card() {
     disk_works(&mut card, &img, 3);
     assert_eq!(card.serial().matches("mic-card: online").count(), 1);
 }
+
+#[test]
+fn block_backend_that_dies_mid_write_loses_nothing() {
+    let tmp = card::TempDir::new("blk-dies");
+    let (mut card, img) = card_with_disk(&tmp);
+    // A 16 MiB write, slowed down so the backend dies in the middle of it.
+    let out = card.run(
+        "dd if=/dev/urandom of=/tmp/w bs=1M count=16 2>/dev/null && sha256sum /tmp/w",
+        CMD,
+    );
+    let sum = sum_in(&out);
+    card.type_text(
+        "(for i in $(seq 0 15); do dd if=/tmp/w of=/dev/vda bs=1M skip=$i seek=$((i+8)) count=1 \
+         oflag=direct 2>/dev/null; sleep 0.2; done; echo WRITE-DONE-$((40+2))) &\n",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    card.restart_blk(Duration::from_secs(2));
+    card::wait_for(Duration::from_secs(180), "the write to finish", || {
+        card.console_output()
+            .contains("WRITE-DONE-42")
+            .then_some(())
+    });
+    assert!(bridge_said(&card, "went away"), "{}", card.bridge_log());
+    assert!(bridge_said(&card, "is back"), "{}", card.bridge_log());
+    assert_eq!(
+        sha256_range(&img, 8 * MIB, 16 * MIB),
+        sum,
+        "bytes lost or corrupted"
+    );
+    // And the disk keeps working.
+    disk_works(&mut card, &img, 30);
+}

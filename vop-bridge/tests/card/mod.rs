@@ -168,6 +168,7 @@ pub struct Card {
     /// Working directory (sockets, logs).
     pub dir: TempDir,
     backends: Vec<Child>,
+    blk: Option<Child>,
     bridge: Option<Child>,
     qemu: Option<Child>,
     console: Option<UnixStream>,
@@ -197,6 +198,7 @@ impl Card {
         let mut card = Card {
             dir,
             backends: Vec::new(),
+            blk: None,
             bridge: None,
             qemu: None,
             console: None,
@@ -217,6 +219,46 @@ impl Card {
         self.dir.0.join(name)
     }
 
+    fn blk_command(&self) -> Option<Command> {
+        let sock = self.path("blk.sock");
+        match &self.options.blk {
+            Blk::None => None,
+            Blk::MicBlk(img) => {
+                let mut c = Command::new(bin("mic-blk"));
+                c.arg("--socket-path").arg(&sock).arg("--image").arg(img);
+                c.env("RUST_LOG", "info");
+                Some(c)
+            }
+            Blk::Qsd(img) => {
+                let mut c = Command::new("qemu-storage-daemon");
+                c.arg("--blockdev")
+                    .arg(format!(
+                        "driver=file,node-name=disk,filename={},cache.direct=off",
+                        img.display()
+                    ))
+                    .arg("--export")
+                    .arg(format!(
+                        "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on",
+                        sock.display()
+                    ));
+                Some(c)
+            }
+        }
+    }
+
+    /// Kills the block backend hard (SIGKILL) and starts a new one on the same
+    /// socket once `down_for` has passed.
+    pub fn restart_blk(&mut self, down_for: Duration) {
+        if let Some(mut b) = self.blk.take() {
+            let _ = b.kill();
+            let _ = b.wait();
+        }
+        std::thread::sleep(down_for);
+        let mut cmd = self.blk_command().expect("a block backend");
+        let log = self.path("blk-restarted.log");
+        self.blk = Some(spawn(&mut cmd, &log));
+    }
+
     fn start_backends(&mut self) {
         let d = self.dir.0.clone();
         let s = |n: &str| d.join(n).to_str().unwrap().to_string();
@@ -232,29 +274,9 @@ impl Card {
                 .env("RUST_LOG", "info"),
             &d.join("mic-console.log"),
         ));
-        match &self.options.blk {
-            Blk::None => {}
-            Blk::MicBlk(img) => self.backends.push(spawn(
-                Command::new(bin("mic-blk"))
-                    .args(["--socket-path", &s("blk.sock"), "--image"])
-                    .arg(img)
-                    .env("RUST_LOG", "info"),
-                &d.join("mic-blk.log"),
-            )),
-            Blk::Qsd(img) => self.backends.push(spawn(
-                Command::new("qemu-storage-daemon")
-                    .arg("--blockdev")
-                    .arg(format!(
-                        "driver=file,node-name=disk,filename={},cache.direct=off",
-                        img.display()
-                    ))
-                    .arg("--export")
-                    .arg(format!(
-                        "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on",
-                        s("blk.sock")
-                    )),
-                &d.join("qsd.log"),
-            )),
+        if let Some(mut cmd) = self.blk_command() {
+            let log = d.join("blk.log");
+            self.blk = Some(spawn(&mut cmd, &log));
         }
         match &self.options.net {
             Net::None => {}
@@ -492,6 +514,7 @@ impl Drop for Card {
     fn drop(&mut self) {
         self.kill_qemu();
         self.kill_bridge();
+        self.backends.extend(self.blk.take());
         for b in &mut self.backends {
             // SIGTERM first so daemons remove their sockets and taps.
             // SAFETY: plain kill(2) on our child's pid.
