@@ -1045,8 +1045,8 @@ static void mic_handle_message(MicX100State *s)
         mic_send(s, MIC_MSG_SYNC, p, 8, NULL, 0);
         break;
     default:
-        qemu_log_mask(LOG_UNIMP, "mic-x100: host message type %u skipped\n",
-                      type);
+        warn_report_once("mic-x100: host side sent message type %u, which "
+                         "this device does not know; skipped", type);
         break;
     }
 }
@@ -1356,6 +1356,16 @@ static void mic_class_init(ObjectClass *klass, MIC_CLASS_DATA data)
     dc->desc = "Intel MIC X100 coprocessor card (virtio over PCIe)";
     device_class_set_legacy_reset(dc, mic_reset);
     device_class_set_props(dc, mic_properties);
+    object_class_property_set_description(klass, "chardev",
+        "UNIX socket chardev of the host side (docs/device-protocol.md)");
+    object_class_property_set_description(klass, "aperture-size",
+        "size of the aperture BAR (host memory shared with the card), "
+        "a power of two");
+    object_class_property_set_description(klass, "node-id",
+        "card node id, upstream convention card index + 1 (0-255)");
+    object_class_property_set_description(klass, "stepping",
+        "silicon stepping and PCI revision: 0x00 A0, 0x10 B0, 0x11 B1, "
+        "0x20 C0");
     set_bit(DEVICE_CATEGORY_MISC, dc->categories);
 }
 

@@ -8,7 +8,9 @@
 
 mod common;
 
+use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::*;
@@ -786,25 +788,109 @@ fn poweroff_is_reported_before_qemu_exits() {
 }
 
 #[test]
-fn run_and_stop_are_reported_and_hello_says_stopped() {
+fn hello_says_whether_the_vcpus_run() {
     let mut args = QemuArgs::default();
     args.extra = vec!["-S".into()];
-    let mut q = Qemu::start_with(&args);
-    let (mut link, att) = connect(&q);
+    let q = Qemu::start_with(&args);
+    let (_link, att) = connect(&q);
     assert!(!att.hello.running, "started with -S: vCPUs are not running");
-    drop(link);
-    // qtest has no 'cont'; a fresh QEMU without -S runs from the start.
-    let _ = q.terminate();
     let q = Qemu::start();
     let (_link, att) = connect(&q);
     assert!(att.hello.running);
-    link = DeviceLink::connect_retry(&q.device_socket(), Duration::from_millis(200))
-        .expect("second connection is accepted after the first");
-    // Only one connection at a time: the second client gets nothing until
-    // the first goes away.
-    link.set_read_timeout(Some(Duration::from_millis(300)))
+}
+
+#[test]
+fn one_host_side_at_a_time() {
+    let q = Qemu::start();
+    let (mut first, _att) = connect(&q);
+    // A second client is not served while the first is attached.
+    let mut second = DeviceLink::connect_retry(&q.device_socket(), T).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
-    assert!(link.recv().is_err());
+    assert!(second.recv().is_err(), "a second host side was served");
+    first.sync().unwrap();
+    drop(first);
+    // Once the first is gone, the waiting one is served.
+    second.set_read_timeout(Some(T)).unwrap();
+    let att = second
+        .attach()
+        .expect("waiting client attaches after the first left");
+    assert_eq!(att.hello.node_id, 3);
+    second.sync().unwrap();
+}
+
+/// Raw bytes on the device socket, next to a `DeviceLink` on the same stream.
+fn raw_link(q: &Qemu) -> (DeviceLink, UnixStream) {
+    let stream = UnixStream::connect(q.device_socket()).unwrap();
+    let raw = stream.try_clone().unwrap();
+    let mut link = DeviceLink::from_stream(stream);
+    link.set_read_timeout(Some(T)).unwrap();
+    link.attach().unwrap();
+    (link, raw)
+}
+
+fn frame(ty: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = ty.to_le_bytes().to_vec();
+    v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+fn assert_closed(link: &mut DeviceLink) {
+    loop {
+        match link.recv() {
+            Err(ProtocolError::Closed) => return,
+            Ok(DeviceMessage::MemTable(_)) => {}
+            other => panic!("expected the device to close the connection, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn unknown_messages_are_skipped_and_broken_ones_disconnect() {
+    let mut q = Qemu::start();
+    let card = Card::setup(&mut q);
+    {
+        let (mut link, mut raw) = raw_link(&q);
+        // Unknown type with a payload: skipped, the stream stays in sync.
+        raw.write_all(&frame(99, &[0xee; 40])).unwrap();
+        raw.write_all(&frame(98, &[])).unwrap();
+        link.request(&HostMessage::RegWrite {
+            offset: reg::spad(4),
+            value: 44,
+        })
+        .unwrap();
+        assert_eq!(q.readl(card.reg(reg::spad(4))), 44);
+        // A payload too short for its type is a protocol error.
+        raw.write_all(&frame(3, &[1, 2, 3])).unwrap();
+        assert_closed(&mut link);
+    }
+    {
+        let (mut link, mut raw) = raw_link(&q);
+        // A payload over 4096 bytes is a protocol error.
+        raw.write_all(&[0x63, 0, 0, 0, 0x01, 0x10, 0, 0]).unwrap();
+        assert_closed(&mut link);
+    }
+    {
+        // A HELLO of another major version closes the connection.
+        let mut stream = UnixStream::connect(q.device_socket()).unwrap();
+        stream
+            .write_all(&frame(1, &0x0002_0000u32.to_le_bytes()))
+            .unwrap();
+        let mut link = DeviceLink::from_stream(stream);
+        link.set_read_timeout(Some(T)).unwrap();
+        assert!(matches!(recv(&mut link), DeviceMessage::Hello(..)));
+        assert_closed(&mut link);
+    }
+    // The device still serves a well-behaved host side.
+    let (mut link, att) = connect(&q);
+    assert_eq!(att.hello.spads[4], 44);
+    q.writel(card.reg(reg::spad(4)), 45);
+    assert!(matches!(
+        recv_skip_tables(&mut link),
+        DeviceMessage::RegWrite { offset, value: 45 } if offset == reg::spad(4)
+    ));
 }
 
 fn assert_one_line_error(args: QemuArgs, needle: &str) {
