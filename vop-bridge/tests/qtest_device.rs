@@ -544,6 +544,21 @@ fn aperture_is_shared_both_ways_and_joins_the_table() {
     assert_eq!(u64::from_le_bytes(qw), 0x0102_0304_0506_0708);
     let _ = card;
 
+    // Moving BAR2 moves the aperture in the table.
+    const MOVED: u64 = 0xd000_0000;
+    cfg_write32(&mut q, card.dev, 0x18, MOVED as u32);
+    link.sync().unwrap();
+    let mut moved = None;
+    while link.has_pending() {
+        if let DeviceMessage::MemTable(t) = recv(&mut link) {
+            moved = Some(t.iter().map(|(r, _)| *r).collect::<Vec<_>>());
+        }
+    }
+    let t = moved.expect("no MEM_TABLE after BAR2 moved");
+    assert!(t.iter().any(|r| r.gpa == MOVED && r.size == APERTURE_SIZE), "{t:?}");
+    assert!(t.iter().all(|r| r.gpa != BAR2_ADDR), "{t:?}");
+    assert_eq!(q.read(MOVED + 0x2008, 4), b"card");
+
     // Disabling memory decoding removes the aperture from the table.
     let cmd = cfg_read16(&mut q, card.dev, 0x04);
     cfg_write16(&mut q, card.dev, 0x04, cmd & !0x2);
@@ -767,6 +782,46 @@ fn card_reset_clears_state_and_is_reported() {
     link.request(&HostMessage::RaiseVector(3)).unwrap();
     q.poll_readl(MSI_SINK + 12, T, |d| d != 0);
     assert_eq!(card2.take_fired(&mut q), vec![3]);
+}
+
+#[test]
+fn run_stop_reset_and_quit_through_qmp() {
+    let mut args = QemuArgs::default();
+    args.qmp = true;
+    let mut q = Qemu::start_with(&args);
+    let mut qmp = q.qmp();
+    let (mut link, att) = connect(&q);
+    assert!(att.hello.running);
+    let next_event = |link: &mut DeviceLink| match recv_skip_tables(link) {
+        DeviceMessage::CardEvent(e) => e,
+        m => panic!("expected CARD_EVENT, got {m:?}"),
+    };
+    qmp.execute("stop");
+    assert_eq!(next_event(&mut link), CardEvent::Stop);
+    qmp.execute("cont");
+    assert_eq!(next_event(&mut link), CardEvent::Run);
+    link.request(&HostMessage::RegWrite {
+        offset: reg::spad(abi::SPAD_DP_LO),
+        value: 0x1000,
+    })
+    .unwrap();
+    qmp.execute("system_reset");
+    assert_eq!(next_event(&mut link), CardEvent::Reset);
+    let card = Card::setup(&mut q);
+    assert_eq!(q.readl(card.reg(reg::spad(abi::SPAD_DP_LO))), 0);
+    qmp.execute("quit");
+    let mut events = Vec::new();
+    loop {
+        match link.recv() {
+            Ok(DeviceMessage::CardEvent(e)) => events.push(e),
+            Ok(DeviceMessage::MemTable(_)) => {}
+            Ok(m) => panic!("unexpected {m:?}"),
+            Err(ProtocolError::Closed) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(events.first(), Some(&CardEvent::PowerOff), "events: {events:?}");
+    assert!(q.wait_exit(T).success());
 }
 
 #[test]

@@ -75,6 +75,7 @@ impl Drop for TestDir {
 
 /// The QEMU command line pieces the tests use.
 pub struct QemuArgs {
+    pub qmp: bool,
     pub shared_ram: bool,
     pub ram_share_off: bool,
     pub device: Option<String>,
@@ -85,6 +86,7 @@ pub struct QemuArgs {
 impl Default for QemuArgs {
     fn default() -> Self {
         QemuArgs {
+            qmp: false,
             shared_ram: true,
             ram_share_off: false,
             device: Some(format!(
@@ -129,6 +131,10 @@ impl QemuArgs {
                 "socket,id=mic0,path={},server=on,wait=off",
                 dir.path("mic.sock").display()
             ));
+        }
+        if self.qmp {
+            a.push("-qmp".into());
+            a.push(format!("unix:{},server=on,wait=off", dir.path("qmp.sock").display()));
         }
         if let Some(d) = &self.device {
             a.push("-device".into());
@@ -338,6 +344,31 @@ impl Qemu {
         }
     }
 
+    /// Connects to QEMU's QMP socket (started with `QemuArgs::qmp`).
+    pub fn qmp(&self) -> Qmp {
+        let s = UnixStream::connect(self.dir.path("qmp.sock")).expect("QMP socket");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut q = Qmp {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        };
+        q.line(); // greeting
+        q.execute("qmp_capabilities");
+        q
+    }
+
+    /// Waits for QEMU to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "QEMU did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends SIGTERM and waits for QEMU to exit.
     pub fn terminate(&mut self) -> ExitStatus {
         // SAFETY: plain kill(2) on our own child.
@@ -504,4 +535,33 @@ impl Card {
 
 pub fn msi_data(v: u32) -> u32 {
     0xda7a_0000 | v
+}
+
+/// A minimal QMP client.
+pub struct Qmp {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.r.read_line(&mut l).expect("QMP read");
+        l
+    }
+
+    /// Runs a command without arguments; returns its reply line, or the
+    /// empty string when QEMU closed the connection (as `quit` may).
+    pub fn execute(&mut self, cmd: &str) -> String {
+        self.w
+            .write_all(format!("{{\"execute\": \"{cmd}\"}}\n").as_bytes())
+            .unwrap();
+        loop {
+            let l = self.line();
+            if l.is_empty() || l.contains("\"return\"") {
+                return l;
+            }
+            assert!(!l.contains("\"error\""), "QMP {cmd}: {l}");
+        }
+    }
 }
