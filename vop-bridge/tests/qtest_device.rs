@@ -1014,3 +1014,42 @@ fn device_help_lists_properties() {
         assert!(text.contains(p), "{p} missing from: {text}");
     }
 }
+
+#[test]
+fn qemu_as_client_reconnects_to_a_listening_host_side() {
+    let dir = TestDir::new("client");
+    let path = dir.path("host.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut args = QemuArgs::default();
+    args.chardev = false;
+    args.extra = vec![
+        "-chardev".into(),
+        format!("socket,id=mic0,path={},reconnect-ms=100", path.display()),
+    ];
+    let mut q = Qemu::start_with(&args);
+    let card = Card::setup(&mut q);
+    let accept = |l: &std::os::unix::net::UnixListener| {
+        let (s, _) = l.accept().unwrap();
+        let mut link = DeviceLink::from_stream(s);
+        link.set_read_timeout(Some(T)).unwrap();
+        let att = link.attach().unwrap();
+        link.sync().unwrap();
+        (link, att)
+    };
+    let (mut link, _att) = accept(&listener);
+    link.request(&HostMessage::RegWrite {
+        offset: reg::spad(6),
+        value: 66,
+    })
+    .unwrap();
+    assert_eq!(q.readl(card.reg(reg::spad(6))), 66);
+    drop(link);
+    // QEMU connects again by itself and sends HELLO with the stored registers.
+    let (mut link, att) = accept(&listener);
+    assert_eq!(att.hello.spads[6], 66);
+    q.writel(card.reg(reg::spad(6)), 67);
+    assert!(matches!(
+        recv_skip_tables(&mut link),
+        DeviceMessage::RegWrite { offset, value: 67 } if offset == reg::spad(6)
+    ));
+}
