@@ -250,9 +250,9 @@ impl Qemu {
 
     /// Sends one qtest command and returns the words after "OK".
     pub fn cmd(&mut self, line: &str) -> Vec<String> {
-        self.qtest_w
-            .write_all(format!("{line}\n").as_bytes())
-            .unwrap();
+        if let Err(e) = self.qtest_w.write_all(format!("{line}\n").as_bytes()) {
+            panic!("qtest '{line}': {e}; QEMU stderr: {}", self.stderr());
+        }
         loop {
             let mut resp = String::new();
             let n = self
