@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use log::info;
-use mic_backend_common::{init_logging, serve, Endpoint, Shutdown};
+use mic_backend_common::{init_logging, open_endpoint, serve};
 
 use backend::{BlkBackend, BlkParams};
 use config::{BlkConfig, Cli};
@@ -68,12 +68,8 @@ fn main() -> ExitCode {
             cfg.image.display()
         ));
     }
-    let shutdown = match Shutdown::install() {
-        Ok(s) => s,
-        Err(e) => return fail(e),
-    };
-    let endpoint = match Endpoint::new(&cfg.socket) {
-        Ok(ep) => ep,
+    let (shutdown, endpoint) = match open_endpoint(&cfg.socket) {
+        Ok(x) => x,
         Err(e) => return fail(e),
     };
     info!(

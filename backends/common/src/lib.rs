@@ -7,8 +7,8 @@
 //! init_logging();
 //! let args = Cli::parse();              // flattens `SocketArgs`
 //! let image = open_image(&args)?;       // validate BEFORE the socket exists
-//! let shutdown = Shutdown::install()?;  // SIGINT/SIGTERM -> clean exit
-//! let endpoint = Endpoint::new(&args.socket)?;
+//! // SIGINT/SIGTERM -> clean exit; the socket appears now.
+//! let (shutdown, endpoint) = open_endpoint(&args.socket)?;
 //! serve("mic-xyz", endpoint, &shutdown, || Ok(MyBackend::new(&image)))?;
 //! ```
 //!
@@ -17,9 +17,21 @@
 //! [`VhostUserDaemon`], so no vring or feature state leaks from one frontend
 //! to the next.  Backends must return an exit event from
 //! `VhostUserBackend::exit_event` (use [`WorkerExitEvents`]) so that the
-//! worker threads of a finished connection can be joined.
+//! worker threads of a finished connection can be joined. A device whose
+//! host side outlives its frontends (a tap, a terminal) implements
+//! [`PersistentBackend`] and is served with [`serve_persistent`]: one
+//! backend, reset for every frontend.
+//!
+//! Every daemon's control channel passes through a small relay (module
+//! `relay`) so that frontends that enable rings before `SET_FEATURES`, as
+//! QEMU's vhost-user net client does, are served; see that module.
+//!
+//! [`guest`] has guest-memory and virtqueue helpers for the devices.
 
 #![deny(missing_docs)]
+
+pub mod guest;
+mod relay;
 
 use std::fs;
 use std::io;
@@ -27,10 +39,12 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, error, info, warn};
+use relay::{PrivateSocket, Relay};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::bitmap::BitmapReplace;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
@@ -58,9 +72,12 @@ pub enum Error {
     /// The backend factory or the start hook failed.
     #[error("cannot create the backend: {0}")]
     Backend(#[source] io::Error),
-    /// The vhost-user daemon could not be created.
+    /// The vhost-user daemon could not be created or started.
     #[error("cannot create the vhost-user daemon: {0}")]
     Daemon(String),
+    /// The control-channel relay could not be set up.
+    #[error("cannot relay the vhost-user connection: {0}")]
+    Relay(#[source] io::Error),
 }
 
 /// Result type of this crate.
@@ -77,6 +94,66 @@ pub struct SocketArgs {
     /// Connect to a listening frontend at --socket-path instead of listening.
     #[arg(long)]
     pub client: bool,
+}
+
+/// Prints `NAME: error: MSG` on stderr; returns the failure exit code.
+pub fn fail(name: &str, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("{name}: error: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Parses the command line of daemon `name` into `A` and validates it with
+/// `convert`. `--help` and `--version` print and exit with status 0; an
+/// invalid command line or configuration is reported as one line (see
+/// [`fail`]) and returned as `Err` with the exit code.
+pub fn parse_cli<A, C, E>(
+    name: &str,
+    convert: impl FnOnce(A) -> std::result::Result<C, E>,
+) -> std::result::Result<C, ExitCode>
+where
+    A: clap::Parser,
+    E: std::fmt::Display,
+{
+    match A::try_parse() {
+        Ok(a) => convert(a).map_err(|e| fail(name, e)),
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            Err(fail(name, line.trim_start_matches("error: ")))
+        }
+    }
+}
+
+/// The last startup steps of a daemon: route SIGINT and SIGTERM to a new
+/// [`Shutdown`] and create the [`Endpoint`] (in listen mode the socket
+/// appears now).
+pub fn open_endpoint(args: &SocketArgs) -> Result<(Shutdown, Endpoint)> {
+    let shutdown = Shutdown::install()?;
+    let endpoint = Endpoint::new(args)?;
+    Ok((shutdown, endpoint))
+}
+
+/// The exit status for the daemon loop's `result`; an error is logged and
+/// reported as one line (see [`fail`]).
+pub fn exit_status(name: &str, result: Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            fail(name, e)
+        }
+    }
+}
+
+impl SocketArgs {
+    /// The options for `socket_path`, in client mode if `client`.
+    pub fn new(socket_path: &Path, client: bool) -> SocketArgs {
+        SocketArgs {
+            socket_path: socket_path.to_path_buf(),
+            client,
+        }
+    }
 }
 
 /// Initialise `env_logger`: `RUST_LOG` selects the level, `info` by default.
@@ -320,7 +397,7 @@ impl Shutdown {
 
 /// poll() the fds for POLLIN; returns the index of the first readable fd,
 /// None on timeout or error (EINTR included).
-fn poll_in(fds: &[RawFd], timeout_ms: i32) -> Option<usize> {
+pub(crate) fn poll_in(fds: &[RawFd], timeout_ms: i32) -> Option<usize> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -369,16 +446,42 @@ impl WorkerExitEvents {
             }
         }
     }
-}
 
-impl Drop for WorkerExitEvents {
-    fn drop(&mut self) {
+    /// Closes the consumer fds handed out so far. Call it only once the
+    /// worker threads that received them have been joined (a long-lived
+    /// backend does so when the next frontend arrives).
+    pub fn close_all(&self) {
         for fd in self.handed_out.lock().unwrap().drain(..) {
             // SAFETY: these fds were leaked into the (now joined and dropped)
             // worker epoll handlers, which never close them.
             unsafe { libc::close(fd) };
         }
     }
+}
+
+impl Drop for WorkerExitEvents {
+    fn drop(&mut self) {
+        self.close_all();
+    }
+}
+
+/// A backend [`run_daemon`] can serve: what `VhostUserDaemon` needs of it.
+/// Implemented for every such backend.
+pub trait DaemonBackend:
+    VhostUserBackend<
+        Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+        Vring: Clone + Send + Sync,
+    > + Clone
+    + 'static
+{
+}
+
+impl<B> DaemonBackend for B
+where
+    B: VhostUserBackend + Clone + 'static,
+    B::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+    B::Vring: Clone + Send + Sync,
+{
 }
 
 /// Serve frontends until shutdown; see [`run_daemon`]. No start hook.
@@ -389,85 +492,132 @@ pub fn serve<B, N>(
     new_backend: N,
 ) -> Result<()>
 where
-    B: VhostUserBackend + Clone + 'static,
-    B::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
-    B::Vring: Clone + Send + Sync,
+    B: DaemonBackend,
     N: FnMut() -> io::Result<B>,
 {
     run_daemon(name, endpoint, shutdown, new_backend, |_| Ok(()))
 }
 
+/// A device whose host side (tap, stream socket, terminal...) lives as long
+/// as the process, shared by all frontends one after the other.
+pub trait PersistentBackend {
+    /// Forgets the previous frontend: called before every frontend is
+    /// served, after the previous frontend's worker threads have been joined.
+    fn new_frontend(&self);
+    /// Registers the host side's descriptors with the worker threads' epoll
+    /// sets (one epoll fd per worker thread, in thread order). Called for
+    /// every frontend, before it is served.
+    fn attach_workers(&self, epoll_fds: &[RawFd]);
+}
+
+/// Serve frontends until shutdown with one long-lived backend; see
+/// [`run_daemon`] and [`PersistentBackend`].
+pub fn serve_persistent<B>(
+    name: &str,
+    endpoint: Endpoint,
+    shutdown: &Shutdown,
+    backend: &Arc<B>,
+) -> Result<()>
+where
+    B: PersistentBackend + VhostUserBackend + 'static,
+    Arc<B>: DaemonBackend,
+{
+    run_daemon(
+        name,
+        endpoint,
+        shutdown,
+        || {
+            backend.new_frontend();
+            Ok(backend.clone())
+        },
+        |daemon| {
+            let fds: Vec<RawFd> = daemon
+                .get_epoll_handlers()
+                .iter()
+                .map(|h| h.as_raw_fd())
+                .collect();
+            backend.attach_workers(&fds);
+            Ok(())
+        },
+    )
+}
+
+/// Waits for the next frontend connection; `None` on shutdown. In client
+/// mode, (re)connects every 100 ms until the frontend's socket accepts.
+fn next_frontend(endpoint: &Endpoint, shutdown: &Shutdown) -> Option<UnixStream> {
+    loop {
+        if shutdown.requested() {
+            return None;
+        }
+        match endpoint {
+            Endpoint::Listen { listener, .. } => {
+                match poll_in(&[shutdown.fd(), listener.as_raw_fd()], -1) {
+                    Some(0) => return None,
+                    Some(_) => {}
+                    None => continue,
+                }
+                match listener.accept() {
+                    Ok(Some(s)) => return Some(s),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        warn!("accepting a frontend failed: {e}");
+                        poll_in(&[shutdown.fd()], 100);
+                    }
+                }
+            }
+            Endpoint::Connect { path } => match UnixStream::connect(path) {
+                Ok(s) => return Some(s),
+                Err(e) => {
+                    debug!("connecting to the frontend failed: {e}");
+                    poll_in(&[shutdown.fd()], 100);
+                }
+            },
+        }
+    }
+}
+
 /// The daemon loop: serve one frontend at a time until shutdown.
 ///
-/// For every frontend: `new_backend()` builds a fresh backend, a new
+/// For every frontend: `new_backend()` builds (or resets) the backend, a new
 /// [`VhostUserDaemon`] is created for it, `on_start(&daemon)` runs (register
 /// extra fds with `daemon.get_epoll_handlers()` there), then the connection
 /// is served until the frontend disconnects or misbehaves (a protocol error
-/// only ends that connection).  The daemon is then dropped, which joins its
+/// only ends that connection). The daemon is then dropped, which joins its
 /// worker threads, and the loop waits for the next frontend. In client mode
 /// the loop (re)connects every 100 ms until the frontend's socket accepts.
+///
+/// The control channel passes through the relay of the `relay` module,
+/// which lets frontends that enable rings before `SET_FEATURES` (QEMU's
+/// vhost-user net client does) be served; nothing else about the protocol
+/// changes.
 ///
 /// Returns `Ok(())` after a requested shutdown; the socket file is removed
 /// when `endpoint` is dropped. Errors from `new_backend`/`on_start` are fatal.
 pub fn run_daemon<B, N, S>(
     name: &str,
-    mut endpoint: Endpoint,
+    endpoint: Endpoint,
     shutdown: &Shutdown,
     mut new_backend: N,
     mut on_start: S,
 ) -> Result<()>
 where
-    B: VhostUserBackend + Clone + 'static,
-    B::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
-    B::Vring: Clone + Send + Sync,
+    B: DaemonBackend,
     N: FnMut() -> io::Result<B>,
     S: FnMut(&VhostUserDaemon<B>) -> io::Result<()>,
 {
+    let private = PrivateSocket::new(name).map_err(Error::Relay)?;
     let mut connections: u64 = 0;
-    let mut pending: Option<VhostUserDaemon<B>> = None;
-    loop {
-        if shutdown.requested() {
-            break;
-        }
-        if let Endpoint::Listen { listener, .. } = &endpoint {
-            match poll_in(&[shutdown.fd(), listener.as_raw_fd()], -1) {
-                Some(0) => break,
-                Some(_) => {}
-                None => continue,
-            }
-        }
-
-        // A daemon (backend + worker threads) is built once per frontend
-        // and kept across failed connection attempts.
-        let daemon = match &mut pending {
-            Some(d) => d,
-            None => {
-                let backend = new_backend().map_err(Error::Backend)?;
-                let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new());
-                let d = VhostUserDaemon::new(name.to_string(), backend, mem)
-                    .map_err(|e| Error::Daemon(e.to_string()))?;
-                on_start(&d).map_err(Error::Backend)?;
-                pending.insert(d)
-            }
-        };
-
-        let started = match &mut endpoint {
-            Endpoint::Listen { listener, .. } => daemon.start(listener),
-            Endpoint::Connect { path } => {
-                let p = path.to_string_lossy().into_owned();
-                daemon.start_client(&p)
-            }
-        };
-        if let Err(e) = started {
-            match &endpoint {
-                Endpoint::Listen { .. } => warn!("accepting a frontend failed: {e}"),
-                Endpoint::Connect { .. } => debug!("connecting to the frontend failed: {e}"),
-            }
-            // Back off before retrying; wake early on shutdown.
-            poll_in(&[shutdown.fd()], 100);
-            continue;
-        }
-        let mut daemon = pending.take().expect("daemon was just started");
+    while let Some(front) = next_frontend(&endpoint, shutdown) {
+        let backend = new_backend().map_err(Error::Backend)?;
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new());
+        let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
+            .map_err(|e| Error::Daemon(e.to_string()))?;
+        on_start(&daemon).map_err(Error::Backend)?;
+        daemon
+            .start_client(private.path())
+            .map_err(|e| Error::Daemon(e.to_string()))?;
+        let back = private.accept().map_err(Error::Relay)?;
+        let relay = Relay::start(front, back, shutdown.fd()).map_err(Error::Relay)?;
         connections += 1;
         info!("frontend {connections} connected");
         shutdown.set_active(daemon.shutdown_handle());
@@ -481,6 +631,11 @@ where
         shutdown.set_active(None);
         // Dropping the daemon stops and joins the worker threads.
         drop(daemon);
+        relay.join();
+        // Client mode: do not spin on a frontend that keeps closing.
+        if matches!(endpoint, Endpoint::Connect { .. }) {
+            poll_in(&[shutdown.fd()], 100);
+        }
     }
     info!("{name}: shutting down");
     drop(endpoint);

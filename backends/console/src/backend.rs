@@ -11,11 +11,15 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::unix::io::{AsRawFd, IntoRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Mutex, MutexGuard};
 
 use log::{debug, info, warn};
+use mic_backend_common::guest::{
+    read_config, vring_ready, writable_segments, write_segments, GuestMem, MemorySlot,
+};
+use mic_backend_common::{PersistentBackend, WorkerExitEvents};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -23,20 +27,13 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryLoadGuard, GuestMemoryMmap,
-};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::host::{Host, EV_INPUT, EV_LISTEN};
 
-/// Guest memory as seen by the backend.
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 type Vring = VringRwLock<GuestMem>;
 
 /// VIRTIO_CONSOLE_F_SIZE: console size in config space.
@@ -108,8 +105,8 @@ pub struct ConsoleBackend {
     rx: Mutex<RxState>,
     ctrl: Mutex<CtrlState>,
     acked: AtomicU64,
-    mem: RwLock<Option<GuestMem>>,
-    exit_fds: Mutex<Vec<RawFd>>,
+    mem: MemorySlot,
+    exit: WorkerExitEvents,
     size_timer: Mutex<Option<TimerFd>>,
     /// Traffic counters.
     pub counters: Counters,
@@ -160,47 +157,6 @@ fn read_chain(
     (!more).then_some(())
 }
 
-/// Collects the writable segments of a device-to-driver chain.
-fn write_segments(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-) -> Option<Vec<(GuestAddress, usize)>> {
-    let mut segs = Vec::new();
-    let mut total = 0usize;
-    let mut more = false;
-    for d in chain {
-        more = d.has_next();
-        if !d.is_write_only() {
-            return None;
-        }
-        let len = d.len() as usize;
-        if len == 0 {
-            continue;
-        }
-        if !mem.check_range(d.addr(), len) {
-            return None;
-        }
-        total = total.checked_add(len)?;
-        segs.push((d.addr(), len));
-    }
-    (total > 0 && !more).then_some(segs)
-}
-
-fn fill(mem: &GuestMemoryMmap, segs: &[(GuestAddress, usize)], data: &[u8]) -> usize {
-    let mut off = 0;
-    for (a, l) in segs {
-        if off == data.len() {
-            break;
-        }
-        let n = (*l).min(data.len() - off);
-        if mem.write_slice(&data[off..off + n], *a).is_err() {
-            break;
-        }
-        off += n;
-    }
-    off
-}
-
 fn signal(vr: &mut VringState<GuestMem>) -> io::Result<()> {
     if vr.needs_notification().unwrap_or(true) {
         vr.signal_used_queue()?;
@@ -241,8 +197,8 @@ impl ConsoleBackend {
             }),
             size_timer: Mutex::new(None),
             acked: AtomicU64::new(0),
-            mem: RwLock::new(None),
-            exit_fds: Mutex::new(Vec::new()),
+            mem: MemorySlot::new(),
+            exit: WorkerExitEvents::new(),
             counters: Counters::default(),
         }
     }
@@ -257,51 +213,6 @@ impl ConsoleBackend {
             4
         } else {
             2
-        }
-    }
-
-    fn memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {
-        self.mem
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|m| m.memory())
-    }
-
-    fn ready(vring: &Vring) -> bool {
-        let s = vring.get_ref();
-        s.get_queue().ready() && s.is_enabled()
-    }
-
-    /// Registers the host side with the receive worker's epoll set. Called
-    /// for every new frontend, with the epoll fds in worker order.
-    pub fn attach_workers(&self, epoll_fds: &[RawFd]) {
-        if let Some(fd) = epoll_fds.first() {
-            self.host().attach(*fd, self.nq() + 1);
-        }
-        // Terminal size changes are announced through the control queue.
-        let watch_size = self.multiport && self.host().has_size();
-        if let (true, Some(fd)) = (watch_size, epoll_fds.get(2)) {
-            let mut t = self.size_timer.lock().unwrap();
-            if t.is_none() {
-                match TimerFd::new() {
-                    Ok(mut timer) => {
-                        if let Err(e) = timer.reset(SIZE_POLL, Some(SIZE_POLL)) {
-                            warn!("console size timer: {e}");
-                        }
-                        *t = Some(timer);
-                    }
-                    Err(e) => warn!("console size timer: {e}"),
-                }
-            }
-            if let Some(timer) = t.as_ref() {
-                let mut ev = libc::epoll_event {
-                    events: libc::EPOLLIN as u32,
-                    u64: self.nq() + 1 + EV_SIZE_TIMER,
-                };
-                // SAFETY: plain epoll_ctl on descriptors owned by this process.
-                unsafe { libc::epoll_ctl(*fd, libc::EPOLL_CTL_ADD, timer.as_raw_fd(), &mut ev) };
-            }
         }
     }
 
@@ -324,25 +235,6 @@ impl ConsoleBackend {
         }
     }
 
-    /// Resets the device state for a new frontend (host side kept).
-    pub fn disconnected(&self) {
-        self.host().detach();
-        {
-            let mut c = self.ctrl.lock().unwrap();
-            c.out.clear();
-            c.device_ready = false;
-            c.guest_open = false;
-            c.port_ready = false;
-            c.last_size = None;
-        }
-        self.acked.store(0, Ordering::Release);
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
-        for fd in self.exit_fds.lock().unwrap().drain(..) {
-            // SAFETY: exit eventfds of workers that have been joined.
-            unsafe { libc::close(fd) };
-        }
-    }
-
     fn config(&self) -> [u8; 12] {
         let (cols, rows) = self.host().size().unwrap_or((80, 25));
         let mut c = [0u8; 12];
@@ -354,10 +246,10 @@ impl ConsoleBackend {
 
     /// Host input to queue 0.
     fn process_rx(&self, vring: &Vring) -> io::Result<()> {
-        let Some(mem) = self.memory() else {
+        let Some(mem) = self.mem.get() else {
             return Ok(());
         };
-        if !Self::ready(vring) {
+        if !vring_ready(vring) {
             return Ok(());
         }
         let mut rx = self.rx.lock().unwrap();
@@ -381,8 +273,8 @@ impl ConsoleBackend {
                 }
             };
             let head = chain.head_index();
-            let n = match write_segments(&mem, chain) {
-                Some(segs) => fill(&mem, &segs, &rx.pending[rx.off..]),
+            let n = match writable_segments(&mem, chain) {
+                Some(segs) => write_segments(&mem, &segs, &rx.pending[rx.off..]),
                 None => {
                     self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
                     0
@@ -403,10 +295,10 @@ impl ConsoleBackend {
 
     /// Card output from queue 1 to the host side.
     fn process_tx(&self, vring: &Vring) -> io::Result<()> {
-        let Some(mem) = self.memory() else {
+        let Some(mem) = self.mem.get() else {
             return Ok(());
         };
-        if !Self::ready(vring) {
+        if !vring_ready(vring) {
             return Ok(());
         }
         let mut vr = vring.get_mut();
@@ -441,11 +333,11 @@ impl ConsoleBackend {
 
     /// Control messages from the driver (queue 3), answers on queue 2.
     fn process_ctrl(&self, c_ivq: &Vring, c_ovq: &Vring) -> io::Result<()> {
-        let Some(mem) = self.memory() else {
+        let Some(mem) = self.mem.get() else {
             return Ok(());
         };
         let mut ctrl = self.ctrl.lock().unwrap();
-        if Self::ready(c_ovq) {
+        if vring_ready(c_ovq) {
             let mut vr = c_ovq.get_mut();
             let mut buf = Vec::new();
             let mut used = false;
@@ -473,7 +365,7 @@ impl ConsoleBackend {
                 signal(&mut vr)?;
             }
         }
-        if Self::ready(c_ivq) && !ctrl.out.is_empty() {
+        if vring_ready(c_ivq) && !ctrl.out.is_empty() {
             let mut vr = c_ivq.get_mut();
             let mut used = false;
             while let Some(msg) = ctrl.out.front() {
@@ -484,9 +376,9 @@ impl ConsoleBackend {
                     break;
                 };
                 let head = chain.head_index();
-                match write_segments(&mem, chain) {
+                match writable_segments(&mem, chain) {
                     Some(segs) if segs.iter().map(|s| s.1).sum::<usize>() >= msg.len() => {
-                        let n = fill(&mem, &segs, msg);
+                        let n = write_segments(&mem, &segs, msg);
                         let _ = vr.add_used(head, n as u32);
                         ctrl.out.pop_front();
                     }
@@ -580,14 +472,7 @@ impl VhostUserBackend for ConsoleBackend {
     fn set_event_idx(&self, _enabled: bool) {}
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let cfg = self.config();
-        let mut out = vec![0u8; size as usize];
-        let start = offset as usize;
-        if start < cfg.len() {
-            let n = (cfg.len() - start).min(out.len());
-            out[..n].copy_from_slice(&cfg[start..start + n]);
-        }
-        out
+        read_config(&self.config(), offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -599,7 +484,7 @@ impl VhostUserBackend for ConsoleBackend {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        self.mem.set(mem);
         Ok(())
     }
 
@@ -612,13 +497,7 @@ impl VhostUserBackend for ConsoleBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) =
-            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
-        let fd = c.into_raw_fd();
-        self.exit_fds.lock().unwrap().push(fd);
-        // SAFETY: fd was just released from an EventConsumer.
-        let c = unsafe { <EventConsumer as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
-        Some((c, n))
+        self.exit.create()
     }
 
     fn handle_event(
@@ -646,6 +525,56 @@ impl VhostUserBackend for ConsoleBackend {
             _ => {
                 warn!("unexpected event {device_event} on worker {thread_id}");
                 Ok(())
+            }
+        }
+    }
+}
+
+impl PersistentBackend for ConsoleBackend {
+    /// Resets the device state for a new frontend (host side kept).
+    fn new_frontend(&self) {
+        self.host().detach();
+        {
+            let mut c = self.ctrl.lock().unwrap();
+            c.out.clear();
+            c.device_ready = false;
+            c.guest_open = false;
+            c.port_ready = false;
+            c.last_size = None;
+        }
+        self.acked.store(0, Ordering::Release);
+        self.mem.clear();
+        self.exit.close_all();
+    }
+
+    /// Registers the host side with the receive worker's epoll set. Called
+    /// for every new frontend, with the epoll fds in worker order.
+    fn attach_workers(&self, epoll_fds: &[RawFd]) {
+        if let Some(fd) = epoll_fds.first() {
+            self.host().attach(*fd, self.nq() + 1);
+        }
+        // Terminal size changes are announced through the control queue.
+        let watch_size = self.multiport && self.host().has_size();
+        if let (true, Some(fd)) = (watch_size, epoll_fds.get(2)) {
+            let mut t = self.size_timer.lock().unwrap();
+            if t.is_none() {
+                match TimerFd::new() {
+                    Ok(mut timer) => {
+                        if let Err(e) = timer.reset(SIZE_POLL, Some(SIZE_POLL)) {
+                            warn!("console size timer: {e}");
+                        }
+                        *t = Some(timer);
+                    }
+                    Err(e) => warn!("console size timer: {e}"),
+                }
+            }
+            if let Some(timer) = t.as_ref() {
+                let mut ev = libc::epoll_event {
+                    events: libc::EPOLLIN as u32,
+                    u64: self.nq() + 1 + EV_SIZE_TIMER,
+                };
+                // SAFETY: plain epoll_ctl on descriptors owned by this process.
+                unsafe { libc::epoll_ctl(*fd, libc::EPOLL_CTL_ADD, timer.as_raw_fd(), &mut ev) };
             }
         }
     }

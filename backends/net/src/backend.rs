@@ -10,11 +10,15 @@
 //! frame dropped.
 
 use std::io;
-use std::os::unix::io::{AsRawFd, IntoRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Mutex, MutexGuard};
 
 use log::{debug, warn};
+use mic_backend_common::guest::{
+    vring_ready, writable_segments, write_segments, GuestMem, MemorySlot, Segments,
+};
+use mic_backend_common::{PersistentBackend, WorkerExitEvents};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -23,20 +27,13 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryLoadGuard, GuestMemoryMmap,
-};
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::stream::{self, StreamPort, MAX_FRAME};
 use crate::tap::{TapQueue, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
 
-/// Guest memory as seen by the backend.
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 type Vring = VringRwLock<GuestMem>;
 
 /// Size of the virtio-net header with VERSION_1 or MRG_RXBUF.
@@ -95,8 +92,8 @@ pub struct NetBackend {
     pairs: Vec<Mutex<PairState>>,
     acked: AtomicU64,
     event_idx: AtomicBool,
-    mem: RwLock<Option<GuestMem>>,
-    exit_fds: Mutex<Vec<RawFd>>,
+    mem: MemorySlot,
+    exit: WorkerExitEvents,
     /// Traffic counters.
     pub counters: Counters,
 }
@@ -156,8 +153,8 @@ impl NetBackend {
             pairs,
             acked: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
-            mem: RwLock::new(None),
-            exit_fds: Mutex::new(Vec::new()),
+            mem: MemorySlot::new(),
+            exit: WorkerExitEvents::new(),
             counters: Counters::default(),
         })
     }
@@ -185,68 +182,6 @@ impl NetBackend {
             HDR_LEN_V1
         } else {
             HDR_LEN_LEGACY
-        }
-    }
-
-    fn memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {
-        self.mem
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|m| m.memory())
-    }
-
-    /// Registers the host ports with the workers' epoll sets (one epoll fd
-    /// per worker thread, in thread order). Called for every new frontend.
-    pub fn attach_workers(&self, epoll_fds: &[RawFd]) {
-        let ev = self.host_event();
-        for (i, epfd) in epoll_fds.iter().enumerate().take(self.queue_pairs) {
-            let mut st = self.pair(i);
-            match &mut st.host {
-                HostPort::Tap(t) => {
-                    let mut e = libc::epoll_event {
-                        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
-                        u64: ev,
-                    };
-                    // SAFETY: plain epoll_ctl on descriptors owned by this process.
-                    let r = unsafe {
-                        libc::epoll_ctl(*epfd, libc::EPOLL_CTL_ADD, t.as_raw_fd(), &mut e)
-                    };
-                    if r < 0 {
-                        warn!("cannot watch tap queue {i}: {}", io::Error::last_os_error());
-                    }
-                }
-                HostPort::Stream(s) => s.attach(*epfd, ev),
-            }
-        }
-    }
-
-    /// Resets the device after the frontend went away: pending frames are
-    /// dropped, queued tap input is discarded, features are forgotten, and
-    /// the exit eventfds of the finished workers are closed.
-    pub fn disconnected(&self) {
-        for i in 0..self.queue_pairs {
-            let mut st = self.pair(i);
-            st.rx_pending = None;
-            let PairState { host, rx_frame, .. } = &mut *st;
-            // Input queued for the previous guest is stale.
-            match host {
-                HostPort::Tap(t) => while let Ok(Some(_)) = t.read_packet(rx_frame) {},
-                HostPort::Stream(s) => {
-                    s.detach();
-                    while s.next_frame(rx_frame).is_some() {}
-                }
-            }
-        }
-        self.acked.store(0, Ordering::Release);
-        self.event_idx.store(false, Ordering::Release);
-        // Until the next SET_FEATURES: no offloads, the legacy header.
-        self.apply_tap_features(0);
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
-        for fd in self.exit_fds.lock().unwrap().drain(..) {
-            // SAFETY: these exit eventfds were handed to worker threads that
-            // have been joined; nothing else refers to them.
-            unsafe { libc::close(fd) };
         }
     }
 
@@ -309,17 +244,12 @@ impl NetBackend {
         }
     }
 
-    fn vring_ready(vring: &Vring) -> bool {
-        let s = vring.get_ref();
-        s.get_queue().ready() && s.is_enabled()
-    }
-
     fn process_rx(&self, st: &mut PairState, vring: &Vring) -> io::Result<()> {
         let hdr_len = self.hdr_len();
-        let Some(mem) = self.memory() else {
+        let Some(mem) = self.mem.get() else {
             return Ok(());
         };
-        if !Self::vring_ready(vring) {
+        if !vring_ready(vring) {
             // No frontend, or the queue is being set up: input stays queued
             // in the tap or socket (bounded by the kernel); enabling the
             // queue runs this again.
@@ -369,10 +299,10 @@ impl NetBackend {
     }
 
     fn process_tx(&self, st: &mut PairState, vring: &Vring) -> io::Result<()> {
-        let Some(mem) = self.memory() else {
+        let Some(mem) = self.mem.get() else {
             return Ok(());
         };
-        if !Self::vring_ready(vring) {
+        if !vring_ready(vring) {
             return Ok(());
         }
         let hdr_len = self.hdr_len();
@@ -432,53 +362,6 @@ impl NetBackend {
     }
 }
 
-/// Collects the writable segments of an RX chain; `None` if the chain is
-/// malformed (readable descriptor, outside guest memory, or empty).
-/// Guest buffers of one chain: (address, length).
-type Segments = Vec<(GuestAddress, usize)>;
-
-fn rx_segments(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-) -> Option<Segments> {
-    let mut segs = Vec::new();
-    let mut total: usize = 0;
-    let mut more = false;
-    for d in chain {
-        more = d.has_next();
-        if !d.is_write_only() {
-            return None;
-        }
-        let len = d.len() as usize;
-        if len == 0 {
-            continue;
-        }
-        if !mem.check_range(d.addr(), len) {
-            return None;
-        }
-        total = total.checked_add(len)?;
-        segs.push((d.addr(), len));
-    }
-    // A chain that still points on after the walk stopped loops, is longer
-    // than the queue, or points outside the descriptor table.
-    (total > 0 && !more).then_some(segs)
-}
-
-fn write_segments(mem: &GuestMemoryMmap, segs: &[(GuestAddress, usize)], data: &[u8]) -> usize {
-    let mut off = 0;
-    for (addr, len) in segs {
-        if off == data.len() {
-            break;
-        }
-        let n = (*len).min(data.len() - off);
-        if mem.write_slice(&data[off..off + n], *addr).is_err() {
-            break;
-        }
-        off += n;
-    }
-    off
-}
-
 /// Places one packet (header + frame) in the RX ring. Returns the outcome
 /// and whether any used entry was added.
 fn deliver(
@@ -496,7 +379,7 @@ fn deliver(
                 return (RxOutcome::NoBuffers, used);
             };
             let head = chain.head_index();
-            let Some(segs) = rx_segments(mem, chain) else {
+            let Some(segs) = writable_segments(mem, chain) else {
                 let _ = q.add_used(mem, head, 0);
                 used = true;
                 continue;
@@ -529,7 +412,7 @@ fn deliver(
             }
             Some(chain) => {
                 let head = chain.head_index();
-                let segs = rx_segments(mem, chain);
+                let segs = writable_segments(mem, chain);
                 if segs.is_none() && chains.is_empty() {
                     // A malformed buffer at the front goes back unused.
                     let _ = q.add_used(mem, head, 0);
@@ -627,17 +510,11 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let mut out = vec![0u8; size as usize];
-        let start = offset as usize;
-        if start < self.config.len() {
-            let n = (self.config.len() - start).min(out.len());
-            out[..n].copy_from_slice(&self.config[start..start + n]);
-        }
-        out
+        mic_backend_common::guest::read_config(&self.config, offset, size)
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        self.mem.set(mem);
         Ok(())
     }
 
@@ -646,17 +523,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) =
-            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
-        // The worker takes the consumer over as a raw fd and never closes
-        // it; remember it so it can be closed once the worker is gone.
-        let c = {
-            let fd = c.into_raw_fd();
-            self.exit_fds.lock().unwrap().push(fd);
-            // SAFETY: fd was just released from an EventConsumer.
-            unsafe { <EventConsumer as std::os::unix::io::FromRawFd>::from_raw_fd(fd) }
-        };
-        Some((c, n))
+        self.exit.create()
     }
 
     fn handle_event(
@@ -698,5 +565,57 @@ impl VhostUserBackend for NetBackend {
             _ => warn!("unexpected event {device_event}"),
         }
         Ok(())
+    }
+}
+
+impl PersistentBackend for NetBackend {
+    /// Registers the host ports with the workers' epoll sets (one epoll fd
+    /// per worker thread, in thread order). Called for every new frontend.
+    fn attach_workers(&self, epoll_fds: &[RawFd]) {
+        let ev = self.host_event();
+        for (i, epfd) in epoll_fds.iter().enumerate().take(self.queue_pairs) {
+            let mut st = self.pair(i);
+            match &mut st.host {
+                HostPort::Tap(t) => {
+                    let mut e = libc::epoll_event {
+                        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+                        u64: ev,
+                    };
+                    // SAFETY: plain epoll_ctl on descriptors owned by this process.
+                    let r = unsafe {
+                        libc::epoll_ctl(*epfd, libc::EPOLL_CTL_ADD, t.as_raw_fd(), &mut e)
+                    };
+                    if r < 0 {
+                        warn!("cannot watch tap queue {i}: {}", io::Error::last_os_error());
+                    }
+                }
+                HostPort::Stream(s) => s.attach(*epfd, ev),
+            }
+        }
+    }
+
+    /// Resets the device for a new frontend: pending frames are dropped,
+    /// tap input queued for the previous one is discarded, features are
+    /// forgotten, and the exit eventfds of the finished workers are closed.
+    fn new_frontend(&self) {
+        for i in 0..self.queue_pairs {
+            let mut st = self.pair(i);
+            st.rx_pending = None;
+            let PairState { host, rx_frame, .. } = &mut *st;
+            // Input queued for the previous guest is stale.
+            match host {
+                HostPort::Tap(t) => while let Ok(Some(_)) = t.read_packet(rx_frame) {},
+                HostPort::Stream(s) => {
+                    s.detach();
+                    while s.next_frame(rx_frame).is_some() {}
+                }
+            }
+        }
+        self.acked.store(0, Ordering::Release);
+        self.event_idx.store(false, Ordering::Release);
+        // Until the next SET_FEATURES: no offloads, the legacy header.
+        self.apply_tap_features(0);
+        self.mem.clear();
+        self.exit.close_all();
     }
 }

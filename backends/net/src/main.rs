@@ -7,39 +7,24 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
-use log::{error, info};
-use mic_backend_common::{init_logging, Endpoint, Shutdown, SocketArgs};
-use std::os::unix::io::AsRawFd;
+use log::info;
+use mic_backend_common::{
+    exit_status, init_logging, open_endpoint, parse_cli, serve_persistent, SocketArgs,
+};
 
 mod backend;
-mod compat;
 mod config;
 mod stream;
 mod tap;
 
 use backend::{HostPort, NetBackend};
-use config::{format_mac, NetArgs, NetConfig, NetTransport};
+use config::{format_mac, NetConfig, NetTransport};
 
 const NAME: &str = "mic-net";
 
 /// Prints one error line and returns the failure exit code.
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("{NAME}: error: {msg}");
-    ExitCode::FAILURE
-}
-
-fn parse_args() -> Result<NetConfig, ExitCode> {
-    let args = match NetArgs::try_parse() {
-        Ok(a) => a,
-        Err(e) if !e.use_stderr() => e.exit(),
-        Err(e) => {
-            let text = e.to_string();
-            let line = text.lines().next().unwrap_or("invalid arguments");
-            return Err(fail(line.trim_start_matches("error: ")));
-        }
-    };
-    NetConfig::from_args(args).map_err(fail)
+    mic_backend_common::fail(NAME, msg)
 }
 
 fn open_ports(cfg: &NetConfig) -> std::io::Result<Vec<HostPort>> {
@@ -72,7 +57,7 @@ fn open_ports(cfg: &NetConfig) -> std::io::Result<Vec<HostPort>> {
 
 fn main() -> ExitCode {
     init_logging();
-    let cfg = match parse_args() {
+    let cfg = match parse_cli(NAME, NetConfig::from_args) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -86,15 +71,8 @@ fn main() -> ExitCode {
         Ok(b) => Arc::new(b),
         Err(e) => return fail(e),
     };
-    let shutdown = match Shutdown::install() {
-        Ok(s) => s,
-        Err(e) => return fail(e),
-    };
-    let endpoint = match Endpoint::new(&SocketArgs {
-        socket_path: cfg.socket_path.clone(),
-        client: cfg.client,
-    }) {
-        Ok(e) => e,
+    let (shutdown, endpoint) = match open_endpoint(&SocketArgs::new(&cfg.socket_path, cfg.client)) {
+        Ok(x) => x,
         Err(e) => return fail(e),
     };
     info!(
@@ -104,32 +82,7 @@ fn main() -> ExitCode {
         cfg.queue_pairs,
         cfg.queue_size
     );
-    let factory_backend = backend.clone();
-    let result = compat::serve(
-        NAME,
-        endpoint,
-        &shutdown,
-        move || {
-            // The host side (tap, stream peer) lives as long as the process;
-            // the device state is reset for every new frontend.
-            factory_backend.disconnected();
-            Ok(factory_backend.clone())
-        },
-        |daemon| {
-            let fds: Vec<_> = daemon
-                .get_epoll_handlers()
-                .iter()
-                .map(|h| h.as_raw_fd())
-                .collect();
-            backend.attach_workers(&fds);
-            Ok(())
-        },
-    );
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e}");
-            fail(e)
-        }
-    }
+    // The host side (tap, stream peer) lives as long as the process; the
+    // device state is reset for every new frontend.
+    exit_status(NAME, serve_persistent(NAME, endpoint, &shutdown, &backend))
 }

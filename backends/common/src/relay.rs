@@ -1,18 +1,37 @@
-//! Daemon loop with a vhost-user compatibility shim.
+//! Control-channel relay that reorders early `SET_VRING_ENABLE` messages.
 //!
-//! QEMU's vhost-user network client sends `VHOST_USER_SET_VRING_ENABLE` as
-//! soon as the backend offers `VHOST_USER_F_PROTOCOL_FEATURES`, before it
-//! sends `VHOST_USER_SET_FEATURES`. The `vhost` crate (0.18) rejects such a
-//! message and drops the connection. This module sits between the frontend's
-//! socket and the `vhost-user-backend` daemon and holds early
-//! `SET_VRING_ENABLE` messages back until `SET_FEATURES` has been forwarded
-//! (replaying them in order afterwards, and acknowledging them itself when
-//! the frontend asked for a reply). Every other message, with its file
-//! descriptors, passes through unchanged. Only the control channel goes
-//! through the shim; rings, kicks and calls are shared directly.
+//! What QEMU does: its vhost-user network client (`-netdev vhost-user`)
+//! sends `VHOST_USER_SET_VRING_ENABLE` for the rings as soon as the backend
+//! offers `VHOST_USER_F_PROTOCOL_FEATURES`, before it sends
+//! `VHOST_USER_SET_FEATURES`. The backend-side request handler of the
+//! `vhost` crate (0.18) only accepts `SET_VRING_ENABLE` once that feature bit
+//! has been acknowledged by `SET_FEATURES`; otherwise the request fails, and
+//! a failed request ends the connection, so stock QEMU could never attach.
 //!
-//! The loop itself follows `mic_backend_common::run_daemon`: one frontend at
-//! a time, a fresh `VhostUserDaemon` per frontend, clean exit on shutdown.
+//! Why a relay: the check sits inside the `vhost` crate, below
+//! `VhostUserBackend`, so the daemon cannot accept the message itself. The
+//! daemon loop ([`crate::run_daemon`]) therefore never hands the frontend's
+//! socket to `VhostUserDaemon` directly: the daemon connects to a private
+//! socket of this process ([`PrivateSocket`]), and two threads ([`Relay`])
+//! copy messages between that connection and the frontend's.
+//!
+//! What it changes: nothing but the order of early `SET_VRING_ENABLE`
+//! messages. Such a message received before `SET_FEATURES` is held back and
+//! replayed, in the order received and without the need-reply flag, right
+//! after `SET_FEATURES` has been forwarded; if the frontend asked for a
+//! reply (`REPLY_ACK`), the relay sends the success reply itself. Every other
+//! message, its file descriptors, and everything the daemon sends back pass
+//! unchanged and in order. Only the control channel goes through the relay;
+//! guest memory, rings, kick and call eventfds and the backend request
+//! channel are shared directly between frontend and daemon, so the data path
+//! is not affected. All three daemons (`mic-blk`, `mic-net`, `mic-console`)
+//! run the same loop and get the same treatment.
+//!
+//! Tests: the unit tests below cover the reordering and descriptor passing;
+//! `tests/early_enable.rs` serves a frontend that enables rings before
+//! `SET_FEATURES` through [`crate::serve`] with a minimal device, and
+//! `mic-net`'s integration tests (`early_vring_enable_like_qemu`) do the
+//! same against the real daemon.
 
 use std::fs;
 use std::io::{self, Read};
@@ -21,14 +40,11 @@ use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::thread::JoinHandle;
 
-use log::{debug, info, warn};
-use mic_backend_common::{Endpoint, Shutdown};
-use vhost_user_backend::bitmap::BitmapReplace;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
-use vm_memory::mmap::NewBitmap;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use log::debug;
+
+use crate::poll_in;
 
 const HDR_LEN: usize = 12;
 const MAX_BODY: usize = 0x1000;
@@ -38,25 +54,6 @@ const SET_VRING_ENABLE: u32 = 18;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
-
-/// poll() for POLLIN on `fds`; index of the first ready one, `None` on
-/// timeout or EINTR.
-fn poll_in(fds: &[RawFd], timeout_ms: i32) -> Option<usize> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: valid pollfd array of the given length.
-    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
-    if n <= 0 {
-        return None;
-    }
-    p.iter().position(|x| x.revents != 0)
-}
 
 /// One vhost-user message: header + body, and attached descriptors.
 struct Msg {
@@ -238,7 +235,7 @@ fn pump_requests(
         }
     })();
     if let Err(e) = result {
-        debug!("vhost-user shim (requests): {e}");
+        debug!("vhost-user relay (requests): {e}");
     }
     let _ = front.shutdown(std::net::Shutdown::Both);
     let _ = back.shutdown(std::net::Shutdown::Both);
@@ -254,22 +251,25 @@ fn pump_replies(back: UnixStream, front_w: Arc<Mutex<UnixStream>>) {
         Ok(())
     })();
     if let Err(e) = result {
-        debug!("vhost-user shim (replies): {e}");
+        debug!("vhost-user relay (replies): {e}");
     }
     let w = front_w.lock().unwrap();
     let _ = w.shutdown(std::net::Shutdown::Both);
     let _ = back.shutdown(std::net::Shutdown::Both);
 }
 
-/// A private socket the daemon connects to, in a 0700 directory.
-struct Inner {
+/// A private socket the daemon connects to, in a 0700 directory of its own
+/// (removed again when dropped).
+pub(crate) struct PrivateSocket {
     dir: PathBuf,
-    path: PathBuf,
+    path: String,
     listener: UnixListener,
 }
 
-impl Inner {
-    fn new(name: &str) -> io::Result<Inner> {
+impl PrivateSocket {
+    /// Creates the directory and binds the socket; `name` prefixes the
+    /// directory's name.
+    pub(crate) fn new(name: &str) -> io::Result<PrivateSocket> {
         let mut rnd = [0u8; 8];
         // SAFETY: valid buffer.
         unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) };
@@ -280,118 +280,70 @@ impl Inner {
         ));
         fs::DirBuilder::new().mode(0o700).create(&dir)?;
         let path = dir.join("vu.sock");
-        let listener = UnixListener::bind(&path)?;
-        Ok(Inner {
+        let listener = match UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = fs::remove_dir(&dir);
+                return Err(e);
+            }
+        };
+        Ok(PrivateSocket {
             dir,
-            path,
+            path: path.to_string_lossy().into_owned(),
             listener,
         })
     }
+
+    /// Path for `VhostUserDaemon::start_client`.
+    pub(crate) fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The daemon's end of the connection, once it has connected.
+    pub(crate) fn accept(&self) -> io::Result<UnixStream> {
+        self.listener.accept().map(|(s, _)| s)
+    }
 }
 
-impl Drop for Inner {
+impl Drop for PrivateSocket {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
         let _ = fs::remove_dir(&self.dir);
     }
 }
 
-/// Waits for the next frontend connection; `None` on shutdown.
-fn next_frontend(endpoint: &Endpoint, shutdown: &Shutdown) -> Option<UnixStream> {
-    loop {
-        if shutdown.requested() {
-            return None;
-        }
-        match endpoint {
-            Endpoint::Listen { listener, .. } => {
-                match poll_in(&[shutdown.fd(), listener.as_raw_fd()], -1) {
-                    Some(0) => return None,
-                    Some(_) => {}
-                    None => continue,
-                }
-                match listener.accept() {
-                    Ok(Some(s)) => return Some(s),
-                    Ok(None) => continue,
-                    Err(e) => {
-                        warn!("accepting a frontend failed: {e}");
-                        poll_in(&[shutdown.fd()], 100);
-                    }
-                }
-            }
-            Endpoint::Connect { path } => match UnixStream::connect(path) {
-                Ok(s) => return Some(s),
-                Err(e) => {
-                    debug!("connecting to the frontend failed: {e}");
-                    poll_in(&[shutdown.fd()], 100);
-                }
-            },
-        }
-    }
+/// The two relay threads of one frontend connection.
+pub(crate) struct Relay {
+    requests: JoinHandle<()>,
+    replies: JoinHandle<()>,
 }
 
-/// Serves frontends one at a time until shutdown.
-///
-/// For every frontend: `new_backend()` returns the backend (reset for the
-/// new frontend), a new `VhostUserDaemon` is created for it, `on_start`
-/// registers extra descriptors with the daemon's workers, and the
-/// connection is served through the shim until the frontend goes away.
-pub fn serve<B, N, S>(
-    name: &str,
-    endpoint: Endpoint,
-    shutdown: &Shutdown,
-    mut new_backend: N,
-    mut on_start: S,
-) -> io::Result<()>
-where
-    B: VhostUserBackend + Clone + 'static,
-    B::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
-    B::Vring: Clone + Send + Sync,
-    N: FnMut() -> io::Result<B>,
-    S: FnMut(&VhostUserDaemon<B>) -> io::Result<()>,
-{
-    let inner = Inner::new(name)?;
-    let inner_path = inner.path.to_string_lossy().into_owned();
-    let mut n: u64 = 0;
-    while let Some(front) = next_frontend(&endpoint, shutdown) {
-        let backend = new_backend()?;
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new());
-        let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        on_start(&daemon)?;
-        daemon
-            .start_client(&inner_path)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        let (back, _) = inner.listener.accept()?;
-        n += 1;
-        info!("frontend {n} connected");
+impl Relay {
+    /// Relays between the frontend's connection `front` and the daemon's
+    /// `back` until either side closes, or `shutdown_fd` becomes readable;
+    /// then both connections are shut down.
+    pub(crate) fn start(
+        front: UnixStream,
+        back: UnixStream,
+        shutdown_fd: RawFd,
+    ) -> io::Result<Relay> {
         let front_w = Arc::new(Mutex::new(front.try_clone()?));
         let back2 = back.try_clone()?;
         let fw = front_w.clone();
-        let sfd = shutdown.fd();
-        let t1 = std::thread::Builder::new()
-            .name("vu-shim-req".into())
-            .spawn(move || pump_requests(front, fw, back, sfd))?;
-        let t2 = std::thread::Builder::new()
-            .name("vu-shim-rep".into())
+        let requests = std::thread::Builder::new()
+            .name("vu-relay-req".into())
+            .spawn(move || pump_requests(front, fw, back, shutdown_fd))?;
+        let replies = std::thread::Builder::new()
+            .name("vu-relay-rep".into())
             .spawn(move || pump_replies(back2, front_w))?;
-        match daemon.wait() {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => info!("frontend {n} disconnected"),
-            Err(e) => warn!("frontend {n} dropped: {e}"),
-        }
-        drop(daemon);
-        let _ = t1.join();
-        let _ = t2.join();
-        // Client mode: do not spin on a frontend that keeps closing.
-        if matches!(endpoint, Endpoint::Connect { .. }) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        Ok(Relay { requests, replies })
     }
-    info!("{name}: shutting down");
-    drop(endpoint);
-    Ok(())
+
+    /// Waits for both threads (after the connection has ended).
+    pub(crate) fn join(self) {
+        let _ = self.requests.join();
+        let _ = self.replies.join();
+    }
 }
 
 #[cfg(test)]
@@ -421,7 +373,7 @@ mod tests {
         );
         fe.write_all(&msg(1, FLAG_VERSION, &[])).unwrap();
         fe.write_all(&enable).unwrap();
-        // The shim acknowledges the held message itself.
+        // The relay acknowledges the held message itself.
         let mut reply = [0u8; 20];
         fe.read_exact(&mut reply).unwrap();
         assert_eq!(
