@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -18,7 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::abi::{self, reg, CardState, DoorbellValue};
 use crate::backend::{Backend, BackendError, RingSetup};
 use crate::card::{CardInput, CardTracker};
-use crate::config::{BridgeConfig, DeviceConfig};
+use crate::config::{BridgeConfig, DeviceConfig, DeviceKind};
 use crate::control::{ControlRequest, ControlServer};
 use crate::device_protocol::{
     Attachment, CardEvent, CardRam, DeviceLink, DeviceMessage, HostMessage, ProtocolError,
@@ -71,7 +72,14 @@ struct Device {
     slot: Option<usize>,
     wiring: Option<Wiring>,
     last_config: Vec<u8>,
+    /// The host asked the card to let go of the device (hot removal).
+    removing_since: Option<Instant>,
+    /// Hot-removed: kept only so indices stay stable until the next reset.
+    removed: bool,
 }
+
+/// How long the card has to acknowledge a removal (upstream waited 15 s).
+const REMOVAL_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How serving one attachment ended.
 enum Ended {
@@ -113,6 +121,8 @@ impl Bridge {
                 backend: Some(backend),
                 slot: None,
                 wiring: None,
+                removing_since: None,
+                removed: false,
             });
         }
         let epoll = Epoll::new().map_err(|e| BridgeError::Os("epoll", e))?;
@@ -552,6 +562,12 @@ impl Bridge {
     fn rebuild(&mut self, a: &mut Attached) -> Result<(), BridgeError> {
         let timeout = Duration::from_secs(self.cfg.connect_timeout);
         for i in 0..self.devices.len() {
+            self.drop_backend(i);
+        }
+        // Hot-removed devices stay removed; indices are renumbered here.
+        self.devices.retain(|d| !d.removed);
+        for i in 0..self.devices.len() {
+            self.devices[i].removing_since = None;
             // The device already forgot our eventfds.
             self.devices[i].wiring = None;
             self.drop_backend(i);
@@ -825,15 +841,15 @@ impl Bridge {
             ctrl_field::CONFIG_CHANGE,
             abi::CONFIG_CHANGE_CONFIG,
         )?;
-        if let Some(v) = a.page.h2c_config_db(ap)? {
-            a.link.send(&HostMessage::RaiseVector(v))?;
-        }
-        Ok(())
+        self.notify_config(a)
     }
 
     /// Once a second: finish acknowledged config changes, bring back backends.
     fn tick(&mut self, a: &mut Attached) {
         for i in 0..self.devices.len() {
+            if let Some(since) = self.devices[i].removing_since {
+                self.check_removal(a, i, since);
+            }
             let Some(slot) = self.devices[i].slot else {
                 continue;
             };
@@ -847,7 +863,7 @@ impl Bridge {
                         .set_ctrl_byte(&a.att.aperture, slot, ctrl_field::GUEST_ACK, 0);
                 }
             }
-            if self.devices[i].backend.is_none() {
+            if self.devices[i].backend.is_none() && !self.devices[i].removed {
                 let d = &self.devices[i];
                 match Backend::connect(d.cfg.kind, &d.cfg.socket, Duration::ZERO) {
                     Ok(b) => {
@@ -877,26 +893,159 @@ impl Bridge {
     }
 
     fn on_control(&mut self, a: Option<&mut Attached>) {
-        let Some(server) = &self.control else { return };
+        let Some(server) = &self.control else {
+            return;
+        };
         let Some((req, conn)) = server.accept() else {
             return;
         };
-        let reply = match req {
-            ControlRequest::Status => Ok(()),
-            ControlRequest::Shutdown => match a {
-                Some(a) => self.request_shutdown(a),
-                None => Err("the card is not attached".to_string()),
-            },
+        let status = |b: &Bridge| {
+            format!(
+                "state={} shutdown_status={}",
+                b.card.state(),
+                b.card.shutdown_status()
+            )
         };
-        let text = match reply {
-            Ok(()) => format!(
-                "state={} shutdown_status={}\n",
-                self.card.state(),
-                self.card.shutdown_status()
-            ),
+        let reply = match (req, a) {
+            (ControlRequest::Status, _) => Ok(status(self)),
+            (ControlRequest::Devices, _) => Ok(self.device_list()),
+            (_, None) => Err("the card is not attached".to_string()),
+            (ControlRequest::Shutdown, Some(a)) => self.request_shutdown(a).map(|_| status(self)),
+            (ControlRequest::Add(kind, socket), Some(a)) => self.hot_add(a, kind, socket),
+            (ControlRequest::Remove(i), Some(a)) => self.hot_remove(a, i),
+        };
+        conn.reply(&match reply {
+            Ok(text) => format!("{text}\n"),
             Err(e) => format!("error: {e}\n"),
+        });
+    }
+
+    fn device_list(&self) -> String {
+        let lines: Vec<String> = self
+            .devices
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !d.removed)
+            .map(|(i, d)| {
+                let state = if d.removing_since.is_some() {
+                    "removing"
+                } else if d.wiring.is_some() {
+                    "running"
+                } else {
+                    "stopped"
+                };
+                format!(
+                    "{i} {} {} {state}",
+                    d.cfg.kind.name(),
+                    d.cfg.socket.display()
+                )
+            })
+            .collect();
+        lines.join("\n")
+    }
+
+    /// Hot add (`docs/vop-abi.md` 7.4): the page gets the descriptor, the
+    /// card is told through `h2c_config_db`.
+    fn hot_add(
+        &mut self,
+        a: &mut Attached,
+        kind: DeviceKind,
+        socket: PathBuf,
+    ) -> Result<String, String> {
+        let backend =
+            Backend::connect(kind, &socket, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        let queue_size = self.cfg.queue_size;
+        let spec = backend.spec(queue_size);
+        let slot = a
+            .page
+            .add(&a.att.aperture, &spec)
+            .map_err(|e| e.to_string())?;
+        let i = self.devices.len();
+        self.devices.push(Device {
+            cfg: DeviceConfig {
+                kind,
+                socket,
+                queue_size: None,
+            },
+            queue_size,
+            backend: Some(backend),
+            slot: Some(slot),
+            wiring: None,
+            last_config: spec.config,
+            removing_since: None,
+            removed: false,
+        });
+        self.watch_backend(i).map_err(|e| e.to_string())?;
+        self.notify_config(a).map_err(|e| e.to_string())?;
+        info!("device {i} ({}) hot-added", kind.name());
+        Ok(format!("added device {i}"))
+    }
+
+    /// Hot removal (`docs/vop-abi.md` 7.5), first half: ask the card.
+    fn hot_remove(&mut self, a: &mut Attached, i: usize) -> Result<String, String> {
+        let d = self
+            .devices
+            .get(i)
+            .filter(|d| !d.removed)
+            .ok_or_else(|| format!("no device {i}"))?;
+        if d.removing_since.is_some() {
+            return Err(format!("device {i} is being removed already"));
+        }
+        let slot = d
+            .slot
+            .ok_or_else(|| format!("device {i} is not in the device page"))?;
+        let ap = &a.att.aperture;
+        let set = |f, v| {
+            a.page
+                .set_ctrl_byte(ap, slot, f, v)
+                .map_err(|e| e.to_string())
         };
-        conn.reply(&text);
+        set(ctrl_field::GUEST_ACK, 0)?;
+        set(ctrl_field::CONFIG_CHANGE, abi::CONFIG_CHANGE_REMOVE)?;
+        self.notify_config(a).map_err(|e| e.to_string())?;
+        self.devices[i].removing_since = Some(Instant::now());
+        info!("removing device {i}; waiting for the card");
+        Ok(format!("removing device {i}"))
+    }
+
+    /// Hot removal, second half: once the card acknowledged (or the wait
+    /// timed out), stop the backend and mark the slot removed.
+    fn check_removal(&mut self, a: &mut Attached, i: usize, since: Instant) {
+        let Some(slot) = self.devices[i].slot else {
+            return;
+        };
+        let acked = a
+            .page
+            .ctrl(&a.att.aperture, slot)
+            .is_ok_and(|c| c.guest_ack != 0);
+        if !acked && since.elapsed() < REMOVAL_TIMEOUT {
+            return;
+        }
+        if !acked {
+            warn!("the card did not acknowledge removing device {i}; removing it anyway");
+        }
+        self.stop_device(a, i, true);
+        let ap = &a.att.aperture;
+        let _ = a.page.set_ctrl_byte(ap, slot, ctrl_field::CONFIG_CHANGE, 0);
+        let _ = a.page.set_ctrl_byte(ap, slot, ctrl_field::GUEST_ACK, 0);
+        if let Err(e) = a.page.remove(ap, slot) {
+            error!("marking device {i} removed: {e}");
+        }
+        self.drop_backend(i);
+        let d = &mut self.devices[i];
+        d.slot = None;
+        d.removing_since = None;
+        d.removed = true;
+        info!("device {i} ({}) removed", d.cfg.kind.name());
+    }
+
+    /// Raises the card's `h2c_config_db` (device added, removed, changed).
+    fn notify_config(&self, a: &mut Attached) -> Result<(), BridgeError> {
+        match a.page.h2c_config_db(&a.att.aperture)? {
+            Some(v) => a.link.send(&HostMessage::RaiseVector(v))?,
+            None => debug!("the card has no config vector yet; it scans the page when it has one"),
+        }
+        Ok(())
     }
 
     fn request_shutdown(&mut self, a: &mut Attached) -> Result<(), String> {

@@ -1,9 +1,17 @@
-//! The control socket: `micctl` asks the bridge for the card's state and
-//! for a shutdown, one line per connection (`status` or `shutdown`); the
-//! answer is one line, `state=<state> shutdown_status=<status>` or
-//! `error: <why>`.
+//! The control socket: `micctl` talks to the bridge with one request line
+//! per connection and reads the answer until the bridge closes it.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `status` | `state=<state> shutdown_status=<status>` |
+//! | `shutdown` | the same, after asking the card to power off |
+//! | `devices` | one line per device: `<index> <type> <socket> <running|stopped|removing>` |
+//! | `add <console\|blk\|net> <socket>` | `added device <index>` (hot add) |
+//! | `remove <index>` | `removing device <index>` (hot removal; the card acknowledges) |
+//!
+//! Failures answer `error: <why>`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -11,23 +19,43 @@ use std::time::Duration;
 
 use log::warn;
 
+use crate::config::DeviceKind;
+
 /// A request read from the control socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ControlRequest {
     /// Report the card's state.
     Status,
     /// Ask the card to shut down.
     Shutdown,
+    /// List the devices.
+    Devices,
+    /// Hot-add a device served by the backend at a socket.
+    Add(DeviceKind, PathBuf),
+    /// Hot-remove a device.
+    Remove(usize),
 }
 
 impl ControlRequest {
     /// Parses one request line.
     pub fn parse(line: &str) -> Option<Self> {
-        match line.trim() {
-            "status" => Some(ControlRequest::Status),
-            "shutdown" => Some(ControlRequest::Shutdown),
-            _ => None,
-        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        Some(match words.as_slice() {
+            ["status"] => ControlRequest::Status,
+            ["shutdown"] => ControlRequest::Shutdown,
+            ["devices"] => ControlRequest::Devices,
+            ["add", kind, socket] => {
+                let kind = match *kind {
+                    "console" => DeviceKind::Console,
+                    "blk" => DeviceKind::Blk,
+                    "net" => DeviceKind::Net,
+                    _ => return None,
+                };
+                ControlRequest::Add(kind, PathBuf::from(socket))
+            }
+            ["remove", index] => ControlRequest::Remove(index.parse().ok()?),
+            _ => return None,
+        })
     }
 }
 
@@ -79,7 +107,9 @@ impl ControlServer {
             Some(r) => Some((r, ControlConn(stream))),
             None => {
                 warn!("control socket: unknown request {:?}", line.trim());
-                ControlConn(stream).reply("error: unknown request (status, shutdown)\n");
+                ControlConn(stream).reply(
+                    "error: unknown request (status, shutdown, devices, add TYPE SOCKET, remove INDEX)\n",
+                );
                 None
             }
         }
@@ -111,11 +141,11 @@ impl Drop for ControlServer {
 /// Sends one request to a bridge's control socket and returns its answer.
 pub fn request(path: &Path, req: &str) -> std::io::Result<String> {
     let mut s = UnixStream::connect(path)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.write_all(format!("{req}\n").as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line)?;
-    Ok(line.trim_end().to_string())
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(answer.trim_end().to_string())
 }
 
 #[cfg(test)]
@@ -133,6 +163,16 @@ mod tests {
             Some(ControlRequest::Shutdown)
         );
         assert_eq!(ControlRequest::parse("reboot"), None);
+        assert_eq!(
+            ControlRequest::parse("add blk /run/b.sock"),
+            Some(ControlRequest::Add(DeviceKind::Blk, "/run/b.sock".into()))
+        );
+        assert_eq!(ControlRequest::parse("add gpu /x"), None);
+        assert_eq!(
+            ControlRequest::parse("remove 2"),
+            Some(ControlRequest::Remove(2))
+        );
+        assert_eq!(ControlRequest::parse("remove x"), None);
     }
 
     #[test]

@@ -164,3 +164,65 @@ fn block_backend_that_dies_mid_write_loses_nothing() {
     // And the disk keeps working.
     disk_works(&mut card, &img, 30);
 }
+
+#[test]
+fn hot_add_and_removal_of_a_disk() {
+    let tmp = card::TempDir::new("hotplug");
+    let (mut card, img) = card_with_disk(&tmp);
+    // A second disk served by its own mic-blk, added while the card runs.
+    let img2 = image(&tmp.0, "hot.img", 16 * MIB);
+    let sock2 = tmp.0.join("hot.sock");
+    let mut blk2 = std::process::Command::new(card::bin("mic-blk"))
+        .arg("--socket-path")
+        .arg(&sock2)
+        .arg("--image")
+        .arg(&img2)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    card::wait_for(Duration::from_secs(20), "the second mic-blk", || {
+        sock2.exists().then_some(())
+    });
+    let ctl = card.path("ctl.sock");
+    let reply =
+        vop_bridge::control::request(&ctl, &format!("add blk {}", sock2.display())).unwrap();
+    assert_eq!(reply, "added device 2");
+    card::wait_for(Duration::from_secs(120), "vdb on the card", || {
+        let (out, _) = card.run_status("cat /sys/block/vdb/size", CMD);
+        (out == (16 * MIB / 512).to_string()).then_some(())
+    });
+    let out = card.run(
+        "dd if=/dev/urandom of=/tmp/h bs=1M count=4 2>/dev/null && sha256sum /tmp/h && \
+         dd if=/tmp/h of=/dev/vdb bs=1M oflag=direct 2>/dev/null",
+        CMD,
+    );
+    assert_eq!(sha256_range(&img2, 0, 4 * MIB), sum_in(&out));
+    let list = vop_bridge::control::request(&ctl, "devices").unwrap();
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("2 blk ") && l.ends_with(" running")),
+        "{list}"
+    );
+
+    // Remove it again: the card lets go, the bridge marks the slot removed.
+    assert_eq!(
+        vop_bridge::control::request(&ctl, "remove 2").unwrap(),
+        "removing device 2"
+    );
+    card::wait_for(Duration::from_secs(60), "the removal", || {
+        bridge_said(&card, "device 2 (blk) removed").then_some(())
+    });
+    assert!(
+        !bridge_said(&card, "did not acknowledge"),
+        "the card never acknowledged"
+    );
+    let (_, code) = card.run_status("test -e /sys/block/vdb", CMD);
+    assert_ne!(code, 0, "vdb is still there");
+    let list = vop_bridge::control::request(&ctl, "devices").unwrap();
+    assert!(!list.contains("\n2 "), "{list}");
+    // The first disk is untouched and still works.
+    disk_works(&mut card, &img, 5);
+    let _ = blk2.kill();
+    let _ = blk2.wait();
+}

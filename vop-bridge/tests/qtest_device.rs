@@ -555,7 +555,10 @@ fn aperture_is_shared_both_ways_and_joins_the_table() {
         }
     }
     let t = moved.expect("no MEM_TABLE after BAR2 moved");
-    assert!(t.iter().any(|r| r.gpa == MOVED && r.size == APERTURE_SIZE), "{t:?}");
+    assert!(
+        t.iter().any(|r| r.gpa == MOVED && r.size == APERTURE_SIZE),
+        "{t:?}"
+    );
     assert!(t.iter().all(|r| r.gpa != BAR2_ADDR), "{t:?}");
     assert_eq!(q.read(MOVED + 0x2008, 4), b"card");
 
@@ -820,7 +823,11 @@ fn run_stop_reset_and_quit_through_qmp() {
             Err(e) => panic!("{e}"),
         }
     }
-    assert_eq!(events.first(), Some(&CardEvent::PowerOff), "events: {events:?}");
+    assert_eq!(
+        events.first(),
+        Some(&CardEvent::PowerOff),
+        "events: {events:?}"
+    );
     assert!(q.wait_exit(T).success());
 }
 

@@ -28,6 +28,21 @@ enum Cmd {
     Status,
     /// Ask the card to shut down.
     Shutdown,
+    /// List the devices: index, type, backend socket, running/stopped/removing.
+    Devices,
+    /// Hot-add a device served by a vhost-user backend.
+    Add {
+        /// console, blk or net.
+        #[arg(value_parser = ["console", "blk", "net"])]
+        kind: String,
+        /// The backend's vhost-user socket.
+        socket: PathBuf,
+    },
+    /// Hot-remove a device (the card acknowledges within 15 s).
+    Remove {
+        /// Index as `devices` shows it.
+        index: usize,
+    },
     /// Wait until the card reaches STATE (ready, booting, online, shutting_down,
     /// resetting, reset_failed).
     Wait {
@@ -44,6 +59,11 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Status => request(&cli.socket, "status"),
         Cmd::Shutdown => request(&cli.socket, "shutdown"),
+        Cmd::Devices => request(&cli.socket, "devices"),
+        Cmd::Add { kind, socket } => {
+            request(&cli.socket, &format!("add {kind} {}", socket.display()))
+        }
+        Cmd::Remove { index } => request(&cli.socket, &format!("remove {index}")),
         Cmd::Wait { state, timeout } => {
             let want = format!("state={state} ");
             let deadline = Instant::now() + Duration::from_secs(timeout);

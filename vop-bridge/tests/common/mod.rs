@@ -134,7 +134,10 @@ impl QemuArgs {
         }
         if self.qmp {
             a.push("-qmp".into());
-            a.push(format!("unix:{},server=on,wait=off", dir.path("qmp.sock").display()));
+            a.push(format!(
+                "unix:{},server=on,wait=off",
+                dir.path("qmp.sock").display()
+            ));
         }
         if let Some(d) = &self.device {
             a.push("-device".into());
