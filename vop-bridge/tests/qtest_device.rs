@@ -789,8 +789,10 @@ fn card_reset_clears_state_and_is_reported() {
 
 #[test]
 fn run_stop_reset_and_quit_through_qmp() {
-    let mut args = QemuArgs::default();
-    args.qmp = true;
+    let args = QemuArgs {
+        qmp: true,
+        ..Default::default()
+    };
     let mut q = Qemu::start_with(&args);
     let mut qmp = q.qmp();
     let (mut link, att) = connect(&q);
@@ -851,8 +853,10 @@ fn poweroff_is_reported_before_qemu_exits() {
 
 #[test]
 fn hello_says_whether_the_vcpus_run() {
-    let mut args = QemuArgs::default();
-    args.extra = vec!["-S".into()];
+    let args = QemuArgs {
+        extra: vec!["-S".into()],
+        ..Default::default()
+    };
     let q = Qemu::start_with(&args);
     let (_link, att) = connect(&q);
     assert!(!att.hello.running, "started with -S: vCPUs are not running");
@@ -971,24 +975,32 @@ fn assert_one_line_error(args: QemuArgs, needle: &str) {
 
 #[test]
 fn startup_without_shared_ram_fails_with_one_line() {
-    let mut a = QemuArgs::default();
-    a.shared_ram = false;
+    let a = QemuArgs {
+        shared_ram: false,
+        ..Default::default()
+    };
     assert_one_line_error(a, "memory-backend-memfd");
-    let mut a = QemuArgs::default();
-    a.ram_share_off = true;
+    let a = QemuArgs {
+        ram_share_off: true,
+        ..Default::default()
+    };
     assert_one_line_error(a, "share=on");
 }
 
 #[test]
 fn startup_without_chardev_fails_with_one_line() {
-    let mut a = QemuArgs::default();
-    a.chardev = false;
-    a.device = Some("mic-x100".into());
+    let a = QemuArgs {
+        chardev: false,
+        device: Some("mic-x100".into()),
+        ..Default::default()
+    };
     assert_one_line_error(a, "chardev");
     // A chardev that cannot pass fds.
-    let mut a = QemuArgs::default();
-    a.chardev = false;
-    a.extra = vec!["-chardev".into(), "null,id=mic0".into()];
+    let a = QemuArgs {
+        chardev: false,
+        extra: vec!["-chardev".into(), "null,id=mic0".into()],
+        ..Default::default()
+    };
     assert_one_line_error(a, "UNIX socket");
 }
 
@@ -1003,8 +1015,10 @@ fn startup_with_bad_properties_fails_with_one_line() {
             "no-such-property",
         ),
     ] {
-        let mut a = QemuArgs::default();
-        a.device = Some(dev.into());
+        let a = QemuArgs {
+            device: Some(dev.into()),
+            ..Default::default()
+        };
         assert_one_line_error(a, needle);
     }
 }
@@ -1027,12 +1041,14 @@ fn qemu_as_client_reconnects_to_a_listening_host_side() {
     let dir = TestDir::new("client");
     let path = dir.path("host.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let mut args = QemuArgs::default();
-    args.chardev = false;
-    args.extra = vec![
-        "-chardev".into(),
-        format!("socket,id=mic0,path={},reconnect-ms=100", path.display()),
-    ];
+    let args = QemuArgs {
+        chardev: false,
+        extra: vec![
+            "-chardev".into(),
+            format!("socket,id=mic0,path={},reconnect-ms=100", path.display()),
+        ],
+        ..Default::default()
+    };
     let mut q = Qemu::start_with(&args);
     let card = Card::setup(&mut q);
     let accept = |l: &std::os::unix::net::UnixListener| {
