@@ -217,7 +217,12 @@ impl Bridge {
             }
             match ended? {
                 Ended::Exit => return Ok(()),
-                Ended::Detached => info!("device detached; waiting for it to come back"),
+                Ended::Detached => {
+                    info!("device detached; waiting for it to come back");
+                    if let Err(e) = self.reconnect_backends() {
+                        error!("reconnecting backends: {e}");
+                    }
+                }
             }
         }
     }
@@ -560,22 +565,7 @@ impl Bridge {
 
     /// After a card reset: fresh backends (their device state reset), a fresh page.
     fn rebuild(&mut self, a: &mut Attached) -> Result<(), BridgeError> {
-        let timeout = Duration::from_secs(self.cfg.connect_timeout);
-        for i in 0..self.devices.len() {
-            self.drop_backend(i);
-        }
-        // Hot-removed devices stay removed; indices are renumbered here.
-        self.devices.retain(|d| !d.removed);
-        for i in 0..self.devices.len() {
-            self.devices[i].removing_since = None;
-            // The device already forgot our eventfds.
-            self.devices[i].wiring = None;
-            self.drop_backend(i);
-            let d = &self.devices[i];
-            let b = Backend::connect(d.cfg.kind, &d.cfg.socket, timeout)?;
-            self.devices[i].backend = Some(b);
-            self.watch_backend(i)?;
-        }
+        self.reconnect_backends()?;
         a.page = DevicePage::build(
             &a.att.aperture,
             abi::DP_DEFAULT_OFFSET,
@@ -583,6 +573,27 @@ impl Bridge {
         )?;
         self.populate(a)?;
         self.publish(a)
+    }
+
+    /// Reconnects every backend, so each serves the next card (or the next
+    /// boot) from a clean device state. Hot-removed devices are dropped and
+    /// the remaining ones renumbered.
+    fn reconnect_backends(&mut self) -> Result<(), BridgeError> {
+        let timeout = Duration::from_secs(self.cfg.connect_timeout);
+        for i in 0..self.devices.len() {
+            self.drop_backend(i);
+        }
+        self.devices.retain(|d| !d.removed);
+        for i in 0..self.devices.len() {
+            let d = &mut self.devices[i];
+            d.removing_since = None;
+            // The device forgot our eventfds (reset) or is gone (detach).
+            d.wiring = None;
+            d.slot = None;
+            d.backend = Some(Backend::connect(d.cfg.kind, &d.cfg.socket, timeout)?);
+            self.watch_backend(i)?;
+        }
+        Ok(())
     }
 
     fn on_device_control(&mut self, a: &mut Attached, i: usize) {

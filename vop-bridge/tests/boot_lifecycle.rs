@@ -226,3 +226,21 @@ fn hot_add_and_removal_of_a_disk() {
     let _ = blk2.kill();
     let _ = blk2.wait();
 }
+
+#[test]
+fn a_new_qemu_is_served_by_the_same_bridge_and_backends() {
+    let tmp = card::TempDir::new("new-qemu");
+    let (mut card, img) = card_with_disk(&tmp);
+    let first_boot = card.run("cat /proc/sys/kernel/random/boot_id", CMD);
+    card.kill_qemu();
+    card::wait_for(Duration::from_secs(30), "the bridge to notice", || {
+        bridge_said(&card, "device detached").then_some(())
+    });
+    card.start_qemu();
+    card.wait_online();
+    assert_ne!(
+        card.run("cat /proc/sys/kernel/random/boot_id", CMD),
+        first_boot
+    );
+    disk_works(&mut card, &img, 4);
+}
