@@ -42,7 +42,7 @@ mic_apt_install_missing() {
         fi
     done
     if [ ${#missing[@]} -gt 0 ]; then
-        echo "build-qemu: installing ${missing[*]}" >&2
+        echo "${MIC_APT_WHO:-build-qemu}: installing ${missing[*]}" >&2
         if ! mic_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; then
             mic_sudo apt-get update -qq >&2
             mic_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
