@@ -186,11 +186,6 @@ impl Bridge {
         }
     }
 
-    /// Current card state (for tests and the control socket).
-    pub fn card(&self) -> CardTracker {
-        self.card
-    }
-
     /// Runs until a signal, or until the card powers off with `exit_on_poweroff`.
     pub fn run(&mut self) -> Result<(), BridgeError> {
         loop {
