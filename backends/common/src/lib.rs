@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, error, info, warn};
-use relay::{PrivateSocket, Relay};
+use relay::{ChannelHook, PrivateSocket, Relay};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::bitmap::BitmapReplace;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
@@ -508,6 +508,13 @@ pub trait PersistentBackend {
     /// sets (one epoll fd per worker thread, in thread order). Called for
     /// every frontend, before it is served.
     fn attach_workers(&self, epoll_fds: &[RawFd]);
+    /// The backend request channel the frontend set up with
+    /// `SET_BACKEND_REQ_FD`: a duplicate of the socket that
+    /// `VhostUserBackend::set_backend_req_fd` receives next (wrapped in a
+    /// `vhost::vhost_user::Backend`, which in `vhost` 0.18 cannot send
+    /// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`). A device that announces
+    /// config changes keeps it and writes them there. Ignored by default.
+    fn backend_channel(&self, _channel: UnixStream) {}
 }
 
 /// Serve frontends until shutdown with one long-lived backend; see
@@ -522,7 +529,9 @@ where
     B: PersistentBackend + VhostUserBackend + 'static,
     Arc<B>: DaemonBackend,
 {
-    run_daemon(
+    let b = backend.clone();
+    let hook: ChannelHook = Arc::new(move |channel| b.backend_channel(channel));
+    run_daemon_hooked(
         name,
         endpoint,
         shutdown,
@@ -539,6 +548,7 @@ where
             backend.attach_workers(&fds);
             Ok(())
         },
+        Some(hook),
     )
 }
 
@@ -597,8 +607,26 @@ pub fn run_daemon<B, N, S>(
     name: &str,
     endpoint: Endpoint,
     shutdown: &Shutdown,
+    new_backend: N,
+    on_start: S,
+) -> Result<()>
+where
+    B: DaemonBackend,
+    N: FnMut() -> io::Result<B>,
+    S: FnMut(&VhostUserDaemon<B>) -> io::Result<()>,
+{
+    run_daemon_hooked(name, endpoint, shutdown, new_backend, on_start, None)
+}
+
+/// [`run_daemon`], handing the backend request channel of every frontend
+/// to `channel_hook` (see [`PersistentBackend::backend_channel`]).
+fn run_daemon_hooked<B, N, S>(
+    name: &str,
+    endpoint: Endpoint,
+    shutdown: &Shutdown,
     mut new_backend: N,
     mut on_start: S,
+    channel_hook: Option<ChannelHook>,
 ) -> Result<()>
 where
     B: DaemonBackend,
@@ -617,7 +645,8 @@ where
             .start_client(private.path())
             .map_err(|e| Error::Daemon(e.to_string()))?;
         let back = private.accept().map_err(Error::Relay)?;
-        let relay = Relay::start(front, back, shutdown.fd()).map_err(Error::Relay)?;
+        let relay =
+            Relay::start(front, back, shutdown.fd(), channel_hook.clone()).map_err(Error::Relay)?;
         connections += 1;
         info!("frontend {connections} connected");
         shutdown.set_active(daemon.shutdown_handle());

@@ -27,6 +27,14 @@
 //! is not affected. All three daemons (`mic-blk`, `mic-net`, `mic-console`)
 //! run the same loop and get the same treatment.
 //!
+//! The backend request channel: when the daemon asks for it, the relay hands
+//! it a duplicate of the socket that `SET_BACKEND_REQ_FD` carries (the
+//! message itself passes unchanged). The `vhost` crate (0.18) gives the
+//! device that socket only wrapped in `vhost::vhost_user::Backend`, which
+//! cannot send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`; a device that
+//! announces config changes writes them on the duplicate (see
+//! [`crate::PersistentBackend::backend_channel`]).
+//!
 //! Tests: the unit tests below cover the reordering and descriptor passing;
 //! `tests/early_enable.rs` serves a frontend that enables rings before
 //! `SET_FEATURES` through [`crate::serve`] with a minimal device, and
@@ -51,6 +59,7 @@ const MAX_BODY: usize = 0x1000;
 const MAX_FDS: usize = 32;
 const SET_FEATURES: u32 = 2;
 const SET_VRING_ENABLE: u32 = 18;
+const SET_BACKEND_REQ_FD: u32 = 21;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -188,12 +197,16 @@ fn enable_msg(body: &[u8]) -> Msg {
     }
 }
 
+/// Receives a duplicate of the backend request channel's socket.
+pub(crate) type ChannelHook = Arc<dyn Fn(UnixStream) + Send + Sync>;
+
 /// Frontend to backend: forwards messages, holding back early enables.
 fn pump_requests(
     front: UnixStream,
     front_w: Arc<Mutex<UnixStream>>,
     back: UnixStream,
     shutdown_fd: RawFd,
+    channel_hook: Option<ChannelHook>,
 ) {
     let mut features_seen = false;
     let mut held: Vec<Msg> = Vec::new();
@@ -223,6 +236,15 @@ fn pump_requests(
                     )?;
                 }
                 held.push(enable_msg(&msg.bytes[HDR_LEN..]));
+            }
+            SET_BACKEND_REQ_FD => {
+                if let (Some(hook), [fd]) = (&channel_hook, &msg.fds[..]) {
+                    match fd.try_clone() {
+                        Ok(dup) => hook(UnixStream::from(dup)),
+                        Err(e) => debug!("cannot duplicate the backend request channel: {e}"),
+                    }
+                }
+                send_msg(&back, &msg)?;
             }
             SET_FEATURES => {
                 send_msg(&back, &msg)?;
@@ -321,18 +343,20 @@ pub(crate) struct Relay {
 impl Relay {
     /// Relays between the frontend's connection `front` and the daemon's
     /// `back` until either side closes, or `shutdown_fd` becomes readable;
-    /// then both connections are shut down.
+    /// then both connections are shut down. `channel_hook` gets a duplicate
+    /// of every backend request channel the frontend sets up.
     pub(crate) fn start(
         front: UnixStream,
         back: UnixStream,
         shutdown_fd: RawFd,
+        channel_hook: Option<ChannelHook>,
     ) -> io::Result<Relay> {
         let front_w = Arc::new(Mutex::new(front.try_clone()?));
         let back2 = back.try_clone()?;
         let fw = front_w.clone();
         let requests = std::thread::Builder::new()
             .name("vu-relay-req".into())
-            .spawn(move || pump_requests(front, fw, back, shutdown_fd))?;
+            .spawn(move || pump_requests(front, fw, back, shutdown_fd, channel_hook))?;
         let replies = std::thread::Builder::new()
             .name("vu-relay-rep".into())
             .spawn(move || pump_replies(back2, front_w))?;
@@ -365,7 +389,7 @@ mod tests {
         let (back, mut be) = UnixStream::pair().unwrap();
         let (sd_r, _sd_w) = UnixStream::pair().unwrap();
         let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
-        let t = std::thread::spawn(move || pump_requests(front, fw, back, sd_r.as_raw_fd()));
+        let t = std::thread::spawn(move || pump_requests(front, fw, back, sd_r.as_raw_fd(), None));
         let enable = msg(
             SET_VRING_ENABLE,
             FLAG_VERSION | FLAG_NEED_REPLY,
@@ -397,6 +421,38 @@ mod tests {
             &got[32..],
             &msg(SET_VRING_ENABLE, FLAG_VERSION, &[0, 0, 0, 0, 1, 0, 0, 0])[..]
         );
+        drop(fe);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn backend_request_channel_is_shared_with_the_hook() {
+        let (fe, front) = UnixStream::pair().unwrap();
+        let (back, be) = UnixStream::pair().unwrap();
+        let (sd_r, _sd_w) = UnixStream::pair().unwrap();
+        let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
+        let got: Arc<Mutex<Option<UnixStream>>> = Arc::default();
+        let g = got.clone();
+        let hook: ChannelHook = Arc::new(move |s| *g.lock().unwrap() = Some(s));
+        let t = std::thread::spawn(move || {
+            pump_requests(front, fw, back, sd_r.as_raw_fd(), Some(hook))
+        });
+        let (mut chan_front, chan_back) = UnixStream::pair().unwrap();
+        let m = Msg {
+            bytes: msg(SET_BACKEND_REQ_FD, FLAG_VERSION, &[]),
+            fds: vec![OwnedFd::from(chan_back)],
+        };
+        send_msg(&fe, &m).unwrap();
+        // The message and its descriptor reach the daemon unchanged.
+        let r = recv_msg(&be).unwrap().unwrap();
+        assert_eq!(r.bytes, m.bytes);
+        assert_eq!(r.fds.len(), 1);
+        // The hook's duplicate is the same channel.
+        let mut dup = got.lock().unwrap().take().expect("hook called");
+        std::io::Write::write_all(&mut dup, b"ping").unwrap();
+        let mut b = [0u8; 4];
+        chan_front.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping");
         drop(fe);
         t.join().unwrap();
     }

@@ -8,10 +8,17 @@
 //!
 //! Worker threads: one for queue 0 (which also reads the host side), one for
 //! queue 1, one for the two control queues (a control exchange needs both).
+//!
+//! Terminal size changes (pty and stdio, checked twice a second by the last
+//! worker): with `MULTIPORT` they go to the driver as `RESIZE` control
+//! messages; without it the config space changes and the frontend is told
+//! with `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the backend request
+//! channel, so that it can pass a config-change interrupt to the driver.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -20,7 +27,8 @@ use mic_backend_common::guest::{
     read_config, vring_ready, writable_segments, write_segments, GuestMem, MemorySlot,
 };
 use mic_backend_common::{PersistentBackend, WorkerExitEvents};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{BackendReq, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -62,7 +70,7 @@ const MAX_CTRL: usize = 64;
 const TX_CHUNK: usize = 64 * 1024;
 /// Host input read per step.
 const RX_CHUNK: usize = 4096;
-/// How often the terminal size is checked for changes (multiport only).
+/// How often the terminal size is checked for changes.
 const SIZE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 /// Event id offset (from the first backend event) of the size timer.
 const EV_SIZE_TIMER: u64 = 2;
@@ -82,7 +90,22 @@ struct CtrlState {
     device_ready: bool,
     port_ready: bool,
     guest_open: bool,
+    /// The size the driver last learnt: from a `RESIZE` message with
+    /// `MULTIPORT`, from the config space (read or announced) without.
     last_size: Option<(u16, u16)>,
+}
+
+/// The backend request channel of the current frontend.
+#[derive(Default)]
+struct RequestChannel {
+    /// Duplicate of the channel's socket, received from the daemon loop
+    /// before the `vhost` crate hands over the channel itself.
+    pending: Option<UnixStream>,
+    /// The channel as handed over by `set_backend_req_fd`, kept for the
+    /// connection's lifetime.
+    backend: Option<Backend>,
+    /// Where config changes are announced (the same socket as `backend`'s).
+    sock: Option<UnixStream>,
 }
 
 /// Traffic counters.
@@ -108,6 +131,7 @@ pub struct ConsoleBackend {
     mem: MemorySlot,
     exit: WorkerExitEvents,
     size_timer: Mutex<Option<TimerFd>>,
+    channel: Mutex<RequestChannel>,
     /// Traffic counters.
     pub counters: Counters,
 }
@@ -196,6 +220,7 @@ impl ConsoleBackend {
                 last_size: None,
             }),
             size_timer: Mutex::new(None),
+            channel: Mutex::new(RequestChannel::default()),
             acked: AtomicU64::new(0),
             mem: MemorySlot::new(),
             exit: WorkerExitEvents::new(),
@@ -216,10 +241,15 @@ impl ConsoleBackend {
         }
     }
 
-    /// Queues a RESIZE control message when the terminal size changed.
+    /// Passes a change of the terminal size on to the driver: a RESIZE
+    /// control message with `MULTIPORT`, a config change without.
     fn check_size(&self) {
         if let Some(t) = self.size_timer.lock().unwrap().as_mut() {
             let _ = t.wait();
+        }
+        if !self.multiport {
+            self.check_config_size();
+            return;
         }
         let size = self.host().size();
         let mut ctrl = self.ctrl.lock().unwrap();
@@ -235,8 +265,73 @@ impl ConsoleBackend {
         }
     }
 
+    /// Without `MULTIPORT`: announces a config change when the size in
+    /// config space differs from what the frontend last read or was told.
+    /// Nothing is announced before the frontend has read the config, or
+    /// when the driver does not use the size.
+    fn check_config_size(&self) {
+        let size = self.config_size();
+        let mut ctrl = self.ctrl.lock().unwrap();
+        if ctrl.last_size.map_or(true, |known| known == size)
+            || self.acked.load(Ordering::Acquire) & bit(F_SIZE) == 0
+        {
+            return;
+        }
+        ctrl.last_size = Some(size);
+        drop(ctrl);
+        let (cols, rows) = size;
+        if self.announce_config_change() {
+            info!("console resized to {cols}x{rows}: config change announced");
+        } else {
+            debug!("console resized to {cols}x{rows}; no backend request channel");
+        }
+    }
+
+    /// Sends `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` to the frontend, without
+    /// asking for a reply (the worker never waits for the frontend); false
+    /// without a usable channel.
+    fn announce_config_change(&self) -> bool {
+        let mut ch = self.channel.lock().unwrap();
+        let Some(sock) = ch.sock.as_ref() else {
+            return false;
+        };
+        // Header only: request, flags (protocol version 1), body size 0.
+        let mut msg = [0u8; 12];
+        msg[0..4].copy_from_slice(&u32::from(BackendReq::CONFIG_CHANGE_MSG).to_le_bytes());
+        msg[4..8].copy_from_slice(&1u32.to_le_bytes());
+        // SAFETY: send(2) of a valid buffer on a socket we own.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n == msg.len() as isize {
+            return true;
+        }
+        let e = if n < 0 {
+            io::Error::last_os_error().to_string()
+        } else {
+            format!("short write ({n} bytes)")
+        };
+        warn!("backend request channel: {e}; config changes are no longer announced");
+        ch.sock = None;
+        false
+    }
+
+    /// (cols, rows) as config space reports them: 80x25 while unknown.
+    fn config_size(&self) -> (u16, u16) {
+        self.host().size().unwrap_or((80, 25))
+    }
+
     fn config(&self) -> [u8; 12] {
-        let (cols, rows) = self.host().size().unwrap_or((80, 25));
+        let (cols, rows) = self.config_size();
+        if !self.multiport {
+            // What the frontend knows now; later changes are announced.
+            self.ctrl.lock().unwrap().last_size = Some((cols, rows));
+        }
         let mut c = [0u8; 12];
         c[0..2].copy_from_slice(&cols.to_le_bytes());
         c[2..4].copy_from_slice(&rows.to_le_bytes());
@@ -458,6 +553,16 @@ impl VhostUserBackend for ConsoleBackend {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        let mut ch = self.channel.lock().unwrap();
+        ch.backend = Some(backend);
+        ch.sock = ch.pending.take();
+        if ch.sock.is_none() {
+            warn!("backend request channel without its socket: config changes are not announced");
+        }
     }
 
     fn reset_device(&self) {
@@ -466,7 +571,11 @@ impl VhostUserBackend for ConsoleBackend {
         c.device_ready = false;
         c.guest_open = false;
         c.port_ready = false;
-        c.last_size = None;
+        if self.multiport {
+            c.last_size = None;
+        }
+        // Without MULTIPORT the frontend keeps the config it read, so
+        // changes after a reset are still announced.
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
@@ -517,6 +626,10 @@ impl VhostUserBackend for ConsoleBackend {
                 self.process_rx(&vrings[0])
             }
             (1, 0) => self.process_tx(&vrings[0]),
+            (1, e) if e == base + EV_SIZE_TIMER && !self.multiport => {
+                self.check_size();
+                Ok(())
+            }
             (2, 0 | 1) if vrings.len() == 2 => self.process_ctrl(&vrings[0], &vrings[1]),
             (2, e) if e == base + EV_SIZE_TIMER && vrings.len() == 2 => {
                 self.check_size();
@@ -542,6 +655,7 @@ impl PersistentBackend for ConsoleBackend {
             c.port_ready = false;
             c.last_size = None;
         }
+        *self.channel.lock().unwrap() = RequestChannel::default();
         self.acked.store(0, Ordering::Release);
         self.mem.clear();
         self.exit.close_all();
@@ -553,9 +667,11 @@ impl PersistentBackend for ConsoleBackend {
         if let Some(fd) = epoll_fds.first() {
             self.host().attach(*fd, self.nq() + 1);
         }
-        // Terminal size changes are announced through the control queue.
-        let watch_size = self.multiport && self.host().has_size();
-        if let (true, Some(fd)) = (watch_size, epoll_fds.get(2)) {
+        // The last worker watches the terminal size: the control queues'
+        // with MULTIPORT, the transmitq's without.
+        let watch_size = self.host().has_size();
+        let worker = self.queues_per_thread().len() - 1;
+        if let (true, Some(fd)) = (watch_size, epoll_fds.get(worker)) {
             let mut t = self.size_timer.lock().unwrap();
             if t.is_none() {
                 match TimerFd::new() {
@@ -577,5 +693,11 @@ impl PersistentBackend for ConsoleBackend {
                 unsafe { libc::epoll_ctl(*fd, libc::EPOLL_CTL_ADD, timer.as_raw_fd(), &mut ev) };
             }
         }
+    }
+
+    /// Keeps the frontend's backend request channel until
+    /// `set_backend_req_fd` confirms it.
+    fn backend_channel(&self, channel: UnixStream) {
+        self.channel.lock().unwrap().pending = Some(channel);
     }
 }

@@ -222,6 +222,137 @@ fn pty_both_ways_and_size() {
     assert_eq!(m[0].3, [30u16.to_le_bytes(), 100u16.to_le_bytes()].concat());
 }
 
+/// Spawns `mic-console --pty` with `extra` options; returns the daemon and
+/// the pty's slave, opened without becoming the controlling terminal.
+fn pty_daemon(dir: &TempDir, extra: &[&str]) -> (Daemon, std::fs::File) {
+    let sock = dir.path().join("con.sock");
+    let mut child = Command::new(BIN)
+        .args(["--socket-path", sock.to_str().unwrap(), "--pty"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pts = line
+        .trim()
+        .strip_prefix("mic-console: console on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    let mut d = Daemon {
+        child,
+        socket: sock,
+    };
+    d.wait_ready(T).unwrap();
+    let tty = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&pts)
+        .unwrap();
+    (d, tty)
+}
+
+fn set_size(tty: &std::fs::File, rows: u16, cols: u16) {
+    use std::os::unix::io::AsRawFd;
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: valid winsize on a tty fd.
+    assert_eq!(
+        unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        0
+    );
+}
+
+/// (cols, rows) from the device's config space.
+fn config_size(fe: &mut TestFrontend) -> (u16, u16) {
+    let cfg = fe.get_config(0, 4).unwrap();
+    (
+        u16::from_le_bytes([cfg[0], cfg[1]]),
+        u16::from_le_bytes([cfg[2], cfg[3]]),
+    )
+}
+
+#[test]
+fn two_queue_resize_is_announced_as_a_config_change() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    // A new pty has no size yet: config space says 80x25.
+    let (d, mut tty) = pty_daemon(&dir, &["--no-multiport"]);
+    let mut fe = TestFrontend::connect_with(
+        &d.socket,
+        FrontendOptions {
+            num_queues: 2,
+            queue_size: 64,
+            backend_requests: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_ne!(fe.acked_features & F_SIZE, 0);
+    assert_eq!(fe.acked_features & F_MULTIPORT, 0);
+    assert!(fe
+        .protocol_features
+        .contains(vu_test::vhost::vhost_user::VhostUserProtocolFeatures::BACKEND_REQ));
+    assert_eq!(config_size(&mut fe), (80, 25));
+
+    // No change, no notification.
+    let mut req = fe.backend_requests.take().expect("backend request channel");
+    assert_eq!(req.poll(Duration::from_millis(1200)).unwrap(), 0);
+
+    set_size(&tty, 30, 100);
+    assert_eq!(req.wait_config_change(0, T).unwrap(), 1);
+    assert_eq!(config_size(&mut fe), (100, 30));
+
+    // A second change is announced as well, exactly once.
+    set_size(&tty, 50, 120);
+    assert_eq!(req.wait_config_change(1, T).unwrap(), 2);
+    assert_eq!(config_size(&mut fe), (120, 50));
+    assert_eq!(req.poll(Duration::from_millis(1200)).unwrap(), 0);
+    assert_eq!(req.config_changes(), 2);
+
+    // The console still carries bytes both ways.
+    card_write(&mut fe, 1, b"ok\r\n");
+    assert_eq!(read_exactly(&mut tty, 4), b"ok\r\n");
+    tty.write_all(b"x").unwrap();
+    assert_eq!(card_read(&mut fe, 0, 1), b"x");
+}
+
+#[test]
+fn multiport_resize_uses_the_control_queue_only() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let (d, tty) = pty_daemon(&dir, &[]);
+    set_size(&tty, 40, 132);
+    let mut fe = TestFrontend::connect_with(
+        &d.socket,
+        FrontendOptions {
+            num_queues: 4,
+            queue_size: 64,
+            backend_requests: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(config_size(&mut fe), (132, 40));
+    ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 0, 1));
+    assert_eq!(ctrl_recv(&mut fe.queues[2], 1)[0].1, 1);
+    ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 3, 1));
+    assert_eq!(ctrl_recv(&mut fe.queues[2], 3).len(), 3);
+    set_size(&tty, 30, 100);
+    let m = ctrl_recv(&mut fe.queues[2], 1);
+    assert_eq!(m[0].1, 5, "RESIZE after the change: {m:?}");
+    let req = fe
+        .backend_requests
+        .as_mut()
+        .expect("backend request channel");
+    assert_eq!(req.poll(Duration::from_millis(800)).unwrap(), 0);
+}
+
 fn ctrl_msg(id: u32, event: u16, value: u16) -> Vec<u8> {
     let mut m = id.to_le_bytes().to_vec();
     m.extend_from_slice(&event.to_le_bytes());

@@ -8,6 +8,11 @@
 //! eventfd and waits on the call eventfd for used entries. `VIRTIO_RING_F_EVENT_IDX`
 //! is used when both sides offer it (and the caller allows it).
 //!
+//! With [`FrontendOptions::backend_requests`] the frontend also negotiates
+//! `VHOST_USER_PROTOCOL_F_BACKEND_REQ` and sets up the backend request
+//! channel ([`BackendRequests`]), on which it counts config-change
+//! notifications.
+//!
 //! [`Daemon`] spawns a backend binary and waits until its socket accepts
 //! connections; it kills the process on drop.
 
@@ -25,7 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -543,6 +550,9 @@ pub struct FrontendOptions {
     pub features: u64,
     /// How long to keep retrying the connection.
     pub connect_timeout: Duration,
+    /// Set up the backend request channel (`SET_BACKEND_REQ_FD`) when the
+    /// backend offers `BACKEND_REQ`; see [`TestFrontend::backend_requests`].
+    pub backend_requests: bool,
 }
 
 impl Default for FrontendOptions {
@@ -553,6 +563,83 @@ impl Default for FrontendOptions {
             mem_size: 64 << 20,
             features: u64::MAX,
             connect_timeout: Duration::from_secs(10),
+            backend_requests: false,
+        }
+    }
+}
+
+/// Counts what the backend sends on the backend request channel.
+#[derive(Debug, Default)]
+struct RequestCounter {
+    config_changes: AtomicU64,
+}
+
+impl VhostUserFrontendReqHandler for RequestCounter {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.config_changes.fetch_add(1, Ordering::SeqCst);
+        Ok(0)
+    }
+}
+
+/// The frontend's side of the backend request channel. Messages are read
+/// only while the test waits in [`BackendRequests::wait_config_change`] or
+/// [`BackendRequests::poll`]; replies are sent when the backend asks for
+/// them (`REPLY_ACK`).
+pub struct BackendRequests {
+    handler: FrontendReqHandler<RequestCounter>,
+    counter: Arc<RequestCounter>,
+}
+
+impl BackendRequests {
+    /// Config-change notifications (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`)
+    /// received so far.
+    pub fn config_changes(&self) -> u64 {
+        self.counter.config_changes.load(Ordering::SeqCst)
+    }
+
+    /// Waits up to `wait` for one request and handles it; false if none came.
+    fn handle_one(&mut self, wait: Duration) -> Result<bool> {
+        let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+        let mut pfd = libc::pollfd {
+            fd: self.handler.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+            return Ok(false);
+        }
+        self.handler
+            .handle_request()
+            .map_err(|e| Error::Vhost(vhost::Error::VhostUserProtocol(e)))?;
+        Ok(true)
+    }
+
+    /// Handles the backend's requests that arrive within `wait`; returns
+    /// how many were handled.
+    pub fn poll(&mut self, wait: Duration) -> Result<usize> {
+        let deadline = Instant::now() + wait;
+        let mut n = 0;
+        while self.handle_one(deadline.saturating_duration_since(Instant::now()))? {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Handles requests until the count of config changes exceeds `seen`;
+    /// returns the new count.
+    pub fn wait_config_change(&mut self, seen: u64, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.config_changes();
+            if n > seen {
+                return Ok(n);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout("a config-change notification"));
+            }
+            self.handle_one(left)?;
         }
     }
 }
@@ -571,6 +658,9 @@ pub struct TestFrontend {
     pub acked_features: u64,
     /// Protocol features acked.
     pub protocol_features: VhostUserProtocolFeatures,
+    /// The backend request channel, if asked for
+    /// ([`FrontendOptions::backend_requests`]) and negotiated.
+    pub backend_requests: Option<BackendRequests>,
 }
 
 impl TestFrontend {
@@ -612,9 +702,12 @@ impl TestFrontend {
         let mut protocol = VhostUserProtocolFeatures::empty();
         if offered & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             let theirs = frontend.get_protocol_features()?;
-            let ours = VhostUserProtocolFeatures::MQ
+            let mut ours = VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::REPLY_ACK;
+            if opts.backend_requests {
+                ours |= VhostUserProtocolFeatures::BACKEND_REQ;
+            }
             protocol = ours & theirs;
             frontend.set_protocol_features(protocol)?;
         }
@@ -631,6 +724,16 @@ impl TestFrontend {
             mmap_handle: mem.file.as_raw_fd(),
         };
         frontend.set_mem_table(&[region])?;
+
+        let mut backend_requests = None;
+        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let counter = Arc::new(RequestCounter::default());
+            let mut handler = FrontendReqHandler::new(counter.clone())
+                .map_err(|e| Error::Vhost(vhost::Error::VhostUserProtocol(e)))?;
+            handler.set_reply_ack_flag(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+            frontend.set_backend_request_fd(&handler.get_tx_raw_fd())?;
+            backend_requests = Some(BackendRequests { handler, counter });
+        }
 
         let mut queues = Vec::new();
         for i in 0..opts.num_queues {
@@ -665,6 +768,7 @@ impl TestFrontend {
             offered_features: offered,
             acked_features: acked,
             protocol_features: protocol,
+            backend_requests,
         })
     }
 
