@@ -816,8 +816,12 @@ impl Bridge {
         match b.handle_request() {
             Ok(Some(cfg)) => {
                 if let Some(slot) = self.devices[i].slot {
-                    if let Err(e) = self.config_changed(a, slot, &cfg) {
-                        error!("config change of device {i}: {e}");
+                    match self.config_changed(a, slot, &cfg) {
+                        Ok(()) => info!(
+                            "device {i} ({}): config change passed to the card",
+                            self.devices[i].cfg.kind.name()
+                        ),
+                        Err(e) => error!("config change of device {i}: {e}"),
                     }
                     self.devices[i].last_config = cfg;
                 }

@@ -1,13 +1,16 @@
 //! Boot-test harness: one emulated card with the real QEMU (TCG), the real
 //! card OS, the real backends and the real bridge, in a temporary directory.
 //!
-//! The card's console is `mic-console --unix`; the harness attaches to it,
-//! types commands and reads their output. The card's state comes from the
-//! bridge's control socket.
+//! The card's console is `mic-console --unix` (or, with [`ConsoleMode::Pty`],
+//! `mic-console --pty --no-multiport`); the harness attaches to it, types
+//! commands and reads their output. The card's state comes from the bridge's
+//! control socket.
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -137,8 +140,21 @@ pub enum Net {
     },
 }
 
+/// How the card's console reaches the harness.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConsoleMode {
+    /// `mic-console --unix` (multiport), attached through its unix socket.
+    #[default]
+    Unix,
+    /// `mic-console --pty --no-multiport` (2 queues, size in config space):
+    /// the harness opens the pty's slave in raw mode.
+    Pty,
+}
+
 /// What a test card gets.
 pub struct CardOptions {
+    /// The console backend.
+    pub console: ConsoleMode,
     /// Disk.
     pub blk: Blk,
     /// Network.
@@ -154,6 +170,7 @@ pub struct CardOptions {
 impl Default for CardOptions {
     fn default() -> Self {
         CardOptions {
+            console: ConsoleMode::Unix,
             blk: Blk::None,
             net: Net::None,
             memory_mib: 512,
@@ -171,7 +188,9 @@ pub struct Card {
     blk: Option<Child>,
     bridge: Option<Child>,
     qemu: Option<Child>,
-    console: Option<UnixStream>,
+    console: Option<Box<dyn Write + Send>>,
+    /// The pty's slave in [`ConsoleMode::Pty`].
+    pty: Option<std::fs::File>,
     output: Arc<Mutex<Vec<u8>>>,
     marker: u32,
     options: CardOptions,
@@ -202,6 +221,7 @@ impl Card {
             bridge: None,
             qemu: None,
             console: None,
+            pty: None,
             output: Arc::new(Mutex::new(Vec::new())),
             marker: 0,
             options,
@@ -262,14 +282,14 @@ impl Card {
     fn start_backends(&mut self) {
         let d = self.dir.0.clone();
         let s = |n: &str| d.join(n).to_str().unwrap().to_string();
+        let console: &[&str] = match self.options.console {
+            ConsoleMode::Unix => &["--unix", &s("con.sock")],
+            ConsoleMode::Pty => &["--pty", "--no-multiport"],
+        };
         self.backends.push(spawn(
             Command::new(bin("mic-console"))
-                .args([
-                    "--socket-path",
-                    &s("console.sock"),
-                    "--unix",
-                    &s("con.sock"),
-                ])
+                .args(["--socket-path", &s("console.sock")])
+                .args(console)
                 .args(["--log", &s("console.log")])
                 .env("RUST_LOG", "info"),
             &d.join("mic-console.log"),
@@ -380,10 +400,23 @@ impl Card {
     }
 
     fn attach_console(&mut self) {
-        let p = self.path("con.sock");
-        wait_socket(&p, "mic-console's unix socket");
-        let s = UnixStream::connect(&p).unwrap();
-        let mut r = s.try_clone().unwrap();
+        let mut r: Box<dyn Read + Send> = match self.options.console {
+            ConsoleMode::Unix => {
+                let p = self.path("con.sock");
+                wait_socket(&p, "mic-console's unix socket");
+                let s = UnixStream::connect(&p).unwrap();
+                let r = s.try_clone().unwrap();
+                self.console = Some(Box::new(s));
+                Box::new(r)
+            }
+            ConsoleMode::Pty => {
+                let tty = open_raw(&self.pty_path());
+                let r = tty.try_clone().unwrap();
+                self.console = Some(Box::new(tty.try_clone().unwrap()));
+                self.pty = Some(tty);
+                Box::new(r)
+            }
+        };
         let out = self.output.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -394,7 +427,35 @@ impl Card {
                 out.lock().unwrap().extend_from_slice(&buf[..n]);
             }
         });
-        self.console = Some(s);
+    }
+
+    /// The pty mic-console announced in its log ([`ConsoleMode::Pty`]).
+    fn pty_path(&self) -> PathBuf {
+        let log = self.path("mic-console.log");
+        wait_for(Duration::from_secs(20), "mic-console's pty", || {
+            let f = std::fs::File::open(&log).ok()?;
+            std::io::BufReader::new(f)
+                .lines()
+                .map_while(|l| l.ok())
+                .find_map(|l| {
+                    l.strip_prefix("mic-console: console on ")
+                        .map(|p| PathBuf::from(p.trim()))
+                })
+        })
+    }
+
+    /// Sets the console's window size on the pty ([`ConsoleMode::Pty`]).
+    pub fn set_console_size(&self, rows: u16, cols: u16) {
+        let tty = self.pty.as_ref().expect("a pty console");
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ with a valid winsize on a tty we opened.
+        let r = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(r, 0, "TIOCSWINSZ: {}", std::io::Error::last_os_error());
     }
 
     /// The card's state line from the bridge (`state=... shutdown_status=...`).
@@ -534,6 +595,26 @@ impl Drop for Card {
             eprintln!("--- console ---\n{}", tail(&self.console_output(), 40));
         }
     }
+}
+
+/// Opens a pty's slave (without making it the controlling terminal) in raw
+/// mode.
+fn open_raw(path: &Path) -> std::fs::File {
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    // SAFETY: termios calls on a tty we opened, with a zeroed struct filled
+    // by tcgetattr.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        assert_eq!(libc::tcgetattr(tty.as_raw_fd(), &mut t), 0);
+        libc::cfmakeraw(&mut t);
+        assert_eq!(libc::tcsetattr(tty.as_raw_fd(), libc::TCSANOW, &t), 0);
+    }
+    tty
 }
 
 /// The last `n` lines of `s`.
