@@ -22,6 +22,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use crate::config::SEG_MAX;
 use crate::disk::Disk;
 use crate::pool::{Batch, IoPool};
 use crate::request::{self, Context, Scratch, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
@@ -139,7 +140,8 @@ impl BlkBackend {
         let bs = disk.block_size();
         let mut c = [0u8; CONFIG_LEN];
         c[0..8].copy_from_slice(&disk.sectors().to_le_bytes()); // capacity
-        c[12..16].copy_from_slice(&u32::from(p.queue_size.saturating_sub(2).max(1)).to_le_bytes()); // seg_max
+        let seg_max = u32::from(p.queue_size.saturating_sub(2).max(1)).min(SEG_MAX);
+        c[12..16].copy_from_slice(&seg_max.to_le_bytes()); // seg_max
         c[20..24].copy_from_slice(&bs.to_le_bytes()); // blk_size
         c[24] = 0; // physical_block_exp
         c[25] = 0; // alignment_offset

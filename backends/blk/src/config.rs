@@ -17,8 +17,14 @@ pub const MAX_QUEUES: u16 = 64;
 pub const SERIAL_LEN: usize = 20;
 /// Largest number of I/O helper threads.
 pub const MAX_IO_THREADS: usize = 64;
-/// Default queue size.
-pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// Default maximum queue size: the split-ring limit stock frontends use
+/// (QEMU's vhost-user-blk-pci may configure 1024-entry rings), as
+/// qemu-storage-daemon accepts. The frontend chooses the actual size.
+pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+/// Most data segments per request offered in `seg_max`. Independent of the
+/// ring size the frontend picks (it may be smaller than the maximum); larger
+/// requests use indirect descriptors.
+pub const SEG_MAX: u32 = 254;
 /// Upper bound of the default number of queues.
 pub const DEFAULT_MAX_QUEUES: u16 = 8;
 

@@ -43,8 +43,8 @@ pub struct ConsoleArgs {
     #[arg(long)]
     pub no_multiport: bool,
 
-    /// Maximum size of each virtqueue.
-    #[arg(long, default_value_t = 256)]
+    /// Maximum size of each virtqueue (the frontend picks the actual size).
+    #[arg(long, default_value_t = 1024)]
     pub queue_size: u16,
 }
 
