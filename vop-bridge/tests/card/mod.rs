@@ -188,12 +188,89 @@ pub struct Card {
     blk: Option<Child>,
     bridge: Option<Child>,
     qemu: Option<Child>,
-    console: Option<Box<dyn Write + Send>>,
+    shell: Option<Shell>,
     /// The pty's slave in [`ConsoleMode::Pty`].
     pty: Option<std::fs::File>,
+    options: CardOptions,
+}
+
+/// A shell on a console: types commands and reads their output.
+pub struct Shell {
+    writer: Box<dyn Write + Send>,
     output: Arc<Mutex<Vec<u8>>>,
     marker: u32,
-    options: CardOptions,
+}
+
+impl Shell {
+    /// Starts collecting what `reader` yields; commands go to `writer`.
+    pub fn new(mut reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>) -> Shell {
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let out = output.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                out.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Shell {
+            writer,
+            output,
+            marker: 0,
+        }
+    }
+
+    /// Everything read so far.
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    /// Types `text`.
+    pub fn type_text(&mut self, text: &str) {
+        self.writer.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// Runs a shell command; returns its output and exit code.
+    pub fn run_status(&mut self, cmd: &str, timeout: Duration) -> (String, i32) {
+        self.marker += 1;
+        let n = self.marker;
+        // The marker number is computed by the shell, so the echo of the
+        // command line itself never matches.
+        let begin = format!("<<B{}>>", 1000 + n);
+        let end = format!("<<E{}>>", 1000 + n);
+        let start = self.output.lock().unwrap().len();
+        self.type_text(&format!(
+            "echo '<<'B$((1000+{n}))'>>'; {cmd}; echo '<<'E$((1000+{n}))'>>' $?\n"
+        ));
+        let text = wait_for(timeout, &format!("`{cmd}` on the card"), || {
+            let out = self.output.lock().unwrap();
+            let s = String::from_utf8_lossy(&out[start..]).into_owned();
+            let b = s.find(&begin)?;
+            let e = s[b..].find(&end)? + b;
+            let rest = &s[e + end.len()..];
+            rest.contains('\n')
+                .then(|| (s[b + begin.len()..e].to_string(), rest.to_string()))
+        });
+        let code = text
+            .1
+            .split_whitespace()
+            .next()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(-1);
+        (
+            text.0.replace('\r', "").trim_matches('\n').to_string(),
+            code,
+        )
+    }
+
+    /// Runs a command that must succeed; returns its output.
+    pub fn run(&mut self, cmd: &str, timeout: Duration) -> String {
+        let (out, code) = self.run_status(cmd, timeout);
+        assert_eq!(code, 0, "`{cmd}` failed on the card: {out}");
+        out
+    }
 }
 
 fn spawn(cmd: &mut Command, log: &Path) -> Child {
@@ -220,10 +297,8 @@ impl Card {
             blk: None,
             bridge: None,
             qemu: None,
-            console: None,
+            shell: None,
             pty: None,
-            output: Arc::new(Mutex::new(Vec::new())),
-            marker: 0,
             options,
         };
         card.start_backends();
@@ -400,33 +475,24 @@ impl Card {
     }
 
     fn attach_console(&mut self) {
-        let mut r: Box<dyn Read + Send> = match self.options.console {
+        let (r, w): (Box<dyn Read + Send>, Box<dyn Write + Send>) = match self.options.console {
             ConsoleMode::Unix => {
                 let p = self.path("con.sock");
                 wait_socket(&p, "mic-console's unix socket");
                 let s = UnixStream::connect(&p).unwrap();
-                let r = s.try_clone().unwrap();
-                self.console = Some(Box::new(s));
-                Box::new(r)
+                (Box::new(s.try_clone().unwrap()), Box::new(s))
             }
             ConsoleMode::Pty => {
                 let tty = open_raw(&self.pty_path());
-                let r = tty.try_clone().unwrap();
-                self.console = Some(Box::new(tty.try_clone().unwrap()));
+                let pair: (Box<dyn Read + Send>, Box<dyn Write + Send>) = (
+                    Box::new(tty.try_clone().unwrap()),
+                    Box::new(tty.try_clone().unwrap()),
+                );
                 self.pty = Some(tty);
-                Box::new(r)
+                pair
             }
         };
-        let out = self.output.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = r.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                out.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
+        self.shell = Some(Shell::new(r, w));
     }
 
     /// The pty mic-console announced in its log ([`ConsoleMode::Pty`]).
@@ -486,59 +552,29 @@ impl Card {
         std::fs::read_to_string(self.path("serial.log")).unwrap_or_default()
     }
 
+    fn shell(&mut self) -> &mut Shell {
+        self.shell.as_mut().expect("console attached")
+    }
+
     /// Everything read from the virtio console so far.
     pub fn console_output(&self) -> String {
-        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+        self.shell.as_ref().map(Shell::output).unwrap_or_default()
     }
 
     /// Types `text` on the card's console.
     pub fn type_text(&mut self, text: &str) {
-        self.console
-            .as_mut()
-            .expect("console attached")
-            .write_all(text.as_bytes())
-            .unwrap();
+        self.shell().type_text(text);
     }
 
     /// Runs a shell command on the card's console; returns its output and
     /// exit code.
     pub fn run_status(&mut self, cmd: &str, timeout: Duration) -> (String, i32) {
-        self.marker += 1;
-        let n = self.marker;
-        // The marker number is computed by the card's shell, so the echo of
-        // the command line itself never matches.
-        let begin = format!("<<B{}>>", 1000 + n);
-        let end = format!("<<E{}>>", 1000 + n);
-        let start = self.output.lock().unwrap().len();
-        self.type_text(&format!(
-            "echo '<<'B$((1000+{n}))'>>'; {cmd}; echo '<<'E$((1000+{n}))'>>' $?\n"
-        ));
-        let text = wait_for(timeout, &format!("`{cmd}` on the card"), || {
-            let out = self.output.lock().unwrap();
-            let s = String::from_utf8_lossy(&out[start..]).into_owned();
-            let b = s.find(&begin)?;
-            let e = s[b..].find(&end)? + b;
-            let rest = &s[e + end.len()..];
-            rest.contains('\n')
-                .then(|| (s[b + begin.len()..e].to_string(), rest.to_string()))
-        });
-        let code = text
-            .1
-            .split_whitespace()
-            .next()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(-1);
-        (
-            text.0.replace('\r', "").trim_matches('\n').to_string(),
-            code,
-        )
+        self.shell().run_status(cmd, timeout)
     }
 
     /// Runs a command that must succeed; returns its output.
     pub fn run(&mut self, cmd: &str, timeout: Duration) -> String {
-        let (out, code) = self.run_status(cmd, timeout);
-        assert_eq!(code, 0, "`{cmd}` failed on the card: {out}");
-        out
+        self.shell().run(cmd, timeout)
     }
 
     /// Waits for QEMU to exit on its own.
