@@ -82,6 +82,7 @@ fn reboot_restarts_and_devices_work_again() {
         (card.serial().matches("mic-card: online").count() >= 2).then_some(())
     });
     card.wait_state("online", BOOT_TIMEOUT);
+    card.wait_shell();
     let boots = card.run("cat /proc/sys/kernel/random/boot_id", CMD);
     assert_eq!(boots.len(), 36, "{boots}");
     disk_works(&mut card, &img, 2);
@@ -107,6 +108,7 @@ fn crash_is_reported_and_the_card_comes_back() {
         (card.serial().matches("mic-card: online").count() >= 2).then_some(())
     });
     card.wait_state("online", BOOT_TIMEOUT);
+    card.wait_shell();
     assert_eq!(card.run("echo back", CMD), "back");
 }
 

@@ -543,8 +543,20 @@ impl Card {
         wait_for(BOOT_TIMEOUT, "the card's online marker", || {
             self.serial().contains("mic-card: online").then_some(())
         });
-        // The console shell answers.
-        self.run("true", Duration::from_secs(60));
+        self.wait_shell();
+    }
+
+    /// Waits until the shell on the card's console answers. It may start
+    /// after the online marker, and what is typed before it reads is lost:
+    /// type until it answers (the typed line shows `$((40 + 2))`; only the
+    /// shell prints 42).
+    pub fn wait_shell(&mut self) {
+        let shell = self.shell();
+        wait_for(Duration::from_secs(90), "the console shell", || {
+            shell.type_text("echo READY-$((40 + 2))\n");
+            std::thread::sleep(Duration::from_secs(2));
+            shell.output().contains("READY-42").then_some(())
+        });
     }
 
     /// Everything the card printed on its serial port.
