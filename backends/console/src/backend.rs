@@ -188,6 +188,37 @@ fn signal(vr: &mut VringState<GuestMem>) -> io::Result<()> {
     Ok(())
 }
 
+/// Drains every driver-to-device chain of a queue: hands each chain's bytes
+/// to `each` (`None` for a malformed chain), returns it used with length 0,
+/// and signals the driver once at the end.
+fn drain_out(
+    mem: &GuestMemoryMmap,
+    vr: &mut VringState<GuestMem>,
+    max: usize,
+    mut each: impl FnMut(Option<&[u8]>, u16),
+) -> io::Result<()> {
+    let mut buf = Vec::new();
+    let mut used = false;
+    loop {
+        let _ = vr.disable_notification();
+        while let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let ok = read_chain(mem, chain, &mut buf, max).is_some();
+            each(ok.then_some(&buf[..]), head);
+            let _ = vr.add_used(head, 0);
+            used = true;
+        }
+        match vr.enable_notification() {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    if used {
+        signal(vr)?;
+    }
+    Ok(())
+}
+
 impl ConsoleBackend {
     /// Builds the device around its host side.
     pub fn new(host: Host, multiport: bool, queue_size: u16) -> Self {
@@ -396,33 +427,23 @@ impl ConsoleBackend {
         if !vring_ready(vring) {
             return Ok(());
         }
-        let mut vr = vring.get_mut();
-        let mut buf = Vec::new();
-        let mut used = false;
-        loop {
-            let _ = vr.disable_notification();
-            while let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(&*mem) {
-                let head = chain.head_index();
-                if read_chain(&mem, chain, &mut buf, TX_CHUNK).is_some() {
+        drain_out(
+            &mem,
+            &mut vring.get_mut(),
+            TX_CHUNK,
+            |bytes, head| match bytes {
+                Some(b) => {
                     self.counters
                         .tx_bytes
-                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                    self.host().write_output(&buf);
-                } else {
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
+                    self.host().write_output(b);
+                }
+                None => {
                     debug!("tx: dropping malformed chain {head}");
                     self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
                 }
-                let _ = vr.add_used(head, 0);
-                used = true;
-            }
-            match vr.enable_notification() {
-                Ok(true) => continue,
-                _ => break,
-            }
-        }
-        if used {
-            signal(&mut vr)?;
-        }
+            },
+        )?;
         Ok(())
     }
 
@@ -433,32 +454,22 @@ impl ConsoleBackend {
         };
         let mut ctrl = self.ctrl.lock().unwrap();
         if vring_ready(c_ovq) {
-            let mut vr = c_ovq.get_mut();
-            let mut buf = Vec::new();
-            let mut used = false;
-            loop {
-                let _ = vr.disable_notification();
-                while let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(&*mem) {
-                    let head = chain.head_index();
-                    if read_chain(&mem, chain, &mut buf, MAX_CTRL).is_some() && buf.len() >= 8 {
-                        let id = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-                        let event = u16::from_le_bytes([buf[4], buf[5]]);
-                        let value = u16::from_le_bytes([buf[6], buf[7]]);
+            drain_out(
+                &mem,
+                &mut c_ovq.get_mut(),
+                MAX_CTRL,
+                |bytes, _| match bytes {
+                    Some(b) if b.len() >= 8 => {
+                        let id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        let event = u16::from_le_bytes([b[4], b[5]]);
+                        let value = u16::from_le_bytes([b[6], b[7]]);
                         self.control_event(&mut ctrl, id, event, value);
-                    } else {
+                    }
+                    _ => {
                         self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
                     }
-                    let _ = vr.add_used(head, 0);
-                    used = true;
-                }
-                match vr.enable_notification() {
-                    Ok(true) => continue,
-                    _ => break,
-                }
-            }
-            if used {
-                signal(&mut vr)?;
-            }
+                },
+            )?;
         }
         if vring_ready(c_ivq) && !ctrl.out.is_empty() {
             let mut vr = c_ivq.get_mut();
