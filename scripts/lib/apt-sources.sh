@@ -33,13 +33,14 @@ mic_apt_sources_ensure() {
     fi
 }
 
-# Installs the named Debian packages that are not installed yet.
+# Installs the named Debian packages that are not installed yet. One
+# dpkg-query for all of them: nothing else runs when none is missing.
 mic_apt_install_missing() {
-    local missing=() p
+    local missing=() p installed
+    installed=" $(dpkg-query -W -f='${Package}:${Status}\n' "$@" 2>/dev/null |
+        sed -n 's/:install ok installed$//p' | tr '\n' ' ') "
     for p in "$@"; do
-        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
-            missing+=("$p")
-        fi
+        case "$installed" in *" $p "*) ;; *) missing+=("$p") ;; esac
     done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "${MIC_APT_WHO:-build-qemu}: installing ${missing[*]}" >&2
@@ -48,6 +49,28 @@ mic_apt_install_missing() {
             mic_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
         fi
     fi
+}
+
+MIC_APT_BACKPORTS_FILE=${MIC_APT_BACKPORTS_FILE:-/etc/apt/sources.list.d/bookworm-backports.sources}
+
+# bookworm-backports, whose newer kernel headers scripts/test compiles the
+# card driver against. Its packages are only ever downloaded, never
+# installed. The package lists are refreshed only when the entry is added.
+mic_apt_backports_ensure() {
+    if grep -rqs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        return 0
+    fi
+    if [ ! -f "$MIC_APT_BACKPORTS_FILE" ]; then
+        echo "${MIC_APT_WHO:-setup}: adding $MIC_APT_BACKPORTS_FILE" >&2
+        mic_sudo tee "$MIC_APT_BACKPORTS_FILE" >/dev/null <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    fi
+    mic_sudo apt-get update -qq >&2 || echo "${MIC_APT_WHO:-setup}: warning: apt-get update failed" >&2
 }
 
 # All qemu source versions apt knows, one per line.

@@ -62,7 +62,7 @@ fn host_requested_shutdown_powers_the_card_off() {
         card.wait_state("ready", Duration::from_secs(30)),
         "state=ready shutdown_status=poweroff"
     );
-    assert!(card.serial().contains("host requests shutdown"));
+    assert!(card.serial().contains("mic-card: shutting down"));
 }
 
 #[test]

@@ -67,3 +67,48 @@ fn run_card_boots_takes_console_input_and_ends_on_poweroff() {
         "{err}"
     );
 }
+
+/// `--bzimage` boots the compressed kernel through SeaBIOS, the ordinary
+/// way; with `--net none` the card waits for no network and comes online
+/// with the disk and the console the host attached.
+#[test]
+fn run_card_boots_the_bzimage_and_waits_only_for_attached_devices() {
+    let dir = TempDir::new("run-card-bzimage");
+    let work = dir.0.join("work");
+    let mut child = Command::new(workspace().join("scripts/run-card"))
+        .args(["--bzimage", "--net", "none", "--disk-size", "64M"])
+        .args(["--memory", "512", "--cpus", "1"])
+        .arg("--workdir")
+        .arg(&work)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.0.join("run-card.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    let serial = work.join("serial.log");
+    let online = wait_for(BOOT_TIMEOUT, "the card to come online", || {
+        let s = read(&serial);
+        let line = s.lines().find(|l| l.starts_with("mic-card: online "))?;
+        Some(line.to_string())
+    });
+    // Not after mic.wait's 30 s with whatever was there: with what was attached.
+    assert_eq!(online, "mic-card: online devices=blk,console");
+    let mut stdin = child.stdin.take().unwrap();
+    let console_log = work.join("console.log");
+    wait_for(Duration::from_secs(60), "the console shell", || {
+        stdin
+            .write_all(b"echo BZIMAGE-$((6*7)) $(cat /sys/block/vda/size) $(ls /sys/class/net)\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        read(&console_log)
+            .contains("BZIMAGE-42 131072 lo\r\n")
+            .then_some(())
+    });
+    stdin.write_all(b"poweroff\n").unwrap();
+    let status = wait_for(Duration::from_secs(120), "run-card to end", || {
+        child.try_wait().unwrap()
+    });
+    let err = read(&dir.0.join("run-card.err"));
+    assert!(status.success(), "run-card failed: {err}");
+}

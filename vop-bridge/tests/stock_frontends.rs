@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use card::{
-    bin, card_dir, image, qemu, sha256_range, sum_in, wait_for, Shell, TempDir, BOOT_TIMEOUT,
+    bin, card_boot_args, image, qemu, sha256_range, sum_in, wait_for, Shell, TempDir, BOOT_TIMEOUT,
 };
 
 const MIB: u64 = 1 << 20;
@@ -77,10 +77,10 @@ fn stock_qemu_frontends_are_served_by_our_backends() {
     let mut peer = UnixStream::connect(p("peer.sock")).unwrap();
     peer.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
 
-    let card = card_dir();
     let _vm = daemon(
         Command::new(qemu())
             .args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "512"])
+            .args(["-nodefaults", "-no-user-config"])
             .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
             .args([
                 "-machine",
@@ -103,11 +103,7 @@ fn stock_qemu_frontends_are_served_by_our_backends() {
                 p("serial.sock").display()
             ))
             .args(["-serial", "chardev:ser"])
-            .arg("-kernel")
-            .arg(card.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(card.join("initrd.img"))
-            .args(["-append", "console=ttyS0 panic=-1 mic.expect=blk,net"]),
+            .args(card_boot_args("mic.expect=blk,net")),
         &dir,
         "qemu.log",
     );

@@ -60,11 +60,32 @@ pub fn card_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("build/card"));
     assert!(
-        p.join("vmlinuz").exists() && p.join("initrd.img").exists(),
+        ["vmlinux", "vmlinuz", "initrd.img", "cmdline"]
+            .iter()
+            .all(|f| p.join(f).exists()),
         "{} has no card image: run scripts/build-card-image",
         p.display()
     );
     p
+}
+
+/// The firmware cards boot with: qboot, the minimal firmware QEMU's data
+/// package ships, which hands over to the kernel's PVH entry at once.
+pub const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+
+/// QEMU arguments that boot the card OS the fast way: the uncompressed
+/// kernel through its PVH entry with qboot, the image's initramfs, and its
+/// command line (`cmdline` in the image) followed by `extra`.
+pub fn card_boot_args(extra: &str) -> Vec<std::ffi::OsString> {
+    let card = card_dir();
+    let base = std::fs::read_to_string(card.join("cmdline")).unwrap();
+    let mut args: Vec<std::ffi::OsString> = vec!["-bios".into(), QBOOT.into(), "-kernel".into()];
+    args.push(card.join("vmlinux").into());
+    args.push("-initrd".into());
+    args.push(card.join("initrd.img").into());
+    args.push("-append".into());
+    args.push(format!("{} quiet {extra}", base.trim()).into());
+    args
 }
 
 /// A temporary directory removed on drop.
@@ -404,10 +425,9 @@ impl Card {
     /// Starts QEMU with the card (the bridge may come later).
     pub fn start_qemu(&mut self) {
         let d = &self.dir.0;
-        let card = card_dir();
         let mem = self.options.memory_mib;
         let append = format!(
-            "console=ttyS0 panic=-1 mic.expect={} {}",
+            "mic.expect={} {}",
             self.options.expect, self.options.cmdline
         );
         let mut cmd = Command::new(qemu());
@@ -420,6 +440,8 @@ impl Card {
             "1",
             "-m",
             &mem.to_string(),
+            "-nodefaults",
+            "-no-user-config",
         ])
         .arg("-object")
         .arg(format!("memory-backend-memfd,id=mem,size={mem}M,share=on"))
@@ -430,11 +452,7 @@ impl Card {
             d.join("dev.sock").display()
         ))
         .args(["-device", "mic-x100,chardev=mic0"])
-        .arg("-kernel")
-        .arg(card.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(card.join("initrd.img"))
-        .args(["-append", &append])
+        .args(card_boot_args(&append))
         .arg("-serial")
         .arg(format!("file:{}", d.join("serial.log").display()))
         .args(["-display", "none", "-monitor", "none"]);
@@ -549,13 +567,19 @@ impl Card {
     /// Waits until the shell on the card's console answers. It may start
     /// after the online marker, and what is typed before it reads is lost:
     /// type until it answers (the typed line shows `$((40 + 2))`; only the
-    /// shell prints 42).
+    /// shell prints 42), looking for the answer for up to 2 s after each try.
     pub fn wait_shell(&mut self) {
         let shell = self.shell();
         wait_for(Duration::from_secs(90), "the console shell", || {
             shell.type_text("echo READY-$((40 + 2))\n");
-            std::thread::sleep(Duration::from_secs(2));
-            shell.output().contains("READY-42").then_some(())
+            let tried = Instant::now();
+            while tried.elapsed() < Duration::from_secs(2) {
+                if shell.output().contains("READY-42") {
+                    return Some(());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            None
         });
     }
 
