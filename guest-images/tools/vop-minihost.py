@@ -541,9 +541,8 @@ class Host:
         con.type_in("ip -o addr show; cat /sys/class/net/eth0/address\n")
         self.wait_for("net configured", lambda: b"172.31.1.1/24" in con.out and b"52:54:00:12:34:56" in con.out, 15)
         # tools the tests use
-        con.type_in("iperf3 --version | head -n1; dd if=/dev/vda bs=512 count=8 2>/dev/null | sha256sum\n")
+        con.type_in("dd if=/dev/vda bs=512 count=8 2>/dev/null | sha256sum\n")
         want = hashlib.sha256(bytes(blk.disk[: 8 * 512])).hexdigest().encode()
-        self.wait_for("iperf3 runs", lambda: b"iperf 3." in con.out, 15)
         self.wait_for("sha256sum of the disk matches", lambda: want in con.out, 15)
         # config change on the net device
         c = net.ctrl()
