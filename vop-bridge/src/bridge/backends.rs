@@ -61,7 +61,7 @@ impl Bridge {
             }
             Ok(None) => {}
             Err(e) => {
-                warn!("{e}");
+                warn!("{}", Report(&e));
                 if let Some(fd) = b.request_fd() {
                     ev.remove(fd);
                 }
@@ -91,7 +91,7 @@ impl Bridge {
                     error!("resuming device {i}: {}", Report(&e));
                 }
             }
-            Err(e) => debug!("{e}"),
+            Err(e) => debug!("{}", Report(&e)),
         }
     }
 }

@@ -94,7 +94,7 @@ impl Bridge {
                 for d in self.devices.iter_mut().filter(|d| d.state.running()) {
                     if let Some(b) = d.backend.as_mut() {
                         if let Err(e) = b.set_mem_table(&regions) {
-                            error!("{e}");
+                            error!("{}", Report(&e));
                         }
                     }
                 }

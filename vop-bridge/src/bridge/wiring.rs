@@ -8,7 +8,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::attached::Attached;
-use super::{Bridge, BridgeError};
+use super::{Bridge, BridgeError, Report};
 use crate::backend::RingSetup;
 use crate::device_protocol::HostMessage;
 use crate::event_loop::{EventLoop, Token};
@@ -126,7 +126,7 @@ impl Bridge {
         };
         if let Some(b) = self.devices[i].backend.as_mut() {
             if let Err(e) = b.stop() {
-                warn!("{e}");
+                warn!("{}", Report(&e));
             }
         }
         if let (true, Some(a)) = (unwire, a) {
