@@ -67,6 +67,17 @@ pub enum BackendError {
         #[source]
         err: vhost::Error,
     },
+    /// The backend's config space is too short for the fields the bridge
+    /// adjusts.
+    #[error("{}: config space of {len} bytes, {needed} needed", socket.display())]
+    ShortConfig {
+        /// Backend socket.
+        socket: PathBuf,
+        /// Bytes the backend returned.
+        len: usize,
+        /// Bytes needed.
+        needed: usize,
+    },
     /// The backend offers fewer queues than the device needs.
     #[error("{}: offers {offered} queues, {needed} needed", socket.display())]
     TooFewQueues {
@@ -280,17 +291,24 @@ impl Backend {
 
     /// Number of virtqueues the card gets, and the config adjusted to it.
     fn queue_count(&mut self) -> Result<usize, BackendError> {
+        let short = |needed: usize| BackendError::ShortConfig {
+            socket: self.socket.clone(),
+            len: self.config.len(),
+            needed,
+        };
         let n = match self.kind {
             DeviceKind::Console if self.features & bit(VIRTIO_CONSOLE_F_MULTIPORT) != 0 => {
                 // MULTIPORT: port 0 rx/tx, control rx/tx, then 2 per extra port.
-                let ports = u32::from_le_bytes(self.config[4..8].try_into().unwrap()).max(1);
+                let bytes = self.config.get(4..8).ok_or_else(|| short(8))?;
+                let ports = u32::from_le_bytes(bytes.try_into().map_err(|_| short(8))?).max(1);
                 let ports = ports.min(abi::MAX_VQS as u32 / 2 - 1);
                 self.config[4..8].copy_from_slice(&ports.to_le_bytes());
                 2 * (ports as usize + 1)
             }
             DeviceKind::Console => 2,
             DeviceKind::Blk if self.features & bit(virtio_blk::VIRTIO_BLK_F_MQ) != 0 => {
-                let q = u16::from_le_bytes(self.config[34..36].try_into().unwrap())
+                let bytes = self.config.get(34..36).ok_or_else(|| short(36))?;
+                let q = u16::from_le_bytes(bytes.try_into().map_err(|_| short(36))?)
                     .clamp(1, abi::MAX_VQS as u16);
                 self.config[34..36].copy_from_slice(&q.to_le_bytes());
                 q as usize
