@@ -13,38 +13,80 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
-use vhost::vhost_user::message::VhostUserConfigFlags;
+use std::fmt;
+
+use vhost::vhost_user::message::{FrontendReq, VhostUserConfigFlags};
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
     VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::{virtio_blk, virtio_net};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::abi;
 use crate::config::DeviceKind;
 use crate::page::DeviceSpec;
 
+/// The step of talking to a backend that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Connecting to its socket.
+    Connect,
+    /// A vhost-user request (vhost's own request numbers).
+    Request(FrontendReq),
+    /// Setting up the backend request channel.
+    BackendChannel,
+    /// Reading a request on the backend request channel.
+    BackendRequest,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Connect => f.write_str("connect"),
+            // FrontendReq's variants are named as in the vhost-user spec.
+            Step::Request(r) => write!(f, "{r:?}"),
+            Step::BackendChannel => f.write_str("backend request channel"),
+            Step::BackendRequest => f.write_str("backend request"),
+        }
+    }
+}
+
 /// Errors talking to a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// A vhost-user request failed.
-    #[error("{socket}: {what}: {err}")]
+    /// A vhost-user step failed.
+    #[error("{}: {step}", socket.display())]
     Vhost {
         /// Backend socket.
         socket: PathBuf,
-        /// The request.
-        what: &'static str,
+        /// What failed.
+        step: Step,
         /// Cause.
+        #[source]
         err: vhost::Error,
     },
-    /// The backend offers something the card cannot use.
-    #[error("{socket}: {why}")]
-    Unusable {
+    /// The backend's config space is too short for the fields the bridge
+    /// adjusts.
+    #[error("{}: config space of {len} bytes, {needed} needed", socket.display())]
+    ShortConfig {
         /// Backend socket.
         socket: PathBuf,
-        /// What is wrong.
-        why: String,
+        /// Bytes the backend returned.
+        len: usize,
+        /// Bytes needed.
+        needed: usize,
+    },
+    /// The backend offers fewer queues than the device needs.
+    #[error("{}: offers {offered} queues, {needed} needed", socket.display())]
+    TooFewQueues {
+        /// Backend socket.
+        socket: PathBuf,
+        /// What `GET_QUEUE_NUM` answered.
+        offered: usize,
+        /// What the device's config asks for.
+        needed: usize,
     },
 }
 
@@ -56,16 +98,25 @@ const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
 
 /// virtio-net features that need a control virtqueue, which vhost-user leaves
 /// to the frontend; the bridge keeps out of the data path, so it offers none.
-const NET_CTRL_FEATURES: u64 = (1 << 17) // CTRL_VQ
-    | (1 << 18) // CTRL_RX
-    | (1 << 19) // CTRL_VLAN
-    | (1 << 20) // CTRL_RX_EXTRA
-    | (1 << 21) // GUEST_ANNOUNCE
-    | (1 << 22) // MQ
-    | (1 << 23) // CTRL_MAC_ADDR
-    | (1 << 2) // CTRL_GUEST_OFFLOADS
-    | (1 << 60) // RSS
-    | (1 << 57); // HASH_REPORT
+const NET_CTRL_FEATURES: u64 = bit(virtio_net::VIRTIO_NET_F_CTRL_VQ)
+    | bit(virtio_net::VIRTIO_NET_F_CTRL_RX)
+    | bit(virtio_net::VIRTIO_NET_F_CTRL_VLAN)
+    | bit(virtio_net::VIRTIO_NET_F_CTRL_RX_EXTRA)
+    | bit(virtio_net::VIRTIO_NET_F_GUEST_ANNOUNCE)
+    | bit(virtio_net::VIRTIO_NET_F_MQ)
+    | bit(virtio_net::VIRTIO_NET_F_CTRL_MAC_ADDR)
+    | bit(virtio_net::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
+    | bit(virtio_net::VIRTIO_NET_F_RSS)
+    | bit(virtio_net::VIRTIO_NET_F_HASH_REPORT);
+
+/// virtio-console `VIRTIO_CONSOLE_F_MULTIPORT` (virtio 1.2, 5.3.3);
+/// virtio-bindings has no virtio_console module, so the bit is stated here.
+const VIRTIO_CONSOLE_F_MULTIPORT: u32 = 1;
+
+/// A feature bit number as a mask.
+const fn bit(n: u32) -> u64 {
+    1 << n
+}
 
 /// Config space sizes the bridge asks for.
 fn config_len(kind: DeviceKind) -> u32 {
@@ -130,10 +181,14 @@ pub struct Backend {
 }
 
 impl Backend {
-    fn err(&self, what: &'static str) -> impl FnOnce(vhost::Error) -> BackendError + '_ {
+    fn err(&self, req: FrontendReq) -> impl FnOnce(vhost::Error) -> BackendError + '_ {
+        self.step_err(Step::Request(req))
+    }
+
+    fn step_err(&self, step: Step) -> impl FnOnce(vhost::Error) -> BackendError + '_ {
         move |err| BackendError::Vhost {
             socket: self.socket.clone(),
-            what,
+            step,
             err,
         }
     }
@@ -146,9 +201,9 @@ impl Backend {
         timeout: Duration,
     ) -> Result<Self, BackendError> {
         let deadline = Instant::now() + timeout;
-        let vhost_err = |what, err| BackendError::Vhost {
+        let vhost_err = |step, err| BackendError::Vhost {
             socket: socket.into(),
-            what,
+            step,
             err,
         };
         let frontend = loop {
@@ -158,7 +213,7 @@ impl Backend {
                     debug!("{}: {e}; retrying", socket.display());
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => return Err(vhost_err("connect", e)),
+                Err(e) => return Err(vhost_err(Step::Connect, e)),
             }
         };
         let mut b = Backend {
@@ -185,20 +240,22 @@ impl Backend {
     }
 
     fn handshake(&mut self) -> Result<(), BackendError> {
-        self.frontend.set_owner().map_err(self.err("SET_OWNER"))?;
+        self.frontend
+            .set_owner()
+            .map_err(self.err(FrontendReq::SET_OWNER))?;
         self.features = self
             .frontend
             .get_features()
-            .map_err(self.err("GET_FEATURES"))?;
+            .map_err(self.err(FrontendReq::GET_FEATURES))?;
         if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             let theirs = self
                 .frontend
                 .get_protocol_features()
-                .map_err(self.err("GET_PROTOCOL_FEATURES"))?;
+                .map_err(self.err(FrontendReq::GET_PROTOCOL_FEATURES))?;
             self.protocol = theirs & WANTED_PROTOCOL;
             self.frontend
                 .set_protocol_features(self.protocol)
-                .map_err(self.err("SET_PROTOCOL_FEATURES"))?;
+                .map_err(self.err(FrontendReq::SET_PROTOCOL_FEATURES))?;
         }
         if self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             self.config = self.read_config()?;
@@ -211,11 +268,11 @@ impl Backend {
         {
             let mut h = FrontendReqHandler::new(self.flag.clone())
                 .map_err(vhost::Error::VhostUserProtocol)
-                .map_err(self.err("backend request channel"))?;
+                .map_err(self.step_err(Step::BackendChannel))?;
             h.set_reply_ack_flag(self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
             self.frontend
                 .set_backend_request_fd(&h.get_tx_raw_fd())
-                .map_err(self.err("SET_BACKEND_REQ_FD"))?;
+                .map_err(self.err(FrontendReq::SET_BACKEND_REQ_FD))?;
             self.requests = Some(h);
         }
         self.num_queues = self.queue_count()?;
@@ -228,27 +285,30 @@ impl Backend {
         let (_, data) = self
             .frontend
             .get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf)
-            .map_err(self.err("GET_CONFIG"))?;
+            .map_err(self.err(FrontendReq::GET_CONFIG))?;
         Ok(data)
     }
 
     /// Number of virtqueues the card gets, and the config adjusted to it.
     fn queue_count(&mut self) -> Result<usize, BackendError> {
-        let unusable = |why: String| BackendError::Unusable {
+        let short = |needed: usize| BackendError::ShortConfig {
             socket: self.socket.clone(),
-            why,
+            len: self.config.len(),
+            needed,
         };
         let n = match self.kind {
-            DeviceKind::Console if self.features & (1 << 1) != 0 => {
+            DeviceKind::Console if self.features & bit(VIRTIO_CONSOLE_F_MULTIPORT) != 0 => {
                 // MULTIPORT: port 0 rx/tx, control rx/tx, then 2 per extra port.
-                let ports = u32::from_le_bytes(self.config[4..8].try_into().unwrap()).max(1);
+                let bytes = self.config.get(4..8).ok_or_else(|| short(8))?;
+                let ports = u32::from_le_bytes(bytes.try_into().map_err(|_| short(8))?).max(1);
                 let ports = ports.min(abi::MAX_VQS as u32 / 2 - 1);
                 self.config[4..8].copy_from_slice(&ports.to_le_bytes());
                 2 * (ports as usize + 1)
             }
             DeviceKind::Console => 2,
-            DeviceKind::Blk if self.features & (1 << 12) != 0 => {
-                let q = u16::from_le_bytes(self.config[34..36].try_into().unwrap())
+            DeviceKind::Blk if self.features & bit(virtio_blk::VIRTIO_BLK_F_MQ) != 0 => {
+                let bytes = self.config.get(34..36).ok_or_else(|| short(36))?;
+                let q = u16::from_le_bytes(bytes.try_into().map_err(|_| short(36))?)
                     .clamp(1, abi::MAX_VQS as u16);
                 self.config[34..36].copy_from_slice(&q.to_le_bytes());
                 q as usize
@@ -260,9 +320,13 @@ impl Backend {
             let max = self
                 .frontend
                 .get_queue_num()
-                .map_err(self.err("GET_QUEUE_NUM"))? as usize;
+                .map_err(self.err(FrontendReq::GET_QUEUE_NUM))? as usize;
             if max < n {
-                return Err(unusable(format!("offers {max} queues, {n} needed")));
+                return Err(BackendError::TooFewQueues {
+                    socket: self.socket.clone(),
+                    offered: max,
+                    needed: n,
+                });
             }
         }
         Ok(n)
@@ -319,7 +383,7 @@ impl Backend {
     ) -> Result<(), BackendError> {
         self.frontend
             .set_mem_table(regions)
-            .map_err(self.err("SET_MEM_TABLE"))?;
+            .map_err(self.err(FrontendReq::SET_MEM_TABLE))?;
         Ok(())
     }
 
@@ -338,12 +402,12 @@ impl Backend {
         }
         self.frontend
             .set_features(features)
-            .map_err(self.err("SET_FEATURES"))?;
+            .map_err(self.err(FrontendReq::SET_FEATURES))?;
         self.set_mem_table(regions)?;
         for (q, r) in rings.iter().enumerate() {
             self.frontend
                 .set_vring_num(q, r.num)
-                .map_err(self.err("SET_VRING_NUM"))?;
+                .map_err(self.err(FrontendReq::SET_VRING_NUM))?;
             let addr = VringConfigData {
                 queue_max_size: r.num,
                 queue_size: r.num,
@@ -355,22 +419,22 @@ impl Backend {
             };
             self.frontend
                 .set_vring_addr(q, &addr)
-                .map_err(self.err("SET_VRING_ADDR"))?;
+                .map_err(self.err(FrontendReq::SET_VRING_ADDR))?;
             self.frontend
                 .set_vring_base(q, r.base)
-                .map_err(self.err("SET_VRING_BASE"))?;
+                .map_err(self.err(FrontendReq::SET_VRING_BASE))?;
             self.frontend
                 .set_vring_call(q, r.call)
-                .map_err(self.err("SET_VRING_CALL"))?;
+                .map_err(self.err(FrontendReq::SET_VRING_CALL))?;
             self.frontend
                 .set_vring_kick(q, r.kick)
-                .map_err(self.err("SET_VRING_KICK"))?;
+                .map_err(self.err(FrontendReq::SET_VRING_KICK))?;
         }
         if proto {
             for q in 0..rings.len() {
                 self.frontend
                     .set_vring_enable(q, true)
-                    .map_err(self.err("SET_VRING_ENABLE"))?;
+                    .map_err(self.err(FrontendReq::SET_VRING_ENABLE))?;
             }
         }
         self.started = true;
@@ -390,12 +454,12 @@ impl Backend {
             if proto {
                 self.frontend
                     .set_vring_enable(q, false)
-                    .map_err(self.err("SET_VRING_ENABLE"))?;
+                    .map_err(self.err(FrontendReq::SET_VRING_ENABLE))?;
             }
             bases.push(
                 self.frontend
                     .get_vring_base(q)
-                    .map_err(self.err("GET_VRING_BASE"))?,
+                    .map_err(self.err(FrontendReq::GET_VRING_BASE))?,
             );
         }
         Ok(bases)
@@ -408,7 +472,7 @@ impl Backend {
         }
         self.frontend
             .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
-            .map_err(self.err("SET_CONFIG"))?;
+            .map_err(self.err(FrontendReq::SET_CONFIG))?;
         let end = (offset as usize + data.len()).min(self.config.len());
         if (offset as usize) < end {
             self.config[offset as usize..end].copy_from_slice(&data[..end - offset as usize]);
@@ -427,7 +491,7 @@ impl Backend {
         if let Some(h) = self.requests.as_mut() {
             h.handle_request().map_err(|err| BackendError::Vhost {
                 socket: self.socket.clone(),
-                what: "backend request",
+                step: Step::BackendRequest,
                 err: vhost::Error::VhostUserProtocol(err),
             })?;
         }
@@ -450,5 +514,45 @@ impl Backend {
     /// The vhost-user socket fd (readable or hung up when the backend dies).
     pub fn socket_fd(&self) -> RawFd {
         self.frontend.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error;
+
+    #[test]
+    fn steps_name_the_vhost_user_request() {
+        assert_eq!(
+            Step::Request(FrontendReq::SET_VRING_ADDR).to_string(),
+            "SET_VRING_ADDR"
+        );
+        assert_eq!(Step::Connect.to_string(), "connect");
+        let e = BackendError::Vhost {
+            socket: "/run/b.sock".into(),
+            step: Step::Request(FrontendReq::GET_FEATURES),
+            err: vhost::Error::InvalidOperation,
+        };
+        assert_eq!(e.to_string(), "/run/b.sock: GET_FEATURES");
+        assert!(e.source().is_some());
+    }
+
+    #[test]
+    fn net_control_queue_features_are_withheld() {
+        // The same bits as the virtio spec's 5.1.3 numbers.
+        assert_eq!(
+            NET_CTRL_FEATURES,
+            (1 << 17)
+                | (1 << 18)
+                | (1 << 19)
+                | (1 << 20)
+                | (1 << 21)
+                | (1 << 22)
+                | (1 << 23)
+                | (1 << 2)
+                | (1 << 60)
+                | (1 << 57)
+        );
     }
 }

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use serde::Deserialize;
+use virtio_bindings::virtio_ids;
 
 use crate::abi;
 
@@ -20,13 +21,15 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
-    /// Virtio device id.
+    /// Virtio device id (virtio-bindings' `VIRTIO_ID_*`; they all fit the
+    /// page's one-byte `type`).
     pub fn virtio_id(self) -> u8 {
-        match self {
-            DeviceKind::Net => 1,
-            DeviceKind::Blk => 2,
-            DeviceKind::Console => 3,
-        }
+        let id = match self {
+            DeviceKind::Net => virtio_ids::VIRTIO_ID_NET,
+            DeviceKind::Blk => virtio_ids::VIRTIO_ID_BLOCK,
+            DeviceKind::Console => virtio_ids::VIRTIO_ID_CONSOLE,
+        };
+        id as u8
     }
 
     /// Short name.
@@ -275,6 +278,13 @@ mod tests {
         assert_eq!(c.devices[2].socket, PathBuf::from("b1"));
         assert_eq!(c.queue_size, 512);
         assert_eq!(c.connect_timeout, 30);
+    }
+
+    #[test]
+    fn virtio_ids() {
+        assert_eq!(DeviceKind::Net.virtio_id(), 1);
+        assert_eq!(DeviceKind::Blk.virtio_id(), 2);
+        assert_eq!(DeviceKind::Console.virtio_id(), 3);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! - [`page`]: building and adopting the device page in the aperture.
 //! - [`backend`]: one device's vhost-user backend.
 //! - [`card`]: the card lifecycle.
-//! - [`bridge`]: the control loop tying them together.
+//! - [`bridge`]: one card's bridge tying them together, split by job.
+//! - [`event_loop`]: the one wait loop and its [`event_loop::Token`]s.
+//! - [`signals`]: the process's stop signals as a descriptor.
 //! - [`config`], [`control`]: configuration and the control socket.
 
 pub mod abi;
@@ -16,4 +18,6 @@ pub mod card;
 pub mod config;
 pub mod control;
 pub mod device_protocol;
+pub mod event_loop;
 pub mod page;
+pub mod signals;

@@ -1,10 +1,58 @@
 //! `vop-bridge`: the host side of virtio-over-PCIe for one emulated X100 card.
+//!
+//! The process owns the event loop and the stop signals; the card's
+//! [`Bridge`] registers its descriptors with the loop.
 
 use clap::Parser;
-use log::error;
+use log::{error, info};
+use vmm_sys_util::epoll::EventSet;
 
-use vop_bridge::bridge::Bridge;
+use vop_bridge::bridge::{Bridge, BridgeError, Report};
 use vop_bridge::config::{BridgeConfig, Cli};
+use vop_bridge::event_loop::{EventHandler, EventLoop, Flow, Token};
+use vop_bridge::signals::StopSignals;
+
+/// One card's bridge, stopped by SIGINT/SIGTERM.
+struct Process {
+    signals: StopSignals,
+    bridge: Bridge,
+}
+
+impl EventHandler for Process {
+    type Error = BridgeError;
+
+    fn handle_event(
+        &mut self,
+        ev: &EventLoop,
+        token: Token,
+        _events: EventSet,
+    ) -> Result<Flow, BridgeError> {
+        match token {
+            Token::Signal if self.signals.pending() => {
+                info!("signal received; stopping");
+                Ok(Flow::Stop)
+            }
+            Token::Signal => Ok(Flow::Continue),
+            t => self.bridge.handle_event(ev, t),
+        }
+    }
+}
+
+fn run(cfg: BridgeConfig) -> Result<(), BridgeError> {
+    use std::os::fd::AsRawFd;
+    let signals = StopSignals::new()?;
+    let ev = EventLoop::new()?;
+    ev.add(signals.as_raw_fd(), Token::Signal, EventSet::IN)?;
+    let mut p = Process {
+        signals,
+        bridge: Bridge::new(cfg, 0)?,
+    };
+    if p.bridge.register(&ev)? == Flow::Continue {
+        ev.run(&mut p)?;
+    }
+    p.bridge.stop(&ev);
+    Ok(())
+}
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
@@ -17,9 +65,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let result = Bridge::new(cfg).and_then(|mut b| b.run());
-    if let Err(e) = result {
-        error!("{e}");
+    if let Err(e) = run(cfg) {
+        error!("{}", Report(&e));
         std::process::exit(1);
     }
 }

@@ -1,0 +1,138 @@
+//! Answers to the control socket's requests (the protocol is in
+//! [`crate::control`]).
+
+use log::info;
+
+use super::attached::Attached;
+use super::{Bridge, BridgeError, Report};
+use crate::backend::BackendError;
+use crate::card::CardInput;
+use crate::control::ControlRequest;
+use crate::device_protocol::ProtocolError;
+use crate::event_loop::EventLoop;
+
+/// Why a control request failed (answered as `error: <why>`).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The request needs the card and the bridge is not attached.
+    #[error("the card is not attached")]
+    NotAttached,
+    /// No device has that index.
+    #[error("no device {0}")]
+    NoDevice(usize),
+    /// The device is being removed already.
+    #[error("device {0} is being removed already")]
+    RemovalPending(usize),
+    /// The device has no slot in the page.
+    #[error("device {0} is not in the device page")]
+    NotPlaced(usize),
+    /// The backend could not be used.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The device link failed.
+    #[error(transparent)]
+    Link(#[from] ProtocolError),
+    /// Something else in the bridge failed.
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
+}
+
+/// The answer line for a request's outcome.
+pub(super) fn reply_text(reply: Result<String, ControlError>) -> String {
+    match reply {
+        Ok(text) => format!("{text}\n"),
+        Err(e) => format!("error: {}\n", Report(&e)),
+    }
+}
+
+impl Bridge {
+    /// Answers one control connection.
+    pub(super) fn on_control(&mut self, ev: &EventLoop, a: Option<&mut Attached>) {
+        let Some(server) = &self.control else {
+            return;
+        };
+        let Some((req, conn)) = server.accept() else {
+            return;
+        };
+        let reply = self.answer(ev, a, req);
+        conn.reply(&reply_text(reply));
+    }
+
+    fn answer(
+        &mut self,
+        ev: &EventLoop,
+        a: Option<&mut Attached>,
+        req: ControlRequest,
+    ) -> Result<String, ControlError> {
+        match (req, a) {
+            (ControlRequest::Status, _) => Ok(self.status_line()),
+            (ControlRequest::Devices, _) => Ok(self.device_list()),
+            (_, None) => Err(ControlError::NotAttached),
+            (ControlRequest::Shutdown, Some(a)) => {
+                a.request_shutdown()?;
+                self.set_state(CardInput::ShutdownRequested);
+                info!("shutdown requested");
+                Ok(self.status_line())
+            }
+            (ControlRequest::Add(kind, socket), Some(a)) => {
+                let i = self.hot_add(ev, a, kind, socket)?;
+                Ok(format!("added device {i}"))
+            }
+            (ControlRequest::Remove(i), Some(a)) => {
+                self.hot_remove(ev, a, i)?;
+                Ok(format!("removing device {i}"))
+            }
+        }
+    }
+
+    /// `devices`: `<index> <type> <socket> <running|stopped|removing>`.
+    fn device_list(&self) -> String {
+        let lines: Vec<String> = self
+            .devices
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| {
+                let state = d.state.describe()?;
+                Some(format!(
+                    "{i} {} {} {state}",
+                    d.name(),
+                    d.cfg.socket.display()
+                ))
+            })
+            .collect();
+        lines.join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_one_line_each() {
+        assert_eq!(reply_text(Ok("added device 3".into())), "added device 3\n");
+        assert_eq!(
+            reply_text(Err(ControlError::NotAttached)),
+            "error: the card is not attached\n"
+        );
+        assert_eq!(
+            reply_text(Err(ControlError::RemovalPending(2))),
+            "error: device 2 is being removed already\n"
+        );
+        assert_eq!(
+            reply_text(Err(ControlError::NoDevice(9))),
+            "error: no device 9\n"
+        );
+    }
+
+    #[test]
+    fn wrapped_errors_keep_their_cause() {
+        let e = ControlError::from(BridgeError::Os {
+            what: "eventfd",
+            source: std::io::Error::from_raw_os_error(libc::EMFILE),
+        });
+        let text = reply_text(Err(e));
+        assert!(text.starts_with("error: eventfd: "), "{text}");
+        assert_eq!(text.matches('\n').count(), 1);
+    }
+}
