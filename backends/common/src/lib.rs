@@ -26,12 +26,16 @@
 //! `relay`) so that frontends that enable rings before `SET_FEATURES`, as
 //! QEMU's vhost-user net client does, are served; see that module.
 //!
-//! [`guest`] has guest-memory and virtqueue helpers for the devices.
+//! [`guest`] has guest-memory and virtqueue helpers for the devices, and
+//! [`ring`] the guard every device takes its chains through.
 
 #![deny(missing_docs)]
 
 pub mod guest;
 mod relay;
+pub mod ring;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 use std::fs;
 use std::io;
