@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
+use mic_backend_common::ring::RingGuards;
 use mic_backend_common::WorkerExitEvents;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
@@ -72,6 +73,7 @@ struct Inner {
     scratch: Vec<Mutex<Scratch>>,
     pool: Option<IoPool>,
     exit: WorkerExitEvents,
+    guards: RingGuards,
 }
 
 const fn bit(b: u32) -> u64 {
@@ -84,6 +86,7 @@ impl BlkBackend {
         let scratch = (0..params.num_queues)
             .map(|_| Mutex::new(Scratch::default()))
             .collect();
+        let guards = RingGuards::new(usize::from(params.num_queues));
         let pool = match params.io_threads {
             0 => None,
             n => Some(IoPool::new(n)?),
@@ -99,6 +102,7 @@ impl BlkBackend {
                 scratch,
                 pool,
                 exit: WorkerExitEvents::new(),
+                guards,
             }),
         })
     }
@@ -180,20 +184,19 @@ impl BlkBackend {
         };
         let pool = self.inner.pool.as_ref();
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        // Each worker serves one queue: its thread index is the queue's.
+        let guard = self.inner.guards.get(thread_id);
         let mut state = vring.get_mut();
-        let mut empty_rounds = 0u32;
         loop {
             if event_idx {
                 let _ = state.get_queue_mut().disable_notification(mem);
             }
             let mut completed = false;
-            let mut popped = false;
             // The first large request of a batch is kept for this thread;
             // further large ones go to the helper pool.
             let mut local_large = None;
             let mut batch = None;
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
-                popped = true;
+            while let Some(chain) = guard.next(state.get_queue_mut(), mem) {
                 if let Some(pool) = pool {
                     let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
                     if bytes >= OFFLOAD_BYTES {
@@ -258,15 +261,9 @@ impl BlkBackend {
             // Re-enable notifications; loop if the driver added requests
             // in the meantime. A driver that moved the avail index to an
             // impossible value gets no further service (and no busy loop)
-            // until it kicks again.
-            match state.get_queue_mut().enable_notification(mem) {
-                Ok(true) if popped || empty_rounds == 0 => {
-                    if !popped {
-                        empty_rounds += 1;
-                    }
-                    continue;
-                }
-                _ => break,
+            // until the frontend resets the ring (see `RingGuard`).
+            if !guard.more(state.get_queue_mut(), mem) {
+                break;
             }
         }
     }
@@ -326,6 +323,13 @@ impl VhostUserBackend for BlkBackend {
 
     fn set_event_idx(&self, enabled: bool) {
         self.inner.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    /// The frontend stopped the ring (`GET_VRING_BASE`): a ring broken by
+    /// the driver is served again once the frontend sets it up anew.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        self.inner.guards.reset(queue_index);
+        Ok(())
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
