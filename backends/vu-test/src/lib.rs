@@ -855,6 +855,23 @@ impl Daemon {
     }
 }
 
+/// CPU time (user + system, in clock ticks) a process has used so far,
+/// from `/proc/PID/stat` (fields 14 and 15, see proc(5)). Tests compare two
+/// readings to tell a busy loop from a sleeping daemon.
+pub fn cpu_ticks(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/PID/stat");
+    // The command name (field 2) may contain spaces: start after its ')'.
+    let after = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 2..))
+        .ok_or_else(bad)?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field =
+        |i: usize| -> io::Result<u64> { f.get(i).and_then(|v| v.parse().ok()).ok_or_else(bad) };
+    Ok(field(11)? + field(12)?)
+}
+
 /// Path of a binary built in the same target directory as the running test
 /// or tool (`target/<profile>/<name>`), e.g. another workspace daemon.
 /// Build it first (`cargo build -p <crate>`); integration tests of the
