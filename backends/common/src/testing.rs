@@ -1,11 +1,17 @@
 //! A driver's side of a split virtqueue in plain guest memory, for unit
 //! tests of queue handling (feature `test-utils`).
 //!
-//! The ring layout comes from `virtio-queue`'s `MockSplitQueue` (rings at
-//! guest address 0); this type adds what the device tests need on top:
-//! chains placed anywhere in the descriptor table, an available index that
-//! wraps like a real driver's, a raw index for hostile drivers, and the used
-//! ring and `avail_event` read back.
+//! The descriptor table and the available ring are `virtio-queue`'s
+//! `MockSplitQueue`'s (at guest address 0); this type adds what the device
+//! tests need on top: chains placed anywhere in the descriptor table, an
+//! available index that wraps like a real driver's, a raw index for hostile
+//! drivers, and the used ring and `avail_event` read back.
+//!
+//! The used ring is placed here, not by the mock: `MockSplitQueue` 0.18
+//! puts it `size` bytes after the start of the available ring's entries
+//! (`SplitQueueRing::end` counts entries, not bytes), so for rings of more
+//! than two entries it overlaps the available ring (virtio 1.2, 2.7.2: the
+//! available ring takes `6 + 2 * size` bytes).
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -21,6 +27,7 @@ pub struct TestRing<'a> {
     mock: MockSplitQueue<'a, GuestMemoryMmap>,
     mem: &'a GuestMemoryMmap,
     size: u16,
+    used_addr: u64,
     next_desc: u16,
     avail_idx: u16,
 }
@@ -33,18 +40,30 @@ impl<'a> TestRing<'a> {
 
     /// A ring of `size` entries at address 0 of `mem`.
     pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
-        TestRing {
-            mock: MockSplitQueue::new(mem, size),
+        let mock = MockSplitQueue::new(mem, size);
+        let avail_end = mock.avail_addr().0 + 6 + 2 * u64::from(size);
+        let used_addr = avail_end.next_multiple_of(4);
+        let ring = TestRing {
+            mock,
             mem,
             size,
+            used_addr,
             next_desc: 0,
             avail_idx: 0,
-        }
+        };
+        // Used ring header and entries, and `avail_event`, all zero.
+        ring.write(used_addr, &vec![0; 6 + 8 * usize::from(size)]);
+        ring
     }
 
     /// The device's queue for this ring (ready, addresses set).
     pub fn queue(&self) -> Queue {
-        self.mock.create_queue().expect("test queue")
+        let mut q: Queue = self.mock.create_queue().expect("test queue");
+        q.set_used_ring_address(
+            Some(self.used_addr as u32),
+            Some((self.used_addr >> 32) as u32),
+        );
+        q
     }
 
     /// A device-readable descriptor (driver to device).
@@ -114,7 +133,7 @@ impl<'a> TestRing<'a> {
     /// The used entries so far: (head, length), oldest first (while fewer
     /// than the ring size were used).
     pub fn used(&self) -> Vec<(u32, u32)> {
-        let used = self.mock.used_addr().0;
+        let used = self.used_addr;
         let n = self.read_u16(used + 2);
         (0..n)
             .map(|i| {
@@ -126,7 +145,7 @@ impl<'a> TestRing<'a> {
 
     /// The device's `avail_event` (written with `EVENT_IDX`).
     pub fn avail_event(&self) -> u16 {
-        self.read_u16(self.mock.used_addr().0 + 4 + 8 * u64::from(self.size))
+        self.read_u16(self.used_addr + 4 + 8 * u64::from(self.size))
     }
 
     /// Writes `data` to guest memory at `addr`.
@@ -161,6 +180,23 @@ impl<'a> TestRing<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn used_ring_does_not_overlap_the_available_ring() {
+        let mem = TestRing::memory();
+        let mut ring = TestRing::new(&mem, 8);
+        let mut q = ring.queue();
+        let heads: Vec<u16> = (0..8)
+            .map(|i| ring.add(&[TestRing::out(BUFFERS + i, 1)]))
+            .collect();
+        for h in &heads {
+            let c = q.pop_descriptor_chain(&mem).unwrap();
+            assert_eq!(c.head_index(), *h);
+            q.add_used(&mem, *h, 1).unwrap();
+        }
+        let used: Vec<u32> = ring.used().iter().map(|u| u.0).collect();
+        assert_eq!(used, (0..8).collect::<Vec<u32>>());
+    }
 
     #[test]
     fn chains_wrap_around_the_table_and_the_ring() {
