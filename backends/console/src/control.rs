@@ -118,3 +118,100 @@ pub fn send(
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mic_backend_common::testing::{TestRing, BUFFERS};
+
+    #[test]
+    fn messages_parse_and_build() {
+        let m = ctrl_msg(3, PORT_OPEN, 1);
+        assert_eq!(m, [3, 0, 0, 0, 6, 0, 1, 0]);
+        assert_eq!(
+            Control::parse(&m),
+            Some(Control {
+                id: 3,
+                event: PORT_OPEN,
+                value: 1
+            })
+        );
+        // Longer is fine (the rest is ignored), shorter is not.
+        assert!(Control::parse(&resize_msg(80, 25)).is_some());
+        assert_eq!(Control::parse(&m[..7]), None);
+        // RESIZE: rows, then cols.
+        assert_eq!(resize_msg(80, 25)[8..], [25, 0, 80, 0]);
+    }
+
+    #[test]
+    fn queued_messages_go_one_per_chain() {
+        let mem = TestRing::memory();
+        let mut ring = TestRing::new(&mem, 8);
+        let mut q = ring.queue();
+        let h1 = ring.add(&[TestRing::inp(BUFFERS, 64)]);
+        // Split over two descriptors.
+        let h2 = ring.add(&[
+            TestRing::inp(BUFFERS + 0x100, 4),
+            TestRing::inp(BUFFERS + 0x200, 60),
+        ]);
+        let mut out: VecDeque<Vec<u8>> = [
+            ctrl_msg(0, DEVICE_ADD, 0),
+            resize_msg(132, 43),
+            ctrl_msg(0, PORT_OPEN, 1),
+        ]
+        .into();
+        let g = RingGuard::new(2);
+        let s = send(&mut q, &mem, &g, &mut out);
+        assert_eq!(
+            s,
+            Sent {
+                used: true,
+                bad_chains: 0
+            }
+        );
+        assert_eq!(ring.used(), [(u32::from(h1), 8), (u32::from(h2), 12)]);
+        assert_eq!(ring.read(BUFFERS, 8), ctrl_msg(0, DEVICE_ADD, 0));
+        let mut second = ring.read(BUFFERS + 0x100, 4);
+        second.extend(ring.read(BUFFERS + 0x200, 8));
+        assert_eq!(second, resize_msg(132, 43));
+        // The third waits for a buffer.
+        assert_eq!(out, [ctrl_msg(0, PORT_OPEN, 1)]);
+    }
+
+    #[test]
+    fn chains_too_small_or_malformed_are_skipped() {
+        let mem = TestRing::memory();
+        let mut ring = TestRing::new(&mem, 8);
+        let mut q = ring.queue();
+        let bad = [
+            // Smaller than the message.
+            ring.add(&[TestRing::inp(BUFFERS, CTRL_LEN as u32 - 1)]),
+            // Device-readable.
+            ring.add(&[TestRing::out(BUFFERS, 64)]),
+            // Zero-length.
+            ring.add(&[TestRing::inp(BUFFERS, 0)]),
+        ];
+        let good = ring.add(&[TestRing::inp(BUFFERS + 0x100, 64)]);
+        let mut out: VecDeque<Vec<u8>> = [ctrl_msg(0, CONSOLE_PORT, 1)].into();
+        let g = RingGuard::new(2);
+        let s = send(&mut q, &mem, &g, &mut out);
+        assert_eq!(s.bad_chains, 3);
+        assert!(out.is_empty());
+        let mut want: Vec<(u32, u32)> = bad.iter().map(|h| (u32::from(*h), 0)).collect();
+        want.push((u32::from(good), CTRL_LEN as u32));
+        assert_eq!(ring.used(), want);
+    }
+
+    #[test]
+    fn a_broken_ring_keeps_the_messages() {
+        let mem = TestRing::memory();
+        let mut ring = TestRing::new(&mem, 8);
+        let mut q = ring.queue();
+        ring.set_avail_idx(200);
+        let mut out: VecDeque<Vec<u8>> = [ctrl_msg(0, DEVICE_ADD, 0)].into();
+        let g = RingGuard::new(2);
+        assert_eq!(send(&mut q, &mem, &g, &mut out), Sent::default());
+        assert_eq!(out.len(), 1);
+        assert!(g.is_broken());
+    }
+}
