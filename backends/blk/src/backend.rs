@@ -405,11 +405,10 @@ impl VhostUserBackend for BlkBackend {
 mod tests {
     use super::*;
 
-    fn backend(readonly: bool) -> (BlkBackend, std::path::PathBuf) {
-        let dir =
-            std::env::temp_dir().join(format!("mic-blk-be-{}-{readonly}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("img");
+    fn backend(readonly: bool) -> (BlkBackend, vmm_sys_util::tempdir::TempDir) {
+        let prefix = std::env::temp_dir().join("mic-blk-be-");
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(prefix).unwrap();
+        let p = dir.as_path().join("img");
         std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
         let disk = Arc::new(Disk::open(&p, readonly, false).unwrap());
         (
@@ -450,11 +449,11 @@ mod tests {
         assert!(b.set_config(0, &[1, 2, 3, 4]).is_err());
         // Reads past the config space are zero padded.
         assert_eq!(b.get_config(100, 8), vec![0; 8]);
-        std::fs::remove_dir_all(dir).unwrap();
+        drop(dir);
 
         let (ro, dir) = backend(true);
         assert!(ro.features() & bit(VIRTIO_BLK_F_RO) != 0);
         assert!(ro.features() & bit(VIRTIO_BLK_F_DISCARD) == 0);
-        std::fs::remove_dir_all(dir).unwrap();
+        drop(dir);
     }
 }

@@ -522,15 +522,11 @@ mod tests {
     const W: u16 = 2;
     const N: u16 = 1;
 
-    fn setup() -> (GuestMemoryMmap, Disk, std::path::PathBuf) {
+    fn setup() -> (GuestMemoryMmap, Disk, vmm_sys_util::tempdir::TempDir) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let dir = std::env::temp_dir().join(format!(
-            "mic-blk-req-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("img");
+        let prefix = std::env::temp_dir().join("mic-blk-req-");
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(prefix).unwrap();
+        let p = dir.as_path().join("img");
         std::fs::write(&p, vec![0xeeu8; 64 * 512]).unwrap();
         let disk = Disk::open(&p, false, false).unwrap();
         (mem, disk, dir)
@@ -595,7 +591,7 @@ mod tests {
         let mut tail = vec![0u8; 512];
         mem.read_slice(&mut tail, GuestAddress(0x5000)).unwrap();
         assert!(tail.iter().all(|&b| b == 0xee));
-        std::fs::remove_dir_all(dir).unwrap();
+        drop(dir);
     }
 
     #[test]
@@ -690,12 +686,12 @@ mod tests {
         // Image untouched.
         let mut f = vec![0u8; 64 * 512];
         std::os::unix::fs::FileExt::read_exact_at(
-            &std::fs::File::open(dir.join("img")).unwrap(),
+            &std::fs::File::open(dir.as_path().join("img")).unwrap(),
             &mut f,
             0,
         )
         .unwrap();
         assert!(f.iter().all(|&b| b == 0xee));
-        std::fs::remove_dir_all(dir).unwrap();
+        drop(dir);
     }
 }

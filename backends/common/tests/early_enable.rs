@@ -120,10 +120,9 @@ fn connect(path: &PathBuf) -> UnixStream {
 
 #[test]
 fn ring_enable_before_set_features_is_served() {
-    let dir = std::env::temp_dir().join(format!("mic-common-early-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("vu.sock");
+    let prefix = std::env::temp_dir().join("mic-common-early-");
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(prefix).unwrap();
+    let path = dir.as_path().join("vu.sock");
     let endpoint = Endpoint::listen(&path).unwrap();
     let shutdown = Shutdown::new().unwrap();
     let device = Arc::new(Device::default());
@@ -188,5 +187,4 @@ fn ring_enable_before_set_features_is_served() {
     daemon.join().unwrap().unwrap();
     drop(c);
     assert!(!path.exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -399,9 +399,12 @@ mod tests {
     use super::*;
 
     fn pair() -> (StreamPort, UnixStream) {
-        let dir = std::env::temp_dir().join(format!("mic-net-stream-{}", std::process::id()));
-        let _ = fs::create_dir_all(&dir);
-        let path = dir.join(format!("s{}", rand_suffix()));
+        // Removed when this returns: the connection outlives the path.
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(
+            std::env::temp_dir().join("mic-net-stream-"),
+        )
+        .unwrap();
+        let path = dir.as_path().join(format!("s{}", rand_suffix()));
         let mut port = StreamPort::new(StreamAddr::Unix(path.clone()), true).unwrap();
         let peer = UnixStream::connect(&path).unwrap();
         port.handle_control_event(EV_LISTEN);

@@ -919,32 +919,22 @@ impl Drop for Daemon {
     }
 }
 
-/// A unique scratch directory under the system temp dir, removed on drop.
-pub struct TempDir(PathBuf);
+/// A unique scratch directory under the system temp dir, removed on drop
+/// (`vmm-sys-util`'s `TempDir`, named after the test).
+pub struct TempDir(vmm_sys_util::tempdir::TempDir);
 
 impl TempDir {
-    /// Create `$TMPDIR/<prefix>-<pid>-<n>`.
+    /// Create `$TMPDIR/<prefix>-<pid>-XXXXXX` (`mkdtemp`, mode 0700).
     pub fn new(prefix: &str) -> io::Result<TempDir> {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "{prefix}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(TempDir(p))
+        let p = std::env::temp_dir().join(format!("{prefix}-{}-", std::process::id()));
+        vmm_sys_util::tempdir::TempDir::new_with_prefix(p)
+            .map(TempDir)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
     }
 
     /// The directory path.
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.as_path()
     }
 }
 
