@@ -17,21 +17,24 @@ use mic_backend_common::guest::GuestMem;
 use mic_backend_common::{
     serve_persistent, Endpoint, PersistentBackend, Shutdown, WorkerExitEvents,
 };
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-const VERSION_1: u64 = 1 << 32;
-const GET_FEATURES: u32 = 1;
-const SET_FEATURES: u32 = 2;
-const SET_OWNER: u32 = 3;
-const GET_PROTOCOL_FEATURES: u32 = 15;
-const SET_PROTOCOL_FEATURES: u32 = 16;
-const GET_QUEUE_NUM: u32 = 17;
-const SET_VRING_ENABLE: u32 = 18;
+const VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
+const SET_FEATURES: u32 = FrontendReq::SET_FEATURES as u32;
+const SET_OWNER: u32 = FrontendReq::SET_OWNER as u32;
+const GET_PROTOCOL_FEATURES: u32 = FrontendReq::GET_PROTOCOL_FEATURES as u32;
+const SET_PROTOCOL_FEATURES: u32 = FrontendReq::SET_PROTOCOL_FEATURES as u32;
+const GET_QUEUE_NUM: u32 = FrontendReq::GET_QUEUE_NUM as u32;
+const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
+/// Protocol version 1 in the header's version bits.
 const FLAG_VERSION: u32 = 0x1;
-const FLAG_NEED_REPLY: u32 = 0x8;
+const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 
 /// Two queues, no data path; counts frontends and remembers the features.
 #[derive(Default)]

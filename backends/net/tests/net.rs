@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
+};
 use vu_test::{
     Daemon, Desc, FrontendOptions, TempDir, TestFrontend, VirtQueue,
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -16,10 +20,10 @@ use vu_test::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_mic-net");
 const T: Duration = Duration::from_secs(5);
-const MRG_RXBUF: u64 = 1 << 15;
-const NET_F_MAC: u64 = 1 << 5;
-const NET_F_MQ: u64 = 1 << 22;
-const NET_F_CSUM: u64 = 1;
+const MRG_RXBUF: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
+const NET_F_MAC: u64 = 1 << VIRTIO_NET_F_MAC;
+const NET_F_MQ: u64 = 1 << VIRTIO_NET_F_MQ;
+const NET_F_CSUM: u64 = 1 << VIRTIO_NET_F_CSUM;
 
 fn frame(len: usize, seed: u8) -> Vec<u8> {
     let mut f = vec![0u8; len];
@@ -1016,7 +1020,11 @@ fn tap_checksum_offload_in_netns() {
     assert!(ok);
     let mut fe = connect(&sock, u64::MAX, 2);
     assert_ne!(fe.acked_features & NET_F_CSUM, 0);
-    assert_ne!(fe.acked_features & (1 << 1), 0, "GUEST_CSUM");
+    assert_ne!(
+        fe.acked_features & (1 << VIRTIO_NET_F_GUEST_CSUM),
+        0,
+        "GUEST_CSUM"
+    );
     let host = ns.run(|| {
         let s = std::net::UdpSocket::bind("172.31.4.254:5001").unwrap();
         s.set_read_timeout(Some(T)).unwrap();

@@ -39,21 +39,26 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use vhost;
 
+// Feature and descriptor-flag masks, from `virtio-bindings`' bit numbers
+// and values (the rings store descriptor flags as `u16`).
+
 /// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 /// `VIRTIO_RING_F_INDIRECT_DESC`.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 =
+    1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 /// `VIRTIO_RING_F_EVENT_IDX`.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 =
+    vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 /// Descriptor flag: another descriptor follows (`next` is valid).
-pub const VRING_DESC_F_NEXT: u16 = 1;
+pub const VRING_DESC_F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
 /// Descriptor flag: the device writes this buffer.
-pub const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 /// Descriptor flag: the buffer is an indirect descriptor table.
-pub const VRING_DESC_F_INDIRECT: u16 = 4;
+pub const VRING_DESC_F_INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 /// Errors of the test frontend.
 #[derive(Debug, thiserror::Error)]
