@@ -36,6 +36,7 @@ mod relay;
 pub mod ring;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod worker;
 
 use std::fs;
 use std::io;
@@ -493,9 +494,9 @@ pub trait PersistentBackend {
     /// served, after the previous frontend's worker threads have been joined.
     fn new_frontend(&self);
     /// Registers the host side's descriptors with the worker threads' epoll
-    /// sets (one epoll fd per worker thread, in thread order). Called for
-    /// every frontend, before it is served.
-    fn attach_workers(&self, epoll_fds: &[RawFd]);
+    /// sets (one per worker thread, in thread order). Called for every
+    /// frontend, before it is served.
+    fn attach_workers(&self, workers: &[worker::Worker]);
     /// The backend request channel the frontend set up with
     /// `SET_BACKEND_REQ_FD`: a duplicate of the socket that
     /// `VhostUserBackend::set_backend_req_fd` receives next (wrapped in a
@@ -528,12 +529,12 @@ where
             Ok(backend.clone())
         },
         |daemon| {
-            let fds: Vec<RawFd> = daemon
+            let workers: Vec<worker::Worker> = daemon
                 .get_epoll_handlers()
-                .iter()
-                .map(|h| h.as_raw_fd())
+                .into_iter()
+                .map(|h| h as worker::Worker)
                 .collect();
-            backend.attach_workers(&fds);
+            backend.attach_workers(&workers);
             Ok(())
         },
         Some(hook),

@@ -6,7 +6,6 @@
 //! tests (`early_vring_enable_like_qemu`) repeat it against the real daemon.
 
 use std::io::{self, Read, Write};
-use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -96,7 +95,7 @@ impl PersistentBackend for Device {
         self.exit.close_all();
     }
 
-    fn attach_workers(&self, _epoll_fds: &[RawFd]) {}
+    fn attach_workers(&self, _workers: &[mic_backend_common::worker::Worker]) {}
 }
 
 fn msg(req: u32, flags: u32, body: &[u8]) -> Vec<u8> {

@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -25,6 +25,7 @@ use std::sync::{Mutex, MutexGuard};
 use log::{debug, info, warn};
 use mic_backend_common::guest::{read_config, vring_ready, GuestMem, MemorySlot};
 use mic_backend_common::ring::RingGuards;
+use mic_backend_common::worker::Worker;
 use mic_backend_common::{PersistentBackend, WorkerExitEvents};
 use vhost::vhost_user::message::{BackendReq, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
@@ -569,15 +570,15 @@ impl PersistentBackend for ConsoleBackend {
 
     /// Registers the host side with the receive worker's epoll set. Called
     /// for every new frontend, with the epoll fds in worker order.
-    fn attach_workers(&self, epoll_fds: &[RawFd]) {
-        if let Some(fd) = epoll_fds.first() {
-            self.host().attach(*fd, self.nq() + 1);
+    fn attach_workers(&self, workers: &[Worker]) {
+        if let Some(w) = workers.first() {
+            self.host().attach(w.clone(), self.nq() + 1);
         }
         // The last worker watches the terminal size: the control queues'
         // with MULTIPORT, the transmitq's without.
         let watch_size = self.host().has_size();
         let worker = self.queues_per_thread().len() - 1;
-        if let (true, Some(fd)) = (watch_size, epoll_fds.get(worker)) {
+        if let (true, Some(w)) = (watch_size, workers.get(worker)) {
             let mut t = self.size_timer.lock().unwrap();
             if t.is_none() {
                 match TimerFd::new() {
@@ -591,12 +592,10 @@ impl PersistentBackend for ConsoleBackend {
                 }
             }
             if let Some(timer) = t.as_ref() {
-                let mut ev = libc::epoll_event {
-                    events: libc::EPOLLIN as u32,
-                    u64: self.nq() + 1 + EV_SIZE_TIMER,
-                };
-                // SAFETY: plain epoll_ctl on descriptors owned by this process.
-                unsafe { libc::epoll_ctl(*fd, libc::EPOLL_CTL_ADD, timer.as_raw_fd(), &mut ev) };
+                let id = self.nq() + 1 + EV_SIZE_TIMER;
+                if let Err(e) = w.register(timer.as_raw_fd(), EventSet::IN, id) {
+                    warn!("console size timer not watched: {e}");
+                }
             }
         }
     }

@@ -10,13 +10,14 @@
 //! frame dropped.
 
 use std::io;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use log::{debug, warn};
 use mic_backend_common::guest::{vring_ready, GuestMem, MemorySlot};
 use mic_backend_common::ring::RingGuards;
+use mic_backend_common::worker::Worker;
 use mic_backend_common::{PersistentBackend, WorkerExitEvents};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -449,25 +450,18 @@ impl VhostUserBackend for NetBackend {
 impl PersistentBackend for NetBackend {
     /// Registers the host ports with the workers' epoll sets (one epoll fd
     /// per worker thread, in thread order). Called for every new frontend.
-    fn attach_workers(&self, epoll_fds: &[RawFd]) {
+    fn attach_workers(&self, workers: &[Worker]) {
         let ev = self.host_event();
-        for (i, epfd) in epoll_fds.iter().enumerate().take(self.queue_pairs) {
+        for (i, w) in workers.iter().enumerate().take(self.queue_pairs) {
             let mut st = self.pair(i);
             match &mut st.host {
                 HostPort::Tap(t) => {
-                    let mut e = libc::epoll_event {
-                        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
-                        u64: ev,
-                    };
-                    // SAFETY: plain epoll_ctl on descriptors owned by this process.
-                    let r = unsafe {
-                        libc::epoll_ctl(*epfd, libc::EPOLL_CTL_ADD, t.as_raw_fd(), &mut e)
-                    };
-                    if r < 0 {
-                        warn!("cannot watch tap queue {i}: {}", io::Error::last_os_error());
+                    let events = EventSet::IN | EventSet::EDGE_TRIGGERED;
+                    if let Err(e) = w.register(t.as_raw_fd(), events, ev) {
+                        warn!("cannot watch tap queue {i}: {e}");
                     }
                 }
-                HostPort::Stream(s) => s.attach(*epfd, ev),
+                HostPort::Stream(s) => s.attach(w.clone(), ev),
             }
         }
     }
