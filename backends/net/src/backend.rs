@@ -10,6 +10,7 @@
 //! frame dropped.
 
 use std::io;
+use std::mem::offset_of;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -26,6 +27,7 @@ use virtio_bindings::bindings::virtio_net::*;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use vm_memory::ByteValued;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -42,6 +44,21 @@ pub const HDR_LEN_V1: usize = 12;
 pub const HDR_LEN_LEGACY: usize = 10;
 /// Room for the largest packet plus its header.
 const BUF_LEN: usize = HDR_LEN_V1 + MAX_FRAME;
+
+/// Size of the configuration space we expose: mac, status,
+/// max_virtqueue_pairs and mtu (no `VIRTIO_NET_F_SPEED_DUPLEX`, RSS or hash
+/// reports).
+const CONFIG_LEN: usize = offset_of!(virtio_net_config, speed);
+
+/// `struct virtio_net_config` as bytes (`virtio-bindings` does not depend
+/// on `vm-memory`, so the `ByteValued` impl lives here).
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct ConfigSpace(virtio_net_config);
+
+// SAFETY: `virtio_net_config` is `repr(C, packed)` plain integers: no
+// padding, and every bit pattern is a valid value.
+unsafe impl ByteValued for ConfigSpace {}
 
 const fn bit(b: u32) -> u64 {
     1u64 << b
@@ -145,12 +162,15 @@ impl NetBackend {
         if queue_pairs > 1 {
             features |= bit(VIRTIO_NET_F_MQ);
         }
-        // struct virtio_net_config: mac, status, max_virtqueue_pairs, mtu.
-        let mut config = Vec::with_capacity(12);
-        config.extend_from_slice(&mac);
-        config.extend_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        config.extend_from_slice(&(queue_pairs as u16).to_le_bytes());
-        config.extend_from_slice(&mtu.to_le_bytes());
+        let config = ConfigSpace(virtio_net_config {
+            mac,
+            status: (VIRTIO_NET_S_LINK_UP as u16).to_le(),
+            max_virtqueue_pairs: (queue_pairs as u16).to_le(),
+            mtu: mtu.to_le(),
+            ..Default::default()
+        })
+        .as_slice()[..CONFIG_LEN]
+            .to_vec();
 
         let pairs = ports
             .into_iter()
