@@ -236,9 +236,14 @@ impl ConsoleBackend {
             return false;
         };
         // Header only: request, flags (protocol version 1), body size 0.
+        // Written by hand: `vhost` 0.18 keeps its message header type private
+        // and its `Backend` has no config-change request.
         let mut msg = [0u8; 12];
         msg[0..4].copy_from_slice(&u32::from(BackendReq::CONFIG_CHANGE_MSG).to_le_bytes());
         msg[4..8].copy_from_slice(&1u32.to_le_bytes());
+        // send(2) with MSG_DONTWAIT rather than a write on a non-blocking
+        // socket: the file description (and its O_NONBLOCK) is shared with
+        // the `Backend` the crate holds, which expects a blocking socket.
         // SAFETY: send(2) of a valid buffer on a socket we own.
         let n = unsafe {
             libc::send(

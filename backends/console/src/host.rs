@@ -55,6 +55,10 @@ fn set_nonblocking(fd: RawFd) -> io::Result<libc::c_int> {
     Ok(flags)
 }
 
+/// Puts a terminal in raw mode (`cfmakeraw`); returns the previous
+/// settings. Not `vmm_sys_util::terminal::Terminal::set_raw_mode`: that only
+/// clears `ICANON | ECHO | ISIG`, and a console passthrough also needs no
+/// output processing, no `IXON` flow control and 8-bit characters.
 fn make_raw(fd: RawFd) -> io::Result<libc::termios> {
     // SAFETY: termios is plain data; tcgetattr fills it.
     let mut t: libc::termios = unsafe { std::mem::zeroed() };
