@@ -7,10 +7,12 @@
 //! (`queues_per_thread`), and each worker owns reusable request buffers.
 
 use std::io;
+use std::mem::offset_of;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
+use mic_backend_common::ring::RingGuards;
 use mic_backend_common::WorkerExitEvents;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
@@ -18,7 +20,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -37,10 +39,21 @@ type GM = GuestMemoryAtomic<GuestMemoryMmap>;
 /// end of the batch.
 const EARLY_SIGNAL_BYTES: u64 = 32 << 10;
 
-/// Size of the virtio-blk configuration space we expose.
-pub const CONFIG_LEN: usize = 60;
-/// Offset of the `writeback` byte in the configuration space.
-pub const CONFIG_WRITEBACK_OFFSET: u32 = 32;
+/// Size of the virtio-blk configuration space we expose: everything before
+/// the secure-erase fields (no `VIRTIO_BLK_F_SECURE_ERASE`).
+pub const CONFIG_LEN: usize = offset_of!(virtio_blk_config, max_secure_erase_sectors);
+/// Offset of the `writeback` byte (`wce`) in the configuration space.
+pub const CONFIG_WRITEBACK_OFFSET: u32 = offset_of!(virtio_blk_config, wce) as u32;
+
+/// `struct virtio_blk_config` as bytes (`virtio-bindings` does not depend
+/// on `vm-memory`, so the `ByteValued` impl lives here).
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct ConfigSpace(virtio_blk_config);
+
+// SAFETY: `virtio_blk_config` is `repr(C, packed)` plain integers: no
+// padding, and every bit pattern is a valid value.
+unsafe impl ByteValued for ConfigSpace {}
 
 /// Device parameters shared by all connections.
 #[derive(Debug, Clone)]
@@ -72,6 +85,7 @@ struct Inner {
     scratch: Vec<Mutex<Scratch>>,
     pool: Option<IoPool>,
     exit: WorkerExitEvents,
+    guards: RingGuards,
 }
 
 const fn bit(b: u32) -> u64 {
@@ -84,6 +98,7 @@ impl BlkBackend {
         let scratch = (0..params.num_queues)
             .map(|_| Mutex::new(Scratch::default()))
             .collect();
+        let guards = RingGuards::new(usize::from(params.num_queues));
         let pool = match params.io_threads {
             0 => None,
             n => Some(IoPool::new(n)?),
@@ -99,6 +114,7 @@ impl BlkBackend {
                 scratch,
                 pool,
                 exit: WorkerExitEvents::new(),
+                guards,
             }),
         })
     }
@@ -138,27 +154,28 @@ impl BlkBackend {
         let p = &self.inner.params;
         let disk = &self.inner.disk;
         let bs = disk.block_size();
-        let mut c = [0u8; CONFIG_LEN];
-        c[0..8].copy_from_slice(&disk.sectors().to_le_bytes()); // capacity
-        let seg_max = u32::from(p.queue_size.saturating_sub(2).max(1)).min(SEG_MAX);
-        c[12..16].copy_from_slice(&seg_max.to_le_bytes()); // seg_max
-        c[20..24].copy_from_slice(&bs.to_le_bytes()); // blk_size
-        c[24] = 0; // physical_block_exp
-        c[25] = 0; // alignment_offset
-        c[26..28].copy_from_slice(&1u16.to_le_bytes()); // min_io_size (blocks)
-        c[28..32].copy_from_slice(&0u32.to_le_bytes()); // opt_io_size
-        c[32] = self.inner.writeback.load(Ordering::Relaxed) as u8; // writeback
-        c[34..36].copy_from_slice(&p.num_queues.to_le_bytes()); // num_queues
+        let mut c = virtio_blk_config {
+            capacity: disk.sectors().to_le(),
+            seg_max: u32::from(p.queue_size.saturating_sub(2).max(1))
+                .min(SEG_MAX)
+                .to_le(),
+            blk_size: bs.to_le(),
+            min_io_size: 1u16.to_le(), // in blocks
+            wce: u8::from(self.inner.writeback.load(Ordering::Relaxed)),
+            num_queues: p.num_queues.to_le(),
+            ..Default::default()
+        };
         if !disk.readonly() {
-            let align_sectors = bs / 512;
-            c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-            c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
-            c[44..48].copy_from_slice(&align_sectors.to_le_bytes());
-            c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-            c[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
-            c[56] = 1; // write_zeroes_may_unmap
+            c.max_discard_sectors = MAX_DISCARD_SECTORS.to_le();
+            c.max_discard_seg = MAX_DISCARD_SEG.to_le();
+            c.discard_sector_alignment = (bs / 512).to_le();
+            c.max_write_zeroes_sectors = MAX_DISCARD_SECTORS.to_le();
+            c.max_write_zeroes_seg = MAX_DISCARD_SEG.to_le();
+            c.write_zeroes_may_unmap = 1;
         }
-        c
+        let mut out = [0u8; CONFIG_LEN];
+        out.copy_from_slice(&ConfigSpace(c).as_slice()[..CONFIG_LEN]);
+        out
     }
 
     fn process_vring(&self, vring: &VringRwLock, thread_id: usize) {
@@ -180,20 +197,19 @@ impl BlkBackend {
         };
         let pool = self.inner.pool.as_ref();
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        // Each worker serves one queue: its thread index is the queue's.
+        let guard = self.inner.guards.get(thread_id);
         let mut state = vring.get_mut();
-        let mut empty_rounds = 0u32;
         loop {
             if event_idx {
                 let _ = state.get_queue_mut().disable_notification(mem);
             }
             let mut completed = false;
-            let mut popped = false;
             // The first large request of a batch is kept for this thread;
             // further large ones go to the helper pool.
             let mut local_large = None;
             let mut batch = None;
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
-                popped = true;
+            while let Some(chain) = guard.next(state.get_queue_mut(), mem) {
                 if let Some(pool) = pool {
                     let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
                     if bytes >= OFFLOAD_BYTES {
@@ -258,15 +274,9 @@ impl BlkBackend {
             // Re-enable notifications; loop if the driver added requests
             // in the meantime. A driver that moved the avail index to an
             // impossible value gets no further service (and no busy loop)
-            // until it kicks again.
-            match state.get_queue_mut().enable_notification(mem) {
-                Ok(true) if popped || empty_rounds == 0 => {
-                    if !popped {
-                        empty_rounds += 1;
-                    }
-                    continue;
-                }
-                _ => break,
+            // until the frontend resets the ring (see `RingGuard`).
+            if !guard.more(state.get_queue_mut(), mem) {
+                break;
             }
         }
     }
@@ -326,6 +336,13 @@ impl VhostUserBackend for BlkBackend {
 
     fn set_event_idx(&self, enabled: bool) {
         self.inner.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    /// The frontend stopped the ring (`GET_VRING_BASE`): a ring broken by
+    /// the driver is served again once the frontend sets it up anew.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        self.inner.guards.reset(queue_index);
+        Ok(())
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -401,11 +418,10 @@ impl VhostUserBackend for BlkBackend {
 mod tests {
     use super::*;
 
-    fn backend(readonly: bool) -> (BlkBackend, std::path::PathBuf) {
-        let dir =
-            std::env::temp_dir().join(format!("mic-blk-be-{}-{readonly}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("img");
+    fn backend(readonly: bool) -> (BlkBackend, vmm_sys_util::tempdir::TempDir) {
+        let prefix = std::env::temp_dir().join("mic-blk-be-");
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(prefix).unwrap();
+        let p = dir.as_path().join("img");
         std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
         let disk = Arc::new(Disk::open(&p, readonly, false).unwrap());
         (
@@ -435,6 +451,18 @@ mod tests {
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 3);
         assert_eq!(c[32], 1);
+        // The layout of `struct virtio_blk_config` (virtio 1.2, 5.2.4).
+        assert_eq!((CONFIG_LEN, CONFIG_WRITEBACK_OFFSET), (60, 32));
+        assert_eq!(
+            u32::from_le_bytes(c[36..40].try_into().unwrap()),
+            MAX_DISCARD_SECTORS
+        );
+        assert_eq!(
+            u32::from_le_bytes(c[40..44].try_into().unwrap()),
+            MAX_DISCARD_SEG
+        );
+        assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 1);
+        assert_eq!(c[56], 1, "write_zeroes_may_unmap");
         assert_eq!(b.queues_per_thread(), vec![1, 2, 4]);
         // Writethrough selection.
         assert!(b.writethrough(), "no FLUSH acked -> writethrough");
@@ -446,11 +474,11 @@ mod tests {
         assert!(b.set_config(0, &[1, 2, 3, 4]).is_err());
         // Reads past the config space are zero padded.
         assert_eq!(b.get_config(100, 8), vec![0; 8]);
-        std::fs::remove_dir_all(dir).unwrap();
+        drop(dir);
 
         let (ro, dir) = backend(true);
         assert!(ro.features() & bit(VIRTIO_BLK_F_RO) != 0);
         assert!(ro.features() & bit(VIRTIO_BLK_F_DISCARD) == 0);
-        std::fs::remove_dir_all(dir).unwrap();
+        drop(dir);
     }
 }

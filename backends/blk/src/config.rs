@@ -14,7 +14,7 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Largest number of queues (one worker thread per queue; queue masks are u64).
 pub const MAX_QUEUES: u16 = 64;
 /// Length of a virtio-blk device ID (`VIRTIO_BLK_T_GET_ID`).
-pub const SERIAL_LEN: usize = 20;
+pub const SERIAL_LEN: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 /// Largest number of I/O helper threads.
 pub const MAX_IO_THREADS: usize = 64;
 /// Default maximum queue size: the split-ring limit stock frontends use

@@ -390,9 +390,9 @@ mod tests {
 
     #[test]
     fn vectored_roundtrip_and_ranges() {
-        let dir = std::env::temp_dir().join(format!("mic-blk-disk-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("img");
+        let prefix = std::env::temp_dir().join("mic-blk-disk-");
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(prefix).unwrap();
+        let p = dir.as_path().join("img");
         std::fs::write(&p, vec![0u8; 8192 + 100]).unwrap();
         let d = Disk::open(&p, false, false).unwrap();
         assert_eq!(d.size(), 8192);
@@ -416,7 +416,7 @@ mod tests {
         drop(d);
         let ro = Disk::open(&p, true, false).unwrap();
         assert!(ro.write_vectored_at(&mut [iov(&mut a)], 0).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
+        drop(dir);
     }
 
     #[test]

@@ -14,33 +14,20 @@
 use std::io;
 
 use log::{debug, warn};
+use virtio_bindings::virtio_blk::{
+    self, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::disk::{AlignedBuf, Disk, SECTOR_SIZE};
 
-/// Read sectors (device -> driver).
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-/// Write sectors (driver -> device).
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-/// Flush the write cache.
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-/// Get the device ID string.
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-/// Discard ranges.
-pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
-/// Write zeroes to ranges.
-pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+// Status bytes (a `u8` in the request's last descriptor).
+const VIRTIO_BLK_S_OK: u8 = virtio_blk::VIRTIO_BLK_S_OK as u8;
+const VIRTIO_BLK_S_IOERR: u8 = virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+const VIRTIO_BLK_S_UNSUPP: u8 = virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
-/// Success.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-/// I/O error (also: malformed request).
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-/// Unsupported request.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
-
-/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`.
-pub const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 /// Largest number of segments in one discard/write-zeroes request.
 pub const MAX_DISCARD_SEG: u32 = 32;
 /// Largest number of sectors in one discard/write-zeroes segment.
@@ -465,7 +452,7 @@ fn discard_or_zero<M: GuestMemoryBackend + ?Sized>(
         let num = u32::from_le_bytes(seg[8..12].try_into().unwrap());
         let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
         let allowed = if rtype == VIRTIO_BLK_T_WRITE_ZEROES {
-            WRITE_ZEROES_FLAG_UNMAP
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
         } else {
             0
         };
@@ -482,7 +469,7 @@ fn discard_or_zero<M: GuestMemoryBackend + ?Sized>(
         if !ctx.disk.check_range(off, len) {
             return VIRTIO_BLK_S_IOERR;
         }
-        *r = (off, len, flags & WRITE_ZEROES_FLAG_UNMAP != 0);
+        *r = (off, len, flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0);
     }
     for &(off, len, unmap) in &ranges[..count] {
         if len == 0 {
@@ -522,15 +509,11 @@ mod tests {
     const W: u16 = 2;
     const N: u16 = 1;
 
-    fn setup() -> (GuestMemoryMmap, Disk, std::path::PathBuf) {
+    fn setup() -> (GuestMemoryMmap, Disk, vmm_sys_util::tempdir::TempDir) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let dir = std::env::temp_dir().join(format!(
-            "mic-blk-req-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("img");
+        let prefix = std::env::temp_dir().join("mic-blk-req-");
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(prefix).unwrap();
+        let p = dir.as_path().join("img");
         std::fs::write(&p, vec![0xeeu8; 64 * 512]).unwrap();
         let disk = Disk::open(&p, false, false).unwrap();
         (mem, disk, dir)
@@ -595,7 +578,7 @@ mod tests {
         let mut tail = vec![0u8; 512];
         mem.read_slice(&mut tail, GuestAddress(0x5000)).unwrap();
         assert!(tail.iter().all(|&b| b == 0xee));
-        std::fs::remove_dir_all(dir).unwrap();
+        drop(dir);
     }
 
     #[test]
@@ -690,12 +673,12 @@ mod tests {
         // Image untouched.
         let mut f = vec![0u8; 64 * 512];
         std::os::unix::fs::FileExt::read_exact_at(
-            &std::fs::File::open(dir.join("img")).unwrap(),
+            &std::fs::File::open(dir.as_path().join("img")).unwrap(),
             &mut f,
             0,
         )
         .unwrap();
         assert!(f.iter().all(|&b| b == 0xee));
-        std::fs::remove_dir_all(dir).unwrap();
+        drop(dir);
     }
 }

@@ -93,7 +93,7 @@ fn readonly_refuses_writes() {
     let _d = s.spawn(&["--readonly", "--num-queues", "1"]);
     let mut f = connect(&s, 1);
     assert!(
-        f.offered_features & (1 << 5) != 0,
+        f.offered_features & (1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO) != 0,
         "VIRTIO_BLK_F_RO offered"
     );
     let q = &mut f.queues[0];

@@ -26,12 +26,17 @@
 //! `relay`) so that frontends that enable rings before `SET_FEATURES`, as
 //! QEMU's vhost-user net client does, are served; see that module.
 //!
-//! [`guest`] has guest-memory and virtqueue helpers for the devices.
+//! [`guest`] has guest-memory and virtqueue helpers for the devices, and
+//! [`ring`] the guard every device takes its chains through.
 
 #![deny(missing_docs)]
 
 pub mod guest;
 mod relay;
+pub mod ring;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
+pub mod worker;
 
 use std::fs;
 use std::io;
@@ -40,8 +45,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use log::{debug, error, info, warn};
 use relay::{ChannelHook, PrivateSocket, Relay};
@@ -53,6 +58,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::register_signal_handler;
 
 /// Errors reported by the shared daemon plumbing.
 #[derive(Debug, thiserror::Error)]
@@ -256,21 +263,21 @@ impl Drop for Endpoint {
     }
 }
 
-/// Write end of the shutdown eventfd, used by the signal handler.
-static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+/// The shutdown eventfd (a duplicate, kept for the process's lifetime)
+/// that the signal handler writes to.
+static SIGNAL_EVENT: OnceLock<EventFd> = OnceLock::new();
 
-extern "C" fn on_signal(_sig: libc::c_int) {
-    let fd = SIGNAL_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; the buffer is valid for 8 bytes.
-        unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+/// SIGINT/SIGTERM handler: only an atomic load and write(2), both
+/// async-signal-safe.
+extern "C" fn on_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    if let Some(ev) = SIGNAL_EVENT.get() {
+        let _ = ev.write(1);
     }
 }
 
 struct ShutdownInner {
     /// eventfd that becomes (and stays) readable once shutdown is requested.
-    event: fs::File,
+    event: EventFd,
     requested: AtomicBool,
     /// Handle of the connection being served, if any.
     active: Mutex<Option<ShutdownHandle>>,
@@ -288,13 +295,8 @@ pub struct Shutdown {
 impl Shutdown {
     /// Create a shutdown trigger without installing signal handlers.
     pub fn new() -> Result<Shutdown> {
-        // SAFETY: plain eventfd creation; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(Error::Shutdown(io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a freshly created eventfd that we own.
-        let event = unsafe { fs::File::from_raw_fd(fd) };
+        let event =
+            EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).map_err(Error::Shutdown)?;
         let shutdown = Shutdown {
             inner: Arc::new(ShutdownInner {
                 event,
@@ -312,47 +314,34 @@ impl Shutdown {
 
     /// Create a shutdown trigger and route SIGINT and SIGTERM to it.
     ///
-    /// Only one trigger per process should be installed.
+    /// Only one trigger per process can be installed; a second call fails.
+    ///
+    /// `vmm-sys-util` installs the handler without `SA_RESTART`: a system
+    /// call another thread is blocked in when the signal arrives may fail
+    /// with `EINTR`. That only happens as the daemon shuts down, and the
+    /// daemon loop's own waits retry.
     pub fn install() -> Result<Shutdown> {
         let shutdown = Shutdown::new()?;
-        // The handler writes to a dup so the fd stays valid for the process
-        // lifetime even if every `Shutdown` clone is dropped.
-        // SAFETY: dup of a valid fd; result checked.
-        let fd = unsafe { libc::dup(shutdown.inner.event.as_raw_fd()) };
-        if fd < 0 {
-            return Err(Error::Shutdown(io::Error::last_os_error()));
-        }
-        let old = SIGNAL_FD.swap(fd, Ordering::SeqCst);
-        if old >= 0 {
-            // SAFETY: `old` was a dup owned by this static.
-            unsafe { libc::close(old) };
-        }
+        // The handler writes to a duplicate, so that it stays valid even
+        // after every `Shutdown` clone is dropped.
+        let dup = shutdown.inner.event.try_clone().map_err(Error::Shutdown)?;
+        SIGNAL_EVENT.set(dup).map_err(|_| {
+            Error::Shutdown(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "signal handling is already installed",
+            ))
+        })?;
         for sig in [libc::SIGINT, libc::SIGTERM] {
-            // SAFETY: installing a handler that only calls write(2).
-            unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = on_signal as *const () as usize;
-                sa.sa_flags = libc::SA_RESTART;
-                libc::sigemptyset(&mut sa.sa_mask);
-                if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
-                    return Err(Error::Shutdown(io::Error::last_os_error()));
-                }
-            }
+            register_signal_handler(sig, on_signal)
+                .map_err(|e| Error::Shutdown(io::Error::from_raw_os_error(e.errno())))?;
         }
         Ok(shutdown)
     }
 
     /// Request shutdown (same effect as SIGTERM).
     pub fn request(&self) {
-        let one: u64 = 1;
-        // SAFETY: valid eventfd, 8-byte buffer.
-        unsafe {
-            libc::write(
-                self.inner.event.as_raw_fd(),
-                &one as *const u64 as *const libc::c_void,
-                8,
-            )
-        };
+        // Cannot fail short of overflowing the counter (2^64 - 2 requests).
+        let _ = self.inner.event.write(1);
     }
 
     /// Whether shutdown has been requested.
@@ -505,9 +494,9 @@ pub trait PersistentBackend {
     /// served, after the previous frontend's worker threads have been joined.
     fn new_frontend(&self);
     /// Registers the host side's descriptors with the worker threads' epoll
-    /// sets (one epoll fd per worker thread, in thread order). Called for
-    /// every frontend, before it is served.
-    fn attach_workers(&self, epoll_fds: &[RawFd]);
+    /// sets (one per worker thread, in thread order). Called for every
+    /// frontend, before it is served.
+    fn attach_workers(&self, workers: &[worker::Worker]);
     /// The backend request channel the frontend set up with
     /// `SET_BACKEND_REQ_FD`: a duplicate of the socket that
     /// `VhostUserBackend::set_backend_req_fd` receives next (wrapped in a
@@ -540,12 +529,12 @@ where
             Ok(backend.clone())
         },
         |daemon| {
-            let fds: Vec<RawFd> = daemon
+            let workers: Vec<worker::Worker> = daemon
                 .get_epoll_handlers()
-                .iter()
-                .map(|h| h.as_raw_fd())
+                .into_iter()
+                .map(|h| h as worker::Worker)
                 .collect();
-            backend.attach_workers(&fds);
+            backend.attach_workers(&workers);
             Ok(())
         },
         Some(hook),
@@ -682,11 +671,9 @@ mod tests {
         socket: SocketArgs,
     }
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("mic-common-{}-{}", tag, std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        d
+    fn tmpdir(tag: &str) -> vmm_sys_util::tempdir::TempDir {
+        let prefix = std::env::temp_dir().join(format!("mic-common-{tag}-"));
+        vmm_sys_util::tempdir::TempDir::new_with_prefix(prefix).unwrap()
     }
 
     #[test]
@@ -700,7 +687,7 @@ mod tests {
     #[test]
     fn listen_mode_0600_stale_replaced_live_refused() {
         let d = tmpdir("listen");
-        let p = d.join("s.sock");
+        let p = d.as_path().join("s.sock");
         // Stale socket: bound then dropped listener leaves the file behind.
         drop(UnixListener::bind(&p).unwrap());
         assert!(p.exists());
@@ -718,7 +705,6 @@ mod tests {
         fs::write(&p, b"data").unwrap();
         assert!(matches!(Endpoint::listen(&p), Err(Error::NotASocket(_))));
         assert_eq!(fs::read(&p).unwrap(), b"data");
-        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]

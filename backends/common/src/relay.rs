@@ -41,160 +41,171 @@
 //! `mic-net`'s integration tests (`early_vring_enable_like_qemu`) do the
 //! same against the real daemon.
 
-use std::fs;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use log::debug;
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserU64, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
+};
+use vm_memory::ByteValued;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use vmm_sys_util::tempdir::TempDir;
 
 use crate::poll_in;
 
-const HDR_LEN: usize = 12;
-const MAX_BODY: usize = 0x1000;
-const MAX_FDS: usize = 32;
-const SET_FEATURES: u32 = 2;
-const SET_VRING_ENABLE: u32 = 18;
-const SET_BACKEND_REQ_FD: u32 = 21;
-const FLAG_VERSION: u32 = 0x1;
-const FLAG_REPLY: u32 = 0x4;
-const FLAG_NEED_REPLY: u32 = 0x8;
+/// The vhost-user message header (vhost-user specification, "Message
+/// Specification"): request, flags, payload size, in native byte order.
+/// `vhost` 0.18 has this type (`VhostUserMsgHeader`) but keeps it private
+/// to the crate; the request codes and flags are its public ones.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    request: u32,
+    flags: u32,
+    size: u32,
+}
 
-/// One vhost-user message: header + body, and attached descriptors.
+// SAFETY: three `u32`s, no padding; any bit pattern is a valid value.
+unsafe impl ByteValued for Header {}
+
+const HDR_LEN: usize = std::mem::size_of::<Header>();
+/// Protocol version 1 in the flags' version bits.
+const VERSION_1: u32 = 0x1;
+
+impl Header {
+    fn new(request: FrontendReq, flags: VhostUserHeaderFlag, size: u32) -> Header {
+        Header {
+            request: request.into(),
+            flags: VERSION_1 | flags.bits(),
+            size,
+        }
+    }
+
+    /// The request, if it is one `vhost` knows.
+    fn request(&self) -> Option<FrontendReq> {
+        FrontendReq::try_from(self.request).ok()
+    }
+
+    fn need_reply(&self) -> bool {
+        self.flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0
+    }
+}
+
+/// One vhost-user message: header, body, and attached descriptors.
 struct Msg {
-    bytes: Vec<u8>,
+    hdr: Header,
+    body: Vec<u8>,
     fds: Vec<OwnedFd>,
 }
 
 impl Msg {
-    fn field(&self, i: usize) -> u32 {
-        u32::from_le_bytes(self.bytes[4 * i..4 * i + 4].try_into().unwrap())
-    }
-    fn request(&self) -> u32 {
-        self.field(0)
-    }
-    fn flags(&self) -> u32 {
-        self.field(1)
+    fn new(hdr: Header, body: &[u8]) -> Msg {
+        Msg {
+            hdr,
+            body: body.to_vec(),
+            fds: Vec::new(),
+        }
     }
 }
 
-/// Receives the header with its descriptors, then the body.
+fn io_error(e: vmm_sys_util::errno::Error) -> io::Error {
+    io::Error::from_raw_os_error(e.errno())
+}
+
+/// Receives the header with its descriptors, then the body; `None` when
+/// the peer closed the connection. (`ScmSocket` receives without
+/// `MSG_CMSG_CLOEXEC`; the daemons never exec, so nothing leaks.)
 fn recv_msg(sock: &UnixStream) -> io::Result<Option<Msg>> {
-    let mut hdr = [0u8; HDR_LEN];
+    let mut hdr = Header::default();
     let mut got = 0;
     let mut fds = Vec::new();
     while got < HDR_LEN {
-        let mut iov = libc::iovec {
-            iov_base: hdr[got..].as_mut_ptr().cast(),
-            iov_len: HDR_LEN - got,
+        let buf = &mut hdr.as_mut_slice()[got..];
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        let mut raw = [0 as RawFd; MAX_ATTACHED_FD_ENTRIES];
+        // SAFETY: the iovec covers the rest of `hdr`, plain bytes that any
+        // value may be written to.
+        let (n, nfds) = match unsafe { sock.recv_with_fds(&mut iov, &mut raw) } {
+            Ok(r) => r,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io_error(e)),
         };
-        // Room for MAX_FDS descriptors (u64 aligned).
-        let mut cbuf = [0u64; (MAX_FDS * 4 + 16) / 8 + 2];
-        // SAFETY: msghdr is plain data.
-        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-        mh.msg_iov = &mut iov;
-        mh.msg_iovlen = 1;
-        mh.msg_control = cbuf.as_mut_ptr().cast();
-        mh.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-        // SAFETY: msghdr points at live buffers.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        // SAFETY: walking the control messages recvmsg filled in.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(&mh);
-            while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                    let data = libc::CMSG_DATA(c) as *const RawFd;
-                    let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                    for i in 0..len / std::mem::size_of::<RawFd>() {
-                        fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                    }
-                }
-                c = libc::CMSG_NXTHDR(&mh, c);
-            }
-        }
+        // SAFETY: recv_with_fds passed these descriptors to us; nothing
+        // else owns them.
+        fds.extend(
+            raw[..nfds]
+                .iter()
+                .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) }),
+        );
         if n == 0 {
             return Ok(None);
         }
-        got += n as usize;
+        got += n;
     }
-    let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
-    if size > MAX_BODY {
+    let size = hdr.size as usize;
+    if size > MAX_MSG_SIZE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "message too large",
         ));
     }
-    let mut bytes = hdr.to_vec();
-    bytes.resize(HDR_LEN + size, 0);
-    (&*sock).read_exact(&mut bytes[HDR_LEN..])?;
-    Ok(Some(Msg { bytes, fds }))
+    let mut body = vec![0; size];
+    (&*sock).read_exact(&mut body)?;
+    Ok(Some(Msg { hdr, body, fds }))
 }
 
-/// Sends a message with its descriptors.
+/// Sends a message; its descriptors go with its first bytes.
 fn send_msg(sock: &UnixStream, msg: &Msg) -> io::Result<()> {
-    let mut sent = 0;
-    while sent < msg.bytes.len() {
-        let mut iov = libc::iovec {
-            iov_base: msg.bytes[sent..].as_ptr() as *mut libc::c_void,
-            iov_len: msg.bytes.len() - sent,
-        };
-        let mut cbuf = [0u64; (MAX_FDS * 4 + 16) / 8 + 2];
-        // SAFETY: msghdr is plain data.
-        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-        mh.msg_iov = &mut iov;
-        mh.msg_iovlen = 1;
-        if sent == 0 && !msg.fds.is_empty() {
-            let n = msg.fds.len().min(MAX_FDS);
-            // SAFETY: the control buffer is large enough for n descriptors.
-            unsafe {
-                let space = libc::CMSG_SPACE((n * std::mem::size_of::<RawFd>()) as u32);
-                mh.msg_control = cbuf.as_mut_ptr().cast();
-                mh.msg_controllen = space as _;
-                let c = libc::CMSG_FIRSTHDR(&mh);
-                (*c).cmsg_level = libc::SOL_SOCKET;
-                (*c).cmsg_type = libc::SCM_RIGHTS;
-                (*c).cmsg_len = libc::CMSG_LEN((n * std::mem::size_of::<RawFd>()) as u32) as _;
-                let data = libc::CMSG_DATA(c) as *mut RawFd;
-                for (i, fd) in msg.fds.iter().take(n).enumerate() {
-                    std::ptr::write_unaligned(data.add(i), fd.as_raw_fd());
-                }
-            }
+    let mut bytes = Vec::with_capacity(HDR_LEN + msg.body.len());
+    bytes.extend_from_slice(msg.hdr.as_slice());
+    bytes.extend_from_slice(&msg.body);
+    let fds: Vec<RawFd> = msg
+        .fds
+        .iter()
+        .take(MAX_ATTACHED_FD_ENTRIES)
+        .map(AsRawFd::as_raw_fd)
+        .collect();
+    let sent = loop {
+        match sock.send_with_fds(&[&bytes[..]], &fds) {
+            Ok(n) => break n,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io_error(e)),
         }
-        // SAFETY: msghdr points at live buffers.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &mh, libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        sent += n as usize;
-    }
-    Ok(())
+    };
+    // SIGPIPE: the process never dies of it, Rust's runtime ignores it.
+    (&*sock).write_all(&bytes[sent..])
 }
 
+/// SET_VRING_ENABLE as replayed after SET_FEATURES: same body, no reply.
 fn enable_msg(body: &[u8]) -> Msg {
-    let mut bytes = Vec::with_capacity(HDR_LEN + body.len());
-    bytes.extend_from_slice(&SET_VRING_ENABLE.to_le_bytes());
-    bytes.extend_from_slice(&FLAG_VERSION.to_le_bytes());
-    bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(body);
-    Msg {
-        bytes,
-        fds: Vec::new(),
-    }
+    Msg::new(
+        Header::new(
+            FrontendReq::SET_VRING_ENABLE,
+            VhostUserHeaderFlag::empty(),
+            body.len() as u32,
+        ),
+        body,
+    )
+}
+
+/// The success reply (`REPLY_ACK`: a u64 0) to a held SET_VRING_ENABLE.
+fn enable_ack() -> Msg {
+    let ok = VhostUserU64::new(0);
+    Msg::new(
+        Header::new(
+            FrontendReq::SET_VRING_ENABLE,
+            VhostUserHeaderFlag::REPLY,
+            std::mem::size_of::<VhostUserU64>() as u32,
+        ),
+        ok.as_slice(),
+    )
 }
 
 /// Receives a duplicate of the backend request channel's socket.
@@ -217,27 +228,15 @@ fn pump_requests(
         let Some(msg) = recv_msg(&front)? else {
             return Ok(());
         };
-        match msg.request() {
-            SET_VRING_ENABLE if !features_seen => {
+        match msg.hdr.request() {
+            Some(FrontendReq::SET_VRING_ENABLE) if !features_seen => {
                 debug!("holding SET_VRING_ENABLE received before SET_FEATURES");
-                if msg.flags() & FLAG_NEED_REPLY != 0 {
-                    let mut reply = Vec::with_capacity(HDR_LEN + 8);
-                    reply.extend_from_slice(&SET_VRING_ENABLE.to_le_bytes());
-                    reply.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
-                    reply.extend_from_slice(&8u32.to_le_bytes());
-                    reply.extend_from_slice(&0u64.to_le_bytes());
-                    let w = front_w.lock().unwrap();
-                    send_msg(
-                        &w,
-                        &Msg {
-                            bytes: reply,
-                            fds: Vec::new(),
-                        },
-                    )?;
+                if msg.hdr.need_reply() {
+                    send_msg(&front_w.lock().unwrap(), &enable_ack())?;
                 }
-                held.push(enable_msg(&msg.bytes[HDR_LEN..]));
+                held.push(enable_msg(&msg.body));
             }
-            SET_BACKEND_REQ_FD => {
+            Some(FrontendReq::SET_BACKEND_REQ_FD) => {
                 if let (Some(hook), [fd]) = (&channel_hook, &msg.fds[..]) {
                     match fd.try_clone() {
                         Ok(dup) => hook(UnixStream::from(dup)),
@@ -246,7 +245,7 @@ fn pump_requests(
                 }
                 send_msg(&back, &msg)?;
             }
-            SET_FEATURES => {
+            Some(FrontendReq::SET_FEATURES) => {
                 send_msg(&back, &msg)?;
                 features_seen = true;
                 for m in held.drain(..) {
@@ -281,38 +280,26 @@ fn pump_replies(back: UnixStream, front_w: Arc<Mutex<UnixStream>>) {
 }
 
 /// A private socket the daemon connects to, in a 0700 directory of its own
-/// (removed again when dropped).
+/// (`mkdtemp`; removed again when dropped).
 pub(crate) struct PrivateSocket {
-    dir: PathBuf,
     path: String,
     listener: UnixListener,
+    // Last: removed after the listener is closed.
+    _dir: TempDir,
 }
 
 impl PrivateSocket {
     /// Creates the directory and binds the socket; `name` prefixes the
     /// directory's name.
     pub(crate) fn new(name: &str) -> io::Result<PrivateSocket> {
-        let mut rnd = [0u8; 8];
-        // SAFETY: valid buffer.
-        unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) };
-        let dir = std::env::temp_dir().join(format!(
-            ".{name}-{}-{:016x}",
-            std::process::id(),
-            u64::from_ne_bytes(rnd)
-        ));
-        fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        let path = dir.join("vu.sock");
-        let listener = match UnixListener::bind(&path) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = fs::remove_dir(&dir);
-                return Err(e);
-            }
-        };
+        let prefix = std::env::temp_dir().join(format!(".{name}-{}-", std::process::id()));
+        let dir = TempDir::new_with_prefix(prefix).map_err(io_error)?;
+        let path = dir.as_path().join("vu.sock");
+        let listener = UnixListener::bind(&path)?;
         Ok(PrivateSocket {
-            dir,
             path: path.to_string_lossy().into_owned(),
             listener,
+            _dir: dir,
         })
     }
 
@@ -324,13 +311,6 @@ impl PrivateSocket {
     /// The daemon's end of the connection, once it has connected.
     pub(crate) fn accept(&self) -> io::Result<UnixStream> {
         self.listener.accept().map(|(s, _)| s)
-    }
-}
-
-impl Drop for PrivateSocket {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
-        let _ = fs::remove_dir(&self.dir);
     }
 }
 
@@ -373,7 +353,58 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+
+    // Wire values, from the vhost-user specification.
+    const SET_FEATURES: u32 = 2;
+    const SET_VRING_ENABLE: u32 = 18;
+    const SET_BACKEND_REQ_FD: u32 = 21;
+    const FLAG_VERSION: u32 = 0x1;
+    const FLAG_REPLY: u32 = 0x4;
+    const FLAG_NEED_REPLY: u32 = 0x8;
+
+    /// A message from its wire bytes.
+    fn parse(bytes: &[u8], fds: Vec<OwnedFd>) -> Msg {
+        let mut hdr = Header::default();
+        hdr.as_mut_slice().copy_from_slice(&bytes[..HDR_LEN]);
+        Msg {
+            hdr,
+            body: bytes[HDR_LEN..].to_vec(),
+            fds,
+        }
+    }
+
+    /// A message's wire bytes.
+    fn wire(m: &Msg) -> Vec<u8> {
+        let mut v = m.hdr.as_slice().to_vec();
+        v.extend_from_slice(&m.body);
+        v
+    }
+
+    #[test]
+    fn private_socket_directory_is_private_and_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let p = PrivateSocket::new("mic-relay-test").unwrap();
+        let path = std::path::PathBuf::from(p.path());
+        let dir = path.parent().unwrap().to_path_buf();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert!(path.exists());
+        drop(p);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn crate_codes_match_the_wire_values() {
+        assert_eq!(u32::from(FrontendReq::SET_FEATURES), SET_FEATURES);
+        assert_eq!(u32::from(FrontendReq::SET_VRING_ENABLE), SET_VRING_ENABLE);
+        assert_eq!(
+            u32::from(FrontendReq::SET_BACKEND_REQ_FD),
+            SET_BACKEND_REQ_FD
+        );
+        assert_eq!(VhostUserHeaderFlag::REPLY.bits(), FLAG_REPLY);
+        assert_eq!(VhostUserHeaderFlag::NEED_REPLY.bits(), FLAG_NEED_REPLY);
+        assert_eq!(HDR_LEN, 12);
+    }
 
     fn msg(req: u32, flags: u32, body: &[u8]) -> Vec<u8> {
         let mut v = req.to_le_bytes().to_vec();
@@ -438,14 +469,14 @@ mod tests {
             pump_requests(front, fw, back, sd_r.as_raw_fd(), Some(hook))
         });
         let (mut chan_front, chan_back) = UnixStream::pair().unwrap();
-        let m = Msg {
-            bytes: msg(SET_BACKEND_REQ_FD, FLAG_VERSION, &[]),
-            fds: vec![OwnedFd::from(chan_back)],
-        };
+        let m = parse(
+            &msg(SET_BACKEND_REQ_FD, FLAG_VERSION, &[]),
+            vec![OwnedFd::from(chan_back)],
+        );
         send_msg(&fe, &m).unwrap();
         // The message and its descriptor reach the daemon unchanged.
         let r = recv_msg(&be).unwrap().unwrap();
-        assert_eq!(r.bytes, m.bytes);
+        assert_eq!(wire(&r), wire(&m));
         assert_eq!(r.fds.len(), 1);
         // The hook's duplicate is the same channel.
         let mut dup = got.lock().unwrap().take().expect("hook called");
@@ -460,14 +491,14 @@ mod tests {
     #[test]
     fn descriptors_pass_through() {
         let (a, b) = UnixStream::pair().unwrap();
-        let f = fs::File::open("/dev/null").unwrap();
-        let m = Msg {
-            bytes: msg(13, FLAG_VERSION, &0u64.to_le_bytes()),
-            fds: vec![OwnedFd::from(f)],
-        };
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let m = parse(
+            &msg(13, FLAG_VERSION, &0u64.to_le_bytes()),
+            vec![OwnedFd::from(f)],
+        );
         send_msg(&a, &m).unwrap();
         let r = recv_msg(&b).unwrap().unwrap();
-        assert_eq!(r.bytes, m.bytes);
+        assert_eq!(wire(&r), wire(&m));
         assert_eq!(r.fds.len(), 1);
     }
 }

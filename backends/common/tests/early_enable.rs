@@ -6,7 +6,6 @@
 //! tests (`early_vring_enable_like_qemu`) repeat it against the real daemon.
 
 use std::io::{self, Read, Write};
-use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,21 +16,24 @@ use mic_backend_common::guest::GuestMem;
 use mic_backend_common::{
     serve_persistent, Endpoint, PersistentBackend, Shutdown, WorkerExitEvents,
 };
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-const VERSION_1: u64 = 1 << 32;
-const GET_FEATURES: u32 = 1;
-const SET_FEATURES: u32 = 2;
-const SET_OWNER: u32 = 3;
-const GET_PROTOCOL_FEATURES: u32 = 15;
-const SET_PROTOCOL_FEATURES: u32 = 16;
-const GET_QUEUE_NUM: u32 = 17;
-const SET_VRING_ENABLE: u32 = 18;
+const VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
+const SET_FEATURES: u32 = FrontendReq::SET_FEATURES as u32;
+const SET_OWNER: u32 = FrontendReq::SET_OWNER as u32;
+const GET_PROTOCOL_FEATURES: u32 = FrontendReq::GET_PROTOCOL_FEATURES as u32;
+const SET_PROTOCOL_FEATURES: u32 = FrontendReq::SET_PROTOCOL_FEATURES as u32;
+const GET_QUEUE_NUM: u32 = FrontendReq::GET_QUEUE_NUM as u32;
+const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
+/// Protocol version 1 in the header's version bits.
 const FLAG_VERSION: u32 = 0x1;
-const FLAG_NEED_REPLY: u32 = 0x8;
+const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 
 /// Two queues, no data path; counts frontends and remembers the features.
 #[derive(Default)]
@@ -93,7 +95,7 @@ impl PersistentBackend for Device {
         self.exit.close_all();
     }
 
-    fn attach_workers(&self, _epoll_fds: &[RawFd]) {}
+    fn attach_workers(&self, _workers: &[mic_backend_common::worker::Worker]) {}
 }
 
 fn msg(req: u32, flags: u32, body: &[u8]) -> Vec<u8> {
@@ -120,10 +122,9 @@ fn connect(path: &PathBuf) -> UnixStream {
 
 #[test]
 fn ring_enable_before_set_features_is_served() {
-    let dir = std::env::temp_dir().join(format!("mic-common-early-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("vu.sock");
+    let prefix = std::env::temp_dir().join("mic-common-early-");
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(prefix).unwrap();
+    let path = dir.as_path().join("vu.sock");
     let endpoint = Endpoint::listen(&path).unwrap();
     let shutdown = Shutdown::new().unwrap();
     let device = Arc::new(Device::default());
@@ -188,5 +189,4 @@ fn ring_enable_before_set_features_is_served() {
     daemon.join().unwrap().unwrap();
     drop(c);
     assert!(!path.exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -17,15 +17,15 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use log::{debug, info, warn};
-use mic_backend_common::guest::{
-    read_config, vring_ready, writable_segments, write_segments, GuestMem, MemorySlot,
-};
+use mic_backend_common::guest::{read_config, vring_ready, GuestMem, MemorySlot};
+use mic_backend_common::ring::RingGuards;
+use mic_backend_common::worker::Worker;
 use mic_backend_common::{PersistentBackend, WorkerExitEvents};
 use vhost::vhost_user::message::{BackendReq, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
@@ -34,35 +34,18 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::control::{
+    self, ctrl_msg, resize_msg, Control, CONSOLE_PORT, DEVICE_ADD, DEVICE_READY, F_EMERG_WRITE,
+    F_MULTIPORT, F_SIZE, PORT_OPEN, PORT_READY,
+};
 use crate::host::{Host, EV_INPUT, EV_LISTEN};
+use crate::{rxq, txq};
 
 type Vring = VringRwLock<GuestMem>;
-
-/// VIRTIO_CONSOLE_F_SIZE: console size in config space.
-pub const F_SIZE: u32 = 0;
-/// VIRTIO_CONSOLE_F_MULTIPORT: control queues and several ports.
-pub const F_MULTIPORT: u32 = 1;
-/// VIRTIO_CONSOLE_F_EMERG_WRITE: emergency write through config space.
-pub const F_EMERG_WRITE: u32 = 2;
-
-/// Control event: driver is ready (driver to device).
-pub const DEVICE_READY: u16 = 0;
-/// Control event: a port was added (device to driver).
-pub const DEVICE_ADD: u16 = 1;
-/// Control event: port is ready (driver to device).
-pub const PORT_READY: u16 = 3;
-/// Control event: port is a console (device to driver).
-pub const CONSOLE_PORT: u16 = 4;
-/// Control event: console resize (device to driver).
-pub const RESIZE: u16 = 5;
-/// Control event: port opened or closed (both directions).
-pub const PORT_OPEN: u16 = 6;
 
 /// Largest control message accepted from the driver.
 const MAX_CTRL: usize = 64;
@@ -130,91 +113,16 @@ pub struct ConsoleBackend {
     acked: AtomicU64,
     mem: MemorySlot,
     exit: WorkerExitEvents,
+    guards: RingGuards,
     size_timer: Mutex<Option<TimerFd>>,
     channel: Mutex<RequestChannel>,
     /// Traffic counters.
     pub counters: Counters,
 }
 
-/// RESIZE for port 0. Linux reads rows before cols here.
-fn resize_msg(cols: u16, rows: u16) -> Vec<u8> {
-    let mut m = ctrl_msg(0, RESIZE, 0);
-    m.extend_from_slice(&rows.to_le_bytes());
-    m.extend_from_slice(&cols.to_le_bytes());
-    m
-}
-
-fn ctrl_msg(id: u32, event: u16, value: u16) -> Vec<u8> {
-    let mut m = Vec::with_capacity(8);
-    m.extend_from_slice(&id.to_le_bytes());
-    m.extend_from_slice(&event.to_le_bytes());
-    m.extend_from_slice(&value.to_le_bytes());
-    m
-}
-
-/// Copies a driver-to-device chain (readable descriptors only) into `buf`,
-/// at most `buf.len()` bytes. `None` for a malformed chain.
-fn read_chain(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    buf: &mut Vec<u8>,
-    max: usize,
-) -> Option<()> {
-    buf.clear();
-    let mut more = false;
-    for d in chain {
-        more = d.has_next();
-        if d.is_write_only() {
-            return None;
-        }
-        let len = d.len() as usize;
-        if len == 0 {
-            continue;
-        }
-        if !mem.check_range(d.addr(), len) || buf.len() + len > max {
-            return None;
-        }
-        let start = buf.len();
-        buf.resize(start + len, 0);
-        mem.read_slice(&mut buf[start..], d.addr()).ok()?;
-    }
-    (!more).then_some(())
-}
-
 fn signal(vr: &mut VringState<GuestMem>) -> io::Result<()> {
     if vr.needs_notification().unwrap_or(true) {
         vr.signal_used_queue()?;
-    }
-    Ok(())
-}
-
-/// Drains every driver-to-device chain of a queue: hands each chain's bytes
-/// to `each` (`None` for a malformed chain), returns it used with length 0,
-/// and signals the driver once at the end.
-fn drain_out(
-    mem: &GuestMemoryMmap,
-    vr: &mut VringState<GuestMem>,
-    max: usize,
-    mut each: impl FnMut(Option<&[u8]>, u16),
-) -> io::Result<()> {
-    let mut buf = Vec::new();
-    let mut used = false;
-    loop {
-        let _ = vr.disable_notification();
-        while let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let ok = read_chain(mem, chain, &mut buf, max).is_some();
-            each(ok.then_some(&buf[..]), head);
-            let _ = vr.add_used(head, 0);
-            used = true;
-        }
-        match vr.enable_notification() {
-            Ok(true) => continue,
-            _ => break,
-        }
-    }
-    if used {
-        signal(vr)?;
     }
     Ok(())
 }
@@ -255,6 +163,7 @@ impl ConsoleBackend {
             acked: AtomicU64::new(0),
             mem: MemorySlot::new(),
             exit: WorkerExitEvents::new(),
+            guards: RingGuards::new(if multiport { 4 } else { 2 }),
             counters: Counters::default(),
         }
     }
@@ -327,9 +236,14 @@ impl ConsoleBackend {
             return false;
         };
         // Header only: request, flags (protocol version 1), body size 0.
+        // Written by hand: `vhost` 0.18 keeps its message header type private
+        // and its `Backend` has no config-change request.
         let mut msg = [0u8; 12];
         msg[0..4].copy_from_slice(&u32::from(BackendReq::CONFIG_CHANGE_MSG).to_le_bytes());
         msg[4..8].copy_from_slice(&1u32.to_le_bytes());
+        // send(2) with MSG_DONTWAIT rather than a write on a non-blocking
+        // socket: the file description (and its O_NONBLOCK) is shared with
+        // the `Backend` the crate holds, which expects a blocking socket.
         // SAFETY: send(2) of a valid buffer on a socket we own.
         let n = unsafe {
             libc::send(
@@ -378,6 +292,7 @@ impl ConsoleBackend {
         if !vring_ready(vring) {
             return Ok(());
         }
+        let guard = self.guards.get(0);
         let mut rx = self.rx.lock().unwrap();
         let rx = &mut *rx;
         let mut vr = vring.get_mut();
@@ -392,26 +307,16 @@ impl ConsoleBackend {
                 rx.pending.extend_from_slice(&rx.buf[..n]);
                 rx.off = 0;
             }
-            let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(&*mem) else {
-                match vr.enable_notification() {
-                    Ok(true) => continue,
-                    _ => break,
-                }
-            };
-            let head = chain.head_index();
-            let n = match writable_segments(&mem, chain) {
-                Some(segs) => write_segments(&mem, &segs, &rx.pending[rx.off..]),
-                None => {
-                    self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
-                    0
-                }
-            };
-            rx.off += n;
-            self.counters
-                .rx_bytes
-                .fetch_add(n as u64, Ordering::Relaxed);
-            let _ = vr.add_used(head, n as u32);
-            used = true;
+            let f = rxq::fill(vr.get_queue_mut(), &mem, guard, &rx.pending[rx.off..]);
+            rx.off += f.written;
+            used |= f.used;
+            let c = &self.counters;
+            c.rx_bytes.fetch_add(f.written as u64, Ordering::Relaxed);
+            c.bad_chains.fetch_add(f.bad_chains, Ordering::Relaxed);
+            if rx.off < rx.pending.len() {
+                // Out of buffers: the rest waits for the next kick.
+                break;
+            }
         }
         if used {
             signal(&mut vr)?;
@@ -427,9 +332,11 @@ impl ConsoleBackend {
         if !vring_ready(vring) {
             return Ok(());
         }
-        drain_out(
+        let mut vr = vring.get_mut();
+        let used = txq::drain_out(
+            vr.get_queue_mut(),
             &mem,
-            &mut vring.get_mut(),
+            self.guards.get(1),
             TX_CHUNK,
             |bytes, head| match bytes {
                 Some(b) => {
@@ -443,7 +350,10 @@ impl ConsoleBackend {
                     self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
                 }
             },
-        )?;
+        );
+        if used {
+            signal(&mut vr)?;
+        }
         Ok(())
     }
 
@@ -454,55 +364,38 @@ impl ConsoleBackend {
         };
         let mut ctrl = self.ctrl.lock().unwrap();
         if vring_ready(c_ovq) {
-            drain_out(
+            let mut vr = c_ovq.get_mut();
+            let used = txq::drain_out(
+                vr.get_queue_mut(),
                 &mem,
-                &mut c_ovq.get_mut(),
+                self.guards.get(3),
                 MAX_CTRL,
-                |bytes, _| match bytes {
-                    Some(b) if b.len() >= 8 => {
-                        let id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        let event = u16::from_le_bytes([b[4], b[5]]);
-                        let value = u16::from_le_bytes([b[6], b[7]]);
-                        self.control_event(&mut ctrl, id, event, value);
-                    }
-                    _ => {
+                |bytes, _| match bytes.and_then(Control::parse) {
+                    Some(c) => self.control_event(&mut ctrl, c),
+                    None => {
                         self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
                     }
                 },
-            )?;
+            );
+            if used {
+                signal(&mut vr)?;
+            }
         }
         if vring_ready(c_ivq) && !ctrl.out.is_empty() {
             let mut vr = c_ivq.get_mut();
-            let mut used = false;
-            while let Some(msg) = ctrl.out.front() {
-                let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(&*mem) else {
-                    if let Ok(true) = vr.enable_notification() {
-                        continue;
-                    }
-                    break;
-                };
-                let head = chain.head_index();
-                match writable_segments(&mem, chain) {
-                    Some(segs) if segs.iter().map(|s| s.1).sum::<usize>() >= msg.len() => {
-                        let n = write_segments(&mem, &segs, msg);
-                        let _ = vr.add_used(head, n as u32);
-                        ctrl.out.pop_front();
-                    }
-                    _ => {
-                        self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
-                        let _ = vr.add_used(head, 0);
-                    }
-                }
-                used = true;
-            }
-            if used {
+            let sent = control::send(vr.get_queue_mut(), &mem, self.guards.get(2), &mut ctrl.out);
+            self.counters
+                .bad_chains
+                .fetch_add(sent.bad_chains, Ordering::Relaxed);
+            if sent.used {
                 signal(&mut vr)?;
             }
         }
         Ok(())
     }
 
-    fn control_event(&self, ctrl: &mut CtrlState, id: u32, event: u16, value: u16) {
+    fn control_event(&self, ctrl: &mut CtrlState, msg: Control) {
+        let Control { id, event, value } = msg;
         debug!("control: port {id} event {event} value {value}");
         match event {
             DEVICE_READY => {
@@ -591,6 +484,13 @@ impl VhostUserBackend for ConsoleBackend {
 
     fn set_event_idx(&self, _enabled: bool) {}
 
+    /// The frontend stopped the ring (`GET_VRING_BASE`): a ring broken by
+    /// the driver is served again once the frontend sets it up anew.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        self.guards.reset(queue_index);
+        Ok(())
+    }
+
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         read_config(&self.config(), offset, size)
     }
@@ -669,20 +569,21 @@ impl PersistentBackend for ConsoleBackend {
         *self.channel.lock().unwrap() = RequestChannel::default();
         self.acked.store(0, Ordering::Release);
         self.mem.clear();
+        self.guards.reset_all();
         self.exit.close_all();
     }
 
     /// Registers the host side with the receive worker's epoll set. Called
     /// for every new frontend, with the epoll fds in worker order.
-    fn attach_workers(&self, epoll_fds: &[RawFd]) {
-        if let Some(fd) = epoll_fds.first() {
-            self.host().attach(*fd, self.nq() + 1);
+    fn attach_workers(&self, workers: &[Worker]) {
+        if let Some(w) = workers.first() {
+            self.host().attach(w.clone(), self.nq() + 1);
         }
         // The last worker watches the terminal size: the control queues'
         // with MULTIPORT, the transmitq's without.
         let watch_size = self.host().has_size();
         let worker = self.queues_per_thread().len() - 1;
-        if let (true, Some(fd)) = (watch_size, epoll_fds.get(worker)) {
+        if let (true, Some(w)) = (watch_size, workers.get(worker)) {
             let mut t = self.size_timer.lock().unwrap();
             if t.is_none() {
                 match TimerFd::new() {
@@ -696,12 +597,10 @@ impl PersistentBackend for ConsoleBackend {
                 }
             }
             if let Some(timer) = t.as_ref() {
-                let mut ev = libc::epoll_event {
-                    events: libc::EPOLLIN as u32,
-                    u64: self.nq() + 1 + EV_SIZE_TIMER,
-                };
-                // SAFETY: plain epoll_ctl on descriptors owned by this process.
-                unsafe { libc::epoll_ctl(*fd, libc::EPOLL_CTL_ADD, timer.as_raw_fd(), &mut ev) };
+                let id = self.nq() + 1 + EV_SIZE_TIMER;
+                if let Err(e) = w.register(timer.as_raw_fd(), EventSet::IN, id) {
+                    warn!("console size timer not watched: {e}");
+                }
             }
         }
     }

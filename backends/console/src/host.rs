@@ -17,6 +17,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use log::{debug, info, warn};
+use mic_backend_common::worker::Worker;
+use vmm_sys_util::epoll::EventSet;
 
 use crate::config::ConsoleTarget;
 
@@ -28,16 +30,16 @@ pub const EV_INPUT: u64 = 0;
 /// Event id offset: new client on the unix socket.
 pub const EV_LISTEN: u64 = 1;
 
-fn epoll_add(epfd: RawFd, fd: RawFd, events: u32, id: u64) -> io::Result<()> {
-    if epfd < 0 {
-        return Ok(());
+/// Events of an input descriptor: data, or the other end hanging up.
+fn input_events() -> EventSet {
+    EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED
+}
+
+fn epoll_add(worker: Option<&Worker>, fd: RawFd, events: EventSet, id: u64) -> io::Result<()> {
+    match worker {
+        Some(w) => w.register(fd, events, id),
+        None => Ok(()),
     }
-    let mut ev = libc::epoll_event { events, u64: id };
-    // SAFETY: plain epoll_ctl on descriptors owned by this process.
-    if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<libc::c_int> {
@@ -53,6 +55,10 @@ fn set_nonblocking(fd: RawFd) -> io::Result<libc::c_int> {
     Ok(flags)
 }
 
+/// Puts a terminal in raw mode (`cfmakeraw`); returns the previous
+/// settings. Not `vmm_sys_util::terminal::Terminal::set_raw_mode`: that only
+/// clears `ICANON | ECHO | ISIG`, and a console passthrough also needs no
+/// output processing, no `IXON` flow control and 8-bit characters.
 fn make_raw(fd: RawFd) -> io::Result<libc::termios> {
     // SAFETY: termios is plain data; tcgetattr fills it.
     let mut t: libc::termios = unsafe { std::mem::zeroed() };
@@ -148,7 +154,8 @@ enum Kind {
 pub struct Host {
     kind: Kind,
     log: Option<File>,
-    epfd: RawFd,
+    /// The worker whose epoll set watches the input, while attached.
+    worker: Option<Worker>,
     base: u64,
 }
 
@@ -214,7 +221,7 @@ impl Host {
         Ok(Host {
             kind,
             log,
-            epfd: -1,
+            worker: None,
             base: 0,
         })
     }
@@ -251,12 +258,11 @@ impl Host {
 
     /// Registers the host descriptors with a worker's epoll set, with event
     /// ids `base + EV_*`.
-    pub fn attach(&mut self, epfd: RawFd, base: u64) {
-        self.epfd = epfd;
+    pub fn attach(&mut self, worker: Worker, base: u64) {
         self.base = base;
-        let ev = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        let w = Some(&worker);
         if let Some(fd) = self.input_fd() {
-            if let Err(e) = epoll_add(epfd, fd, ev, base + EV_INPUT) {
+            if let Err(e) = epoll_add(w, fd, input_events(), base + EV_INPUT) {
                 // Regular files (stdin < file) cannot be polled.
                 warn!("console input not watched: {e}");
                 if let Kind::Stdio(s) = &mut self.kind {
@@ -265,20 +271,16 @@ impl Host {
             }
         }
         if let Kind::Unix(u) = &self.kind {
-            if let Err(e) = epoll_add(
-                epfd,
-                u.listener.as_raw_fd(),
-                libc::EPOLLIN as u32,
-                base + EV_LISTEN,
-            ) {
+            if let Err(e) = epoll_add(w, u.listener.as_raw_fd(), EventSet::IN, base + EV_LISTEN) {
                 warn!("console listener not watched: {e}");
             }
         }
+        self.worker = Some(worker);
     }
 
     /// Forgets the epoll set (its worker is gone).
     pub fn detach(&mut self) {
-        self.epfd = -1;
+        self.worker = None;
     }
 
     /// Accepts a new client on the unix socket; it replaces the current one.
@@ -297,8 +299,10 @@ impl Host {
                     } else {
                         info!("console: client attached on {}", u.path.display());
                     }
-                    let ev = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-                    if let Err(e) = epoll_add(self.epfd, c.as_raw_fd(), ev, self.base + EV_INPUT) {
+                    let w = self.worker.as_ref();
+                    if let Err(e) =
+                        epoll_add(w, c.as_raw_fd(), input_events(), self.base + EV_INPUT)
+                    {
                         warn!("console client not watched: {e}");
                     }
                     u.client = Some(c);

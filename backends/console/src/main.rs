@@ -14,7 +14,10 @@ use mic_backend_common::{
 
 mod backend;
 mod config;
+mod control;
 mod host;
+mod rxq;
+mod txq;
 
 use backend::ConsoleBackend;
 use config::ConsoleConfig;

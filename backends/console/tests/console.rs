@@ -611,3 +611,91 @@ fn stdio_terminal_raw_mode_and_escape() {
     );
     assert!(!sock.exists());
 }
+
+/// Most CPU ticks (1/100 s) a daemon with nothing to do may use in one
+/// second. A spinning worker uses 100, and still well over 20 on a loaded
+/// two-core machine; an idle daemon uses 0 or 1.
+const IDLE_TICKS: u64 = 10;
+
+/// CPU ticks the daemon uses in one second.
+fn ticks_in_one_second(d: &Daemon) -> u64 {
+    let pid = d.child.id();
+    let t0 = vu_test::cpu_ticks(pid).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = vu_test::cpu_ticks(pid).unwrap() - t0;
+    eprintln!("daemon used {used} ticks in 1 s");
+    used
+}
+
+/// Attaches a client and waits until card output reaches it.
+fn attach_and_sync(fe: &mut TestFrontend, csock: &Path) -> UnixStream {
+    let mut c = attach(csock);
+    c.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let deadline = Instant::now() + T;
+    loop {
+        card_write(fe, 1, b"#");
+        let mut b = [0u8; 1];
+        if c.read_exact(&mut b).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "client never attached");
+    }
+    c.set_read_timeout(Some(T)).unwrap();
+    c
+}
+
+#[test]
+fn broken_transmit_and_control_rings_do_not_spin() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let (mut d, sock, csock) = unix_daemon(&dir, &[]);
+    let mut fe = connect(&sock, u64::MAX, 4);
+    assert_ne!(fe.acked_features & F_MULTIPORT, 0);
+    // DEVICE_READY: the device now has a message for the control
+    // receiveq, which has no buffers yet.
+    ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 0, 1));
+    for q in [2, 1, 3] {
+        fe.queues[q].corrupt_avail_idx(30000);
+        fe.queues[q].kick_always().unwrap();
+    }
+    let used = ticks_in_one_second(&d);
+    assert!(used < IDLE_TICKS, "daemon burnt {used} ticks in 1 s");
+    // The receiveq is still served.
+    let mut c = attach(&csock);
+    c.write_all(b"still").unwrap();
+    assert_eq!(card_read(&mut fe, 0, 5), b"still");
+    drop(c);
+    drop(fe);
+    // A new frontend gets every queue back.
+    let mut fe = connect(&sock, u64::MAX, 4);
+    ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 0, 1));
+    let m = ctrl_recv(&mut fe.queues[2], 1);
+    assert_eq!((m[0].0, m[0].1), (0, 1), "{m:?}");
+    let mut c = attach_and_sync(&mut fe, &csock);
+    card_write(&mut fe, 1, b"back");
+    assert_eq!(read_exactly(&mut c, 4), b"back");
+    assert!(d.alive());
+}
+
+#[test]
+fn broken_receive_ring_does_not_spin() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let (mut d, sock, csock) = unix_daemon(&dir, &[]);
+    let mut fe = connect(&sock, 0, 2);
+    let mut c = attach_and_sync(&mut fe, &csock);
+    fe.queues[0].corrupt_avail_idx(30000);
+    fe.queues[0].kick_always().unwrap();
+    // Host input makes the worker look at the broken ring.
+    c.write_all(b"abc").unwrap();
+    let used = ticks_in_one_second(&d);
+    assert!(used < IDLE_TICKS, "daemon burnt {used} ticks in 1 s");
+    // The transmitq is still served.
+    card_write(&mut fe, 1, b"out");
+    assert_eq!(read_exactly(&mut c, 3), b"out");
+    drop(fe);
+    // A new frontend gets the input that waited, then new input.
+    let mut fe = connect(&sock, 0, 2);
+    c.write_all(b"after").unwrap();
+    assert_eq!(card_read(&mut fe, 0, 8), b"abcafter");
+    assert!(d.alive());
+}

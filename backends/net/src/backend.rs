@@ -10,29 +10,31 @@
 //! frame dropped.
 
 use std::io;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::mem::offset_of;
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use log::{debug, warn};
-use mic_backend_common::guest::{
-    vring_ready, writable_segments, write_segments, GuestMem, MemorySlot, Segments,
-};
+use mic_backend_common::guest::{vring_ready, GuestMem, MemorySlot};
+use mic_backend_common::ring::RingGuards;
+use mic_backend_common::worker::Worker;
 use mic_backend_common::{PersistentBackend, WorkerExitEvents};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::*;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::ByteValued;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use crate::rxq::{self, RxOutcome};
 use crate::stream::{self, StreamPort, MAX_FRAME};
 use crate::tap::{TapQueue, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
+use crate::txq::{self, TxSink, MIN_FRAME};
 
 type Vring = VringRwLock<GuestMem>;
 
@@ -40,10 +42,23 @@ type Vring = VringRwLock<GuestMem>;
 pub const HDR_LEN_V1: usize = 12;
 /// Size of the legacy virtio-net header without MRG_RXBUF.
 pub const HDR_LEN_LEGACY: usize = 10;
-/// Smallest Ethernet frame accepted (a bare header).
-const MIN_FRAME: usize = 14;
 /// Room for the largest packet plus its header.
 const BUF_LEN: usize = HDR_LEN_V1 + MAX_FRAME;
+
+/// Size of the configuration space we expose: mac, status,
+/// max_virtqueue_pairs and mtu (no `VIRTIO_NET_F_SPEED_DUPLEX`, RSS or hash
+/// reports).
+const CONFIG_LEN: usize = offset_of!(virtio_net_config, speed);
+
+/// `struct virtio_net_config` as bytes (`virtio-bindings` does not depend
+/// on `vm-memory`, so the `ByteValued` impl lives here).
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct ConfigSpace(virtio_net_config);
+
+// SAFETY: `virtio_net_config` is `repr(C, packed)` plain integers: no
+// padding, and every bit pattern is a valid value.
+unsafe impl ByteValued for ConfigSpace {}
 
 const fn bit(b: u32) -> u64 {
     1u64 << b
@@ -57,17 +72,36 @@ pub enum HostPort {
     Stream(StreamPort),
 }
 
+impl TxSink for HostPort {
+    fn ready(&self) -> bool {
+        match self {
+            HostPort::Tap(_) => true,
+            HostPort::Stream(s) => !s.tx_blocked(),
+        }
+    }
+
+    fn send(&mut self, packet: &[u8], hdr_len: usize) -> bool {
+        match self {
+            HostPort::Tap(t) => match t.write_packet(packet) {
+                Ok(_) => true,
+                Err(e) => {
+                    debug!("tap write: {e}");
+                    false
+                }
+            },
+            HostPort::Stream(s) => {
+                s.send_frame(&packet[hdr_len..]);
+                true
+            }
+        }
+    }
+}
+
 struct PairState {
     host: HostPort,
     rx_frame: Vec<u8>,
     rx_pending: Option<usize>,
     tx_buf: Vec<u8>,
-}
-
-enum RxOutcome {
-    Delivered,
-    Dropped,
-    NoBuffers,
 }
 
 /// Traffic counters, for logging and tests.
@@ -94,6 +128,7 @@ pub struct NetBackend {
     event_idx: AtomicBool,
     mem: MemorySlot,
     exit: WorkerExitEvents,
+    guards: RingGuards,
     /// Traffic counters.
     pub counters: Counters,
 }
@@ -127,12 +162,15 @@ impl NetBackend {
         if queue_pairs > 1 {
             features |= bit(VIRTIO_NET_F_MQ);
         }
-        // struct virtio_net_config: mac, status, max_virtqueue_pairs, mtu.
-        let mut config = Vec::with_capacity(12);
-        config.extend_from_slice(&mac);
-        config.extend_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        config.extend_from_slice(&(queue_pairs as u16).to_le_bytes());
-        config.extend_from_slice(&mtu.to_le_bytes());
+        let config = ConfigSpace(virtio_net_config {
+            mac,
+            status: (VIRTIO_NET_S_LINK_UP as u16).to_le(),
+            max_virtqueue_pairs: (queue_pairs as u16).to_le(),
+            mtu: mtu.to_le(),
+            ..Default::default()
+        })
+        .as_slice()[..CONFIG_LEN]
+            .to_vec();
 
         let pairs = ports
             .into_iter()
@@ -155,6 +193,7 @@ impl NetBackend {
             event_idx: AtomicBool::new(false),
             mem: MemorySlot::new(),
             exit: WorkerExitEvents::new(),
+            guards: RingGuards::new(2 * queue_pairs),
             counters: Counters::default(),
         })
     }
@@ -244,7 +283,7 @@ impl NetBackend {
         }
     }
 
-    fn process_rx(&self, st: &mut PairState, vring: &Vring) -> io::Result<()> {
+    fn process_rx(&self, pair: usize, st: &mut PairState, vring: &Vring) -> io::Result<()> {
         let hdr_len = self.hdr_len();
         let Some(mem) = self.mem.get() else {
             return Ok(());
@@ -255,8 +294,10 @@ impl NetBackend {
             // queue runs this again.
             return Ok(());
         }
+        let guard = self.guards.get(2 * pair);
         let mrg = self.acked() & bit(VIRTIO_NET_F_MRG_RXBUF) != 0;
         let mut vr = vring.get_mut();
+        let q = vr.get_queue_mut();
         let mut used_any = false;
         loop {
             let len = match st.rx_pending {
@@ -267,7 +308,8 @@ impl NetBackend {
                 },
             };
             st.rx_pending = Some(len);
-            let (outcome, used) = deliver(&mut vr, &mem, &mut st.rx_frame[..len], mrg, hdr_len);
+            let (outcome, used) =
+                rxq::deliver(q, &mem, guard, &mut st.rx_frame[..len], mrg, hdr_len);
             used_any |= used;
             match outcome {
                 RxOutcome::Delivered => {
@@ -278,16 +320,11 @@ impl NetBackend {
                     st.rx_pending = None;
                     self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
                 }
-                RxOutcome::NoBuffers => {
+                RxOutcome::NoBuffers { seen } => {
                     // Ask for a kick when buffers arrive; go on if some
-                    // arrived in the meantime.
-                    match vr.enable_notification() {
-                        Ok(true) => continue,
-                        Ok(false) => break,
-                        Err(e) => {
-                            debug!("rx enable_notification: {e}");
-                            break;
-                        }
+                    // arrived in the meantime. The frame stays pending.
+                    if !guard.notify_on_new_chains(q, &mem, seen) {
+                        break;
                     }
                 }
             }
@@ -298,7 +335,7 @@ impl NetBackend {
         Ok(())
     }
 
-    fn process_tx(&self, st: &mut PairState, vring: &Vring) -> io::Result<()> {
+    fn process_tx(&self, pair: usize, st: &mut PairState, vring: &Vring) -> io::Result<()> {
         let Some(mem) = self.mem.get() else {
             return Ok(());
         };
@@ -307,168 +344,23 @@ impl NetBackend {
         }
         let hdr_len = self.hdr_len();
         let mut vr = vring.get_mut();
-        let mut used_any = false;
-        'outer: loop {
-            let _ = vr.disable_notification();
-            loop {
-                if let HostPort::Stream(s) = &st.host {
-                    if s.tx_blocked() {
-                        // Resumed when the socket drains.
-                        break 'outer;
-                    }
-                }
-                let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(&*mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                match read_tx_chain(&mem, chain, &mut st.tx_buf) {
-                    Some(n) if n >= hdr_len + MIN_FRAME => {
-                        let pkt = &st.tx_buf[..n];
-                        match &mut st.host {
-                            HostPort::Tap(t) => {
-                                if let Err(e) = t.write_packet(pkt) {
-                                    debug!("tap write: {e}");
-                                    self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
-                                } else {
-                                    self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            HostPort::Stream(s) => {
-                                s.send_frame(&pkt[hdr_len..]);
-                                self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    }
-                    _ => {
-                        debug!("tx: dropping malformed chain {head}");
-                        self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                if let Err(e) = vr.add_used(head, 0) {
-                    debug!("tx add_used: {e}");
-                }
-                used_any = true;
-            }
-            match vr.enable_notification() {
-                Ok(true) => continue,
-                _ => break,
-            }
-        }
-        let _ = vr.enable_notification();
-        if used_any && vr.needs_notification().unwrap_or(true) {
+        let tally = txq::drain(
+            vr.get_queue_mut(),
+            &mem,
+            self.guards.get(2 * pair + 1),
+            &mut st.tx_buf,
+            hdr_len,
+            &mut st.host,
+        );
+        let c = &self.counters;
+        c.tx_frames.fetch_add(tally.sent, Ordering::Relaxed);
+        c.tx_dropped
+            .fetch_add(tally.lost + tally.malformed, Ordering::Relaxed);
+        if tally.used && vr.needs_notification().unwrap_or(true) {
             vr.signal_used_queue()?;
         }
         Ok(())
     }
-}
-
-/// Places one packet (header + frame) in the RX ring. Returns the outcome
-/// and whether any used entry was added.
-fn deliver(
-    vr: &mut VringState<GuestMem>,
-    mem: &GuestMemoryMmap,
-    data: &mut [u8],
-    mrg: bool,
-    hdr_len: usize,
-) -> (RxOutcome, bool) {
-    let mut used = false;
-    if !mrg {
-        loop {
-            let q = vr.get_queue_mut();
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
-                return (RxOutcome::NoBuffers, used);
-            };
-            let head = chain.head_index();
-            let Some(segs) = writable_segments(mem, chain) else {
-                let _ = q.add_used(mem, head, 0);
-                used = true;
-                continue;
-            };
-            let cap: usize = segs.iter().map(|s| s.1).sum();
-            if cap < data.len() {
-                // Buffer too small for this frame: keep the buffer.
-                q.go_to_previous_position();
-                return (RxOutcome::Dropped, used);
-            }
-            if hdr_len == HDR_LEN_V1 {
-                data[10..12].copy_from_slice(&1u16.to_le_bytes());
-            }
-            let n = write_segments(mem, &segs, data);
-            let _ = q.add_used(mem, head, n as u32);
-            return (RxOutcome::Delivered, true);
-        }
-    }
-    // Mergeable buffers: gather chains until the packet fits.
-    let q = vr.get_queue_mut();
-    let mut chains: Vec<(u16, Option<Segments>)> = Vec::new();
-    let mut cap = 0usize;
-    while cap < data.len() {
-        match q.pop_descriptor_chain(mem) {
-            None => {
-                for _ in 0..chains.len() {
-                    q.go_to_previous_position();
-                }
-                return (RxOutcome::NoBuffers, used);
-            }
-            Some(chain) => {
-                let head = chain.head_index();
-                let segs = writable_segments(mem, chain);
-                if segs.is_none() && chains.is_empty() {
-                    // A malformed buffer at the front goes back unused.
-                    let _ = q.add_used(mem, head, 0);
-                    used = true;
-                    continue;
-                }
-                if let Some(s) = &segs {
-                    cap += s.iter().map(|s| s.1).sum::<usize>();
-                }
-                chains.push((head, segs));
-            }
-        }
-    }
-    let nbufs = chains.iter().filter(|c| c.1.is_some()).count() as u16;
-    data[10..12].copy_from_slice(&nbufs.to_le_bytes());
-    for (head, segs) in &chains {
-        if segs.is_none() {
-            let _ = q.add_used(mem, *head, 0);
-        }
-    }
-    let mut off = 0;
-    for (head, segs) in &chains {
-        if let Some(segs) = segs {
-            let n = write_segments(mem, segs, &data[off..]);
-            off += n;
-            let _ = q.add_used(mem, *head, n as u32);
-        }
-    }
-    (RxOutcome::Delivered, true)
-}
-
-/// Copies a TX chain into `buf`; `None` if the chain is malformed (writable
-/// descriptor, outside guest memory, or larger than `buf`).
-fn read_tx_chain(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    buf: &mut [u8],
-) -> Option<usize> {
-    let mut off = 0usize;
-    let mut more = false;
-    for d in chain {
-        more = d.has_next();
-        if d.is_write_only() {
-            return None;
-        }
-        let len = d.len() as usize;
-        let end = off.checked_add(len)?;
-        if end > buf.len() {
-            return None;
-        }
-        if len > 0 {
-            mem.read_slice(&mut buf[off..end], d.addr()).ok()?;
-        }
-        off = end;
-    }
-    (!more).then_some(off)
 }
 
 impl VhostUserBackend for NetBackend {
@@ -509,6 +401,13 @@ impl VhostUserBackend for NetBackend {
         self.event_idx.store(enabled, Ordering::Release);
     }
 
+    /// The frontend stopped the ring (`GET_VRING_BASE`): a ring broken by
+    /// the driver is served again once the frontend sets it up anew.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        self.guards.reset(queue_index);
+        Ok(())
+    }
+
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         mic_backend_common::guest::read_config(&self.config, offset, size)
     }
@@ -541,25 +440,25 @@ impl VhostUserBackend for NetBackend {
         let mut st = self.pair(thread_id);
         let st = &mut *st;
         match ev {
-            0 => self.process_rx(st, &vrings[0])?,
-            1 => self.process_tx(st, &vrings[1])?,
+            0 => self.process_rx(thread_id, st, &vrings[0])?,
+            1 => self.process_tx(thread_id, st, &vrings[1])?,
             e if e == host => {
                 if let HostPort::Stream(s) = &mut st.host {
                     if evset.contains(EventSet::OUT) {
                         s.flush();
                     }
-                    self.process_rx(st, &vrings[0])?;
-                    self.process_tx(st, &vrings[1])?;
+                    self.process_rx(thread_id, st, &vrings[0])?;
+                    self.process_tx(thread_id, st, &vrings[1])?;
                 } else {
-                    self.process_rx(st, &vrings[0])?;
+                    self.process_rx(thread_id, st, &vrings[0])?;
                 }
             }
             e if e > host => {
                 if let HostPort::Stream(s) = &mut st.host {
                     s.handle_control_event(e - host);
                     let _ = stream::EV_CONN;
-                    self.process_rx(st, &vrings[0])?;
-                    self.process_tx(st, &vrings[1])?;
+                    self.process_rx(thread_id, st, &vrings[0])?;
+                    self.process_tx(thread_id, st, &vrings[1])?;
                 }
             }
             _ => warn!("unexpected event {device_event}"),
@@ -571,25 +470,18 @@ impl VhostUserBackend for NetBackend {
 impl PersistentBackend for NetBackend {
     /// Registers the host ports with the workers' epoll sets (one epoll fd
     /// per worker thread, in thread order). Called for every new frontend.
-    fn attach_workers(&self, epoll_fds: &[RawFd]) {
+    fn attach_workers(&self, workers: &[Worker]) {
         let ev = self.host_event();
-        for (i, epfd) in epoll_fds.iter().enumerate().take(self.queue_pairs) {
+        for (i, w) in workers.iter().enumerate().take(self.queue_pairs) {
             let mut st = self.pair(i);
             match &mut st.host {
                 HostPort::Tap(t) => {
-                    let mut e = libc::epoll_event {
-                        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
-                        u64: ev,
-                    };
-                    // SAFETY: plain epoll_ctl on descriptors owned by this process.
-                    let r = unsafe {
-                        libc::epoll_ctl(*epfd, libc::EPOLL_CTL_ADD, t.as_raw_fd(), &mut e)
-                    };
-                    if r < 0 {
-                        warn!("cannot watch tap queue {i}: {}", io::Error::last_os_error());
+                    let events = EventSet::IN | EventSet::EDGE_TRIGGERED;
+                    if let Err(e) = w.register(t.as_raw_fd(), events, ev) {
+                        warn!("cannot watch tap queue {i}: {e}");
                     }
                 }
-                HostPort::Stream(s) => s.attach(*epfd, ev),
+                HostPort::Stream(s) => s.attach(w.clone(), ev),
             }
         }
     }
@@ -616,6 +508,7 @@ impl PersistentBackend for NetBackend {
         // Until the next SET_FEATURES: no offloads, the legacy header.
         self.apply_tap_features(0);
         self.mem.clear();
+        self.guards.reset_all();
         self.exit.close_all();
     }
 }

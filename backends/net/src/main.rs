@@ -14,8 +14,10 @@ use mic_backend_common::{
 
 mod backend;
 mod config;
+mod rxq;
 mod stream;
 mod tap;
+mod txq;
 
 use backend::{HostPort, NetBackend};
 use config::{format_mac, NetConfig, NetTransport};

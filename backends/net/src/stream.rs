@@ -17,6 +17,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 use log::{debug, info, warn};
+use mic_backend_common::worker::Worker;
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::config::StreamAddr;
@@ -69,15 +71,16 @@ impl Listener {
     }
 }
 
-fn epoll_add(epfd: RawFd, fd: RawFd, events: u32, id: u64) {
-    if epfd < 0 {
-        return;
-    }
-    let mut ev = libc::epoll_event { events, u64: id };
-    // SAFETY: plain epoll_ctl on descriptors owned by this process.
-    let ret = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
-    if ret < 0 {
-        warn!("epoll_ctl add: {}", io::Error::last_os_error());
+/// Events of the connection: data, room to write, the peer hanging up.
+fn conn_events() -> EventSet {
+    EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED
+}
+
+fn epoll_add(worker: Option<&Worker>, fd: RawFd, events: EventSet, id: u64) {
+    if let Some(w) = worker {
+        if let Err(e) = w.register(fd, events, id) {
+            warn!("stream: cannot watch descriptor {fd}: {e}");
+        }
     }
 }
 
@@ -92,7 +95,8 @@ pub struct StreamPort {
     rlen: usize,
     wbuf: Vec<u8>,
     wpos: usize,
-    epfd: RawFd,
+    /// The worker whose epoll set watches the port, while attached.
+    worker: Option<Worker>,
     base: u64,
 }
 
@@ -112,7 +116,7 @@ impl StreamPort {
             rlen: 0,
             wbuf: Vec::new(),
             wpos: 0,
-            epfd: -1,
+            worker: None,
             base: 0,
         };
         if listen {
@@ -188,9 +192,9 @@ impl StreamPort {
         self.wbuf.clear();
         self.wpos = 0;
         epoll_add(
-            self.epfd,
+            self.worker.as_ref(),
             conn.as_raw_fd(),
-            (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            conn_events(),
             self.base + EV_CONN,
         );
         self.conn = Some(conn);
@@ -220,28 +224,24 @@ impl StreamPort {
 
     /// Registers the port's descriptors with a worker's epoll set, using
     /// event ids `base + EV_*`.
-    pub fn attach(&mut self, epfd: RawFd, base: u64) {
-        self.epfd = epfd;
+    pub fn attach(&mut self, worker: Worker, base: u64) {
         self.base = base;
+        let w = Some(&worker);
         if let Some(c) = &self.conn {
-            epoll_add(
-                epfd,
-                c.as_raw_fd(),
-                (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-                base + EV_CONN,
-            );
+            epoll_add(w, c.as_raw_fd(), conn_events(), base + EV_CONN);
         }
         if let Some(l) = &self.listener {
-            epoll_add(epfd, l.fd(), libc::EPOLLIN as u32, base + EV_LISTEN);
+            epoll_add(w, l.fd(), EventSet::IN, base + EV_LISTEN);
         }
         if let Some(t) = &self.timer {
-            epoll_add(epfd, t.as_raw_fd(), libc::EPOLLIN as u32, base + EV_TIMER);
+            epoll_add(w, t.as_raw_fd(), EventSet::IN, base + EV_TIMER);
         }
+        self.worker = Some(worker);
     }
 
     /// Forgets the epoll set (its worker is gone).
     pub fn detach(&mut self) {
-        self.epfd = -1;
+        self.worker = None;
     }
 
     /// Whether a peer is connected.
@@ -399,9 +399,12 @@ mod tests {
     use super::*;
 
     fn pair() -> (StreamPort, UnixStream) {
-        let dir = std::env::temp_dir().join(format!("mic-net-stream-{}", std::process::id()));
-        let _ = fs::create_dir_all(&dir);
-        let path = dir.join(format!("s{}", rand_suffix()));
+        // Removed when this returns: the connection outlives the path.
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(
+            std::env::temp_dir().join("mic-net-stream-"),
+        )
+        .unwrap();
+        let path = dir.as_path().join(format!("s{}", rand_suffix()));
         let mut port = StreamPort::new(StreamAddr::Unix(path.clone()), true).unwrap();
         let peer = UnixStream::connect(&path).unwrap();
         port.handle_control_event(EV_LISTEN);

@@ -13,23 +13,15 @@ use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::config::HostIp;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+// `linux/if_tun.h`, as the libc crate has it.
+use libc::{
+    IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ,
+};
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
-
-/// Tap offload flag: the reader accepts partial checksums.
-pub const TUN_F_CSUM: u32 = 0x01;
-/// Tap offload flag: the reader accepts TSO over IPv4.
-pub const TUN_F_TSO4: u32 = 0x02;
-/// Tap offload flag: the reader accepts TSO over IPv6.
-pub const TUN_F_TSO6: u32 = 0x04;
-/// Tap offload flag: the reader accepts TSO with ECN.
-pub const TUN_F_TSO_ECN: u32 = 0x08;
+/// Tap offload flags (`TUNSETOFFLOAD`): partial checksums, TSO over IPv4
+/// and IPv6, TSO with ECN.
+pub use libc::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -106,9 +98,9 @@ impl TapQueue {
         if multi_queue {
             flags |= IFF_MULTI_QUEUE;
         }
-        req.set_short(flags);
+        req.set_short(flags as libc::c_short);
         // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `req` is.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
+        let ret = unsafe { ioctl_with_mut_ref(&file, TUNSETIFF, &mut req) };
         if ret < 0 {
             let e = io::Error::last_os_error();
             let hint = match e.raw_os_error() {
@@ -134,8 +126,8 @@ impl TapQueue {
 
     /// Sets the size of the virtio-net header the tap reads and writes.
     pub fn set_vnet_hdr_size(&self, size: i32) -> io::Result<()> {
-        // SAFETY: TUNSETVNETHDRSZ reads an int.
-        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETVNETHDRSZ as _, &size) };
+        // SAFETY: TUNSETVNETHDRSZ reads an int, which `size` is.
+        let ret = unsafe { ioctl_with_ref(&self.file, TUNSETVNETHDRSZ, &size) };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -145,13 +137,7 @@ impl TapQueue {
     /// Sets which offloads the kernel may use for packets it hands us.
     pub fn set_offload(&self, flags: u32) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes the flags by value.
-        let ret = unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                TUNSETOFFLOAD as _,
-                flags as libc::c_ulong,
-            )
-        };
+        let ret = unsafe { ioctl_with_val(&self.file, TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -216,7 +202,7 @@ fn inet_socket() -> io::Result<OwnedFd> {
 
 fn if_ioctl(sock: &OwnedFd, req: libc::c_ulong, ifr: &mut IfReq, what: &str) -> io::Result<()> {
     // SAFETY: all requests used here take a struct ifreq.
-    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), req as _, ifr as *mut IfReq) };
+    let ret = unsafe { ioctl_with_mut_ref(sock, req, ifr) };
     if ret < 0 {
         let e = io::Error::last_os_error();
         return Err(io::Error::new(e.kind(), format!("{what}: {e}")));

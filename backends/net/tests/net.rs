@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
+};
 use vu_test::{
     Daemon, Desc, FrontendOptions, TempDir, TestFrontend, VirtQueue,
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -16,10 +20,10 @@ use vu_test::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_mic-net");
 const T: Duration = Duration::from_secs(5);
-const MRG_RXBUF: u64 = 1 << 15;
-const NET_F_MAC: u64 = 1 << 5;
-const NET_F_MQ: u64 = 1 << 22;
-const NET_F_CSUM: u64 = 1;
+const MRG_RXBUF: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
+const NET_F_MAC: u64 = 1 << VIRTIO_NET_F_MAC;
+const NET_F_MQ: u64 = 1 << VIRTIO_NET_F_MQ;
+const NET_F_CSUM: u64 = 1 << VIRTIO_NET_F_CSUM;
 
 fn frame(len: usize, seed: u8) -> Vec<u8> {
     let mut f = vec![0u8; len];
@@ -1016,7 +1020,11 @@ fn tap_checksum_offload_in_netns() {
     assert!(ok);
     let mut fe = connect(&sock, u64::MAX, 2);
     assert_ne!(fe.acked_features & NET_F_CSUM, 0);
-    assert_ne!(fe.acked_features & (1 << 1), 0, "GUEST_CSUM");
+    assert_ne!(
+        fe.acked_features & (1 << VIRTIO_NET_F_GUEST_CSUM),
+        0,
+        "GUEST_CSUM"
+    );
     let host = ns.run(|| {
         let s = std::net::UdpSocket::bind("172.31.4.254:5001").unwrap();
         s.set_read_timeout(Some(T)).unwrap();
@@ -1130,4 +1138,105 @@ fn tap_existing_device_in_netns() {
     let f = frame(180, 31);
     send_tx(&mut fe, 1, &f);
     assert_eq!(raw.recv_test_frame(), f);
+}
+
+/// Most CPU ticks (1/100 s) a daemon with nothing to do may use in one
+/// second. A spinning worker uses 100, and still well over 20 on a loaded
+/// two-core machine; an idle daemon uses 0 or 1.
+const IDLE_TICKS: u64 = 10;
+
+/// CPU ticks the daemon uses in one second.
+fn ticks_in_one_second(d: &Daemon) -> u64 {
+    let pid = d.child.id();
+    let t0 = vu_test::cpu_ticks(pid).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = vu_test::cpu_ticks(pid).unwrap() - t0;
+    eprintln!("daemon used {used} ticks in 1 s");
+    used
+}
+
+#[test]
+fn tx_avail_index_past_the_ring_does_not_spin() {
+    let mut s = stream_setup(&[]);
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    roundtrip(&mut s, &mut fe, 1);
+    fe.queues[1].corrupt_avail_idx(30000);
+    fe.queues[1].kick_always().unwrap();
+    let used = ticks_in_one_second(&s.daemon);
+    assert!(used < IDLE_TICKS, "daemon burnt {used} ticks in 1 s");
+    // The RX queue is still served.
+    let mut bufs = Pool::new();
+    post_rx(&mut fe.queues[0], 1, 2048, &mut bufs);
+    let f = frame(100, 5);
+    s.peer.send(&f);
+    assert_eq!(recv_rx(&mut fe, 0, &mut bufs).0, f);
+    // Kicks on the broken ring cost nothing either.
+    for _ in 0..100 {
+        fe.queues[1].kick_always().unwrap();
+    }
+    assert!(ticks_in_one_second(&s.daemon) < IDLE_TICKS);
+    drop(fe);
+    // A new frontend gets both queues back.
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    roundtrip(&mut s, &mut fe, 2);
+    assert!(s.daemon.alive());
+}
+
+#[test]
+fn rx_avail_index_past_the_ring_does_not_spin() {
+    let mut s = stream_setup(&[]);
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    roundtrip(&mut s, &mut fe, 1);
+    fe.queues[0].corrupt_avail_idx(30000);
+    fe.queues[0].kick_always().unwrap();
+    // A frame from the host makes the worker look at the broken ring.
+    s.peer.send(&frame(100, 6));
+    let used = ticks_in_one_second(&s.daemon);
+    assert!(used < IDLE_TICKS, "daemon burnt {used} ticks in 1 s");
+    // The TX queue is still served.
+    let f = frame(300, 7);
+    send_tx(&mut fe, 1, &f);
+    assert_eq!(s.peer.recv(), f);
+    drop(fe);
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    roundtrip(&mut s, &mut fe, 2);
+    assert!(s.daemon.alive());
+}
+
+#[test]
+fn merged_rx_buffers_too_small_for_the_frame_wait_without_spinning() {
+    let mut s = stream_setup(&["--mtu", "9000"]);
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    assert_ne!(fe.acked_features & MRG_RXBUF, 0);
+    let mut bufs = Pool::new();
+    post_rx(&mut fe.queues[0], 2, 1024, &mut bufs);
+    let big = frame(9014, 8);
+    s.peer.send(&big);
+    let used = ticks_in_one_second(&s.daemon);
+    assert!(used < IDLE_TICKS, "daemon burnt {used} ticks in 1 s");
+    assert!(fe.queues[0].no_used_within(Duration::from_millis(10)));
+    // More buffers: the driver is asked to kick for them (EVENT_IDX), and
+    // the frame arrives whole.
+    post_rx(&mut fe.queues[0], 8, 1024, &mut bufs);
+    let (got, n) = recv_rx(&mut fe, 0, &mut bufs);
+    assert_eq!(n as usize, (9014usize + 12).div_ceil(1024));
+    assert_eq!(got, big);
+    assert!(s.daemon.alive());
+}
+
+#[test]
+fn frame_larger_than_a_full_ring_of_merged_buffers_is_dropped() {
+    let mut s = stream_setup(&["--mtu", "9000"]);
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    let size = fe.queues[0].size() as usize;
+    let mut bufs = Pool::new();
+    // A full ring of 16-byte buffers holds 4 KiB.
+    post_rx(&mut fe.queues[0], size, 16, &mut bufs);
+    s.peer.send(&frame(9014, 9));
+    let small = frame(60, 10);
+    s.peer.send(&small);
+    let (got, n) = recv_rx(&mut fe, 0, &mut bufs);
+    assert_eq!(got, small, "the oversized frame was dropped");
+    assert_eq!(n as usize, (60usize + 12).div_ceil(16));
+    assert!(ticks_in_one_second(&s.daemon) < IDLE_TICKS);
 }

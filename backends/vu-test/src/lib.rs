@@ -39,21 +39,26 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use vhost;
 
+// Feature and descriptor-flag masks, from `virtio-bindings`' bit numbers
+// and values (the rings store descriptor flags as `u16`).
+
 /// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 /// `VIRTIO_RING_F_INDIRECT_DESC`.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 =
+    1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 /// `VIRTIO_RING_F_EVENT_IDX`.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 =
+    vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 /// Descriptor flag: another descriptor follows (`next` is valid).
-pub const VRING_DESC_F_NEXT: u16 = 1;
+pub const VRING_DESC_F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
 /// Descriptor flag: the device writes this buffer.
-pub const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 /// Descriptor flag: the buffer is an indirect descriptor table.
-pub const VRING_DESC_F_INDIRECT: u16 = 4;
+pub const VRING_DESC_F_INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 /// Errors of the test frontend.
 #[derive(Debug, thiserror::Error)]
@@ -855,6 +860,23 @@ impl Daemon {
     }
 }
 
+/// CPU time (user + system, in clock ticks) a process has used so far,
+/// from `/proc/PID/stat` (fields 14 and 15, see proc(5)). Tests compare two
+/// readings to tell a busy loop from a sleeping daemon.
+pub fn cpu_ticks(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/PID/stat");
+    // The command name (field 2) may contain spaces: start after its ')'.
+    let after = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 2..))
+        .ok_or_else(bad)?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field =
+        |i: usize| -> io::Result<u64> { f.get(i).and_then(|v| v.parse().ok()).ok_or_else(bad) };
+    Ok(field(11)? + field(12)?)
+}
+
 /// Path of a binary built in the same target directory as the running test
 /// or tool (`target/<profile>/<name>`), e.g. another workspace daemon.
 /// Build it first (`cargo build -p <crate>`); integration tests of the
@@ -902,32 +924,22 @@ impl Drop for Daemon {
     }
 }
 
-/// A unique scratch directory under the system temp dir, removed on drop.
-pub struct TempDir(PathBuf);
+/// A unique scratch directory under the system temp dir, removed on drop
+/// (`vmm-sys-util`'s `TempDir`, named after the test).
+pub struct TempDir(vmm_sys_util::tempdir::TempDir);
 
 impl TempDir {
-    /// Create `$TMPDIR/<prefix>-<pid>-<n>`.
+    /// Create `$TMPDIR/<prefix>-<pid>-XXXXXX` (`mkdtemp`, mode 0700).
     pub fn new(prefix: &str) -> io::Result<TempDir> {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "{prefix}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(TempDir(p))
+        let p = std::env::temp_dir().join(format!("{prefix}-{}-", std::process::id()));
+        vmm_sys_util::tempdir::TempDir::new_with_prefix(p)
+            .map(TempDir)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
     }
 
     /// The directory path.
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.as_path()
     }
 }
 

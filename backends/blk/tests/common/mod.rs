@@ -4,17 +4,18 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use virtio_bindings::virtio_blk;
 use vu_test::{Daemon, Desc, TempDir, TestFrontend, VirtQueue};
 
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
-pub const T_DISCARD: u32 = 11;
-pub const T_WRITE_ZEROES: u32 = 13;
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
+pub const T_IN: u32 = virtio_blk::VIRTIO_BLK_T_IN;
+pub const T_OUT: u32 = virtio_blk::VIRTIO_BLK_T_OUT;
+pub const T_FLUSH: u32 = virtio_blk::VIRTIO_BLK_T_FLUSH;
+pub const T_GET_ID: u32 = virtio_blk::VIRTIO_BLK_T_GET_ID;
+pub const T_DISCARD: u32 = virtio_blk::VIRTIO_BLK_T_DISCARD;
+pub const T_WRITE_ZEROES: u32 = virtio_blk::VIRTIO_BLK_T_WRITE_ZEROES;
+pub const S_OK: u8 = virtio_blk::VIRTIO_BLK_S_OK as u8;
+pub const S_IOERR: u8 = virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+pub const S_UNSUPP: u8 = virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn bin() -> &'static Path {

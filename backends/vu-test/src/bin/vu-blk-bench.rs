@@ -47,8 +47,7 @@ struct Workload {
     depth: usize,
 }
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN as T_IN, VIRTIO_BLK_T_OUT as T_OUT};
 
 fn header(t: u32, sector: u64) -> [u8; 16] {
     let mut h = [0u8; 16];
