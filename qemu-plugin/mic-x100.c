@@ -235,10 +235,11 @@ static void G_GNUC_PRINTF(4, 5)
 mic_send_error(MicX100State *s, uint32_t request_type, int err,
                const char *fmt, ...)
 {
-    struct {
-        struct mic_msg_error head;
-        char text[MIC_ERROR_TEXT_MAX];
-    } QEMU_PACKED m;
+    uint8_t buf[sizeof(struct mic_msg_error) + MIC_ERROR_TEXT_MAX];
+    struct mic_msg_error head = {
+        .request_type = cpu_to_le32(request_type),
+        .error = cpu_to_le32(err),
+    };
     g_autofree char *text = NULL;
     size_t len;
     va_list ap;
@@ -248,10 +249,9 @@ mic_send_error(MicX100State *s, uint32_t request_type, int err,
     va_end(ap);
     trace_mic_x100_request_failed(request_type, err, text);
     len = MIN(strlen(text), MIC_ERROR_TEXT_MAX);
-    m.head.request_type = cpu_to_le32(request_type);
-    m.head.error = cpu_to_le32(err);
-    memcpy(m.text, text, len);
-    mic_send(s, MIC_MSG_ERROR, &m, sizeof(m.head) + len, NULL, 0);
+    memcpy(buf, &head, sizeof(head));
+    memcpy(buf + sizeof(head), text, len);
+    mic_send(s, MIC_MSG_ERROR, buf, sizeof(head) + len, NULL, 0);
 }
 
 static void mic_send_hello(MicX100State *s)
@@ -280,25 +280,27 @@ static void mic_send_hello(MicX100State *s)
 
 static void mic_send_mem_table(MicX100State *s)
 {
-    struct {
-        struct mic_msg_mem_table head;
-        struct mic_msg_mem_region regions[MIC_MAX_MEM_REGIONS];
-    } QEMU_PACKED m;
+    uint8_t buf[sizeof(struct mic_msg_mem_table) +
+                MIC_MAX_MEM_REGIONS * sizeof(struct mic_msg_mem_region)];
+    struct mic_msg_mem_region *regions =
+        (void *)(buf + sizeof(struct mic_msg_mem_table));
     int fds[MIC_MAX_MEM_REGIONS];
     unsigned i, n = MIN(s->mem_table->len, MIC_MAX_MEM_REGIONS);
+    struct mic_msg_mem_table head = { .count = cpu_to_le32(n) };
 
-    m.head.count = cpu_to_le32(n);
-    m.head.pad = 0;
+    memcpy(buf, &head, sizeof(head));
     for (i = 0; i < n; i++) {
         MicMemRegion *r = &g_array_index(s->mem_table, MicMemRegion, i);
 
-        m.regions[i].gpa = cpu_to_le64(r->gpa);
-        m.regions[i].size = cpu_to_le64(r->size);
-        m.regions[i].fd_offset = cpu_to_le64(r->fd_offset);
+        regions[i] = (struct mic_msg_mem_region) {
+            .gpa = cpu_to_le64(r->gpa),
+            .size = cpu_to_le64(r->size),
+            .fd_offset = cpu_to_le64(r->fd_offset),
+        };
         fds[i] = r->fd;
     }
-    mic_send(s, MIC_MSG_MEM_TABLE, &m,
-             sizeof(m.head) + n * sizeof(m.regions[0]), fds, n);
+    mic_send(s, MIC_MSG_MEM_TABLE, buf,
+             sizeof(head) + n * sizeof(regions[0]), fds, n);
 }
 
 /* ------------------------------------------------------------------------ */
