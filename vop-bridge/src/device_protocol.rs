@@ -1048,6 +1048,62 @@ mod tests {
     }
 
     #[test]
+    fn mem_table_and_error_decode_per_spec() {
+        let mut p = vec![2, 0, 0, 0, 0, 0, 0, 0];
+        for (gpa, size, fo) in [(0u64, 0xa_0000u64, 0u64), (0xc_0000, 0x1000, 0xc_0000)] {
+            p.extend_from_slice(&gpa.to_le_bytes());
+            p.extend_from_slice(&size.to_le_bytes());
+            p.extend_from_slice(&fo.to_le_bytes());
+        }
+        let fds = vec![
+            File::open("/dev/null").unwrap(),
+            File::open("/dev/null").unwrap(),
+        ];
+        match DeviceMessage::decode(msg::MEM_TABLE, &p, fds).unwrap() {
+            DeviceMessage::MemTable(t) => {
+                let regions: Vec<MemRegion> = t.into_iter().map(|(r, _)| r).collect();
+                assert_eq!(
+                    regions,
+                    vec![
+                        MemRegion {
+                            gpa: 0,
+                            size: 0xa_0000,
+                            fd_offset: 0
+                        },
+                        MemRegion {
+                            gpa: 0xc_0000,
+                            size: 0x1000,
+                            fd_offset: 0xc_0000
+                        }
+                    ]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Two regions but one fd.
+        let fds = vec![File::open("/dev/null").unwrap()];
+        assert!(DeviceMessage::decode(msg::MEM_TABLE, &p, fds).is_err());
+
+        let mut e = vec![7, 0, 0, 0, 22, 0, 0, 0];
+        e.extend_from_slice(b"vector 77 out of range");
+        match DeviceMessage::decode(msg::ERROR, &e, vec![]).unwrap() {
+            DeviceMessage::Error {
+                request_type,
+                errno,
+                text,
+            } => {
+                assert_eq!((request_type, errno), (7, 22));
+                assert_eq!(text, "vector 77 out of range");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            DeviceMessage::decode(msg::CARD_EVENT, &event::POWEROFF.to_le_bytes(), vec![]),
+            Ok(DeviceMessage::CardEvent(CardEvent::PowerOff))
+        ));
+    }
+
+    #[test]
     fn wrong_major_version_is_refused() {
         let mut h = sample_hello();
         h.version = 0x0002_0000;
