@@ -10,6 +10,9 @@
  *
  * Register map and semantics: docs/vop-abi.md.
  * Socket protocol: docs/device-protocol.md.
+ * Both are defined for the code in mic_x100_vop.h, the card driver's
+ * header (guest-images/driver/), which scripts/build-qemu places beside
+ * this file.
  *
  * Copyright (c) the mic-x100 authors
  *
@@ -106,73 +109,11 @@ typedef KVMRouteChange MicRouteChange;
 #define TYPE_MIC_X100 "mic-x100"
 OBJECT_DECLARE_SIMPLE_TYPE(MicX100State, MIC_X100)
 
-/* PCI identity (docs/vop-abi.md section 1) */
-#define MIC_PCI_VENDOR_ID       0x8086
-#define MIC_PCI_DEVICE_ID       0x2250
-#define MIC_PCI_CLASS           0x0b40
+#include "mic_x100_vop.h"
+#include "trace.h"
 
-#define MIC_REG_BAR             0
-#define MIC_APERTURE_BAR        2
-#define MIC_MSIX_BAR            4
-#define MIC_REG_BAR_SIZE        0x1000
-
-/* BAR0 registers (docs/vop-abi.md section 2) */
-#define MIC_REG_MAGIC           0x000
-#define MIC_REG_ABI_VERSION     0x004
-#define MIC_REG_FAMILY          0x008
-#define MIC_REG_STEPPING        0x00c
-#define MIC_REG_NODE_ID         0x010
-#define MIC_REG_NUM_SPADS       0x014
-#define MIC_REG_NUM_DOORBELLS   0x018
-#define MIC_REG_NUM_VECTORS     0x01c
-#define MIC_REG_APERTURE_LO     0x020
-#define MIC_REG_APERTURE_HI     0x024
-#define MIC_REG_CARD_STATE      0x040
-#define MIC_REG_SHUTDOWN_STATUS 0x044
-#define MIC_REG_HOST_REQUEST    0x048
-#define MIC_REG_SPAD(i)         (0x100 + 4 * (i))
-#define MIC_REG_DOORBELL(n)     (0x200 + 4 * (n))
-
-#define MIC_MAGIC_VALUE         0x5843494d      /* "MICX" */
-#define MIC_ABI_VERSION         0x00010000
-#define MIC_FAMILY              100
-#define MIC_NUM_SPADS           16
-#define MIC_NUM_DOORBELLS       32
-#define MIC_NUM_VECTORS         32
-#define MIC_SPAD_DP_LO          14
-#define MIC_SPAD_DP_HI          15
-
-/* Device protocol (docs/device-protocol.md) */
-#define MIC_PROTO_VERSION       0x00010000
-#define MIC_PROTO_MAJOR(v)      ((v) >> 16)
-#define MIC_MSG_HDR_SIZE        8
-#define MIC_MSG_MAX_PAYLOAD     4096
-#define MIC_MSG_MAX_FDS         16
-#define MIC_MAX_MEM_REGIONS     16
-#define MIC_ERROR_TEXT_MAX      256
-
-enum {
-    MIC_MSG_HELLO = 1,
-    MIC_MSG_MEM_TABLE = 2,
-    MIC_MSG_REG_WRITE = 3,
-    MIC_MSG_DOORBELL = 4,
-    MIC_MSG_CARD_EVENT = 5,
-    MIC_MSG_SET_DOORBELL_FD = 6,
-    MIC_MSG_SET_VECTOR_FD = 7,
-    MIC_MSG_RAISE_VECTOR = 8,
-    MIC_MSG_SYNC = 10,
-    MIC_MSG_ERROR = 11,
-};
-
-enum {
-    MIC_CARD_EVENT_RESET = 1,
-    MIC_CARD_EVENT_POWEROFF = 2,
-    MIC_CARD_EVENT_RUN = 3,
-    MIC_CARD_EVENT_STOP = 4,
-};
-
-#define MIC_HELLO_SIZE          112
-#define MIC_HELLO_FLAG_RUNNING  (1u << 0)
+/* QEMU-style names for the header's protocol structs */
+typedef struct mic_msg_hdr MicMsgHdr;
 
 typedef struct MicDoorbellFd {
     EventNotifier notifier;
@@ -229,7 +170,7 @@ struct MicX100State {
     bool connected;
     bool peer_hello;
     bool rx_broken;
-    uint8_t rx_hdr[MIC_MSG_HDR_SIZE];
+    MicMsgHdr rx_hdr;
     uint8_t rx_payload[MIC_MSG_MAX_PAYLOAD];
     uint32_t rx_have;
     bool rx_in_payload;
@@ -256,50 +197,49 @@ struct MicX100State {
 static void mic_send(MicX100State *s, uint32_t type, const void *payload,
                      uint32_t size, int *fds, int nfds)
 {
-    g_autofree uint8_t *buf = g_malloc(MIC_MSG_HDR_SIZE + size);
+    g_autofree uint8_t *buf = g_malloc(sizeof(MicMsgHdr) + size);
+    MicMsgHdr hdr = {
+        .type = cpu_to_le32(type),
+        .size = cpu_to_le32(size),
+    };
+    int len;
 
     if (!s->connected) {
         return;
     }
-    stl_le_p(buf, type);
-    stl_le_p(buf + 4, size);
+    trace_mic_x100_tx(type, size, nfds);
+    memcpy(buf, &hdr, sizeof(hdr));
     if (size) {
-        memcpy(buf + MIC_MSG_HDR_SIZE, payload, size);
+        memcpy(buf + sizeof(MicMsgHdr), payload, size);
     }
     if (nfds && qemu_chr_fe_set_msgfds(&s->chr, fds, nfds) < 0) {
-        warn_report("mic-x100: cannot pass %d fds on the chardev", nfds);
+        trace_mic_x100_tx_fds_failed(type, nfds);
         return;
     }
-    if (qemu_chr_fe_write_all(&s->chr, buf, MIC_MSG_HDR_SIZE + size) !=
-        MIC_MSG_HDR_SIZE + size) {
+    len = sizeof(MicMsgHdr) + size;
+    if (qemu_chr_fe_write_all(&s->chr, buf, len) != len) {
         /* the close event takes care of the state */
         return;
     }
 }
 
-static void mic_send_u32x2(MicX100State *s, uint32_t type, uint32_t a,
-                           uint32_t b)
-{
-    uint8_t p[8];
-
-    stl_le_p(p, a);
-    stl_le_p(p + 4, b);
-    mic_send(s, type, p, sizeof(p), NULL, 0);
-}
-
 static void mic_send_card_event(MicX100State *s, uint32_t event)
 {
-    uint8_t p[4];
+    struct mic_msg_card_event m = { .event = cpu_to_le32(event) };
 
-    stl_le_p(p, event);
-    mic_send(s, MIC_MSG_CARD_EVENT, p, sizeof(p), NULL, 0);
+    trace_mic_x100_card_event(event);
+    mic_send(s, MIC_MSG_CARD_EVENT, &m, sizeof(m), NULL, 0);
 }
 
 static void G_GNUC_PRINTF(4, 5)
 mic_send_error(MicX100State *s, uint32_t request_type, int err,
                const char *fmt, ...)
 {
-    uint8_t p[8 + MIC_ERROR_TEXT_MAX];
+    uint8_t buf[sizeof(struct mic_msg_error) + MIC_ERROR_TEXT_MAX];
+    struct mic_msg_error head = {
+        .request_type = cpu_to_le32(request_type),
+        .error = cpu_to_le32(err),
+    };
     g_autofree char *text = NULL;
     size_t len;
     va_list ap;
@@ -307,52 +247,60 @@ mic_send_error(MicX100State *s, uint32_t request_type, int err,
     va_start(ap, fmt);
     text = g_strdup_vprintf(fmt, ap);
     va_end(ap);
+    trace_mic_x100_request_failed(request_type, err, text);
     len = MIN(strlen(text), MIC_ERROR_TEXT_MAX);
-    stl_le_p(p, request_type);
-    stl_le_p(p + 4, err);
-    memcpy(p + 8, text, len);
-    mic_send(s, MIC_MSG_ERROR, p, 8 + len, NULL, 0);
+    memcpy(buf, &head, sizeof(head));
+    memcpy(buf + sizeof(head), text, len);
+    mic_send(s, MIC_MSG_ERROR, buf, sizeof(head) + len, NULL, 0);
 }
 
 static void mic_send_hello(MicX100State *s)
 {
-    uint8_t p[MIC_HELLO_SIZE] = { 0 };
+    struct mic_msg_device_hello m = {
+        .version = cpu_to_le32(MIC_PROTO_VERSION),
+        .node_id = cpu_to_le32(s->node_id),
+        .aperture_size = cpu_to_le64(s->aperture_size),
+        .num_spads = cpu_to_le32(MIC_NUM_SPADS),
+        .num_doorbells = cpu_to_le32(MIC_NUM_DOORBELLS),
+        .num_vectors = cpu_to_le32(MIC_NUM_VECTORS),
+        .flags = cpu_to_le32(runstate_is_running() ?
+                             MIC_HELLO_FLAG_RUNNING : 0),
+        .card_state = cpu_to_le32(s->card_state),
+        .shutdown_status = cpu_to_le32(s->shutdown_status),
+        .host_request = cpu_to_le32(s->host_request),
+    };
     int fd = memory_region_get_fd(&s->aperture);
     int i;
 
-    stl_le_p(p + 0, MIC_PROTO_VERSION);
-    stl_le_p(p + 4, s->node_id);
-    stq_le_p(p + 8, s->aperture_size);
-    stl_le_p(p + 16, MIC_NUM_SPADS);
-    stl_le_p(p + 20, MIC_NUM_DOORBELLS);
-    stl_le_p(p + 24, MIC_NUM_VECTORS);
-    stl_le_p(p + 28, runstate_is_running() ? MIC_HELLO_FLAG_RUNNING : 0);
-    stl_le_p(p + 32, s->card_state);
-    stl_le_p(p + 36, s->shutdown_status);
-    stl_le_p(p + 40, s->host_request);
     for (i = 0; i < MIC_NUM_SPADS; i++) {
-        stl_le_p(p + 48 + 4 * i, s->spad[i]);
+        m.spads[i] = cpu_to_le32(s->spad[i]);
     }
-    mic_send(s, MIC_MSG_HELLO, p, sizeof(p), &fd, 1);
+    mic_send(s, MIC_MSG_HELLO, &m, sizeof(m), &fd, 1);
 }
 
 static void mic_send_mem_table(MicX100State *s)
 {
-    uint8_t p[8 + 24 * MIC_MAX_MEM_REGIONS];
+    uint8_t buf[sizeof(struct mic_msg_mem_table) +
+                MIC_MAX_MEM_REGIONS * sizeof(struct mic_msg_mem_region)];
+    struct mic_msg_mem_region *regions =
+        (void *)(buf + sizeof(struct mic_msg_mem_table));
     int fds[MIC_MAX_MEM_REGIONS];
     unsigned i, n = MIN(s->mem_table->len, MIC_MAX_MEM_REGIONS);
+    struct mic_msg_mem_table head = { .count = cpu_to_le32(n) };
 
-    stl_le_p(p, n);
-    stl_le_p(p + 4, 0);
+    memcpy(buf, &head, sizeof(head));
     for (i = 0; i < n; i++) {
         MicMemRegion *r = &g_array_index(s->mem_table, MicMemRegion, i);
 
-        stq_le_p(p + 8 + 24 * i, r->gpa);
-        stq_le_p(p + 8 + 24 * i + 8, r->size);
-        stq_le_p(p + 8 + 24 * i + 16, r->fd_offset);
+        regions[i] = (struct mic_msg_mem_region) {
+            .gpa = cpu_to_le64(r->gpa),
+            .size = cpu_to_le64(r->size),
+            .fd_offset = cpu_to_le64(r->fd_offset),
+        };
         fds[i] = r->fd;
     }
-    mic_send(s, MIC_MSG_MEM_TABLE, p, 8 + 24 * n, fds, n);
+    mic_send(s, MIC_MSG_MEM_TABLE, buf,
+             sizeof(head) + n * sizeof(regions[0]), fds, n);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -669,11 +617,11 @@ static uint64_t mic_mmio_read(void *opaque, hwaddr addr, unsigned size)
     }
     switch (addr) {
     case MIC_REG_MAGIC:
-        return MIC_MAGIC_VALUE;
+        return MIC_REGS_MAGIC;
     case MIC_REG_ABI_VERSION:
         return MIC_ABI_VERSION;
     case MIC_REG_FAMILY:
-        return MIC_FAMILY;
+        return MIC_FAMILY_X100;
     case MIC_REG_STEPPING:
         return s->stepping;
     case MIC_REG_NODE_ID:
@@ -697,6 +645,7 @@ static void mic_mmio_write(void *opaque, hwaddr addr, uint64_t val,
                            unsigned size)
 {
     MicX100State *s = opaque;
+    struct mic_msg_reg_write rw;
     uint32_t *reg;
 
     if (size != 4 || (addr & 3)) {
@@ -708,8 +657,13 @@ static void mic_mmio_write(void *opaque, hwaddr addr, uint64_t val,
     if (addr >= MIC_REG_DOORBELL(0) &&
         addr < MIC_REG_DOORBELL(MIC_NUM_DOORBELLS)) {
         /* no registered eventfd matched this write */
-        mic_send_u32x2(s, MIC_MSG_DOORBELL, (addr - MIC_REG_DOORBELL(0)) / 4,
-                       val);
+        struct mic_msg_doorbell m = {
+            .doorbell = cpu_to_le32((addr - MIC_REG_DOORBELL(0)) / 4),
+            .value = cpu_to_le32(val),
+        };
+
+        trace_mic_x100_doorbell(le32_to_cpu(m.doorbell), val);
+        mic_send(s, MIC_MSG_DOORBELL, &m, sizeof(m), NULL, 0);
         return;
     }
     reg = mic_rw_reg(s, addr);
@@ -717,7 +671,12 @@ static void mic_mmio_write(void *opaque, hwaddr addr, uint64_t val,
         return;
     }
     *reg = val;
-    mic_send_u32x2(s, MIC_MSG_REG_WRITE, addr, val);
+    trace_mic_x100_reg_write(addr, val);
+    rw = (struct mic_msg_reg_write) {
+        .offset = cpu_to_le32(addr),
+        .value = cpu_to_le32(val),
+    };
+    mic_send(s, MIC_MSG_REG_WRITE, &rw, sizeof(rw), NULL, 0);
 }
 
 static const MemoryRegionOps mic_mmio_ops = {
@@ -834,8 +793,7 @@ static void mic_rx_reset(MicX100State *s)
 
 static void mic_protocol_error(MicX100State *s, const char *what)
 {
-    warn_report("mic-x100: host side protocol error: %s; disconnecting",
-                what);
+    trace_mic_x100_protocol_error(what);
     s->rx_broken = true;
     mic_rx_close_fds(s);
     qemu_bh_schedule(s->disconnect_bh);
@@ -875,9 +833,10 @@ static bool mic_fd_is_eventfd(int fd)
     return !strcmp(target, "anon_inode:[eventfd]");
 }
 
-static void mic_handle_reg_write(MicX100State *s, const uint8_t *p)
+static void mic_handle_reg_write(MicX100State *s,
+                                 const struct mic_msg_reg_write *m)
 {
-    uint32_t offset = ldl_le_p(p), value = ldl_le_p(p + 4);
+    uint32_t offset = le32_to_cpu(m->offset), value = le32_to_cpu(m->value);
     uint32_t *reg = mic_rw_reg(s, offset);
 
     if (!reg) {
@@ -888,9 +847,11 @@ static void mic_handle_reg_write(MicX100State *s, const uint8_t *p)
     *reg = value;
 }
 
-static void mic_handle_set_doorbell_fd(MicX100State *s, const uint8_t *p)
+static void mic_handle_set_doorbell_fd(MicX100State *s,
+                                       const struct mic_msg_set_doorbell_fd *m)
 {
-    uint32_t doorbell = ldl_le_p(p), value = ldl_le_p(p + 4);
+    uint32_t doorbell = le32_to_cpu(m->doorbell);
+    uint32_t value = le32_to_cpu(m->value);
     int fd = mic_rx_take_fd(s);
     MicDoorbellFd *d;
 
@@ -927,9 +888,10 @@ out:
     }
 }
 
-static void mic_handle_set_vector_fd(MicX100State *s, const uint8_t *p)
+static void mic_handle_set_vector_fd(MicX100State *s,
+                                     const struct mic_msg_set_vector_fd *m)
 {
-    uint32_t vector = ldl_le_p(p);
+    uint32_t vector = le32_to_cpu(m->vector);
     int fd = mic_rx_take_fd(s);
     MicVector *v;
     MicVectorFd *vf;
@@ -977,9 +939,10 @@ out:
     }
 }
 
-static void mic_handle_raise_vector(MicX100State *s, const uint8_t *p)
+static void mic_handle_raise_vector(MicX100State *s,
+                                    const struct mic_msg_raise_vector *m)
 {
-    uint32_t vector = ldl_le_p(p);
+    uint32_t vector = le32_to_cpu(m->vector);
 
     if (vector >= MIC_NUM_VECTORS) {
         mic_send_error(s, MIC_MSG_RAISE_VECTOR, EINVAL,
@@ -994,13 +957,17 @@ static uint32_t mic_msg_min_size(uint32_t type)
 {
     switch (type) {
     case MIC_MSG_HELLO:
+        return sizeof(struct mic_msg_host_hello);
     case MIC_MSG_RAISE_VECTOR:
-        return 4;
+        return sizeof(struct mic_msg_raise_vector);
     case MIC_MSG_REG_WRITE:
+        return sizeof(struct mic_msg_reg_write);
     case MIC_MSG_SET_DOORBELL_FD:
+        return sizeof(struct mic_msg_set_doorbell_fd);
     case MIC_MSG_SET_VECTOR_FD:
+        return sizeof(struct mic_msg_set_vector_fd);
     case MIC_MSG_SYNC:
-        return 8;
+        return sizeof(struct mic_msg_sync);
     default:
         return 0;
     }
@@ -1020,9 +987,10 @@ static void mic_handle_message(MicX100State *s)
     }
     switch (type) {
     case MIC_MSG_HELLO: {
-        uint32_t version = ldl_le_p(p);
+        const struct mic_msg_host_hello *m = (const void *)p;
+        uint32_t version = le32_to_cpu(m->version);
 
-        if (MIC_PROTO_MAJOR(version) != MIC_PROTO_MAJOR(MIC_PROTO_VERSION)) {
+        if (MIC_VERSION_MAJOR(version) != MIC_VERSION_MAJOR(MIC_PROTO_VERSION)) {
             mic_protocol_error(s, "unsupported protocol major version");
             return;
         }
@@ -1030,23 +998,22 @@ static void mic_handle_message(MicX100State *s)
         break;
     }
     case MIC_MSG_REG_WRITE:
-        mic_handle_reg_write(s, p);
+        mic_handle_reg_write(s, (const void *)p);
         break;
     case MIC_MSG_SET_DOORBELL_FD:
-        mic_handle_set_doorbell_fd(s, p);
+        mic_handle_set_doorbell_fd(s, (const void *)p);
         break;
     case MIC_MSG_SET_VECTOR_FD:
-        mic_handle_set_vector_fd(s, p);
+        mic_handle_set_vector_fd(s, (const void *)p);
         break;
     case MIC_MSG_RAISE_VECTOR:
-        mic_handle_raise_vector(s, p);
+        mic_handle_raise_vector(s, (const void *)p);
         break;
     case MIC_MSG_SYNC:
-        mic_send(s, MIC_MSG_SYNC, p, 8, NULL, 0);
+        mic_send(s, MIC_MSG_SYNC, p, sizeof(struct mic_msg_sync), NULL, 0);
         break;
     default:
-        warn_report_once("mic-x100: host side sent message type %u, which "
-                         "this device does not know; skipped", type);
+        trace_mic_x100_unknown_message(type, s->rx_size);
         break;
     }
 }
@@ -1060,7 +1027,7 @@ static int mic_chr_can_receive(void *opaque)
      * the next one arrive together with its bytes.
      */
     if (!s->rx_in_payload) {
-        return MIC_MSG_HDR_SIZE - s->rx_have;
+        return sizeof(MicMsgHdr) - s->rx_have;
     }
     return s->rx_size - s->rx_have;
 }
@@ -1089,17 +1056,18 @@ static void mic_chr_receive(void *opaque, const uint8_t *buf, int size)
         uint32_t n;
 
         if (!s->rx_in_payload) {
-            n = MIN(size, MIC_MSG_HDR_SIZE - s->rx_have);
-            memcpy(s->rx_hdr + s->rx_have, buf, n);
+            n = MIN(size, sizeof(MicMsgHdr) - s->rx_have);
+            memcpy((uint8_t *)&s->rx_hdr + s->rx_have, buf, n);
             s->rx_have += n;
             buf += n;
             size -= n;
-            if (s->rx_have < MIC_MSG_HDR_SIZE) {
+            if (s->rx_have < sizeof(MicMsgHdr)) {
                 break;
             }
-            s->rx_type = ldl_le_p(s->rx_hdr);
-            s->rx_size = ldl_le_p(s->rx_hdr + 4);
+            s->rx_type = le32_to_cpu(s->rx_hdr.type);
+            s->rx_size = le32_to_cpu(s->rx_hdr.size);
             s->rx_have = 0;
+            trace_mic_x100_rx(s->rx_type, s->rx_size);
             if (s->rx_size > MIC_MSG_MAX_PAYLOAD) {
                 mic_protocol_error(s, "message larger than 4096 bytes");
                 break;
@@ -1128,6 +1096,7 @@ static void mic_chr_event(void *opaque, QEMUChrEvent event)
 
     switch (event) {
     case CHR_EVENT_OPENED:
+        trace_mic_x100_connected();
         mic_rx_reset(s);
         s->connected = true;
         s->peer_hello = false;
@@ -1135,6 +1104,7 @@ static void mic_chr_event(void *opaque, QEMUChrEvent event)
         mic_send_mem_table(s);
         break;
     case CHR_EVENT_CLOSED:
+        trace_mic_x100_disconnected();
         s->connected = false;
         s->peer_hello = false;
         mic_rx_reset(s);
@@ -1170,8 +1140,8 @@ static void mic_reset(DeviceState *dev)
     mic_drop_registrations(s);
     s->card_state = 0;
     s->host_request = 0;
-    s->spad[MIC_SPAD_DP_LO] = 0;
-    s->spad[MIC_SPAD_DP_HI] = 0;
+    s->spad[MIC_DPLO_SPAD] = 0;
+    s->spad[MIC_DPHI_SPAD] = 0;
     mic_msix_vector_use(s);
     /* the reset that completes machine creation is not a card event */
     if (s->reset_seen) {
@@ -1225,8 +1195,8 @@ static void mic_realize(PCIDevice *pdev, Error **errp)
                    s->node_id);
         return;
     }
-    if (s->stepping != 0x00 && s->stepping != 0x10 && s->stepping != 0x11 &&
-        s->stepping != 0x20) {
+    if (s->stepping != MIC_STEPPING_A0 && s->stepping != MIC_STEPPING_B0 &&
+        s->stepping != MIC_STEPPING_B1 && s->stepping != MIC_STEPPING_C0) {
         error_setg(errp, "mic-x100: stepping must be 0x00 (A0), 0x10 (B0), "
                    "0x11 (B1) or 0x20 (C0) (got 0x%x)", s->stepping);
         return;
@@ -1238,8 +1208,8 @@ static void mic_realize(PCIDevice *pdev, Error **errp)
     pci_config_set_revision(pdev->config, s->stepping);
 
     memory_region_init_io(&s->mmio, OBJECT(s), &mic_mmio_ops, s,
-                          "mic-x100.regs", MIC_REG_BAR_SIZE);
-    pci_register_bar(pdev, MIC_REG_BAR, PCI_BASE_ADDRESS_SPACE_MEMORY,
+                          "mic-x100.regs", MIC_REGS_SIZE);
+    pci_register_bar(pdev, MIC_BAR_REGS, PCI_BASE_ADDRESS_SPACE_MEMORY,
                      &s->mmio);
 
     fd = qemu_memfd_create("mic-x100-aperture", s->aperture_size, false, 0, 0,
@@ -1253,12 +1223,12 @@ static void mic_realize(PCIDevice *pdev, Error **errp)
         close(fd);
         return;
     }
-    pci_register_bar(pdev, MIC_APERTURE_BAR,
+    pci_register_bar(pdev, MIC_BAR_APERTURE,
                      PCI_BASE_ADDRESS_SPACE_MEMORY |
                      PCI_BASE_ADDRESS_MEM_TYPE_64 |
                      PCI_BASE_ADDRESS_MEM_PREFETCH, &s->aperture);
 
-    if (msix_init_exclusive_bar(pdev, MIC_NUM_VECTORS, MIC_MSIX_BAR, errp)) {
+    if (msix_init_exclusive_bar(pdev, MIC_NUM_VECTORS, MIC_BAR_MSIX, errp)) {
         return;
     }
     mic_msix_vector_use(s);
@@ -1339,7 +1309,7 @@ static const Property mic_properties[] = {
     DEFINE_PROP_CHR("chardev", MicX100State, chr),
     DEFINE_PROP_SIZE("aperture-size", MicX100State, aperture_size, 8 * MiB),
     DEFINE_PROP_UINT32("node-id", MicX100State, node_id, 1),
-    DEFINE_PROP_UINT8("stepping", MicX100State, stepping, 0x20),
+    DEFINE_PROP_UINT8("stepping", MicX100State, stepping, MIC_STEPPING_C0),
 };
 
 static void mic_class_init(ObjectClass *klass, MIC_CLASS_DATA data)
@@ -1350,9 +1320,9 @@ static void mic_class_init(ObjectClass *klass, MIC_CLASS_DATA data)
     k->realize = mic_realize;
     k->exit = mic_exit;
     k->config_write = mic_write_config;
-    k->vendor_id = MIC_PCI_VENDOR_ID;
-    k->device_id = MIC_PCI_DEVICE_ID;
-    k->class_id = MIC_PCI_CLASS;
+    k->vendor_id = MIC_X100_PCI_VENDOR;
+    k->device_id = MIC_X100_PCI_DEVICE_2250;
+    k->class_id = MIC_X100_PCI_CLASS;
     dc->desc = "Intel MIC X100 coprocessor card (virtio over PCIe)";
     device_class_set_legacy_reset(dc, mic_reset);
     device_class_set_props(dc, mic_properties);
@@ -1369,21 +1339,18 @@ static void mic_class_init(ObjectClass *klass, MIC_CLASS_DATA data)
     set_bit(DEVICE_CATEGORY_MISC, dc->categories);
 }
 
-static const TypeInfo mic_x100_info = {
-    .name = TYPE_MIC_X100,
-    .parent = TYPE_PCI_DEVICE,
-    .instance_size = sizeof(MicX100State),
-    .instance_init = mic_instance_init,
-    .class_init = mic_class_init,
-    .interfaces = (InterfaceInfo[]) {
-        { INTERFACE_CONVENTIONAL_PCI_DEVICE },
-        { },
+static const TypeInfo mic_x100_types[] = {
+    {
+        .name = TYPE_MIC_X100,
+        .parent = TYPE_PCI_DEVICE,
+        .instance_size = sizeof(MicX100State),
+        .instance_init = mic_instance_init,
+        .class_init = mic_class_init,
+        .interfaces = (InterfaceInfo[]) {
+            { INTERFACE_CONVENTIONAL_PCI_DEVICE },
+            { },
+        },
     },
 };
 
-static void mic_register_types(void)
-{
-    type_register_static(&mic_x100_info);
-}
-
-type_init(mic_register_types)
+DEFINE_TYPES(mic_x100_types)

@@ -98,7 +98,7 @@ struct vop_card {
 	void *page;
 	u64 rejected_off;		/* last offset refused (log once) */
 	struct list_head vdevs;
-	DECLARE_BITMAP(vectors_used, MIC_MAX_VECTORS);
+	DECLARE_BITMAP(vectors_used, MIC_NUM_VECTORS);
 	u64 next_cookie;
 	bool waiting_logged;
 	bool stopping;
@@ -386,20 +386,31 @@ static int vop_start_vqs(struct vop_vdev *vd)
 	return 0;
 }
 
+/*
+ * What find_vqs needs of each queue.  Linux 6.11 passes exactly this as
+ * struct virtqueue_info; older kernels pass three parallel arrays, which
+ * the wrapper below turns into it.
+ */
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
-static int vop_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
-			struct virtqueue *vqs[],
-			struct virtqueue_info vqs_info[],
-			struct irq_affinity *desc)
+#define vop_vq_info virtqueue_info
+#else
+struct vop_vq_info {
+	vq_callback_t *callback;
+	const char *name;
+	bool ctx;
+};
+#endif
+
+static int vop_find_vqs_info(struct virtio_device *vdev, unsigned int nvqs,
+			     struct virtqueue *vqs[],
+			     const struct vop_vq_info *info)
 {
 	struct vop_vdev *vd = to_vop_vdev(vdev);
 	unsigned int i, queue_idx = 0;
 	int err;
 
 	for (i = 0; i < nvqs; i++) {
-		struct virtqueue_info *vqi = &vqs_info[i];
-
-		if (!vqi->name) {
+		if (!info[i].name) {
 			vqs[i] = NULL;
 			continue;
 		}
@@ -407,8 +418,8 @@ static int vop_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
 			err = -ENOENT;
 			goto fail;
 		}
-		vqs[i] = vop_setup_vq(vd, queue_idx, vqi->callback, vqi->name,
-				      vqi->ctx);
+		vqs[i] = vop_setup_vq(vd, queue_idx, info[i].callback,
+				      info[i].name, info[i].ctx);
 		if (IS_ERR(vqs[i])) {
 			err = PTR_ERR(vqs[i]);
 			goto fail;
@@ -424,40 +435,35 @@ fail:
 	vop_del_vqs(vdev);
 	return err;
 }
+
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+static int vop_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
+			struct virtqueue *vqs[],
+			struct virtqueue_info vqs_info[],
+			struct irq_affinity *desc)
+{
+	return vop_find_vqs_info(vdev, nvqs, vqs, vqs_info);
+}
 #else
 static int vop_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
 			struct virtqueue *vqs[], vq_callback_t *callbacks[],
 			const char * const names[], const bool *ctx,
 			struct irq_affinity *desc)
 {
-	struct vop_vdev *vd = to_vop_vdev(vdev);
-	unsigned int i, queue_idx = 0;
+	struct vop_vq_info *info;
+	unsigned int i;
 	int err;
 
+	info = kcalloc(nvqs, sizeof(*info), GFP_KERNEL);
+	if (!info)
+		return -ENOMEM;
 	for (i = 0; i < nvqs; i++) {
-		if (!names[i]) {
-			vqs[i] = NULL;
-			continue;
-		}
-		if (queue_idx >= vd->num_vq) {
-			err = -ENOENT;
-			goto fail;
-		}
-		vqs[i] = vop_setup_vq(vd, queue_idx, callbacks[i], names[i],
-				      ctx ? ctx[i] : false);
-		if (IS_ERR(vqs[i])) {
-			err = PTR_ERR(vqs[i]);
-			goto fail;
-		}
-		vd->vqs[queue_idx++] = vqs[i];
-		vd->nvqs = queue_idx;
+		info[i].callback = callbacks[i];
+		info[i].name = names[i];
+		info[i].ctx = ctx ? ctx[i] : false;
 	}
-	err = vop_start_vqs(vd);
-	if (err)
-		goto fail;
-	return 0;
-fail:
-	vop_del_vqs(vdev);
+	err = vop_find_vqs_info(vdev, nvqs, vqs, info);
+	kfree(info);
 	return err;
 }
 #endif
@@ -503,6 +509,7 @@ static int vop_alloc_vector(struct vop_card *card)
 {
 	unsigned int v;
 
+	lockdep_assert_held(&card->lock);
 	/* vector 0 is the control vector */
 	v = find_next_zero_bit(card->vectors_used, card->nvec, 1);
 	if (v >= card->nvec)
@@ -521,6 +528,7 @@ static struct vop_vdev *vop_find_vdev(struct vop_card *card, unsigned int off)
 {
 	struct vop_vdev *vd;
 
+	lockdep_assert_held(&card->lock);
 	list_for_each_entry(vd, &card->vdevs, node)
 		if (vd->desc_off == off)
 			return vd;
@@ -533,7 +541,7 @@ enum vop_remove_how {
 	VOP_REMOVE_DETACHED,	/* descriptor gone or reused: do not touch it */
 };
 
-/* unregister a device; caller holds card->lock */
+/* unregister a device */
 static void vop_remove_vdev(struct vop_card *card, struct vop_vdev *vd,
 			    enum vop_remove_how how)
 {
@@ -542,6 +550,7 @@ static void vop_remove_vdev(struct vop_card *card, struct vop_vdev *vd,
 	s8 type = vd->type;
 	unsigned int off = vd->desc_off;
 
+	lockdep_assert_held(&card->lock);
 	list_del(&vd->node);
 	if (how == VOP_REMOVE_DETACHED) {
 		vd->shadow_status = READ_ONCE(vd->desc->status);
@@ -568,6 +577,7 @@ static void vop_remove_all(struct vop_card *card, enum vop_remove_how how)
 {
 	struct vop_vdev *vd, *tmp;
 
+	lockdep_assert_held(&card->lock);
 	list_for_each_entry_safe(vd, tmp, &card->vdevs, node)
 		vop_remove_vdev(card, vd, how);
 }
@@ -582,6 +592,7 @@ static void vop_add_vdev(struct vop_card *card, struct mic_device_desc *desc,
 	unsigned int dsize;
 	int c2h, vector, err;
 
+	lockdep_assert_held(&card->lock);
 	dsize = mic_desc_size(num_vq, feature_len, config_len);
 	ctrl = (void *)desc + dsize;
 
@@ -647,12 +658,14 @@ static void vop_add_vdev(struct vop_card *card, struct mic_device_desc *desc,
 		 type, off, num_vq, c2h, vector, dev_name(&vd->vdev.dev));
 }
 
-/* walk the device page; caller holds card->lock */
+/* walk the device page */
 static void vop_scan(struct vop_card *card)
 {
 	struct device *dev = vop_dev(card);
 	struct vop_vdev *vd;
 	unsigned int off = sizeof(struct mic_bootparam);
+
+	lockdep_assert_held(&card->lock);
 
 	while (off + sizeof(struct mic_device_desc) <= MIC_DP_SIZE) {
 		struct mic_device_desc *desc = card->page + off;
@@ -735,7 +748,7 @@ next:
 	 */
 }
 
-/* look at the scratchpads; caller holds card->lock */
+/* look at the scratchpads */
 static void vop_check_page(struct vop_card *card)
 {
 	struct device *dev = vop_dev(card);
@@ -743,6 +756,7 @@ static void vop_check_page(struct vop_card *card)
 	u64 off;
 	u32 magic;
 
+	lockdep_assert_held(&card->lock);
 	off = (u64)vop_rreg(card, MIC_REG_SPAD(MIC_DPHI_SPAD)) << 32 |
 	      vop_rreg(card, MIC_REG_SPAD(MIC_DPLO_SPAD));
 
@@ -904,6 +918,21 @@ static int vop_panic_notify(struct notifier_block *nb, unsigned long action,
 /* ------------------------------------------------------------------ */
 /* PCI                                                                  */
 
+/* devm actions for what has no managed variant in every kernel we build for */
+static void vop_destroy_wq(void *wq)
+{
+	destroy_workqueue(wq);
+}
+
+static void vop_unregister_panic_notifier(void *nb)
+{
+	atomic_notifier_chain_unregister(&panic_notifier_list, nb);
+}
+
+/*
+ * Everything probe sets up is device-managed (pcim_*, devm_*) and released
+ * in reverse order after vop_remove(), or when probe fails.
+ */
 static int vop_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 {
 	struct device *dev = &pdev->dev;
@@ -913,7 +942,7 @@ static int vop_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	u64 ap_size;
 	int err;
 
-	card = kzalloc(sizeof(*card), GFP_KERNEL);
+	card = devm_kzalloc(dev, sizeof(*card), GFP_KERNEL);
 	if (!card)
 		return -ENOMEM;
 	card->pdev = pdev;
@@ -923,45 +952,41 @@ static int vop_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	INIT_DELAYED_WORK(&card->poll_work, vop_poll_work);
 	pci_set_drvdata(pdev, card);
 
-	err = pci_enable_device_mem(pdev);
+	err = pcim_enable_device(pdev);
 	if (err)
-		goto err_free;
-	err = pci_request_regions(pdev, DRV_NAME);
-	if (err)
-		goto err_disable;
-	pci_set_master(pdev);
-
+		return err;
 	if (!(pci_resource_flags(pdev, MIC_BAR_REGS) & IORESOURCE_MEM) ||
 	    pci_resource_len(pdev, MIC_BAR_REGS) < MIC_REGS_SIZE ||
 	    !(pci_resource_flags(pdev, MIC_BAR_APERTURE) & IORESOURCE_MEM)) {
 		dev_err(dev, "unexpected BAR layout\n");
-		err = -ENODEV;
-		goto err_release;
+		return -ENODEV;
 	}
-	card->regs = pci_iomap(pdev, MIC_BAR_REGS, MIC_REGS_SIZE);
-	if (!card->regs) {
-		err = -ENOMEM;
-		goto err_release;
-	}
+	/* the BARs; released with the device since it is pcim-enabled */
+	err = pci_request_regions(pdev, DRV_NAME);
+	if (err)
+		return err;
+	pci_set_master(pdev);
+	card->regs = pcim_iomap(pdev, MIC_BAR_REGS, MIC_REGS_SIZE);
+	if (!card->regs)
+		return -ENOMEM;
 
 	magic = vop_rreg(card, MIC_REG_MAGIC);
 	abi = vop_rreg(card, MIC_REG_ABI_VERSION);
 	if (magic != MIC_REGS_MAGIC) {
 		dev_err(dev, "register magic 0x%08x, expected 0x%08x\n",
 			magic, MIC_REGS_MAGIC);
-		err = -ENODEV;
-		goto err_unmap_regs;
+		return -ENODEV;
 	}
-	if (abi >> 16 != MIC_ABI_MAJOR) {
+	if (MIC_VERSION_MAJOR(abi) != MIC_ABI_VERSION_MAJOR) {
 		dev_err(dev, "ABI version %u.%u not supported (major %u)\n",
-			abi >> 16, abi & 0xffff, MIC_ABI_MAJOR);
-		err = -ENODEV;
-		goto err_unmap_regs;
+			MIC_VERSION_MAJOR(abi), MIC_VERSION_MINOR(abi),
+			MIC_ABI_VERSION_MAJOR);
+		return -ENODEV;
 	}
 
 	card->num_doorbells = min_t(u32, vop_rreg(card, MIC_REG_NUM_DOORBELLS),
-				    MIC_MAX_DOORBELLS);
-	nvec = min_t(u32, vop_rreg(card, MIC_REG_NUM_VECTORS), MIC_MAX_VECTORS);
+				    MIC_NUM_DOORBELLS);
+	nvec = min_t(u32, vop_rreg(card, MIC_REG_NUM_VECTORS), MIC_NUM_VECTORS);
 	ap_size = (u64)vop_rreg(card, MIC_REG_APERTURE_HI) << 32 |
 		  vop_rreg(card, MIC_REG_APERTURE_LO);
 	ap_len = pci_resource_len(pdev, MIC_BAR_APERTURE);
@@ -973,88 +998,77 @@ static int vop_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	if (!ap_size || ap_size < MIC_DP_SIZE || !nvec) {
 		dev_err(dev, "unusable device: aperture 0x%llx bytes, %u vectors\n",
 			ap_size, nvec);
-		err = -ENODEV;
-		goto err_unmap_regs;
+		return -ENODEV;
 	}
 	card->aperture_size = ap_size;
-	card->aperture = memremap(pci_resource_start(pdev, MIC_BAR_APERTURE),
-				  ap_size, MEMREMAP_WB);
-	if (!card->aperture) {
+	card->aperture = devm_memremap(dev, pci_resource_start(pdev, MIC_BAR_APERTURE),
+				       ap_size, MEMREMAP_WB);
+	if (IS_ERR(card->aperture)) {
 		dev_err(dev, "cannot map the aperture\n");
-		err = -ENOMEM;
-		goto err_unmap_regs;
+		return PTR_ERR(card->aperture);
 	}
 
+	/* freed with the device since it is pcim-enabled */
 	err = pci_alloc_irq_vectors(pdev, 1, nvec, PCI_IRQ_MSIX);
 	if (err < 0) {
 		dev_err(dev, "cannot enable MSI-X: %d\n", err);
-		goto err_unmap_ap;
+		return err;
 	}
 	card->nvec = err;
 	set_bit(MIC_CTRL_VECTOR, card->vectors_used);
 
 	card->wq = alloc_ordered_workqueue("%s-%s", 0, DRV_NAME, pci_name(pdev));
-	if (!card->wq) {
-		err = -ENOMEM;
-		goto err_vectors;
-	}
+	if (!card->wq)
+		return -ENOMEM;
+	err = devm_add_action_or_reset(dev, vop_destroy_wq, card->wq);
+	if (err)
+		return err;
 
-	err = request_irq(pci_irq_vector(pdev, MIC_CTRL_VECTOR),
-			  vop_ctrl_interrupt, 0, DRV_NAME "-ctrl", card);
+	err = devm_request_irq(dev, pci_irq_vector(pdev, MIC_CTRL_VECTOR),
+			       vop_ctrl_interrupt, 0, DRV_NAME "-ctrl", card);
 	if (err) {
 		dev_err(dev, "cannot request the control vector: %d\n", err);
-		goto err_wq;
+		return err;
 	}
 
 	card->reboot_nb.notifier_call = vop_reboot_notify;
-	err = register_reboot_notifier(&card->reboot_nb);
+	err = devm_register_reboot_notifier(dev, &card->reboot_nb);
 	if (err)
-		goto err_irq;
+		return err;
 	card->panic_nb.notifier_call = vop_panic_notify;
 	atomic_notifier_chain_register(&panic_notifier_list, &card->panic_nb);
+	err = devm_add_action_or_reset(dev, vop_unregister_panic_notifier,
+				       &card->panic_nb);
+	if (err)
+		return err;
 
 	dev_info(dev, "MIC X100 family %u stepping 0x%02x node %u, ABI %u.%u, aperture %llu KiB, %u vectors, %u doorbells\n",
 		 vop_rreg(card, MIC_REG_FAMILY), vop_rreg(card, MIC_REG_STEPPING),
-		 vop_rreg(card, MIC_REG_NODE_ID), abi >> 16, abi & 0xffff,
-		 ap_size >> 10, card->nvec, card->num_doorbells);
+		 vop_rreg(card, MIC_REG_NODE_ID), MIC_VERSION_MAJOR(abi),
+		 MIC_VERSION_MINOR(abi), ap_size >> 10, card->nvec,
+		 card->num_doorbells);
 
 	queue_work(card->wq, &card->ctrl_work);
 	if (poll_ms)
 		queue_delayed_work(card->wq, &card->poll_work,
 				   msecs_to_jiffies(poll_ms));
 	return 0;
-
-err_irq:
-	free_irq(pci_irq_vector(pdev, MIC_CTRL_VECTOR), card);
-err_wq:
-	destroy_workqueue(card->wq);
-err_vectors:
-	pci_free_irq_vectors(pdev);
-err_unmap_ap:
-	memunmap(card->aperture);
-err_unmap_regs:
-	pci_iounmap(pdev, card->regs);
-err_release:
-	pci_release_regions(pdev);
-err_disable:
-	pci_disable_device(pdev);
-err_free:
-	kfree(card);
-	return err;
 }
 
+/*
+ * Stops the control path and drops the devices; the managed resources
+ * (notifiers, the control interrupt, the work queue, vectors, mappings,
+ * regions) are released after this returns.  With stopping set, a control
+ * interrupt that still arrives queues work that does nothing.
+ */
 static void vop_remove(struct pci_dev *pdev)
 {
 	struct vop_card *card = pci_get_drvdata(pdev);
 
-	atomic_notifier_chain_unregister(&panic_notifier_list, &card->panic_nb);
-	unregister_reboot_notifier(&card->reboot_nb);
-
 	mutex_lock(&card->lock);
-	card->stopping = true;
+	WRITE_ONCE(card->stopping, true);
 	mutex_unlock(&card->lock);
 
-	free_irq(pci_irq_vector(pdev, MIC_CTRL_VECTOR), card);
 	cancel_delayed_work_sync(&card->poll_work);
 	cancel_work_sync(&card->ctrl_work);
 
@@ -1064,14 +1078,6 @@ static void vop_remove(struct pci_dev *pdev)
 		WRITE_ONCE(((struct mic_bootparam *)card->page)->h2c_config_db, -1);
 	card->page = NULL;
 	mutex_unlock(&card->lock);
-
-	destroy_workqueue(card->wq);
-	pci_free_irq_vectors(pdev);
-	memunmap(card->aperture);
-	pci_iounmap(pdev, card->regs);
-	pci_release_regions(pdev);
-	pci_disable_device(pdev);
-	kfree(card);
 }
 
 static const struct pci_device_id vop_pci_ids[] = {

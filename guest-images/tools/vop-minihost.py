@@ -10,43 +10,134 @@ config change, hot removal, hot add and host-requested shutdown.
 
 Standard library only. Prints "minihost: PASS ..." / "minihost: FAIL ..."
 lines and exits 0 when every check passed.
+
+The ABI and protocol constants and the device page's struct layouts are read
+from their definition, the card driver's header
+guest-images/driver/mic_x100_vop.h; virtio's constants from the system's
+<linux/virtio_*.h> (linux-libc-dev).
 """
 
 import argparse
 import hashlib
 import mmap
 import os
+import re
 import select
 import socket
 import struct
 import sys
 import time
 
-MIC_MAGIC = 0xC0FFEE00
-DP_OFF = 0x1000
-DP_SIZE = 4096
-ALIGN = 4096
+HERE = os.path.dirname(os.path.abspath(__file__))
+ABI_HEADER = os.path.join(HERE, "..", "driver", "mic_x100_vop.h")
+VIRTIO_HEADERS = ["virtio_ids.h", "virtio_config.h", "virtio_ring.h", "virtio_blk.h", "virtio_net.h"]
+LINUX_INCLUDE = os.environ.get("LINUX_INCLUDE", "/usr/include/linux")
+
+
+def _c_source(path):
+    with open(path) as f:
+        text = f.read()
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def read_defines(path, into):
+    """Adds the object-like #defines of a C header whose values are integer
+    expressions (of numbers and earlier defines) to `into`."""
+    for m in re.finditer(r"^[ \t]*#define[ \t]+([A-Za-z_]\w*)[ \t]+([^\n]+)$", _c_source(path), re.M):
+        name, expr = m.group(1), m.group(2).strip()
+        expr = re.sub(r"\b(0[xX][0-9a-fA-F]+|\d+)[uUlL]+\b", r"\1", expr)
+        if not re.fullmatch(r"[\w\s()+\-*/<>|&~^]+", expr):
+            continue
+        try:
+            into[name] = int(eval(expr.replace("/", "//"), {"__builtins__": {}}, dict(into)))
+        except Exception:
+            pass
+    return into
+
+
+_CTYPES = {"__u8": 1, "__s8": 1, "char": 1, "__le16": 2, "__le32": 4, "__le64": 8}
+
+
+def read_structs(path, defines):
+    """Layouts of the header's packed structs: name -> (size, {field: offset})."""
+    structs = {}
+    for m in re.finditer(r"struct\s+(\w+)\s*\{(.*?)\}", _c_source(path), re.S):
+        off, fields = 0, {}
+        for decl in m.group(2).split(";"):
+            f = re.fullmatch(r"\s*(?:struct\s+)?(\w+)\s+(\w+)\s*(?:\[(\w*)\])?\s*", decl)
+            if not f:
+                continue
+            ctype, name, count = f.groups()
+            size = _CTYPES[ctype] if ctype in _CTYPES else structs[ctype][0]
+            n = 1 if count is None else 0 if count == "" else defines[count] if count in defines else int(count, 0)
+            fields[name] = off
+            off += size * n
+        structs[m.group(1)] = (off, fields)
+    return structs
+
+
+ABI = read_defines(ABI_HEADER, {})
+LAYOUT = read_structs(ABI_HEADER, ABI)
+VIRTIO = {}
+for _h in VIRTIO_HEADERS:
+    read_defines(os.path.join(LINUX_INCLUDE, _h), VIRTIO)
+
+BOOT_SIZE, BOOT = LAYOUT["mic_bootparam"]
+DESC_SIZE, DESC = LAYOUT["mic_device_desc"]
+VQC_SIZE, VQC = LAYOUT["mic_vqconfig"]
+CTRL_SIZE, CTRL = LAYOUT["mic_device_ctrl"]
+VRING_INFO = LAYOUT["mic_vring_info"][1]
+MEM_TABLE_HEAD = LAYOUT["mic_msg_mem_table"][0]
+MEM_REGION_SIZE = LAYOUT["mic_msg_mem_region"][0]
+
+MIC_MAGIC = ABI["MIC_MAGIC"]
+DP_OFF = ABI["MIC_DP_DEFAULT_OFFSET"]
+DP_SIZE = ABI["MIC_DP_SIZE"]
+ALIGN = ABI["MIC_VIRTIO_RING_ALIGN"]
 
 # registers
-CARD_STATE, SHUTDOWN_STATUS, HOST_REQUEST = 0x40, 0x44, 0x48
+CARD_STATE, SHUTDOWN_STATUS, HOST_REQUEST = (
+    ABI["MIC_REG_CARD_STATE"],
+    ABI["MIC_REG_SHUTDOWN_STATUS"],
+    ABI["MIC_REG_HOST_REQUEST"],
+)
 
 
 def SPAD(i):
-    return 0x100 + 4 * i
+    return ABI["MIC_REG_SPAD_BASE"] + 4 * i
 
 
 # message types
-HELLO, MEM_TABLE, REG_WRITE, DOORBELL, CARD_EVENT = 1, 2, 3, 4, 5
-SET_DOORBELL_FD, SET_VECTOR_FD, RAISE_VECTOR, SYNC, ERROR = 6, 7, 8, 10, 11
+HELLO, MEM_TABLE, REG_WRITE, DOORBELL, CARD_EVENT = (
+    ABI["MIC_MSG_" + n] for n in ("HELLO", "MEM_TABLE", "REG_WRITE", "DOORBELL", "CARD_EVENT")
+)
+SET_DOORBELL_FD, SET_VECTOR_FD, RAISE_VECTOR, SYNC, ERROR = (
+    ABI["MIC_MSG_" + n] for n in ("SET_DOORBELL_FD", "SET_VECTOR_FD", "RAISE_VECTOR", "SYNC", "ERROR")
+)
 
-VIRTIO_NET, VIRTIO_BLK, VIRTIO_CONSOLE = 1, 2, 3
-F_VERSION_1 = 1 << 32
-NET_F_MAC = 1 << 5
-BLK_F_SEG_MAX = 1 << 2
-STATUS_DRIVER_OK = 4
-STATUS_FEATURES_OK = 8
+VIRTIO_NET, VIRTIO_BLK, VIRTIO_CONSOLE = VIRTIO["VIRTIO_ID_NET"], VIRTIO["VIRTIO_ID_BLOCK"], VIRTIO["VIRTIO_ID_CONSOLE"]
+F_VERSION_1 = 1 << VIRTIO["VIRTIO_F_VERSION_1"]
+NET_F_MAC = 1 << VIRTIO["VIRTIO_NET_F_MAC"]
+BLK_F_SEG_MAX = 1 << VIRTIO["VIRTIO_BLK_F_SEG_MAX"]
+STATUS_DRIVER_OK = VIRTIO["VIRTIO_CONFIG_S_DRIVER_OK"]
+STATUS_FEATURES_OK = VIRTIO["VIRTIO_CONFIG_S_FEATURES_OK"]
+BLK_T_IN, BLK_T_OUT, BLK_T_FLUSH, BLK_T_GET_ID = (
+    VIRTIO["VIRTIO_BLK_T_" + n] for n in ("IN", "OUT", "FLUSH", "GET_ID")
+)
+BLK_S_UNSUPP = VIRTIO["VIRTIO_BLK_S_UNSUPP"]
 
-VRING_DESC_F_NEXT, VRING_DESC_F_WRITE = 1, 2
+VRING_DESC_F_NEXT, VRING_DESC_F_WRITE = VIRTIO["VRING_DESC_F_NEXT"], VIRTIO["VRING_DESC_F_WRITE"]
+
+
+def desc_size(num_vq, feature_len, config_len):
+    """mic_desc_size(): a descriptor without its control block"""
+    return (DESC_SIZE + VQC_SIZE * num_vq + 2 * feature_len + config_len + 7) & ~7
+
+
+def desc_total(num_vq, feature_len, config_len):
+    """mic_total_desc_size(): from a descriptor to the next"""
+    return desc_size(num_vq, feature_len, config_len) + CTRL_SIZE
 
 
 def vring_size(num):
@@ -165,7 +256,7 @@ class Device:
     def __init__(self, host, type_, num_vq, features, config, num=256):
         self.host, self.type, self.num_vq = host, type_, num_vq
         self.features, self.config, self.num = features, config, num
-        self.feature_len = 8
+        self.feature_len = ABI["MIC_HOST_FEATURE_LEN"]
         self.rings = []
         self.pos = None
         self.c2h_db = None
@@ -177,17 +268,19 @@ class Device:
         return self.host.ap
 
     def desc_size(self):
-        s = 8 + 24 * self.num_vq + 2 * self.feature_len + len(self.config)
-        return (s + 7) & ~7
+        return desc_size(self.num_vq, self.feature_len, len(self.config))
 
     def total(self):
-        return self.desc_size() + 16
+        return desc_total(self.num_vq, self.feature_len, len(self.config))
 
     def ctrl(self):
         return self.pos + self.desc_size()
 
+    def features_off(self):
+        return self.pos + DESC_SIZE + VQC_SIZE * self.num_vq
+
     def cfg_off(self):
-        return self.pos + 8 + 24 * self.num_vq + 2 * self.feature_len
+        return self.features_off() + 2 * self.feature_len
 
     def rd8(self, off):
         return self.ap[off]
@@ -196,10 +289,10 @@ class Device:
         self.ap[off] = v & 0xFF
 
     def status(self):
-        return self.rd8(self.pos + 4)
+        return self.rd8(self.pos + DESC["status"])
 
     def h2c(self):
-        v = self.rd8(self.ctrl() + 14)
+        v = self.rd8(self.ctrl() + CTRL["h2c_vdev_db"])
         return v - 256 if v > 127 else v
 
     def raise_irq(self):
@@ -211,36 +304,42 @@ class Device:
         ap = self.ap
         self.pos, self.c2h_db = pos, c2h_db
         ap[pos : pos + self.total()] = bytes(self.total())
-        struct.pack_into("<bBBBB", ap, pos, 0, self.num_vq, self.feature_len, len(self.config), 0)
+        ap[pos + DESC["num_vq"]] = self.num_vq
+        ap[pos + DESC["feature_len"]] = self.feature_len
+        ap[pos + DESC["config_len"]] = len(self.config)
         self.rings = []
         for i, ro in enumerate(ring_offs):
-            struct.pack_into("<QQH", ap, pos + 8 + 24 * i, ro, 0, self.num)
+            q = pos + DESC_SIZE + VQC_SIZE * i
+            struct.pack_into("<Q", ap, q + VQC["address"], ro)
+            struct.pack_into("<H", ap, q + VQC["num"], self.num)
             r = Ring(ap, ro, self.num)
             r.reset()
-            struct.pack_into("<I", ap, ro + vring_size(self.num) + 4, (MIC_MAGIC + self.type + i) & 0xFFFFFFFF)
+            magic = (MIC_MAGIC + self.type + i) & 0xFFFFFFFF
+            struct.pack_into("<I", ap, ro + vring_size(self.num) + VRING_INFO["magic"], magic)
             self.rings.append(r)
-        fo = pos + 8 + 24 * self.num_vq
+        fo = self.features_off()
         ap[fo : fo + 8] = struct.pack("<Q", self.features)
         co = self.cfg_off()
         ap[co : co + len(self.config)] = self.config
         c = self.ctrl()
-        struct.pack_into("<QBBBBBbbB", ap, c, 0, 0, 0, 0, 0, 0, c2h_db, -1, 0)
+        struct.pack_into("<b", ap, c + CTRL["c2h_vdev_db"], c2h_db)
+        struct.pack_into("<b", ap, c + CTRL["h2c_vdev_db"], -1)
         # the type last (x86 stores are ordered)
-        struct.pack_into("<b", ap, pos, self.type)
+        struct.pack_into("<b", ap, pos + DESC["type"], self.type)
 
     def acked(self):
-        fo = self.pos + 8 + 24 * self.num_vq + self.feature_len
+        fo = self.features_off() + self.feature_len
         return struct.unpack_from("<Q", self.ap, fo)[0]
 
     def control(self):
         c = self.ctrl()
-        if self.rd8(c + 9) == 1:  # vdev_reset
+        if self.rd8(c + CTRL["vdev_reset"]) == 1:
             log("device type %d: reset requested" % self.type)
             for r in self.rings:
                 r.reset()
-            self.wr8(self.pos + 4, 0)
-            self.wr8(c + 9, 0)
-            self.wr8(c + 11, 1)
+            self.wr8(self.pos + DESC["status"], 0)
+            self.wr8(c + CTRL["vdev_reset"], 0)
+            self.wr8(c + CTRL["host_ack"], 1)
             self.on_reset()
         st = self.status()
         if st & STATUS_DRIVER_OK and not self.started:
@@ -330,20 +429,20 @@ class Blk(Device):
             written = 0
             status = 0
             for addr, ln, flags in data:
-                if typ == 0:  # IN
+                if typ == BLK_T_IN:
                     self.host.mem.write(addr, bytes(self.disk[off : off + ln]))
                     written += ln
-                elif typ == 1:  # OUT
+                elif typ == BLK_T_OUT:
                     self.disk[off : off + ln] = bytes(self.host.mem.read(addr, ln))
-                elif typ == 8:  # GET_ID
+                elif typ == BLK_T_GET_ID:
                     idb = b"minihost-blk".ljust(ln, b"\0")[:ln]
                     self.host.mem.write(addr, idb)
                     written += ln
                 else:
-                    status = 2
+                    status = BLK_S_UNSUPP
                 off += ln
-            if typ not in (0, 1, 4, 8):
-                status = 2
+            if typ not in (BLK_T_IN, BLK_T_OUT, BLK_T_FLUSH, BLK_T_GET_ID):
+                status = BLK_S_UNSUPP
             self.host.mem.write(st_addr, bytes([status]))
             self.rings[0].push(head, written + 1)
             self.reqs += 1
@@ -375,20 +474,20 @@ class Host:
 
     # -- device page ---------------------------------------------------
     def alloc_ring(self, num):
-        sz = (vring_size(num) + 8 + ALIGN - 1) & ~(ALIGN - 1)
+        sz = (vring_size(num) + LAYOUT["mic_vring_info"][0] + ALIGN - 1) & ~(ALIGN - 1)
         off = self.next_ring
         self.next_ring += sz
         return off
 
     def add_device(self, dev, db):
-        pos = 24
+        pos = BOOT_SIZE
         while True:
-            t = struct.unpack_from("<b", self.ap, DP_OFF + pos)[0]
-            if t == 0 or t == -1:
+            d = DP_OFF + pos
+            t = struct.unpack_from("<b", self.ap, d + DESC["type"])[0]
+            if t in (ABI["MIC_TYPE_END"], ABI["MIC_TYPE_REMOVED"]):
                 break
-            nvq, fl, cl = self.ap[DP_OFF + pos + 1], self.ap[DP_OFF + pos + 2], self.ap[DP_OFF + pos + 3]
-            s = ((8 + 24 * nvq + 2 * fl + cl + 7) & ~7) + 16
-            pos += s
+            nvq, fl, cl = (self.ap[d + DESC[f]] for f in ("num_vq", "feature_len", "config_len"))
+            pos += desc_total(nvq, fl, cl)
         rings = [self.alloc_ring(dev.num) for _ in range(dev.num_vq)]
         dev.write_desc(DP_OFF + pos, db, rings)
         self.devs.append(dev)
@@ -397,13 +496,15 @@ class Host:
     def build_page(self, bad_magic=False):
         ap = self.ap
         ap[DP_OFF : DP_OFF + DP_SIZE] = bytes(DP_SIZE)
-        struct.pack_into("<IbBBBQQ", ap, DP_OFF, MIC_MAGIC ^ (1 if bad_magic else 0), -1, 1, 0, 0, 0, 0)
+        struct.pack_into("<I", ap, DP_OFF + BOOT["magic"], MIC_MAGIC ^ (1 if bad_magic else 0))
+        struct.pack_into("<b", ap, DP_OFF + BOOT["h2c_config_db"], -1)
+        ap[DP_OFF + BOOT["node_id"]] = 1
 
     def publish(self, off):
-        self.reg_write(SPAD(14), off & 0xFFFFFFFF)
-        self.reg_write(SPAD(15), off >> 32)
+        self.reg_write(SPAD(ABI["MIC_DPLO_SPAD"]), off & 0xFFFFFFFF)
+        self.reg_write(SPAD(ABI["MIC_DPHI_SPAD"]), off >> 32)
         self.sync()
-        self.raise_vec(0)
+        self.raise_vec(ABI["MIC_CTRL_VECTOR"])
 
     def reg_write(self, off, val):
         self.conn.send(REG_WRITE, struct.pack("<II", off, val))
@@ -415,7 +516,7 @@ class Host:
         self.conn.send(SYNC, struct.pack("<Q", 1))
 
     def h2c_config_db(self):
-        return struct.unpack_from("<b", self.ap, DP_OFF + 4)[0]
+        return struct.unpack_from("<b", self.ap, DP_OFF + BOOT["h2c_config_db"])[0]
 
     # -- messages --------------------------------------------------------
     def handle(self, mtype, p):
@@ -425,13 +526,13 @@ class Host:
             self.ap = mmap.mmap(fd, apsize, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             os.close(fd)
             log("HELLO version 0x%x node %d aperture %d KiB" % (ver, node, apsize >> 10))
-            self.conn.send(HELLO, struct.pack("<I", 0x00010000))
+            self.conn.send(HELLO, struct.pack("<I", ABI["MIC_PROTO_VERSION"]))
             self.events.append(("hello",))
         elif mtype == MEM_TABLE:
             count = struct.unpack_from("<I", p)[0]
             regs = []
             for i in range(count):
-                gpa, size, fo = struct.unpack_from("<QQQ", p, 8 + 24 * i)
+                gpa, size, fo = struct.unpack_from("<QQQ", p, MEM_TABLE_HEAD + MEM_REGION_SIZE * i)
                 fd = self.conn.fds.pop(0)
                 m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=fo)
                 os.close(fd)
@@ -447,9 +548,9 @@ class Host:
             db, val = struct.unpack_from("<II", p)
             for d in self.devs:
                 if d.c2h_db == db and not d.removed:
-                    if val == 0x80000000:
+                    if val == ABI["MIC_DB_CONTROL"]:
                         d.control()
-                    elif val <= 0xFFFF:
+                    elif val <= ABI["MIC_DB_KICK_MAX"]:
                         d.kick(val)
                     break
             else:
@@ -500,7 +601,7 @@ class Host:
             self.bad_pages()
         if a.bad_page:
             # keep the bootparam (the card has set h2c_config_db); new descriptors
-            self.ap[DP_OFF + 24 : DP_OFF + DP_SIZE] = bytes(DP_SIZE - 24)
+            self.ap[DP_OFF + BOOT_SIZE : DP_OFF + DP_SIZE] = bytes(DP_SIZE - BOOT_SIZE)
         else:
             self.build_page()
         con = self.add_device(Console(self), 0)
@@ -510,7 +611,7 @@ class Host:
             self.raise_vec(0)
         else:
             self.publish(DP_OFF)
-        self.wait_for("card online (CARD_STATE=2)", lambda: self.regs.get(CARD_STATE) == 2, 60)
+        self.wait_for("card online (CARD_STATE=2)", lambda: self.regs.get(CARD_STATE) == ABI["MIC_STATE_ONLINE"], 60)
         self.wait_for("h2c_config_db set", lambda: self.h2c_config_db() >= 0, 5)
         self.wait_for("console DRIVER_OK", lambda: con.started, 30)
         self.wait_for("block DRIVER_OK", lambda: blk.started, 30)
@@ -546,23 +647,23 @@ class Host:
         self.wait_for("sha256sum of the disk matches", lambda: want in con.out, 15)
         # config change on the net device
         c = net.ctrl()
-        net.wr8(c + 10, 0)
-        net.wr8(c + 8, 2)
+        net.wr8(c + CTRL["guest_ack"], 0)
+        net.wr8(c + CTRL["config_change"], ABI["MIC_VIRTIO_PARAM_CONFIG_CHANGED"])
         self.raise_vec(self.h2c_config_db())
-        self.wait_for("config change acked", lambda: net.rd8(c + 10) == 1, 10)
-        net.wr8(c + 8, 0)
-        net.wr8(c + 10, 0)
+        self.wait_for("config change acked", lambda: net.rd8(c + CTRL["guest_ack"]) == 1, 10)
+        net.wr8(c + CTRL["config_change"], 0)
+        net.wr8(c + CTRL["guest_ack"], 0)
         # hot removal of the block device
         c = blk.ctrl()
-        blk.wr8(c + 8, 1)
+        blk.wr8(c + CTRL["config_change"], ABI["MIC_VIRTIO_PARAM_DEV_REMOVE"])
         self.raise_vec(self.h2c_config_db())
-        self.wait_for("removal acked", lambda: blk.rd8(c + 10) == 1, 20)
+        self.wait_for("removal acked", lambda: blk.rd8(c + CTRL["guest_ack"]) == 1, 20)
         if blk.h2c() != -1:
             self.fail("h2c_vdev_db not freed on removal")
-        blk.wr8(c + 8, 0)
-        blk.wr8(c + 10, 0)
+        blk.wr8(c + CTRL["config_change"], 0)
+        blk.wr8(c + CTRL["guest_ack"], 0)
         blk.removed = True
-        struct.pack_into("<b", self.ap, blk.pos, -1)
+        struct.pack_into("<b", self.ap, blk.pos + DESC["type"], ABI["MIC_TYPE_REMOVED"])
         self.wait_for("card saw the block device go", lambda: self.serial_has("mic-card: block removed vda"), 20)
         # hot add of a new block device into the freed slot
         blk2 = Blk(self, sectors=4096)
@@ -591,30 +692,31 @@ class Host:
             return
         if a.end == "panic":
             con.type_in("echo c > /proc/sysrq-trigger\n")
-            self.wait_for("shutdown status crashed", lambda: self.regs.get(SHUTDOWN_STATUS) == 1, 60)
-            self.wait_for("card state shutting down", lambda: self.regs.get(CARD_STATE) == 3, 5)
+            self.wait_for("shutdown status crashed", lambda: self.regs.get(SHUTDOWN_STATUS) == ABI["MIC_STATUS_CRASHED"], 60)
+            self.wait_for("card state shutting down", lambda: self.regs.get(CARD_STATE) == ABI["MIC_STATE_SHUTTING_DOWN"], 5)
             return
         if a.end == "reboot":
             con.type_in("reboot\n")
-            self.wait_for("shutdown status restart", lambda: self.regs.get(SHUTDOWN_STATUS) == 4, 60)
-            self.wait_for("card state shutting down", lambda: self.regs.get(CARD_STATE) == 3, 5)
+            self.wait_for("shutdown status restart", lambda: self.regs.get(SHUTDOWN_STATUS) == ABI["MIC_STATUS_RESTART"], 60)
+            self.wait_for("card state shutting down", lambda: self.regs.get(CARD_STATE) == ABI["MIC_STATE_SHUTTING_DOWN"], 5)
             # RESET, or POWEROFF when QEMU runs with -no-reboot
-            self.wait_for("RESET or POWEROFF event", lambda: ("card_event", 1) in self.events or ("card_event", 2) in self.events, 60)
+            self.wait_for("RESET or POWEROFF event", lambda: ("card_event", ABI["MIC_CARD_EVENT_RESET"]) in self.events
+                          or ("card_event", ABI["MIC_CARD_EVENT_POWEROFF"]) in self.events, 60)
             return
         # host-requested shutdown
-        self.reg_write(HOST_REQUEST, 1)
+        self.reg_write(HOST_REQUEST, ABI["MIC_HOST_REQ_SHUTDOWN"])
         self.sync()
-        self.raise_vec(0)
-        self.wait_for("shutdown status poweroff", lambda: self.regs.get(SHUTDOWN_STATUS) == 3, 60)
-        self.wait_for("card state shutting down", lambda: self.regs.get(CARD_STATE) == 3, 5)
-        self.wait_for("host request taken", lambda: self.regs.get(HOST_REQUEST) == 0, 5)
-        self.wait_for("POWEROFF event", lambda: ("card_event", 2) in self.events, 60)
+        self.raise_vec(ABI["MIC_CTRL_VECTOR"])
+        self.wait_for("shutdown status poweroff", lambda: self.regs.get(SHUTDOWN_STATUS) == ABI["MIC_STATUS_POWER_OFF"], 60)
+        self.wait_for("card state shutting down", lambda: self.regs.get(CARD_STATE) == ABI["MIC_STATE_SHUTTING_DOWN"], 5)
+        self.wait_for("host request taken", lambda: self.regs.get(HOST_REQUEST) == ABI["MIC_HOST_REQ_NONE"], 5)
+        self.wait_for("POWEROFF event", lambda: ("card_event", ABI["MIC_CARD_EVENT_POWEROFF"]) in self.events, 60)
 
     def bad_pages(self):
         """malformed device pages: the card must log and skip, never crash"""
         self.wait_for("driver waits for the page",
                       lambda: self.serial_has("waiting for the host to publish the device page"), 120)
-        p = DP_OFF + 24
+        p = DP_OFF + BOOT_SIZE
         # 1. wrong magic
         self.build_page(bad_magic=True)
         self.publish(DP_OFF)
@@ -629,12 +731,12 @@ class Host:
         self.ap[p : p + 8] = bytes(8)
         struct.pack_into("<bBBB", self.ap, p, 1, 99, 8, 10)
         bad = Console(self)
-        pos2 = p + ((8 + 24 * 99 + 16 + 10 + 7) & ~7) + 16
+        pos2 = p + desc_total(99, 8, 10)
         bad.write_desc(pos2, 99, [self.alloc_ring(bad.num) for _ in range(2)])
         pos3 = pos2 + bad.total()
         badring = Console(self)
         badring.write_desc(pos3, 5, [self.alloc_ring(badring.num) for _ in range(2)])
-        struct.pack_into("<I", self.ap, badring.rings[1].off + vring_size(badring.num) + 4, 0x12345678)
+        struct.pack_into("<I", self.ap, badring.rings[1].off + vring_size(badring.num) + VRING_INFO["magic"], 0x12345678)
         self.devs.append(badring)
         self.raise_vec(0)
         self.wait_for("descriptor over the limits skipped", lambda: self.serial_has("breaks the limits"), 20)
@@ -643,7 +745,7 @@ class Host:
         # 4. the host takes the broken device away without waiting: the card
         #    must drop it without touching the slot
         badring.removed = True
-        struct.pack_into("<b", self.ap, pos3, -1)
+        struct.pack_into("<b", self.ap, pos3 + DESC["type"], ABI["MIC_TYPE_REMOVED"])
         self.raise_vec(0)
         self.wait_for("stale device dropped", lambda: self.serial_has("(descriptor gone)"), 20)
         self.pump_for(1)

@@ -1,11 +1,17 @@
 //! The VOP ABI of the emulated X100 card as Rust types: the BAR0 register map,
 //! doorbell values, card states and the device page layout.
 //!
-//! `docs/vop-abi.md` is the specification; every constant and offset here is
-//! taken from it and pinned by the tests at the bottom of this file.
+//! `docs/vop-abi.md` is the specification. The code's definition is the C
+//! header `guest-images/driver/mic_x100_vop.h`, shared by the card driver and
+//! the QEMU device; this module mirrors it, and `tests/abi_header.rs` compiles
+//! the header and fails when a constant, struct size or field offset here
+//! differs from it. Virtio's own constants come from `virtio-bindings`.
 
 use std::fmt;
+use std::mem::size_of;
 
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use virtio_bindings::virtio_config;
 use vm_memory::ByteValued;
 
 /// PCI vendor id of the card (Intel).
@@ -62,8 +68,16 @@ pub mod reg {
     pub const ABI_VERSION_VALUE: u32 = 0x0001_0000;
     /// Value of the `FAMILY` register for an X100.
     pub const FAMILY_X100: u32 = 100;
+    /// Stepping A0.
+    pub const STEPPING_A0: u32 = 0x00;
+    /// Stepping B0.
+    pub const STEPPING_B0: u32 = 0x10;
+    /// Stepping B1.
+    pub const STEPPING_B1: u32 = 0x11;
     /// Stepping C0, the default.
     pub const STEPPING_C0: u32 = 0x20;
+    /// `HOST_REQUEST` value: no request.
+    pub const HOST_REQUEST_NONE: u32 = 0;
     /// `HOST_REQUEST` value asking the card to shut down.
     pub const HOST_REQUEST_SHUTDOWN: u32 = 1;
 
@@ -244,6 +258,10 @@ pub const MAX_RING_ENTRIES: u16 = 1024;
 pub const MAX_DESC_SIZE: usize = 1024;
 /// Bytes per feature bitmap written by our host.
 pub const FEATURE_LEN: u8 = 8;
+/// Smallest `feature_len` the card accepts.
+pub const MIN_FEATURE_LEN: u8 = 1;
+/// Largest `feature_len` the card accepts.
+pub const MAX_FEATURE_LEN: u8 = 32;
 /// `config_change` value: the host removes the device.
 pub const CONFIG_CHANGE_REMOVE: u8 = 1;
 /// `config_change` value: the config space changed.
@@ -358,17 +376,24 @@ pub const fn align_up(v: u64, a: u64) -> u64 {
     (v + a - 1) & !(a - 1)
 }
 
+/// Offset of the used ring in a split ring of `num` entries whose used ring
+/// is aligned to `align` (Linux `vring_init`: descriptor table, available
+/// ring with its event word, then the used ring).
+pub const fn vring_used_offset(num: u16, align: u64) -> u64 {
+    let num = num as u64;
+    align_up(16 * num + 2 * (3 + num), align)
+}
+
 /// Size of a split ring of `num` entries with the used ring aligned to `align`
 /// (Linux `vring_size`).
 pub const fn vring_size(num: u16, align: u64) -> u64 {
-    let num = num as u64;
-    align_up(16 * num + 2 * (3 + num), align) + 2 * 3 + 8 * num
+    vring_used_offset(num, align) + 2 * 3 + 8 * num as u64
 }
 
 /// Bytes the host allocates for one ring: the ring, its trailer, page aligned.
 pub const fn ring_alloc_size(num: u16) -> u64 {
     align_up(
-        vring_size(num, RING_ALIGN) + std::mem::size_of::<VringInfo>() as u64,
+        vring_size(num, RING_ALIGN) + size_of::<VringInfo>() as u64,
         4096,
     )
 }
@@ -393,16 +418,16 @@ pub struct DescLayout {
 
 impl DescLayout {
     /// Offset of the `status` byte.
-    pub const STATUS: usize = 4;
+    pub const STATUS: usize = std::mem::offset_of!(DeviceDesc, status);
 
     /// Offset of virtqueue `i`'s `mic_vqconfig`.
     pub fn vqconfig(&self, i: usize) -> usize {
-        8 + 24 * i
+        size_of::<DeviceDesc>() + size_of::<VqConfig>() * i
     }
 
     /// Offset of the host feature bitmap.
     pub fn host_features(&self) -> usize {
-        8 + 24 * self.num_vq as usize
+        self.vqconfig(self.num_vq as usize)
     }
 
     /// Offset of the acked feature bitmap.
@@ -427,7 +452,7 @@ impl DescLayout {
 
     /// Size of the descriptor with its control block (`mic_total_desc_size`).
     pub fn total_size(&self) -> usize {
-        self.desc_size() + std::mem::size_of::<DeviceCtrl>()
+        self.desc_size() + size_of::<DeviceCtrl>()
     }
 
     /// Checks the layout against the limits of `docs/vop-abi.md` section 5.4.
@@ -435,7 +460,7 @@ impl DescLayout {
         if self.num_vq == 0 || self.num_vq as usize > MAX_VQS {
             return Err(LayoutError::NumVq(self.num_vq));
         }
-        if self.feature_len == 0 || self.feature_len > 32 {
+        if !(MIN_FEATURE_LEN..=MAX_FEATURE_LEN).contains(&self.feature_len) {
             return Err(LayoutError::FeatureLen(self.feature_len));
         }
         if self.total_size() > MAX_DESC_SIZE {
@@ -451,8 +476,8 @@ pub enum LayoutError {
     /// `num_vq` is 0 or above [`MAX_VQS`].
     #[error("num_vq {0} is outside 1..={MAX_VQS}")]
     NumVq(u8),
-    /// `feature_len` is 0 or above 32.
-    #[error("feature_len {0} is outside 1..=32")]
+    /// `feature_len` is outside [`MIN_FEATURE_LEN`]..=[`MAX_FEATURE_LEN`].
+    #[error("feature_len {0} is outside {MIN_FEATURE_LEN}..={MAX_FEATURE_LEN}")]
     FeatureLen(u8),
     /// The descriptor is larger than [`MAX_DESC_SIZE`].
     #[error("descriptor of {0} bytes exceeds {MAX_DESC_SIZE}")]
@@ -498,18 +523,18 @@ pub fn features_from_bytes(bytes: &[u8]) -> u64 {
 
 /// Transport feature bits the host never offers to the card
 /// (`docs/vop-abi.md` section 5.5).
-pub const UNSUPPORTED_FEATURES: u64 = (1 << 30) // VHOST_USER_F_PROTOCOL_FEATURES
-    | (1 << 33) // VIRTIO_F_ACCESS_PLATFORM
-    | (1 << 34) // VIRTIO_F_RING_PACKED
-    | (1 << 36) // VIRTIO_F_ORDER_PLATFORM
-    | (1 << 37) // VIRTIO_F_SR_IOV
-    | (1 << 38) // VIRTIO_F_NOTIFICATION_DATA
-    | (1 << 40); // VIRTIO_F_RING_RESET
+pub const UNSUPPORTED_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    | (1 << virtio_config::VIRTIO_F_ACCESS_PLATFORM)
+    | (1 << virtio_config::VIRTIO_F_RING_PACKED)
+    | (1 << virtio_config::VIRTIO_F_ORDER_PLATFORM)
+    | (1 << virtio_config::VIRTIO_F_SR_IOV)
+    | (1 << virtio_config::VIRTIO_F_NOTIFICATION_DATA)
+    | (1 << virtio_config::VIRTIO_F_RING_RESET);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::mem::{offset_of, size_of};
+    use std::mem::offset_of;
 
     #[test]
     fn bootparam_layout_matches_upstream() {
@@ -638,6 +663,15 @@ mod tests {
         assert_eq!(b, vec![5, 0, 0, 0x20, 1, 0, 0, 0]);
         assert_eq!(features_from_bytes(&b), f);
         assert_eq!(features_to_bytes(f, 4), vec![5, 0, 0, 0x20]);
+    }
+
+    #[test]
+    fn unsupported_features_are_the_spec_bits() {
+        // docs/vop-abi.md section 5.5: bits 30, 33, 34, 36, 37, 38 and 40.
+        let bits: Vec<u32> = (0..64)
+            .filter(|b| UNSUPPORTED_FEATURES & (1 << b) != 0)
+            .collect();
+        assert_eq!(bits, vec![30, 33, 34, 36, 37, 38, 40]);
     }
 
     #[test]

@@ -2,10 +2,15 @@
 //! (`docs/device-protocol.md`): message encoding and decoding, the socket link
 //! with file-descriptor passing, and the shared mappings the device hands over
 //! (the aperture and the card's RAM).
+//!
+//! The protocol's code definition is the C header
+//! `guest-images/driver/mic_x100_vop.h`; the payload structs in [`wire`] and
+//! the constants here mirror it, checked by `tests/abi_header.rs`.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
+use std::mem::size_of;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -27,9 +32,213 @@ pub const MAX_PAYLOAD: usize = 4096;
 /// Most file descriptors carried by one message.
 pub const MAX_FDS: usize = 16;
 /// Size of a message header.
-pub const HEADER_SIZE: usize = 8;
+pub const HEADER_SIZE: usize = size_of::<wire::MsgHeader>();
 /// Size of the `HELLO` payload the device sends (version 1.0).
-pub const DEVICE_HELLO_SIZE: usize = 112;
+pub const DEVICE_HELLO_SIZE: usize = size_of::<wire::DeviceHello>();
+/// Most regions in a `MEM_TABLE`.
+pub const MAX_MEM_REGIONS: usize = 16;
+/// Most bytes of text in an `ERROR`.
+pub const ERROR_TEXT_MAX: usize = 256;
+/// `HELLO` flag: the vCPUs are running.
+pub const HELLO_FLAG_RUNNING: u32 = 1;
+
+/// `CARD_EVENT` values.
+pub mod event {
+    /// System reset.
+    pub const RESET: u32 = 1;
+    /// The machine is shutting down.
+    pub const POWEROFF: u32 = 2;
+    /// The vCPUs started or resumed.
+    pub const RUN: u32 = 3;
+    /// The vCPUs paused.
+    pub const STOP: u32 = 4;
+}
+
+/// The messages' wire layouts: `#[repr(C, packed)]` mirrors of the header's
+/// `struct mic_msg_*`, little-endian fields.
+pub mod wire {
+    use vm_memory::{ByteValued, Le32, Le64};
+
+    use crate::abi::NUM_SPADS;
+
+    /// `struct mic_msg_hdr`: starts every message.
+    #[repr(C, packed)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct MsgHeader {
+        /// Message type.
+        pub type_: Le32,
+        /// Payload bytes that follow.
+        pub size: Le32,
+    }
+
+    /// `struct mic_msg_device_hello`: the device's `HELLO`.
+    #[repr(C, packed)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct DeviceHello {
+        /// Protocol version.
+        pub version: Le32,
+        /// Card node id.
+        pub node_id: Le32,
+        /// Aperture size in bytes.
+        pub aperture_size: Le64,
+        /// Number of scratchpads.
+        pub num_spads: Le32,
+        /// Number of card-to-host doorbells.
+        pub num_doorbells: Le32,
+        /// Number of MSI-X vectors.
+        pub num_vectors: Le32,
+        /// Bit 0: the vCPUs are running.
+        pub flags: Le32,
+        /// `CARD_STATE`.
+        pub card_state: Le32,
+        /// `SHUTDOWN_STATUS`.
+        pub shutdown_status: Le32,
+        /// `HOST_REQUEST`.
+        pub host_request: Le32,
+        /// Padding.
+        pub pad: Le32,
+        /// Scratchpads.
+        pub spads: [Le32; NUM_SPADS as usize],
+    }
+
+    /// `struct mic_msg_host_hello`: the host side's `HELLO`.
+    #[repr(C, packed)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct HostHello {
+        /// Protocol version.
+        pub version: Le32,
+    }
+
+    /// `struct mic_msg_mem_region`: one region of a `MEM_TABLE`.
+    #[repr(C, packed)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct MemRegion {
+        /// Guest physical address.
+        pub gpa: Le64,
+        /// Length.
+        pub size: Le64,
+        /// Offset in the region's fd.
+        pub fd_offset: Le64,
+    }
+
+    /// `struct mic_msg_mem_table`: head of a `MEM_TABLE`; `count`
+    /// [`MemRegion`]s follow.
+    #[repr(C, packed)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct MemTable {
+        /// Number of regions.
+        pub count: Le32,
+        /// Padding.
+        pub pad: Le32,
+    }
+
+    /// `struct mic_msg_reg_write`: `REG_WRITE`, both directions.
+    #[repr(C, packed)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct RegWrite {
+        /// BAR0 offset.
+        pub offset: Le32,
+        /// Value.
+        pub value: Le32,
+    }
+
+    /// `struct mic_msg_doorbell`: `DOORBELL`.
+    #[repr(C, packed)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Doorbell {
+        /// Doorbell index.
+        pub doorbell: Le32,
+        /// Value written.
+        pub value: Le32,
+    }
+
+    /// `struct mic_msg_card_event`: `CARD_EVENT`.
+    #[repr(C, packed)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct CardEvent {
+        /// One of [`super::event`].
+        pub event: Le32,
+    }
+
+    /// `struct mic_msg_set_doorbell_fd`: `SET_DOORBELL_FD`.
+    #[repr(C, packed)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct SetDoorbellFd {
+        /// Doorbell index.
+        pub doorbell: Le32,
+        /// Value to match.
+        pub value: Le32,
+    }
+
+    /// `struct mic_msg_set_vector_fd`: `SET_VECTOR_FD`.
+    #[repr(C, packed)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct SetVectorFd {
+        /// MSI-X vector.
+        pub vector: Le32,
+        /// Padding.
+        pub pad: Le32,
+    }
+
+    /// `struct mic_msg_raise_vector`: `RAISE_VECTOR`.
+    #[repr(C, packed)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct RaiseVector {
+        /// MSI-X vector.
+        pub vector: Le32,
+    }
+
+    /// `struct mic_msg_sync`: `SYNC`, both directions.
+    #[repr(C, packed)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Sync {
+        /// Token, echoed.
+        pub token: Le64,
+    }
+
+    /// `struct mic_msg_error`: head of an `ERROR`; text follows.
+    #[repr(C, packed)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Error {
+        /// Type of the failed request.
+        pub request_type: Le32,
+        /// Positive errno.
+        pub error: Le32,
+    }
+
+    // SAFETY: packed structs of little-endian integers: no padding, and every
+    // bit pattern is a valid value.
+    unsafe impl ByteValued for MsgHeader {}
+    // SAFETY: as above.
+    unsafe impl ByteValued for DeviceHello {}
+    // SAFETY: as above.
+    unsafe impl ByteValued for HostHello {}
+    // SAFETY: as above.
+    unsafe impl ByteValued for MemRegion {}
+    // SAFETY: as above.
+    unsafe impl ByteValued for MemTable {}
+    // SAFETY: as above.
+    unsafe impl ByteValued for RegWrite {}
+    // SAFETY: as above.
+    unsafe impl ByteValued for Doorbell {}
+    // SAFETY: as above.
+    unsafe impl ByteValued for CardEvent {}
+    // SAFETY: as above.
+    unsafe impl ByteValued for SetDoorbellFd {}
+    // SAFETY: as above.
+    unsafe impl ByteValued for SetVectorFd {}
+    // SAFETY: as above.
+    unsafe impl ByteValued for RaiseVector {}
+    // SAFETY: as above.
+    unsafe impl ByteValued for Sync {}
+    // SAFETY: as above.
+    unsafe impl ByteValued for Error {}
+
+    /// Reads a `T` from the start of `p`; `None` when `p` is too short.
+    pub fn read<T: ByteValued>(p: &[u8]) -> Option<T> {
+        T::from_slice(p.get(..size_of::<T>())?).copied()
+    }
+}
 
 /// Message type numbers.
 pub mod msg {
@@ -140,49 +349,41 @@ impl DeviceHello {
 
     /// Encodes the payload, as the device does.
     pub fn encode(&self) -> Vec<u8> {
-        let mut p = Vec::with_capacity(DEVICE_HELLO_SIZE);
-        for v in [self.version, self.node_id] {
-            p.extend_from_slice(&v.to_le_bytes());
+        let running = if self.running { HELLO_FLAG_RUNNING } else { 0 };
+        wire::DeviceHello {
+            version: self.version.into(),
+            node_id: self.node_id.into(),
+            aperture_size: self.aperture_size.into(),
+            num_spads: self.num_spads.into(),
+            num_doorbells: self.num_doorbells.into(),
+            num_vectors: self.num_vectors.into(),
+            flags: running.into(),
+            card_state: self.card_state.into(),
+            shutdown_status: self.shutdown_status.into(),
+            host_request: self.host_request.into(),
+            pad: 0.into(),
+            spads: self.spads.map(Into::into),
         }
-        p.extend_from_slice(&self.aperture_size.to_le_bytes());
-        for v in [
-            self.num_spads,
-            self.num_doorbells,
-            self.num_vectors,
-            u32::from(self.running),
-            self.card_state,
-            self.shutdown_status,
-            self.host_request,
-            0,
-        ] {
-            p.extend_from_slice(&v.to_le_bytes());
-        }
-        for s in self.spads {
-            p.extend_from_slice(&s.to_le_bytes());
-        }
-        p
+        .as_slice()
+        .to_vec()
     }
 
     fn decode(p: &[u8]) -> Result<Self> {
-        if p.len() < DEVICE_HELLO_SIZE {
-            return Err(malformed("HELLO", format!("{} bytes", p.len())));
-        }
-        let mut spads = [0; abi::NUM_SPADS as usize];
-        for (i, s) in spads.iter_mut().enumerate() {
-            *s = le32(p, 48 + 4 * i);
-        }
+        let w: wire::DeviceHello =
+            wire::read(p).ok_or_else(|| malformed("HELLO", format!("{} bytes", p.len())))?;
+        let spads = w.spads;
         Ok(DeviceHello {
-            version: le32(p, 0),
-            node_id: le32(p, 4),
-            aperture_size: le64(p, 8),
-            num_spads: le32(p, 16),
-            num_doorbells: le32(p, 20),
-            num_vectors: le32(p, 24),
-            running: le32(p, 28) & 1 != 0,
-            card_state: le32(p, 32),
-            shutdown_status: le32(p, 36),
-            host_request: le32(p, 40),
-            spads,
+            version: w.version.into(),
+            node_id: w.node_id.into(),
+            aperture_size: w.aperture_size.into(),
+            num_spads: w.num_spads.into(),
+            num_doorbells: w.num_doorbells.into(),
+            num_vectors: w.num_vectors.into(),
+            running: u32::from(w.flags) & HELLO_FLAG_RUNNING != 0,
+            card_state: w.card_state.into(),
+            shutdown_status: w.shutdown_status.into(),
+            host_request: w.host_request.into(),
+            spads: spads.map(Into::into),
         })
     }
 }
@@ -216,10 +417,10 @@ pub enum CardEvent {
 impl From<u32> for CardEvent {
     fn from(v: u32) -> Self {
         match v {
-            1 => CardEvent::Reset,
-            2 => CardEvent::PowerOff,
-            3 => CardEvent::Run,
-            4 => CardEvent::Stop,
+            event::RESET => CardEvent::Reset,
+            event::POWEROFF => CardEvent::PowerOff,
+            event::RUN => CardEvent::Run,
+            event::STOP => CardEvent::Stop,
             other => CardEvent::Unknown(other),
         }
     }
@@ -263,22 +464,14 @@ pub enum DeviceMessage {
     Unknown(u32),
 }
 
-fn le32(p: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(p[off..off + 4].try_into().unwrap())
-}
-
-fn le64(p: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(p[off..off + 8].try_into().unwrap())
-}
-
-fn need(kind: &'static str, p: &[u8], len: usize) -> Result<()> {
-    if p.len() < len {
-        return Err(malformed(
+/// Reads the payload struct `T` of a message of kind `kind`.
+fn payload<T: ByteValued>(kind: &'static str, p: &[u8]) -> Result<T> {
+    wire::read(p).ok_or_else(|| {
+        malformed(
             kind,
-            format!("{} payload bytes, need {len}", p.len()),
-        ));
-    }
-    Ok(())
+            format!("{} payload bytes, need {}", p.len(), size_of::<T>()),
+        )
+    })
 }
 
 impl DeviceMessage {
@@ -297,56 +490,64 @@ impl DeviceMessage {
                 DeviceMessage::Hello(hello, fds.swap_remove(0))
             }
             msg::MEM_TABLE => {
-                need("MEM_TABLE", p, 8)?;
-                let count = le32(p, 0) as usize;
-                if count > MAX_FDS {
+                let head: wire::MemTable = payload("MEM_TABLE", p)?;
+                let count = u32::from(head.count) as usize;
+                if count > MAX_MEM_REGIONS {
                     return Err(malformed("MEM_TABLE", format!("{count} regions")));
                 }
-                need("MEM_TABLE", p, 8 + 24 * count)?;
+                let entries = &p[size_of::<wire::MemTable>()..];
+                let regions = entries
+                    .chunks(size_of::<wire::MemRegion>())
+                    .take(count)
+                    .map(|e| payload::<wire::MemRegion>("MEM_TABLE", e))
+                    .collect::<Result<Vec<_>>>()?;
+                if regions.len() < count {
+                    return Err(malformed(
+                        "MEM_TABLE",
+                        format!("{count} regions announced, {} described", regions.len()),
+                    ));
+                }
                 if fds.len() < count {
                     return Err(malformed(
                         "MEM_TABLE",
                         format!("{count} regions but {} fds", fds.len()),
                     ));
                 }
-                let regions = (0..count).map(|i| {
-                    let o = 8 + 24 * i;
-                    MemRegion {
-                        gpa: le64(p, o),
-                        size: le64(p, o + 8),
-                        fd_offset: le64(p, o + 16),
-                    }
+                let regions = regions.into_iter().map(|r| MemRegion {
+                    gpa: r.gpa.into(),
+                    size: r.size.into(),
+                    fd_offset: r.fd_offset.into(),
                 });
                 DeviceMessage::MemTable(regions.zip(fds.drain(..count)).collect())
             }
             msg::REG_WRITE => {
-                need("REG_WRITE", p, 8)?;
+                let m: wire::RegWrite = payload("REG_WRITE", p)?;
                 DeviceMessage::RegWrite {
-                    offset: le32(p, 0),
-                    value: le32(p, 4),
+                    offset: m.offset.into(),
+                    value: m.value.into(),
                 }
             }
             msg::DOORBELL => {
-                need("DOORBELL", p, 8)?;
+                let m: wire::Doorbell = payload("DOORBELL", p)?;
                 DeviceMessage::Doorbell {
-                    doorbell: le32(p, 0),
-                    value: le32(p, 4),
+                    doorbell: m.doorbell.into(),
+                    value: m.value.into(),
                 }
             }
             msg::CARD_EVENT => {
-                need("CARD_EVENT", p, 4)?;
-                DeviceMessage::CardEvent(le32(p, 0).into())
+                let m: wire::CardEvent = payload("CARD_EVENT", p)?;
+                DeviceMessage::CardEvent(u32::from(m.event).into())
             }
             msg::SYNC => {
-                need("SYNC", p, 8)?;
-                DeviceMessage::Sync(le64(p, 0))
+                let m: wire::Sync = payload("SYNC", p)?;
+                DeviceMessage::Sync(m.token.into())
             }
             msg::ERROR => {
-                need("ERROR", p, 8)?;
+                let m: wire::Error = payload("ERROR", p)?;
                 DeviceMessage::Error {
-                    request_type: le32(p, 0),
-                    errno: le32(p, 4),
-                    text: String::from_utf8_lossy(&p[8..])
+                    request_type: m.request_type.into(),
+                    errno: m.error.into(),
+                    text: String::from_utf8_lossy(&p[size_of::<wire::Error>()..])
                         .trim_end_matches('\0')
                         .into(),
                 }
@@ -405,34 +606,58 @@ impl HostMessage {
 
     /// Encodes the message (header and payload) and the fds it carries.
     pub fn encode(&self) -> (Vec<u8>, Vec<RawFd>) {
-        let mut payload = Vec::with_capacity(8);
         let mut fds = Vec::new();
-        match *self {
-            HostMessage::Hello => payload.extend_from_slice(&VERSION.to_le_bytes()),
-            HostMessage::RegWrite { offset, value } => {
-                payload.extend_from_slice(&offset.to_le_bytes());
-                payload.extend_from_slice(&value.to_le_bytes());
+        let payload = match *self {
+            HostMessage::Hello => wire::HostHello {
+                version: VERSION.into(),
             }
+            .as_slice()
+            .to_vec(),
+            HostMessage::RegWrite { offset, value } => wire::RegWrite {
+                offset: offset.into(),
+                value: value.into(),
+            }
+            .as_slice()
+            .to_vec(),
             HostMessage::SetDoorbellFd {
                 doorbell,
                 value,
                 fd,
             } => {
-                payload.extend_from_slice(&doorbell.to_le_bytes());
-                payload.extend_from_slice(&value.to_le_bytes());
                 fds.extend(fd);
+                wire::SetDoorbellFd {
+                    doorbell: doorbell.into(),
+                    value: value.into(),
+                }
+                .as_slice()
+                .to_vec()
             }
             HostMessage::SetVectorFd { vector, fd } => {
-                payload.extend_from_slice(&vector.to_le_bytes());
-                payload.extend_from_slice(&0u32.to_le_bytes());
                 fds.extend(fd);
+                wire::SetVectorFd {
+                    vector: vector.into(),
+                    pad: 0.into(),
+                }
+                .as_slice()
+                .to_vec()
             }
-            HostMessage::RaiseVector(vector) => payload.extend_from_slice(&vector.to_le_bytes()),
-            HostMessage::Sync(token) => payload.extend_from_slice(&token.to_le_bytes()),
-        }
+            HostMessage::RaiseVector(vector) => wire::RaiseVector {
+                vector: vector.into(),
+            }
+            .as_slice()
+            .to_vec(),
+            HostMessage::Sync(token) => wire::Sync {
+                token: token.into(),
+            }
+            .as_slice()
+            .to_vec(),
+        };
+        let header = wire::MsgHeader {
+            type_: self.type_number().into(),
+            size: (payload.len() as u32).into(),
+        };
         let mut bytes = Vec::with_capacity(HEADER_SIZE + payload.len());
-        bytes.extend_from_slice(&self.type_number().to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(header.as_slice());
         bytes.extend_from_slice(&payload);
         (bytes, fds)
     }
@@ -546,10 +771,10 @@ impl DeviceLink {
 
     fn recv_wire(&mut self) -> Result<DeviceMessage> {
         let mut fds = Vec::new();
-        let mut header = [0u8; HEADER_SIZE];
-        self.read_exact_fds(&mut header, &mut fds)?;
-        let ty = le32(&header, 0);
-        let size = le32(&header, 4) as usize;
+        let mut header = wire::MsgHeader::default();
+        self.read_exact_fds(header.as_mut_slice(), &mut fds)?;
+        let ty = u32::from(header.type_);
+        let size = u32::from(header.size) as usize;
         if size > MAX_PAYLOAD {
             return Err(malformed("header", format!("payload of {size} bytes")));
         }
@@ -784,7 +1009,9 @@ mod tests {
         let d = DeviceHello::decode(&bytes).unwrap();
         assert_eq!(d, h);
         assert_eq!(d.device_page_offset(), Some(0x1000));
-        assert_eq!(le32(&bytes, 48 + 4 * 3), 7);
+        let w: wire::DeviceHello = wire::read(&bytes).unwrap();
+        assert_eq!(u32::from(w.spads[3]), 7);
+        assert_eq!(bytes[48 + 4 * 3], 7);
     }
 
     #[test]
@@ -818,6 +1045,62 @@ mod tests {
         t.extend_from_slice(&[0; 24]);
         // Two regions announced, one described.
         assert!(DeviceMessage::decode(msg::MEM_TABLE, &t, vec![]).is_err());
+    }
+
+    #[test]
+    fn mem_table_and_error_decode_per_spec() {
+        let mut p = vec![2, 0, 0, 0, 0, 0, 0, 0];
+        for (gpa, size, fo) in [(0u64, 0xa_0000u64, 0u64), (0xc_0000, 0x1000, 0xc_0000)] {
+            p.extend_from_slice(&gpa.to_le_bytes());
+            p.extend_from_slice(&size.to_le_bytes());
+            p.extend_from_slice(&fo.to_le_bytes());
+        }
+        let fds = vec![
+            File::open("/dev/null").unwrap(),
+            File::open("/dev/null").unwrap(),
+        ];
+        match DeviceMessage::decode(msg::MEM_TABLE, &p, fds).unwrap() {
+            DeviceMessage::MemTable(t) => {
+                let regions: Vec<MemRegion> = t.into_iter().map(|(r, _)| r).collect();
+                assert_eq!(
+                    regions,
+                    vec![
+                        MemRegion {
+                            gpa: 0,
+                            size: 0xa_0000,
+                            fd_offset: 0
+                        },
+                        MemRegion {
+                            gpa: 0xc_0000,
+                            size: 0x1000,
+                            fd_offset: 0xc_0000
+                        }
+                    ]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Two regions but one fd.
+        let fds = vec![File::open("/dev/null").unwrap()];
+        assert!(DeviceMessage::decode(msg::MEM_TABLE, &p, fds).is_err());
+
+        let mut e = vec![7, 0, 0, 0, 22, 0, 0, 0];
+        e.extend_from_slice(b"vector 77 out of range");
+        match DeviceMessage::decode(msg::ERROR, &e, vec![]).unwrap() {
+            DeviceMessage::Error {
+                request_type,
+                errno,
+                text,
+            } => {
+                assert_eq!((request_type, errno), (7, 22));
+                assert_eq!(text, "vector 77 out of range");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            DeviceMessage::decode(msg::CARD_EVENT, &event::POWEROFF.to_le_bytes(), vec![]),
+            Ok(DeviceMessage::CardEvent(CardEvent::PowerOff))
+        ));
     }
 
     #[test]

@@ -74,11 +74,7 @@ impl Ring {
 
     /// Offset of the used ring.
     pub fn used(&self) -> u64 {
-        self.offset
-            + abi::align_up(
-                16 * u64::from(self.num) + 2 * (3 + u64::from(self.num)),
-                abi::RING_ALIGN,
-            )
+        self.offset + abi::vring_used_offset(self.num, abi::RING_ALIGN)
     }
 
     /// Offset of the ring's trailer (`_mic_vring_info`).
@@ -422,14 +418,17 @@ impl DevicePage {
 
 /// Offsets of control-block bytes, for [`DevicePage::set_ctrl_byte`].
 pub mod ctrl_field {
+    use crate::abi::DeviceCtrl;
+    use std::mem::offset_of;
+
     /// `config_change`.
-    pub const CONFIG_CHANGE: usize = 8;
+    pub const CONFIG_CHANGE: usize = offset_of!(DeviceCtrl, config_change);
     /// `vdev_reset`.
-    pub const VDEV_RESET: usize = 9;
+    pub const VDEV_RESET: usize = offset_of!(DeviceCtrl, vdev_reset);
     /// `guest_ack`.
-    pub const GUEST_ACK: usize = 10;
+    pub const GUEST_ACK: usize = offset_of!(DeviceCtrl, guest_ack);
     /// `host_ack`.
-    pub const HOST_ACK: usize = 11;
+    pub const HOST_ACK: usize = offset_of!(DeviceCtrl, host_ack);
 }
 
 fn init_ring(aperture: &Aperture, r: &Ring, device_type: u8, vq: u16) -> Result<(), PageError> {
