@@ -175,10 +175,8 @@ fn pty_both_ways_and_size() {
     };
     use std::os::unix::io::AsRawFd;
     // SAFETY: valid winsize on a tty fd.
-    assert_eq!(
-        unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-        0
-    );
+    let rc = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    assert_eq!(rc, 0);
 
     let mut fe = connect(&sock, u64::MAX, 4);
     assert_ne!(fe.acked_features & F_SIZE, 0);
@@ -213,10 +211,8 @@ fn pty_both_ways_and_size() {
         ws_ypixel: 0,
     };
     // SAFETY: valid winsize on a tty fd.
-    assert_eq!(
-        unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-        0
-    );
+    let rc = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    assert_eq!(rc, 0);
     let m = ctrl_recv(&mut fe.queues[2], 1);
     assert_eq!(m[0].1, 5, "RESIZE after the change: {m:?}");
     assert_eq!(m[0].3, [30u16.to_le_bytes(), 100u16.to_le_bytes()].concat());
@@ -264,10 +260,8 @@ fn set_size(tty: &std::fs::File, rows: u16, cols: u16) {
         ws_ypixel: 0,
     };
     // SAFETY: valid winsize on a tty fd.
-    assert_eq!(
-        unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-        0
-    );
+    let rc = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    assert_eq!(rc, 0);
 }
 
 /// (cols, rows) from the device's config space.
@@ -564,10 +558,8 @@ fn stdio_terminal_raw_mode_and_escape() {
     }
     let mut name = [0 as libc::c_char; 64];
     // SAFETY: buffer valid for its length.
-    assert_eq!(
-        unsafe { libc::ptsname_r(master, name.as_mut_ptr(), name.len()) },
-        0
-    );
+    let rc = unsafe { libc::ptsname_r(master, name.as_mut_ptr(), name.len()) };
+    assert_eq!(rc, 0);
     // SAFETY: NUL-terminated by ptsname_r.
     let pts = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
         .to_string_lossy()
