@@ -5,26 +5,20 @@
 mod card;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use card::{wait_for, workspace, TempDir, BOOT_TIMEOUT};
 
-#[test]
-fn run_card_boots_takes_console_input_and_ends_on_poweroff() {
-    let dir = TempDir::new("run-card");
+/// Starts `scripts/run-card ARGS` for a small card (64 MiB disk, 512 MiB,
+/// one CPU) with its work directory in `dir` and the console on a pipe;
+/// returns the child and the work directory.
+fn start_run_card(dir: &TempDir, args: &[&str]) -> (Child, PathBuf) {
     let work = dir.0.join("work");
-    let mut child = Command::new(workspace().join("scripts/run-card"))
-        .args([
-            "--net",
-            "passt",
-            "--disk-size",
-            "64M",
-            "--memory",
-            "512",
-            "--cpus",
-            "1",
-        ])
+    let child = Command::new(workspace().join("scripts/run-card"))
+        .args(args)
+        .args(["--disk-size", "64M", "--memory", "512", "--cpus", "1"])
         .arg("--workdir")
         .arg(&work)
         .stdin(Stdio::piped())
@@ -32,6 +26,13 @@ fn run_card_boots_takes_console_input_and_ends_on_poweroff() {
         .stderr(std::fs::File::create(dir.0.join("run-card.err")).unwrap())
         .spawn()
         .unwrap();
+    (child, work)
+}
+
+#[test]
+fn run_card_boots_takes_console_input_and_ends_on_poweroff() {
+    let dir = TempDir::new("run-card");
+    let (mut child, work) = start_run_card(&dir, &["--net", "passt"]);
     let console_log = work.join("console.log");
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
     let serial = work.join("serial.log");
@@ -74,17 +75,7 @@ fn run_card_boots_takes_console_input_and_ends_on_poweroff() {
 #[test]
 fn run_card_boots_the_bzimage_and_waits_only_for_attached_devices() {
     let dir = TempDir::new("run-card-bzimage");
-    let work = dir.0.join("work");
-    let mut child = Command::new(workspace().join("scripts/run-card"))
-        .args(["--bzimage", "--net", "none", "--disk-size", "64M"])
-        .args(["--memory", "512", "--cpus", "1"])
-        .arg("--workdir")
-        .arg(&work)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.0.join("run-card.err")).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut child, work) = start_run_card(&dir, &["--bzimage", "--net", "none"]);
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
     let serial = work.join("serial.log");
     let online = wait_for(BOOT_TIMEOUT, "the card to come online", || {
