@@ -20,7 +20,7 @@ mod agent;
 struct Cli {
     /// The bridge's control socket (for `exec` and `cp`: the card's
     /// vhost-device-vsock UNIX socket, its `uds-path`).
-    #[arg(long, short = 's', value_name = "PATH", global = true)]
+    #[arg(long, short = 's', value_name = "PATH")]
     socket: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
