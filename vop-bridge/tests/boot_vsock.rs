@@ -236,6 +236,28 @@ fn card_exchanges_16_mib_both_ways_with_a_host_service() {
 }
 
 #[test]
+fn host_program_reaches_a_card_service() {
+    let card = vsock_card();
+    let (_, _, code) = sh(
+        &card,
+        "mic-agent listen 4000 </dev/null >/tmp/got 2>/tmp/listen.err &",
+    );
+    assert_eq!(code, 0);
+    let data = random(4 * MIB);
+    let mut s = wait_for(Duration::from_secs(60), "the card's listener", || {
+        agent_client::connect_port(&card.vsock_uds(), 4000).ok()
+    });
+    s.write_all(&data).unwrap();
+    drop(s);
+    let sum = sha256_bytes(&data);
+    wait_for(CMD, "the card to have the data", || {
+        let (out, _, _) = sh(&card, "pidof mic-agent | wc -w; sha256sum /tmp/got");
+        // Only the agent itself left: the listener has exited.
+        (out.starts_with("1\n") && sum_in(&out) == sum).then_some(())
+    });
+}
+
+#[test]
 fn agent_survives_garbage_and_hosts_that_leave_mid_transfer() {
     let card = vsock_card();
     let uds = card.vsock_uds();
