@@ -6,6 +6,7 @@
 //! mic-agent [--port N]           serve (the card's init starts this)
 //! mic-agent connect CID PORT     stdin to the peer, the peer to stdout
 //! mic-agent listen PORT          the same for the first peer that connects
+//! mic-agent cid                  print this card's CID
 //! ```
 
 use std::io::{self, Read, Write};
@@ -20,7 +21,7 @@ use mic_agent::vsock::{VsockListener, VsockStream};
 const MAX_SESSIONS: usize = 32;
 
 fn usage() -> ! {
-    eprintln!("usage: mic-agent [--port N] | connect CID PORT | listen PORT");
+    eprintln!("usage: mic-agent [--port N] | connect CID PORT | listen PORT | cid");
     std::process::exit(2)
 }
 
@@ -39,6 +40,7 @@ fn main() {
         Some("listen") => {
             VsockListener::bind(number(args.get(1))).and_then(|l| pipe(l.accept()?.0))
         }
+        Some("cid") => mic_agent::vsock::local_cid().map(|c| println!("{c}")),
         Some(_) => usage(),
     };
     if let Err(e) = result {

@@ -12,6 +12,24 @@ use crate::session::Conn;
 /// `VMADDR_CID_HOST`: the host, as every guest sees it.
 pub const HOST_CID: u32 = libc::VMADDR_CID_HOST;
 
+// linux/vm_sockets.h: `IOCTL_VM_SOCKETS_GET_LOCAL_CID _IO(7, 0xb9)` on
+// /dev/vsock (libc does not define it).
+vmm_sys_util::ioctl_io_nr!(IOCTL_VM_SOCKETS_GET_LOCAL_CID, 7, 0xb9);
+
+/// This machine's CID: the `guest_cid` of its virtio-vsock device's config
+/// space (`docs/vsock.md`, section 3).
+pub fn local_cid() -> io::Result<u32> {
+    let dev = std::fs::File::open("/dev/vsock")?;
+    let mut cid: u32 = 0;
+    // SAFETY: the ioctl writes one u32 through a valid reference to ours;
+    // the result is checked.
+    let r = unsafe {
+        vmm_sys_util::ioctl::ioctl_with_mut_ref(&dev, IOCTL_VM_SOCKETS_GET_LOCAL_CID(), &mut cid)
+    };
+    cvt(r)?;
+    Ok(cid)
+}
+
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())

@@ -72,3 +72,17 @@ pub fn cp(socket: &Path, a: CpArgs) -> ! {
     }
     std::process::exit(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::card_path;
+
+    #[test]
+    fn card_paths() {
+        assert_eq!(card_path("mic0:/tmp/x"), Some("/tmp/x"));
+        assert_eq!(card_path("card:rel"), Some("rel"));
+        assert_eq!(card_path("/host/a:b"), None);
+        assert_eq!(card_path(":/x"), None);
+        assert_eq!(card_path("plain"), None);
+    }
+}
