@@ -95,6 +95,9 @@ fn exec_returns_status_streams_stdin_and_binary_output() {
         micctl(&card, &["exec", "--", "true"], vec![]).status.code(),
         Some(0)
     );
+    // The device's config space reached the card: card 0 has CID 3.
+    let cid = micctl(&card, &["exec", "--", "mic-agent", "cid"], vec![]);
+    assert_eq!(cid.stdout, format!("{}\n", card::VSOCK_CID).into_bytes());
 
     let (out, err, code) = sh(&card, "echo out; echo err >&2; exit 3");
     assert_eq!((out.as_str(), err.as_str(), code), ("out\n", "err\n", 3));
