@@ -11,6 +11,7 @@
 #   qemu-work/          QEMU's downloaded and unpacked source and its build tree
 #   card/<key>/         a card OS image (vmlinux, vmlinuz, initrd.img, ...)
 #   card-work/          downloaded Debian packages, unpacked trees, driver builds
+#   vsock/<version>/    vhost-device-vsock from crates.io (bin/; scripts/build-vsock)
 #
 # An entry is complete when it holds the file `.complete`; entries are built
 # beside it under a temporary name and renamed into place, so a reader never

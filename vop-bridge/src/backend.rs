@@ -127,6 +127,8 @@ fn config_len(kind: DeviceKind) -> u32 {
         DeviceKind::Blk => 60,
         // mac, status, max_virtqueue_pairs, mtu
         DeviceKind::Net => 12,
+        // guest_cid (le64; virtio 1.2, 5.10.4)
+        DeviceKind::Vsock => 8,
     }
 }
 
@@ -315,6 +317,10 @@ impl Backend {
             }
             DeviceKind::Blk => 1,
             DeviceKind::Net => 2,
+            // rx, tx and the event queue (virtio 1.2, 5.10.2); the backend
+            // gets all three, the event queue included, and the card's driver
+            // refills it on every probe, so a card reset needs nothing more.
+            DeviceKind::Vsock => 3,
         };
         if self.protocol.contains(VhostUserProtocolFeatures::MQ) {
             let max = self

@@ -18,6 +18,8 @@ pub enum DeviceKind {
     Blk,
     /// virtio-net (`mic-net`).
     Net,
+    /// virtio-vsock (rust-vmm's `vhost-device-vsock`; `docs/vsock.md`).
+    Vsock,
 }
 
 impl DeviceKind {
@@ -28,6 +30,7 @@ impl DeviceKind {
             DeviceKind::Net => virtio_ids::VIRTIO_ID_NET,
             DeviceKind::Blk => virtio_ids::VIRTIO_ID_BLOCK,
             DeviceKind::Console => virtio_ids::VIRTIO_ID_CONSOLE,
+            DeviceKind::Vsock => virtio_ids::VIRTIO_ID_VSOCK,
         };
         id as u8
     }
@@ -38,6 +41,7 @@ impl DeviceKind {
             DeviceKind::Console => "console",
             DeviceKind::Blk => "blk",
             DeviceKind::Net => "net",
+            DeviceKind::Vsock => "vsock",
         }
     }
 }
@@ -108,6 +112,10 @@ pub struct Cli {
     /// A network backend's vhost-user socket (repeatable).
     #[arg(long, value_name = "SOCKET")]
     pub net: Vec<PathBuf>,
+    /// A vsock backend's vhost-user socket (`vhost-device-vsock --vm
+    /// socket=...`; repeatable).
+    #[arg(long, value_name = "SOCKET")]
+    pub vsock: Vec<PathBuf>,
     /// A TOML config file; command-line devices are added after its devices.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -187,6 +195,7 @@ impl BridgeConfig {
             (DeviceKind::Console, cli.console),
             (DeviceKind::Blk, cli.blk),
             (DeviceKind::Net, cli.net),
+            (DeviceKind::Vsock, cli.vsock),
         ];
         for (kind, sockets) in listed {
             cfg.devices
@@ -260,6 +269,8 @@ mod tests {
             "b0",
             "--blk",
             "b1",
+            "--vsock",
+            "v.sock",
             "--queue-size",
             "512",
         ])
@@ -272,10 +283,12 @@ mod tests {
                 DeviceKind::Console,
                 DeviceKind::Blk,
                 DeviceKind::Blk,
-                DeviceKind::Net
+                DeviceKind::Net,
+                DeviceKind::Vsock
             ]
         );
         assert_eq!(c.devices[2].socket, PathBuf::from("b1"));
+        assert_eq!(c.devices[4].socket, PathBuf::from("v.sock"));
         assert_eq!(c.queue_size, 512);
         assert_eq!(c.connect_timeout, 30);
     }
@@ -285,6 +298,7 @@ mod tests {
         assert_eq!(DeviceKind::Net.virtio_id(), 1);
         assert_eq!(DeviceKind::Blk.virtio_id(), 2);
         assert_eq!(DeviceKind::Console.virtio_id(), 3);
+        assert_eq!(DeviceKind::Vsock.virtio_id(), 19);
     }
 
     #[test]
@@ -312,11 +326,16 @@ socket = "/run/mic/console.sock"
 type = "blk"
 socket = "/run/mic/blk.sock"
 queue_size = 1024
+
+[[device]]
+type = "vsock"
+socket = "/run/mic/vsock.sock"
 "#,
             Path::new("t.toml"),
         )
         .unwrap();
-        assert_eq!(c.devices.len(), 2);
+        assert_eq!(c.devices.len(), 3);
+        assert_eq!(c.devices[2].kind, DeviceKind::Vsock);
         assert_eq!(c.devices[1].kind, DeviceKind::Blk);
         assert_eq!(c.devices[1].queue_size, Some(1024));
         assert!(c.exit_on_poweroff);

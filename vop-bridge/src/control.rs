@@ -49,6 +49,7 @@ impl ControlRequest {
                     "console" => DeviceKind::Console,
                     "blk" => DeviceKind::Blk,
                     "net" => DeviceKind::Net,
+                    "vsock" => DeviceKind::Vsock,
                     _ => return None,
                 };
                 ControlRequest::Add(kind, PathBuf::from(socket))
@@ -166,6 +167,10 @@ mod tests {
         assert_eq!(
             ControlRequest::parse("add blk /run/b.sock"),
             Some(ControlRequest::Add(DeviceKind::Blk, "/run/b.sock".into()))
+        );
+        assert_eq!(
+            ControlRequest::parse("add vsock /run/v.sock"),
+            Some(ControlRequest::Add(DeviceKind::Vsock, "/run/v.sock".into()))
         );
         assert_eq!(ControlRequest::parse("add gpu /x"), None);
         assert_eq!(

@@ -10,8 +10,10 @@
 //! - [`event_loop`]: the one wait loop and its [`event_loop::Token`]s.
 //! - [`signals`]: the process's stop signals as a descriptor.
 //! - [`config`], [`control`]: configuration and the control socket.
+//! - [`agent_client`]: the host's client of the card agent over vsock.
 
 pub mod abi;
+pub mod agent_client;
 pub mod backend;
 pub mod bridge;
 pub mod card;

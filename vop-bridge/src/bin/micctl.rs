@@ -8,6 +8,9 @@ use clap::{Parser, Subcommand};
 
 use vop_bridge::control::request;
 
+#[path = "micctl/agent.rs"]
+mod agent;
+
 #[derive(Parser)]
 #[command(
     name = "micctl",
@@ -15,7 +18,8 @@ use vop_bridge::control::request;
     about = "Control an emulated X100 card through its vop-bridge"
 )]
 struct Cli {
-    /// The bridge's control socket.
+    /// The bridge's control socket (for `exec` and `cp`: the card's
+    /// vhost-device-vsock UNIX socket, its `uds-path`).
     #[arg(long, short = 's', value_name = "PATH")]
     socket: PathBuf,
     #[command(subcommand)]
@@ -32,8 +36,8 @@ enum Cmd {
     Devices,
     /// Hot-add a device served by a vhost-user backend.
     Add {
-        /// console, blk or net.
-        #[arg(value_parser = ["console", "blk", "net"])]
+        /// console, blk, net or vsock.
+        #[arg(value_parser = ["console", "blk", "net", "vsock"])]
         kind: String,
         /// The backend's vhost-user socket.
         socket: PathBuf,
@@ -52,6 +56,10 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Run a command on the card through its agent; exits with its status.
+    Exec(agent::ExecArgs),
+    /// Copy a file to (`HOST CARD:PATH`) or from (`CARD:PATH HOST`) the card.
+    Cp(agent::CpArgs),
 }
 
 fn main() {
@@ -64,6 +72,8 @@ fn main() {
             request(&cli.socket, &format!("add {kind} {}", socket.display()))
         }
         Cmd::Remove { index } => request(&cli.socket, &format!("remove {index}")),
+        Cmd::Exec(a) => agent::exec(&cli.socket, a),
+        Cmd::Cp(a) => agent::cp(&cli.socket, a),
         Cmd::Wait { state, timeout } => {
             let want = format!("state={state} ");
             let deadline = Instant::now() + Duration::from_secs(timeout);

@@ -186,6 +186,26 @@ pub struct CardOptions {
     pub cmdline: String,
     /// Devices that make the card print its `online` marker.
     pub expect: &'static str,
+    /// A virtio-vsock device served by `vhost-device-vsock` (guest CID
+    /// [`VSOCK_CID`], host socket [`Card::vsock_uds`]).
+    pub vsock: bool,
+}
+
+/// The guest CID of the test card (card 0: CID 3, `docs/vsock.md`).
+pub const VSOCK_CID: u32 = 3;
+
+/// rust-vmm's vhost-device-vsock (`MIC_VSOCK`, else build/vsock, installed
+/// by scripts/build-vsock).
+pub fn vsock_backend() -> PathBuf {
+    let p = std::env::var_os("MIC_VSOCK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("build/vsock/bin/vhost-device-vsock"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-vsock",
+        p.display()
+    );
+    p
 }
 
 impl Default for CardOptions {
@@ -197,6 +217,7 @@ impl Default for CardOptions {
             memory_mib: 512,
             cmdline: String::new(),
             expect: "console",
+            vsock: false,
         }
     }
 }
@@ -207,6 +228,7 @@ pub struct Card {
     pub dir: TempDir,
     backends: Vec<Child>,
     blk: Option<Child>,
+    vsock: Option<Child>,
     bridge: Option<Child>,
     qemu: Option<Child>,
     shell: Option<Shell>,
@@ -316,6 +338,7 @@ impl Card {
             dir,
             backends: Vec::new(),
             blk: None,
+            vsock: None,
             bridge: None,
             qemu: None,
             shell: None,
@@ -375,6 +398,35 @@ impl Card {
         self.blk = Some(spawn(&mut cmd, &log));
     }
 
+    /// vhost-device-vsock's host-side UNIX socket (its `uds-path`).
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.path("vsock.uds")
+    }
+
+    fn start_vsock(&mut self, log: &str) {
+        let arg = format!(
+            "guest-cid={VSOCK_CID},socket={},uds-path={}",
+            self.path("vsock.sock").display(),
+            self.vsock_uds().display()
+        );
+        let mut cmd = Command::new(vsock_backend());
+        cmd.args(["--vm", &arg]).env("RUST_LOG", "info");
+        let log = self.path(log);
+        self.vsock = Some(spawn(&mut cmd, &log));
+    }
+
+    /// Kills vhost-device-vsock hard (SIGKILL) and starts a new one on the
+    /// same sockets.
+    pub fn restart_vsock(&mut self) {
+        if let Some(mut v) = self.vsock.take() {
+            let _ = v.kill();
+            let _ = v.wait();
+        }
+        let _ = std::fs::remove_file(self.path("vsock.sock"));
+        self.start_vsock("vsock-restarted.log");
+        wait_socket(&self.path("vsock.sock"), "vhost-device-vsock's socket");
+    }
+
     fn start_backends(&mut self) {
         let d = self.dir.0.clone();
         let s = |n: &str| d.join(n).to_str().unwrap().to_string();
@@ -419,6 +471,10 @@ impl Card {
         }
         if !matches!(self.options.net, Net::None) {
             wait_socket(&d.join("net.sock"), "mic-net's socket");
+        }
+        if self.options.vsock {
+            self.start_vsock("vsock.log");
+            wait_socket(&d.join("vsock.sock"), "vhost-device-vsock's socket");
         }
     }
 
@@ -476,6 +532,9 @@ impl Card {
         }
         if !matches!(self.options.net, Net::None) {
             cmd.arg("--net").arg(d.join("net.sock"));
+        }
+        if self.options.vsock {
+            cmd.arg("--vsock").arg(d.join("vsock.sock"));
         }
         cmd.env("RUST_LOG", "info");
         let log = d.join(format!("bridge-{}.log", rand_u64() % 100000));
@@ -648,6 +707,7 @@ impl Drop for Card {
         self.kill_qemu();
         self.kill_bridge();
         self.backends.extend(self.blk.take());
+        self.backends.extend(self.vsock.take());
         for b in &mut self.backends {
             // SIGTERM first so daemons remove their sockets and taps.
             // SAFETY: plain kill(2) on our child's pid.

@@ -1,0 +1,88 @@
+//! `micctl exec` and `micctl cp`: the card agent's commands
+//! (`vop_bridge::agent_client`; `docs/vsock.md`).
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use vop_bridge::agent_client::{copy_from_card, copy_to_card, AgentClient};
+
+/// `micctl exec [-- ] CMD ARGS...`
+#[derive(Args)]
+pub struct ExecArgs {
+    /// The command and its arguments (after `--`).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    argv: Vec<String>,
+}
+
+/// `micctl cp SRC DST`, one of them `CARD:PATH`.
+#[derive(Args)]
+pub struct CpArgs {
+    /// Source: a host path or CARD:PATH.
+    src: String,
+    /// Destination: a host path or CARD:PATH.
+    dst: String,
+}
+
+fn fail(what: &str, e: &dyn std::error::Error) -> ! {
+    let mut text = format!("micctl: {what}: {e}");
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text += &format!(": {c}");
+        cause = c.source();
+    }
+    eprintln!("{text}");
+    // 255, as ssh does, so that it cannot be mistaken for the command's.
+    std::process::exit(255)
+}
+
+/// Runs the command; exits with its status (128 + N for signal N).
+pub fn exec(socket: &Path, a: ExecArgs) -> ! {
+    let client = AgentClient::connect(socket).unwrap_or_else(|e| fail("exec", &e));
+    let status = client
+        .exec(
+            &a.argv,
+            std::io::stdin(),
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        )
+        .unwrap_or_else(|e| fail("exec", &e));
+    std::process::exit(status.shell_status())
+}
+
+/// The card path of a `CARD:PATH` argument (`CARD` is any name without a
+/// slash, e.g. `mic0`).
+fn card_path(arg: &str) -> Option<&str> {
+    let (card, path) = arg.split_once(':')?;
+    (!card.is_empty() && !card.contains('/')).then_some(path)
+}
+
+/// Copies one file; exits 0 or 255.
+pub fn cp(socket: &Path, a: CpArgs) -> ! {
+    let result = match (card_path(&a.src), card_path(&a.dst)) {
+        (None, Some(remote)) => copy_to_card(socket, Path::new(&a.src), remote),
+        (Some(remote), None) => copy_from_card(socket, remote, &PathBuf::from(&a.dst)),
+        _ => {
+            eprintln!("micctl: cp: exactly one of SRC and DST is CARD:PATH");
+            std::process::exit(2)
+        }
+    };
+    if let Err(e) = result {
+        fail("cp", &e);
+    }
+    std::process::exit(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::card_path;
+
+    #[test]
+    fn card_paths() {
+        assert_eq!(card_path("mic0:/tmp/x"), Some("/tmp/x"));
+        assert_eq!(card_path("card:rel"), Some("rel"));
+        assert_eq!(card_path("/host/a:b"), None);
+        assert_eq!(card_path(":/x"), None);
+        assert_eq!(card_path("plain"), None);
+    }
+}
