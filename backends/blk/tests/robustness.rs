@@ -410,3 +410,41 @@ fn corrupted_avail_ring_does_not_spin_or_crash() {
     let mut f = connect(&s, 2);
     assert_eq!(read(&mut f.queues[1], 1, 512), (S_OK, pattern(21, 512)));
 }
+
+/// A driver (or a bridge forwarding the card's writes) may write any range
+/// of the configuration space. Read-only fields stay as they are, the
+/// `writeback` byte takes effect wherever it is in the range, and the
+/// connection keeps serving: its write-through choice is not lost.
+#[test]
+fn config_writes_of_any_range_keep_the_connection_and_wce() {
+    let s = Setup::new(1 << 20, 0);
+    let _d = s.spawn(&["--num-queues", "1"]);
+    let mut f = connect(&s, 1);
+    let before = f.get_config(0, 60).unwrap();
+    assert_eq!(before[32], 1, "write-back by default");
+
+    // The whole config space, with the capacity changed and write-through.
+    let mut cfg = before.clone();
+    cfg[0..8].copy_from_slice(&7u64.to_le_bytes());
+    cfg[32] = 0;
+    f.set_config(0, &cfg).unwrap();
+    let after = f.get_config(0, 60).unwrap();
+    assert_eq!(&after[0..8], &before[0..8], "capacity is read-only");
+    assert_eq!(after[32], 0, "write-through from a whole-space write");
+
+    // A range that does not cover the writeback byte changes nothing.
+    f.set_config(36, &[1, 2, 3, 4]).unwrap();
+    f.set_config(200, &[9]).unwrap();
+    assert_eq!(f.get_config(0, 60).unwrap(), after);
+
+    // Same connection, still serving, still write-through.
+    let q = &mut f.queues[0];
+    let data = pattern(31, 4096);
+    assert_eq!(write(q, 16, &data), S_OK);
+    assert_eq!(&s.image_bytes()[8192..12288], &data[..]);
+    assert_eq!(f.get_config(32, 1).unwrap(), vec![0]);
+
+    // A range ending on the writeback byte switches back to write-back.
+    f.set_config(30, &[0, 0, 1]).unwrap();
+    assert_eq!(f.get_config(32, 1).unwrap(), vec![1]);
+}
