@@ -19,7 +19,8 @@
 //! messages. Such a message received before `SET_FEATURES` is held back and
 //! replayed, in the order received and without the need-reply flag, right
 //! after `SET_FEATURES` has been forwarded; if the frontend asked for a
-//! reply (`REPLY_ACK`), the relay sends the success reply itself. Every other
+//! reply (`REPLY_ACK`), the relay sends the success reply itself. At most
+//! [`MAX_HELD_ENABLES`] are held; one more ends the connection. Every other
 //! message, its file descriptors, and everything the daemon sends back pass
 //! unchanged and in order. Only the control channel goes through the relay;
 //! guest memory, rings, kick and call eventfds and the backend request
@@ -208,6 +209,13 @@ fn enable_ack() -> Msg {
     )
 }
 
+/// Most `SET_VRING_ENABLE` messages held back before `SET_FEATURES`; one
+/// more ends the connection. A frontend enables each ring once or a few
+/// times (QEMU: once per ring), and a device has at most 64 queues (mic-blk's
+/// `--num-queues` limit), so this only stops a peer that would otherwise
+/// grow the daemon's memory without bound.
+pub(crate) const MAX_HELD_ENABLES: usize = 512;
+
 /// Receives a duplicate of the backend request channel's socket.
 pub(crate) type ChannelHook = Arc<dyn Fn(UnixStream) + Send + Sync>;
 
@@ -230,6 +238,12 @@ fn pump_requests(
         };
         match msg.hdr.request() {
             Some(FrontendReq::SET_VRING_ENABLE) if !features_seen => {
+                if held.len() >= MAX_HELD_ENABLES {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "too many SET_VRING_ENABLE before SET_FEATURES",
+                    ));
+                }
                 debug!("holding SET_VRING_ENABLE received before SET_FEATURES");
                 if msg.hdr.need_reply() {
                     send_msg(&front_w.lock().unwrap(), &enable_ack())?;
@@ -453,6 +467,37 @@ mod tests {
             &msg(SET_VRING_ENABLE, FLAG_VERSION, &[0, 0, 0, 0, 1, 0, 0, 0])[..]
         );
         drop(fe);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn too_many_early_enables_end_the_connection() {
+        let (mut fe, front) = UnixStream::pair().unwrap();
+        let (back, mut be) = UnixStream::pair().unwrap();
+        let (sd_r, _sd_w) = UnixStream::pair().unwrap();
+        let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
+        let t = std::thread::spawn(move || pump_requests(front, fw, back, sd_r.as_raw_fd(), None));
+        let enable = msg(SET_VRING_ENABLE, FLAG_VERSION, &[0, 0, 0, 0, 1, 0, 0, 0]);
+        for _ in 0..MAX_HELD_ENABLES {
+            fe.write_all(&enable).unwrap();
+        }
+        // Up to the limit, nothing happens: the frontend may go on.
+        fe.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert!(fe.read(&mut b).is_err(), "connection still open");
+        // One more: the relay closes both sides without forwarding any.
+        let _ = fe.write_all(&enable);
+        fe.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(fe.read(&mut b).unwrap(), 0, "frontend side closed");
+        be.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(
+            be.read(&mut b).unwrap(),
+            0,
+            "daemon side closed, nothing sent"
+        );
         t.join().unwrap();
     }
 
