@@ -448,3 +448,58 @@ fn config_writes_of_any_range_keep_the_connection_and_wce() {
     f.set_config(30, &[0, 0, 1]).unwrap();
     assert_eq!(f.get_config(32, 1).unwrap(), vec![1]);
 }
+
+/// A peer that connects and never speaks (or stops in the middle of a
+/// message) does not keep the next frontend waiting for long: the daemon
+/// drops a peer whose first message does not arrive within two seconds, or
+/// whose message does not complete within two seconds. (A peer that sent a
+/// whole message is a frontend, and holds the device while connected, as
+/// in any vhost-user backend: the last entry of `STALLED_PEERS`.)
+#[test]
+fn stalled_peers_do_not_block_the_next_frontend() {
+    let s = Setup::new(1 << 20, 0);
+    let mut d = s.spawn(&["--num-queues", "1"]);
+    for (what, prelude) in &vu_test::STALLED_PEERS[..3] {
+        let mut stalled = vu_test::stalled_peer(&s.socket, prelude).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sock = s.socket.clone();
+        let started = std::time::Instant::now();
+        std::thread::spawn(move || {
+            let mut f = vu_test::TestFrontend::connect(&sock, 1).unwrap();
+            let st = write(&mut f.queues[0], 0, &pattern(5, 512));
+            let _ = tx.send(st);
+        });
+        let st = rx
+            .recv_timeout(Duration::from_secs(8))
+            .unwrap_or_else(|_| panic!("{what}: the next frontend was not served"));
+        assert_eq!(st, S_OK, "{what}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{what}: served after {:?}",
+            started.elapsed()
+        );
+        // The stalled peer's connection was closed.
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let closed = std::io::Read::read_to_end(&mut stalled, &mut rest).is_ok();
+        assert!(closed, "{what}: the stalled peer is still connected");
+    }
+    assert!(d.alive());
+}
+
+/// SIGTERM ends the daemon within a second whatever a connected peer is
+/// in the middle of (see `vu_test::STALLED_PEERS`).
+#[test]
+fn sigterm_ends_the_daemon_within_a_second_with_a_stalled_peer() {
+    let s = Setup::new(1 << 20, 0);
+    for (what, prelude) in vu_test::STALLED_PEERS {
+        let mut d = s.spawn(&["--num-queues", "1"]);
+        let st = vu_test::sigterm_with_stalled_peer(&mut d, prelude)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(st.success(), "{what}: exit status {st}");
+        assert!(!s.socket.exists(), "{what}");
+    }
+}

@@ -634,8 +634,21 @@ where
             .start_client(private.path())
             .map_err(|e| Error::Daemon(e.to_string()))?;
         let back = private.accept().map_err(Error::Relay)?;
-        let relay =
-            Relay::start(front, back, shutdown.fd(), channel_hook.clone()).map_err(Error::Relay)?;
+        // A frontend we accepted must speak first within a deadline (so a
+        // silent peer cannot hold the socket); one we connected to is the
+        // one we were told to serve, and may take its time.
+        let first_message = match endpoint {
+            Endpoint::Listen { .. } => Some(relay::FIRST_MESSAGE_TIMEOUT),
+            Endpoint::Connect { .. } => None,
+        };
+        let relay = Relay::start(
+            front,
+            back,
+            shutdown.fd(),
+            channel_hook.clone(),
+            first_message,
+        )
+        .map_err(Error::Relay)?;
         connections += 1;
         info!("frontend {connections} connected");
         shutdown.set_active(daemon.shutdown_handle());

@@ -47,6 +47,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::debug;
 use vhost::vhost_user::message::{
@@ -219,23 +220,54 @@ pub(crate) const MAX_HELD_ENABLES: usize = 512;
 /// Receives a duplicate of the backend request channel's socket.
 pub(crate) type ChannelHook = Arc<dyn Fn(UnixStream) + Send + Sync>;
 
+/// How long a frontend that the daemon accepted may stay silent before its
+/// first message: a peer that connects and never speaks is dropped after
+/// this, so that it does not keep the next frontend waiting (frontends such
+/// as QEMU and the bridge send `GET_FEATURES` right after connecting).
+pub(crate) const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the rest of a message may take once its first bytes arrived,
+/// and how long a message to the frontend may wait for it to read: a peer
+/// that stops in the middle of a message, or stops reading, is dropped.
+pub(crate) const MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Frontend to backend: forwards messages, holding back early enables.
+/// With `first_message`, a frontend that sends nothing for that long after
+/// connecting is disconnected.
 fn pump_requests(
     front: UnixStream,
     front_w: Arc<Mutex<UnixStream>>,
     back: UnixStream,
     shutdown_fd: RawFd,
     channel_hook: Option<ChannelHook>,
+    first_message: Option<Duration>,
 ) {
     let mut features_seen = false;
     let mut held: Vec<Msg> = Vec::new();
+    let mut deadline = first_message.map(|t| Instant::now() + t);
     let result: io::Result<()> = (|| loop {
-        if poll_in(&[shutdown_fd, front.as_raw_fd()], -1) == Some(0) {
-            return Ok(());
+        // Both timeouts hold for the socket, so for `front_w` too.
+        front.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
+        front.set_write_timeout(Some(MESSAGE_TIMEOUT))?;
+        let wait_ms = deadline.map_or(-1, |d| {
+            let left = d.saturating_duration_since(Instant::now());
+            i32::try_from(left.as_millis()).unwrap_or(i32::MAX)
+        });
+        match poll_in(&[shutdown_fd, front.as_raw_fd()], wait_ms) {
+            Some(0) => return Ok(()),
+            Some(_) => {}
+            None if deadline.is_some_and(|d| Instant::now() >= d) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no message from the frontend",
+                ));
+            }
+            None => continue,
         }
         let Some(msg) = recv_msg(&front)? else {
             return Ok(());
         };
+        deadline = None;
         match msg.hdr.request() {
             Some(FrontendReq::SET_VRING_ENABLE) if !features_seen => {
                 if held.len() >= MAX_HELD_ENABLES {
@@ -344,13 +376,16 @@ impl Relay {
         back: UnixStream,
         shutdown_fd: RawFd,
         channel_hook: Option<ChannelHook>,
+        first_message: Option<Duration>,
     ) -> io::Result<Relay> {
         let front_w = Arc::new(Mutex::new(front.try_clone()?));
         let back2 = back.try_clone()?;
         let fw = front_w.clone();
         let requests = std::thread::Builder::new()
             .name("vu-relay-req".into())
-            .spawn(move || pump_requests(front, fw, back, shutdown_fd, channel_hook))?;
+            .spawn(move || {
+                pump_requests(front, fw, back, shutdown_fd, channel_hook, first_message)
+            })?;
         let replies = std::thread::Builder::new()
             .name("vu-relay-rep".into())
             .spawn(move || pump_replies(back2, front_w))?;
@@ -434,7 +469,9 @@ mod tests {
         let (back, mut be) = UnixStream::pair().unwrap();
         let (sd_r, _sd_w) = UnixStream::pair().unwrap();
         let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
-        let t = std::thread::spawn(move || pump_requests(front, fw, back, sd_r.as_raw_fd(), None));
+        let t = std::thread::spawn(move || {
+            pump_requests(front, fw, back, sd_r.as_raw_fd(), None, None)
+        });
         let enable = msg(
             SET_VRING_ENABLE,
             FLAG_VERSION | FLAG_NEED_REPLY,
@@ -476,7 +513,9 @@ mod tests {
         let (back, mut be) = UnixStream::pair().unwrap();
         let (sd_r, _sd_w) = UnixStream::pair().unwrap();
         let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
-        let t = std::thread::spawn(move || pump_requests(front, fw, back, sd_r.as_raw_fd(), None));
+        let t = std::thread::spawn(move || {
+            pump_requests(front, fw, back, sd_r.as_raw_fd(), None, None)
+        });
         let enable = msg(SET_VRING_ENABLE, FLAG_VERSION, &[0, 0, 0, 0, 1, 0, 0, 0]);
         for _ in 0..MAX_HELD_ENABLES {
             fe.write_all(&enable).unwrap();
@@ -511,7 +550,7 @@ mod tests {
         let g = got.clone();
         let hook: ChannelHook = Arc::new(move |s| *g.lock().unwrap() = Some(s));
         let t = std::thread::spawn(move || {
-            pump_requests(front, fw, back, sd_r.as_raw_fd(), Some(hook))
+            pump_requests(front, fw, back, sd_r.as_raw_fd(), Some(hook), None)
         });
         let (mut chan_front, chan_back) = UnixStream::pair().unwrap();
         let m = parse(

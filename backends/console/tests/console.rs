@@ -699,3 +699,32 @@ fn broken_receive_ring_does_not_spin() {
     assert_eq!(card_read(&mut fe, 0, 8), b"abcafter");
     assert!(d.alive());
 }
+
+/// SIGTERM ends the daemon within a second whatever state a peer left it
+/// in: a vhost-user peer stalled at any point (`vu_test::STALLED_PEERS`),
+/// or a frontend whose rings are all broken with a console client attached.
+#[test]
+fn sigterm_ends_the_daemon_within_a_second_in_any_state() {
+    for (what, prelude) in vu_test::STALLED_PEERS {
+        let dir = TempDir::new("mic-console-test").unwrap();
+        let (mut d, sock, _) = unix_daemon(&dir, &[]);
+        let st = vu_test::sigterm_with_stalled_peer(&mut d, prelude)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(st.success(), "{what}: exit status {st}");
+        assert!(!sock.exists(), "{what}");
+    }
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let (mut d, sock, csock) = unix_daemon(&dir, &[]);
+    let mut fe = connect(&sock, u64::MAX, 4);
+    let _c = attach_and_sync(&mut fe, &csock);
+    for q in 0..4 {
+        fe.queues[q].corrupt_avail_idx(30000);
+        fe.queues[q].kick_always().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let st = d
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(1))
+        .unwrap();
+    assert!(st.success(), "exit status {st}");
+    assert!(!sock.exists());
+}
