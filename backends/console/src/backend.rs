@@ -51,6 +51,10 @@ type Vring = VringRwLock<GuestMem>;
 const MAX_CTRL: usize = 64;
 /// Largest TX chain copied at once; longer chains are processed in pieces.
 const TX_CHUNK: usize = 64 * 1024;
+/// Largest TX chain passed on; a longer one is dropped as malformed (Linux's
+/// virtio_console writes at most 32 KiB per buffer). Bounds the time a
+/// worker spends on one chain while it holds the queue.
+const TX_MAX_CHAIN: usize = 1 << 20;
 /// Host input read per step.
 const RX_CHUNK: usize = 4096;
 /// How often the terminal size is checked for changes.
@@ -333,11 +337,12 @@ impl ConsoleBackend {
             return Ok(());
         }
         let mut vr = vring.get_mut();
-        let used = txq::drain_out(
+        let used = txq::drain_out_pieces(
             vr.get_queue_mut(),
             &mem,
             self.guards.get(1),
             TX_CHUNK,
+            TX_MAX_CHAIN,
             |bytes, head| match bytes {
                 Some(b) => {
                     self.counters
