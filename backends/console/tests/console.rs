@@ -752,3 +752,29 @@ fn long_transmit_chains_are_passed_on_whole() {
     assert!(std::fs::read(&log).unwrap() == want, "log differs");
     assert!(d.alive());
 }
+
+/// With `--log-max-size`, the log is rotated to one `.1` file: neither file
+/// exceeds the limit, and together they end with the latest output.
+#[test]
+fn log_is_rotated_at_its_maximum_size() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let log = dir.path().join("console.log");
+    let old = dir.path().join("console.log.1");
+    let (mut d, sock, _) = unix_daemon(
+        &dir,
+        &["--log", log.to_str().unwrap(), "--log-max-size", "64K"],
+    );
+    let mut fe = connect(&sock, 0, 2);
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    for part in data.chunks(10_000) {
+        card_write(&mut fe, 1, part);
+    }
+    let new = std::fs::read(&log).unwrap();
+    let prev = std::fs::read(&old).unwrap();
+    assert!(new.len() <= 64 << 10, "log has {} bytes", new.len());
+    assert_eq!(prev.len(), 64 << 10, "rotated log");
+    let mut both = prev;
+    both.extend_from_slice(&new);
+    assert!(data.ends_with(&both), "the logs hold the latest output");
+    assert!(d.alive());
+}
