@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
+use mic_backend_common::limited;
+use mic_backend_common::ratelimit::{per_minute, LogLimiter};
 use mic_backend_common::ring::RingGuards;
 use mic_backend_common::WorkerExitEvents;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -32,6 +34,10 @@ use crate::request::{self, Context, Scratch, MAX_DISCARD_SECTORS, MAX_DISCARD_SE
 /// Requests whose buffers add up to at least this many bytes may be handed
 /// to the I/O helper pool.
 const OFFLOAD_BYTES: u64 = 64 << 10;
+
+/// Failed used-ring notifications: the call eventfd is the frontend's, and a
+/// broken one fails once per request.
+static SIGNAL_LINES: LogLimiter = per_minute();
 
 type GM = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -296,7 +302,7 @@ impl BlkBackend {
             .unwrap_or(true);
         if notify {
             if let Err(e) = state.signal_used_queue() {
-                warn!("cannot signal the used queue: {e}");
+                limited!(SIGNAL_LINES, warn, "cannot signal the used queue: {e}");
             }
         }
         notify

@@ -13,7 +13,9 @@
 
 use std::io;
 
-use log::{debug, warn};
+use log::debug;
+use mic_backend_common::limited;
+use mic_backend_common::ratelimit::{per_minute, LogLimiter};
 use virtio_bindings::virtio_blk::{
     self, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
@@ -32,6 +34,10 @@ const VIRTIO_BLK_S_UNSUPP: u8 = virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 pub const MAX_DISCARD_SEG: u32 = 32;
 /// Largest number of sectors in one discard/write-zeroes segment.
 pub const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
+
+/// Failed I/O lines: once the image fails, every request the driver sends
+/// would log one.
+static IO_ERROR_LINES: LogLimiter = per_minute();
 
 const HEADER_LEN: u64 = 16;
 const BOUNCE_CHUNK: usize = 1 << 20;
@@ -308,7 +314,7 @@ fn execute<M: GuestMemoryBackend + ?Sized>(mem: &M, ctx: &Context, s: &mut Scrat
             match ctx.disk.flush() {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
-                    warn!("flush failed: {e}");
+                    limited!(IO_ERROR_LINES, warn, "flush failed: {e}");
                     (VIRTIO_BLK_S_IOERR, 0)
                 }
             }
@@ -385,7 +391,9 @@ fn rw<M: GuestMemoryBackend + ?Sized>(
         }
     });
     res.map_err(|e| {
-        warn!(
+        limited!(
+            IO_ERROR_LINES,
+            warn,
             "{} of {len} bytes at sector {sector} failed: {e}",
             if write { "write" } else { "read" }
         );
@@ -493,13 +501,17 @@ fn discard_or_zero<M: GuestMemoryBackend + ?Sized>(
             ctx.disk.zero_range(off, len)
         };
         if let Err(e) = res {
-            warn!("discard/write-zeroes at byte {off} (+{len}) failed: {e}");
+            limited!(
+                IO_ERROR_LINES,
+                warn,
+                "discard/write-zeroes at byte {off} (+{len}) failed: {e}"
+            );
             return VIRTIO_BLK_S_IOERR;
         }
     }
     if ctx.writethrough {
         if let Err(e) = ctx.disk.flush() {
-            warn!("flush failed: {e}");
+            limited!(IO_ERROR_LINES, warn, "flush failed: {e}");
             return VIRTIO_BLK_S_IOERR;
         }
     }

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use vu_test::vhost::VhostBackend;
 use vu_test::{outside, Desc, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
 #[test]
@@ -502,4 +503,56 @@ fn sigterm_ends_the_daemon_within_a_second_with_a_stalled_peer() {
         assert!(st.success(), "{what}: exit status {st}");
         assert!(!s.socket.exists(), "{what}");
     }
+}
+
+/// A frontend that repeats actions the daemon or the crates below it log
+/// (reconnecting, sending invalid requests, invalid queue sizes, breaking
+/// a ring) leaves a bounded number of lines in the log.
+#[test]
+fn repeated_frontend_actions_do_not_flood_the_log() {
+    let s = Setup::new(1 << 20, 0);
+    let log = s.dir.path().join("stderr.log");
+    let args = [
+        "--socket-path",
+        s.socket.to_str().unwrap(),
+        "--image",
+        s.image.to_str().unwrap(),
+        "--num-queues",
+        "1",
+    ];
+    let _d = vu_test::Daemon::spawn_logged(bin(), &args, &s.socket, &log).unwrap();
+    let before = vu_test::log_lines(&log).unwrap();
+    let f = connect(&s, 1);
+    for _ in 0..100 {
+        // An invalid queue size: virtio-queue logs an error each time.
+        f.frontend.set_vring_num(0, 3).unwrap();
+    }
+    drop(f);
+    for i in 0..30u8 {
+        // An unknown request ends the connection: "connected" and
+        // "dropped" each time.
+        let mut c = UnixStream::connect(&s.socket).unwrap();
+        c.write_all(&[200, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+            .unwrap();
+        let _ = std::io::Read::read(&mut c, &mut [0u8; 1]);
+        // A frontend that breaks its ring each time.
+        if i % 3 == 0 {
+            let mut f = connect(&s, 1);
+            f.queues[0].corrupt_avail_idx(30000);
+            f.queues[0].kick_always().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // The daemon still serves.
+    let mut f = connect(&s, 1);
+    assert_eq!(write(&mut f.queues[0], 0, &pattern(9, 512)), S_OK);
+    drop(f);
+    std::thread::sleep(Duration::from_millis(200));
+    let lines = vu_test::log_lines(&log).unwrap() - before;
+    // The first lines of each kind still get through.
+    assert!(
+        (10..=40).contains(&lines),
+        "{lines} log lines:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
 }

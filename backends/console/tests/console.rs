@@ -778,3 +778,47 @@ fn log_is_rotated_at_its_maximum_size() {
     assert!(data.ends_with(&both), "the logs hold the latest output");
     assert!(d.alive());
 }
+
+/// A card that repeats control messages (a ready device, a failed driver)
+/// leaves a bounded number of log lines, and the replies waiting for
+/// control receive buffers stay bounded (32) however many it asks for.
+#[test]
+fn repeated_control_messages_are_bounded_in_log_and_memory() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let sock = dir.path().join("con.sock");
+    let csock = dir.path().join("console");
+    let stderr = dir.path().join("stderr.log");
+    let args = [
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--unix",
+        csock.to_str().unwrap(),
+    ];
+    let _d = Daemon::spawn_logged(Path::new(BIN), &args, &sock, &stderr).unwrap();
+    let mut fe = connect(&sock, u64::MAX, 4);
+    let before = vu_test::log_lines(&stderr).unwrap();
+    for _ in 0..100 {
+        // DEVICE_READY, ready: the device answers DEVICE_ADD each time.
+        ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 0, 1));
+        // DEVICE_READY, failed: the daemon notes the driver failed.
+        ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 0, 0));
+    }
+    let lines = vu_test::log_lines(&stderr).unwrap() - before;
+    assert!(
+        (1..=10).contains(&lines),
+        "{lines} log lines:\n{}",
+        std::fs::read_to_string(&stderr).unwrap()
+    );
+    // Only the first 32 answers waited for buffers.
+    let q = &mut fe.queues[2];
+    for _ in 0..60 {
+        let a = q.mem().alloc(64, 8).unwrap();
+        q.add_chain(&[Desc::inp(a, 64)]).unwrap();
+    }
+    q.kick().unwrap();
+    let mut got = 0;
+    while let Ok(used) = q.wait_used(Duration::from_millis(500)) {
+        got += used.len();
+    }
+    assert_eq!(got, 32);
+}

@@ -828,6 +828,22 @@ impl Daemon {
         Ok(d)
     }
 
+    /// [`Daemon::spawn`] with the daemon's log (stderr) written to
+    /// `stderr` (see [`log_lines`]).
+    pub fn spawn_logged(bin: &Path, args: &[&str], socket: &Path, stderr: &Path) -> Result<Daemon> {
+        let child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(File::create(stderr)?)
+            .spawn()?;
+        let mut d = Daemon {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        d.wait_ready(Duration::from_secs(10))?;
+        Ok(d)
+    }
+
     /// Wait until the socket file exists and is listening.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -946,6 +962,13 @@ impl TempDir {
 /// Guest addresses at or beyond the end of guest memory, for negative tests.
 pub fn outside(mem: &GuestMem) -> u64 {
     mem.size() + 0x1000
+}
+
+/// How many lines a daemon's log file (see [`Daemon::spawn_logged`]) has
+/// so far. Tests compare two counts to check that repeated actions leave a
+/// bounded number of lines.
+pub fn log_lines(path: &Path) -> io::Result<usize> {
+    Ok(std::fs::read(path)?.split(|b| *b == b'\n').count() - 1)
 }
 
 /// Peers that connect to a daemon's socket and stall, each at a different
