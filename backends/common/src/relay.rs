@@ -245,60 +245,64 @@ fn pump_requests(
     let mut features_seen = false;
     let mut held: Vec<Msg> = Vec::new();
     let mut deadline = first_message.map(|t| Instant::now() + t);
-    let result: io::Result<()> = (|| loop {
-        // Both timeouts hold for the socket, so for `front_w` too.
+    let result: io::Result<()> = (|| {
+        // Both timeouts hold for the socket, so for `front_w` too. Reads
+        // only start once poll() saw data, so the read timeout bounds the
+        // rest of a message, not the wait for the next one.
         front.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
         front.set_write_timeout(Some(MESSAGE_TIMEOUT))?;
-        let wait_ms = deadline.map_or(-1, |d| {
-            let left = d.saturating_duration_since(Instant::now());
-            i32::try_from(left.as_millis()).unwrap_or(i32::MAX)
-        });
-        match poll_in(&[shutdown_fd, front.as_raw_fd()], wait_ms) {
-            Some(0) => return Ok(()),
-            Some(_) => {}
-            None if deadline.is_some_and(|d| Instant::now() >= d) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no message from the frontend",
-                ));
-            }
-            None => continue,
-        }
-        let Some(msg) = recv_msg(&front)? else {
-            return Ok(());
-        };
-        deadline = None;
-        match msg.hdr.request() {
-            Some(FrontendReq::SET_VRING_ENABLE) if !features_seen => {
-                if held.len() >= MAX_HELD_ENABLES {
+        loop {
+            let wait_ms = deadline.map_or(-1, |d| {
+                let left = d.saturating_duration_since(Instant::now());
+                i32::try_from(left.as_millis()).unwrap_or(i32::MAX)
+            });
+            match poll_in(&[shutdown_fd, front.as_raw_fd()], wait_ms) {
+                Some(0) => return Ok(()),
+                Some(_) => {}
+                None if deadline.is_some_and(|d| Instant::now() >= d) => {
                     return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "too many SET_VRING_ENABLE before SET_FEATURES",
+                        io::ErrorKind::TimedOut,
+                        "no message from the frontend",
                     ));
                 }
-                debug!("holding SET_VRING_ENABLE received before SET_FEATURES");
-                if msg.hdr.need_reply() {
-                    send_msg(&front_w.lock().unwrap(), &enable_ack())?;
-                }
-                held.push(enable_msg(&msg.body));
+                None => continue,
             }
-            Some(FrontendReq::SET_BACKEND_REQ_FD) => {
-                if let (Some(hook), [fd]) = (&channel_hook, &msg.fds[..]) {
-                    match fd.try_clone() {
-                        Ok(dup) => hook(UnixStream::from(dup)),
-                        Err(e) => debug!("cannot duplicate the backend request channel: {e}"),
+            let Some(msg) = recv_msg(&front)? else {
+                return Ok(());
+            };
+            deadline = None;
+            match msg.hdr.request() {
+                Some(FrontendReq::SET_VRING_ENABLE) if !features_seen => {
+                    if held.len() >= MAX_HELD_ENABLES {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "too many SET_VRING_ENABLE before SET_FEATURES",
+                        ));
+                    }
+                    debug!("holding SET_VRING_ENABLE received before SET_FEATURES");
+                    if msg.hdr.need_reply() {
+                        send_msg(&front_w.lock().unwrap(), &enable_ack())?;
+                    }
+                    held.push(enable_msg(&msg.body));
+                }
+                Some(FrontendReq::SET_BACKEND_REQ_FD) => {
+                    if let (Some(hook), [fd]) = (&channel_hook, &msg.fds[..]) {
+                        match fd.try_clone() {
+                            Ok(dup) => hook(UnixStream::from(dup)),
+                            Err(e) => debug!("cannot duplicate the backend request channel: {e}"),
+                        }
+                    }
+                    send_msg(&back, &msg)?;
+                }
+                Some(FrontendReq::SET_FEATURES) => {
+                    send_msg(&back, &msg)?;
+                    features_seen = true;
+                    for m in held.drain(..) {
+                        send_msg(&back, &m)?;
                     }
                 }
-                send_msg(&back, &msg)?;
+                _ => send_msg(&back, &msg)?,
             }
-            Some(FrontendReq::SET_FEATURES) => {
-                send_msg(&back, &msg)?;
-                features_seen = true;
-                for m in held.drain(..) {
-                    send_msg(&back, &m)?;
-                }
-            }
-            _ => send_msg(&back, &msg)?,
         }
     })();
     if let Err(e) = result {
