@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
+use mic_backend_common::limited;
+use mic_backend_common::ratelimit::{per_minute, LogLimiter};
 use mic_backend_common::ring::RingGuards;
 use mic_backend_common::WorkerExitEvents;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -32,6 +34,10 @@ use crate::request::{self, Context, Scratch, MAX_DISCARD_SECTORS, MAX_DISCARD_SE
 /// Requests whose buffers add up to at least this many bytes may be handed
 /// to the I/O helper pool.
 const OFFLOAD_BYTES: u64 = 64 << 10;
+
+/// Failed used-ring notifications: the call eventfd is the frontend's, and a
+/// broken one fails once per request.
+static SIGNAL_LINES: LogLimiter = per_minute();
 
 type GM = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -296,7 +302,7 @@ impl BlkBackend {
             .unwrap_or(true);
         if notify {
             if let Err(e) = state.signal_used_queue() {
-                warn!("cannot signal the used queue: {e}");
+                limited!(SIGNAL_LINES, warn, "cannot signal the used queue: {e}");
             }
         }
         notify
@@ -356,26 +362,38 @@ impl VhostUserBackend for BlkBackend {
         out
     }
 
+    /// A write to the configuration space (virtio 1.2, 5.2.4): only the
+    /// `writeback` byte is writable. A write of any range is accepted: the
+    /// `writeback` byte takes effect if the range covers it, every other
+    /// byte is read-only and ignored. Refusing the write would end the
+    /// connection (`vhost` 0.18 closes it on any `SET_CONFIG` error), and
+    /// with it the driver's write-through choice, so a card that writes
+    /// more than that byte (or a bridge that forwards a wider range) must
+    /// not be able to cause that.
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        // Only the writeback byte is writable.
-        if offset == CONFIG_WRITEBACK_OFFSET && buf.len() == 1 {
-            let wb = buf[0] != 0;
+        let Some(at) = CONFIG_WRITEBACK_OFFSET
+            .checked_sub(offset)
+            .and_then(|i| buf.get(i as usize))
+        else {
             debug!(
-                "write cache {}",
-                if wb { "write-back" } else { "write-through" }
+                "ignoring a write of {} read-only config bytes at {offset}",
+                buf.len()
             );
-            if !wb {
-                // Switching to write-through: make earlier writes durable.
-                let _ = self.inner.disk.flush();
-            }
-            self.inner.writeback.store(wb, Ordering::Relaxed);
-            Ok(())
-        } else {
-            Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "only the writeback field is writable",
-            ))
+            return Ok(());
+        };
+        // The driver writes 0 (write-through) or 1 (write-back); anything
+        // else is taken as write-back, the device's default.
+        let wb = *at != 0;
+        debug!(
+            "write cache {}",
+            if wb { "write-back" } else { "write-through" }
+        );
+        if !wb {
+            // Switching to write-through: make earlier writes durable.
+            let _ = self.inner.disk.flush();
         }
+        self.inner.writeback.store(wb, Ordering::Relaxed);
+        Ok(())
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
@@ -471,7 +489,16 @@ mod tests {
         b.set_config(CONFIG_WRITEBACK_OFFSET, &[0]).unwrap();
         assert!(b.writethrough());
         assert_eq!(b.get_config(CONFIG_WRITEBACK_OFFSET, 1), vec![0]);
-        assert!(b.set_config(0, &[1, 2, 3, 4]).is_err());
+        // Read-only bytes are ignored, the writeback byte is taken from any
+        // range that covers it.
+        b.set_config(0, &[1, 2, 3, 4]).unwrap();
+        assert_eq!(b.get_config(0, 8), 2048u64.to_le_bytes().to_vec());
+        let mut whole = b.get_config(0, CONFIG_LEN as u32);
+        whole[32] = 1;
+        b.set_config(0, &whole).unwrap();
+        assert!(!b.writethrough());
+        b.set_config(u32::MAX, &[0; 4]).unwrap();
+        assert!(!b.writethrough());
         // Reads past the config space are zero padded.
         assert_eq!(b.get_config(100, 8), vec![0; 8]);
         drop(dir);

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use vu_test::vhost::VhostBackend;
 use vu_test::{outside, Desc, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
 #[test]
@@ -409,4 +410,149 @@ fn corrupted_avail_ring_does_not_spin_or_crash() {
     // And a new frontend gets a clean device.
     let mut f = connect(&s, 2);
     assert_eq!(read(&mut f.queues[1], 1, 512), (S_OK, pattern(21, 512)));
+}
+
+/// A driver (or a bridge forwarding the card's writes) may write any range
+/// of the configuration space. Read-only fields stay as they are, the
+/// `writeback` byte takes effect wherever it is in the range, and the
+/// connection keeps serving: its write-through choice is not lost.
+#[test]
+fn config_writes_of_any_range_keep_the_connection_and_wce() {
+    let s = Setup::new(1 << 20, 0);
+    let _d = s.spawn(&["--num-queues", "1"]);
+    let mut f = connect(&s, 1);
+    let before = f.get_config(0, 60).unwrap();
+    assert_eq!(before[32], 1, "write-back by default");
+
+    // The whole config space, with the capacity changed and write-through.
+    let mut cfg = before.clone();
+    cfg[0..8].copy_from_slice(&7u64.to_le_bytes());
+    cfg[32] = 0;
+    f.set_config(0, &cfg).unwrap();
+    let after = f.get_config(0, 60).unwrap();
+    assert_eq!(&after[0..8], &before[0..8], "capacity is read-only");
+    assert_eq!(after[32], 0, "write-through from a whole-space write");
+
+    // A range that does not cover the writeback byte changes nothing.
+    f.set_config(36, &[1, 2, 3, 4]).unwrap();
+    f.set_config(200, &[9]).unwrap();
+    assert_eq!(f.get_config(0, 60).unwrap(), after);
+
+    // Same connection, still serving, still write-through.
+    let q = &mut f.queues[0];
+    let data = pattern(31, 4096);
+    assert_eq!(write(q, 16, &data), S_OK);
+    assert_eq!(&s.image_bytes()[8192..12288], &data[..]);
+    assert_eq!(f.get_config(32, 1).unwrap(), vec![0]);
+
+    // A range ending on the writeback byte switches back to write-back.
+    f.set_config(30, &[0, 0, 1]).unwrap();
+    assert_eq!(f.get_config(32, 1).unwrap(), vec![1]);
+}
+
+/// A peer that connects and never speaks (or stops in the middle of a
+/// message) does not keep the next frontend waiting for long: the daemon
+/// drops a peer whose first message does not arrive within two seconds, or
+/// whose message does not complete within two seconds. (A peer that sent a
+/// whole message is a frontend, and holds the device while connected, as
+/// in any vhost-user backend: the last entry of `STALLED_PEERS`.)
+#[test]
+fn stalled_peers_do_not_block_the_next_frontend() {
+    let s = Setup::new(1 << 20, 0);
+    let mut d = s.spawn(&["--num-queues", "1"]);
+    for (what, prelude) in &vu_test::STALLED_PEERS[..3] {
+        let mut stalled = vu_test::stalled_peer(&s.socket, prelude).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sock = s.socket.clone();
+        let started = std::time::Instant::now();
+        std::thread::spawn(move || {
+            let mut f = vu_test::TestFrontend::connect(&sock, 1).unwrap();
+            let st = write(&mut f.queues[0], 0, &pattern(5, 512));
+            let _ = tx.send(st);
+        });
+        let st = rx
+            .recv_timeout(Duration::from_secs(8))
+            .unwrap_or_else(|_| panic!("{what}: the next frontend was not served"));
+        assert_eq!(st, S_OK, "{what}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{what}: served after {:?}",
+            started.elapsed()
+        );
+        // The stalled peer's connection was closed.
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let closed = std::io::Read::read_to_end(&mut stalled, &mut rest).is_ok();
+        assert!(closed, "{what}: the stalled peer is still connected");
+    }
+    assert!(d.alive());
+}
+
+/// SIGTERM ends the daemon within a second whatever a connected peer is
+/// in the middle of (see `vu_test::STALLED_PEERS`).
+#[test]
+fn sigterm_ends_the_daemon_within_a_second_with_a_stalled_peer() {
+    let s = Setup::new(1 << 20, 0);
+    for (what, prelude) in vu_test::STALLED_PEERS {
+        let mut d = s.spawn(&["--num-queues", "1"]);
+        let st = vu_test::sigterm_with_stalled_peer(&mut d, prelude)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(st.success(), "{what}: exit status {st}");
+        assert!(!s.socket.exists(), "{what}");
+    }
+}
+
+/// A frontend that repeats actions the daemon or the crates below it log
+/// (reconnecting, sending invalid requests, invalid queue sizes, breaking
+/// a ring) leaves a bounded number of lines in the log.
+#[test]
+fn repeated_frontend_actions_do_not_flood_the_log() {
+    let s = Setup::new(1 << 20, 0);
+    let log = s.dir.path().join("stderr.log");
+    let args = [
+        "--socket-path",
+        s.socket.to_str().unwrap(),
+        "--image",
+        s.image.to_str().unwrap(),
+        "--num-queues",
+        "1",
+    ];
+    let _d = vu_test::Daemon::spawn_logged(bin(), &args, &s.socket, &log).unwrap();
+    let before = vu_test::log_lines(&log).unwrap();
+    let f = connect(&s, 1);
+    for _ in 0..100 {
+        // An invalid queue size: virtio-queue logs an error each time.
+        f.frontend.set_vring_num(0, 3).unwrap();
+    }
+    drop(f);
+    for i in 0..30u8 {
+        // An unknown request ends the connection: "connected" and
+        // "dropped" each time.
+        let mut c = UnixStream::connect(&s.socket).unwrap();
+        c.write_all(&[200, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+            .unwrap();
+        let _ = std::io::Read::read(&mut c, &mut [0u8; 1]);
+        // A frontend that breaks its ring each time.
+        if i % 3 == 0 {
+            let mut f = connect(&s, 1);
+            f.queues[0].corrupt_avail_idx(30000);
+            f.queues[0].kick_always().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // The daemon still serves.
+    let mut f = connect(&s, 1);
+    assert_eq!(write(&mut f.queues[0], 0, &pattern(9, 512)), S_OK);
+    drop(f);
+    std::thread::sleep(Duration::from_millis(200));
+    let lines = vu_test::log_lines(&log).unwrap() - before;
+    // The first lines of each kind still get through.
+    assert!(
+        (10..=40).contains(&lines),
+        "{lines} log lines:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
 }

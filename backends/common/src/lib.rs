@@ -32,6 +32,7 @@
 #![deny(missing_docs)]
 
 pub mod guest;
+pub mod ratelimit;
 mod relay;
 pub mod ring;
 #[cfg(any(test, feature = "test-utils"))]
@@ -165,12 +166,69 @@ impl SocketArgs {
 
 /// Initialise `env_logger`: `RUST_LOG` selects the level, `info` by default.
 ///
+/// Lines at `warn` or `error` from the crates below the daemons
+/// (`virtio-queue`, `vhost`, `vhost-user-backend`...) are rate-limited
+/// together, since a frontend or a guest can trigger them once per request
+/// (an invalid queue size, a broken ring); see [`ratelimit`].
+///
 /// Safe to call more than once (later calls are ignored).
 pub fn init_logging() {
     let env = env_logger::Env::default().default_filter_or("info");
-    let _ = env_logger::Builder::from_env(env)
+    let inner = env_logger::Builder::from_env(env)
         .format_timestamp_millis()
-        .try_init();
+        .build();
+    let max = inner.filter();
+    if log::set_boxed_logger(Box::new(LimitedLogger { inner })).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+/// Lines from other crates at `warn` or `error`: 10 a minute.
+static CRATE_LINES: ratelimit::LogLimiter =
+    ratelimit::LogLimiter::new(10, std::time::Duration::from_secs(60));
+
+/// `env_logger` with the lines of other crates rate-limited (see
+/// [`init_logging`]); the daemons' own lines are limited where they are
+/// written.
+struct LimitedLogger {
+    inner: env_logger::Logger,
+}
+
+impl log::Log for LimitedLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.inner.matches(record) {
+            return;
+        }
+        let ours = record.target().starts_with("mic_");
+        if ours || record.level() > log::Level::Warn {
+            return self.inner.log(record);
+        }
+        match CRATE_LINES.check() {
+            None => {}
+            Some(0) => self.inner.log(record),
+            Some(n) => self.inner.log(
+                &log::Record::builder()
+                    .args(format_args!(
+                        "{} ({n} similar lines left out)",
+                        record.args()
+                    ))
+                    .level(record.level())
+                    .target(record.target())
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .build(),
+            ),
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush()
+    }
 }
 
 /// Where frontends come from: a listening socket (default) or a socket to
@@ -575,6 +633,10 @@ fn next_frontend(endpoint: &Endpoint, shutdown: &Shutdown) -> Option<UnixStream>
     }
 }
 
+/// Frontend connected/disconnected lines: a peer can reconnect in a loop.
+static CONNECTION_LINES: ratelimit::LogLimiter =
+    ratelimit::LogLimiter::new(10, std::time::Duration::from_secs(60));
+
 /// The daemon loop: serve one frontend at a time until shutdown.
 ///
 /// For every frontend: `new_backend()` builds (or resets) the backend, a new
@@ -634,17 +696,38 @@ where
             .start_client(private.path())
             .map_err(|e| Error::Daemon(e.to_string()))?;
         let back = private.accept().map_err(Error::Relay)?;
-        let relay =
-            Relay::start(front, back, shutdown.fd(), channel_hook.clone()).map_err(Error::Relay)?;
+        // A frontend we accepted must speak first within a deadline (so a
+        // silent peer cannot hold the socket); one we connected to is the
+        // one we were told to serve, and may take its time.
+        let first_message = match endpoint {
+            Endpoint::Listen { .. } => Some(relay::FIRST_MESSAGE_TIMEOUT),
+            Endpoint::Connect { .. } => None,
+        };
+        let relay = Relay::start(
+            front,
+            back,
+            shutdown.fd(),
+            channel_hook.clone(),
+            first_message,
+        )
+        .map_err(Error::Relay)?;
         connections += 1;
-        info!("frontend {connections} connected");
+        limited!(CONNECTION_LINES, info, "frontend {connections} connected");
         shutdown.set_active(daemon.shutdown_handle());
         match daemon.wait() {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => info!("frontend {connections} disconnected"),
-            Err(e) => warn!("frontend {connections} dropped: {e}"),
+            )) => limited!(
+                CONNECTION_LINES,
+                info,
+                "frontend {connections} disconnected"
+            ),
+            Err(e) => limited!(
+                CONNECTION_LINES,
+                warn,
+                "frontend {connections} dropped: {e}"
+            ),
         }
         shutdown.set_active(None);
         // Dropping the daemon stops and joins the worker threads.

@@ -19,7 +19,8 @@
 //! messages. Such a message received before `SET_FEATURES` is held back and
 //! replayed, in the order received and without the need-reply flag, right
 //! after `SET_FEATURES` has been forwarded; if the frontend asked for a
-//! reply (`REPLY_ACK`), the relay sends the success reply itself. Every other
+//! reply (`REPLY_ACK`), the relay sends the success reply itself. At most
+//! [`MAX_HELD_ENABLES`] are held; one more ends the connection. Every other
 //! message, its file descriptors, and everything the daemon sends back pass
 //! unchanged and in order. Only the control channel goes through the relay;
 //! guest memory, rings, kick and call eventfds and the backend request
@@ -46,6 +47,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::debug;
 use vhost::vhost_user::message::{
@@ -208,51 +210,99 @@ fn enable_ack() -> Msg {
     )
 }
 
+/// Most `SET_VRING_ENABLE` messages held back before `SET_FEATURES`; one
+/// more ends the connection. A frontend enables each ring once or a few
+/// times (QEMU: once per ring), and a device has at most 64 queues (mic-blk's
+/// `--num-queues` limit), so this only stops a peer that would otherwise
+/// grow the daemon's memory without bound.
+pub(crate) const MAX_HELD_ENABLES: usize = 512;
+
 /// Receives a duplicate of the backend request channel's socket.
 pub(crate) type ChannelHook = Arc<dyn Fn(UnixStream) + Send + Sync>;
 
+/// How long a frontend that the daemon accepted may stay silent before its
+/// first message: a peer that connects and never speaks is dropped after
+/// this, so that it does not keep the next frontend waiting (frontends such
+/// as QEMU and the bridge send `GET_FEATURES` right after connecting).
+pub(crate) const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the rest of a message may take once its first bytes arrived,
+/// and how long a message to the frontend may wait for it to read: a peer
+/// that stops in the middle of a message, or stops reading, is dropped.
+pub(crate) const MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Frontend to backend: forwards messages, holding back early enables.
+/// With `first_message`, a frontend that sends nothing for that long after
+/// connecting is disconnected.
 fn pump_requests(
     front: UnixStream,
     front_w: Arc<Mutex<UnixStream>>,
     back: UnixStream,
     shutdown_fd: RawFd,
     channel_hook: Option<ChannelHook>,
+    first_message: Option<Duration>,
 ) {
     let mut features_seen = false;
     let mut held: Vec<Msg> = Vec::new();
-    let result: io::Result<()> = (|| loop {
-        if poll_in(&[shutdown_fd, front.as_raw_fd()], -1) == Some(0) {
-            return Ok(());
-        }
-        let Some(msg) = recv_msg(&front)? else {
-            return Ok(());
-        };
-        match msg.hdr.request() {
-            Some(FrontendReq::SET_VRING_ENABLE) if !features_seen => {
-                debug!("holding SET_VRING_ENABLE received before SET_FEATURES");
-                if msg.hdr.need_reply() {
-                    send_msg(&front_w.lock().unwrap(), &enable_ack())?;
+    let mut deadline = first_message.map(|t| Instant::now() + t);
+    let result: io::Result<()> = (|| {
+        // Both timeouts hold for the socket, so for `front_w` too. Reads
+        // only start once poll() saw data, so the read timeout bounds the
+        // rest of a message, not the wait for the next one.
+        front.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
+        front.set_write_timeout(Some(MESSAGE_TIMEOUT))?;
+        loop {
+            let wait_ms = deadline.map_or(-1, |d| {
+                let left = d.saturating_duration_since(Instant::now());
+                i32::try_from(left.as_millis()).unwrap_or(i32::MAX)
+            });
+            match poll_in(&[shutdown_fd, front.as_raw_fd()], wait_ms) {
+                Some(0) => return Ok(()),
+                Some(_) => {}
+                None if deadline.is_some_and(|d| Instant::now() >= d) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no message from the frontend",
+                    ));
                 }
-                held.push(enable_msg(&msg.body));
+                None => continue,
             }
-            Some(FrontendReq::SET_BACKEND_REQ_FD) => {
-                if let (Some(hook), [fd]) = (&channel_hook, &msg.fds[..]) {
-                    match fd.try_clone() {
-                        Ok(dup) => hook(UnixStream::from(dup)),
-                        Err(e) => debug!("cannot duplicate the backend request channel: {e}"),
+            let Some(msg) = recv_msg(&front)? else {
+                return Ok(());
+            };
+            deadline = None;
+            match msg.hdr.request() {
+                Some(FrontendReq::SET_VRING_ENABLE) if !features_seen => {
+                    if held.len() >= MAX_HELD_ENABLES {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "too many SET_VRING_ENABLE before SET_FEATURES",
+                        ));
+                    }
+                    debug!("holding SET_VRING_ENABLE received before SET_FEATURES");
+                    if msg.hdr.need_reply() {
+                        send_msg(&front_w.lock().unwrap(), &enable_ack())?;
+                    }
+                    held.push(enable_msg(&msg.body));
+                }
+                Some(FrontendReq::SET_BACKEND_REQ_FD) => {
+                    if let (Some(hook), [fd]) = (&channel_hook, &msg.fds[..]) {
+                        match fd.try_clone() {
+                            Ok(dup) => hook(UnixStream::from(dup)),
+                            Err(e) => debug!("cannot duplicate the backend request channel: {e}"),
+                        }
+                    }
+                    send_msg(&back, &msg)?;
+                }
+                Some(FrontendReq::SET_FEATURES) => {
+                    send_msg(&back, &msg)?;
+                    features_seen = true;
+                    for m in held.drain(..) {
+                        send_msg(&back, &m)?;
                     }
                 }
-                send_msg(&back, &msg)?;
+                _ => send_msg(&back, &msg)?,
             }
-            Some(FrontendReq::SET_FEATURES) => {
-                send_msg(&back, &msg)?;
-                features_seen = true;
-                for m in held.drain(..) {
-                    send_msg(&back, &m)?;
-                }
-            }
-            _ => send_msg(&back, &msg)?,
         }
     })();
     if let Err(e) = result {
@@ -330,13 +380,16 @@ impl Relay {
         back: UnixStream,
         shutdown_fd: RawFd,
         channel_hook: Option<ChannelHook>,
+        first_message: Option<Duration>,
     ) -> io::Result<Relay> {
         let front_w = Arc::new(Mutex::new(front.try_clone()?));
         let back2 = back.try_clone()?;
         let fw = front_w.clone();
         let requests = std::thread::Builder::new()
             .name("vu-relay-req".into())
-            .spawn(move || pump_requests(front, fw, back, shutdown_fd, channel_hook))?;
+            .spawn(move || {
+                pump_requests(front, fw, back, shutdown_fd, channel_hook, first_message)
+            })?;
         let replies = std::thread::Builder::new()
             .name("vu-relay-rep".into())
             .spawn(move || pump_replies(back2, front_w))?;
@@ -420,7 +473,9 @@ mod tests {
         let (back, mut be) = UnixStream::pair().unwrap();
         let (sd_r, _sd_w) = UnixStream::pair().unwrap();
         let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
-        let t = std::thread::spawn(move || pump_requests(front, fw, back, sd_r.as_raw_fd(), None));
+        let t = std::thread::spawn(move || {
+            pump_requests(front, fw, back, sd_r.as_raw_fd(), None, None)
+        });
         let enable = msg(
             SET_VRING_ENABLE,
             FLAG_VERSION | FLAG_NEED_REPLY,
@@ -457,6 +512,39 @@ mod tests {
     }
 
     #[test]
+    fn too_many_early_enables_end_the_connection() {
+        let (mut fe, front) = UnixStream::pair().unwrap();
+        let (back, mut be) = UnixStream::pair().unwrap();
+        let (sd_r, _sd_w) = UnixStream::pair().unwrap();
+        let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
+        let t = std::thread::spawn(move || {
+            pump_requests(front, fw, back, sd_r.as_raw_fd(), None, None)
+        });
+        let enable = msg(SET_VRING_ENABLE, FLAG_VERSION, &[0, 0, 0, 0, 1, 0, 0, 0]);
+        for _ in 0..MAX_HELD_ENABLES {
+            fe.write_all(&enable).unwrap();
+        }
+        // Up to the limit, nothing happens: the frontend may go on.
+        fe.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert!(fe.read(&mut b).is_err(), "connection still open");
+        // One more: the relay closes both sides without forwarding any.
+        let _ = fe.write_all(&enable);
+        fe.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(fe.read(&mut b).unwrap(), 0, "frontend side closed");
+        be.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(
+            be.read(&mut b).unwrap(),
+            0,
+            "daemon side closed, nothing sent"
+        );
+        t.join().unwrap();
+    }
+
+    #[test]
     fn backend_request_channel_is_shared_with_the_hook() {
         let (fe, front) = UnixStream::pair().unwrap();
         let (back, be) = UnixStream::pair().unwrap();
@@ -466,7 +554,7 @@ mod tests {
         let g = got.clone();
         let hook: ChannelHook = Arc::new(move |s| *g.lock().unwrap() = Some(s));
         let t = std::thread::spawn(move || {
-            pump_requests(front, fw, back, sd_r.as_raw_fd(), Some(hook))
+            pump_requests(front, fw, back, sd_r.as_raw_fd(), Some(hook), None)
         });
         let (mut chan_front, chan_back) = UnixStream::pair().unwrap();
         let m = parse(

@@ -19,9 +19,12 @@
 use std::num::Wrapping;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use log::warn;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
+
+/// Broken-ring lines: a frontend can reset a ring and the driver break it
+/// again, or a new frontend come, in a loop.
+static BROKEN_RING_LINES: crate::ratelimit::LogLimiter = crate::ratelimit::per_minute();
 
 /// Why a ring stopped being served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +80,9 @@ impl RingGuard {
 
     fn mark(&self, why: Breakage) {
         if !self.broken.swap(true, Ordering::AcqRel) {
-            warn!(
+            crate::limited!(
+                BROKEN_RING_LINES,
+                warn,
                 "queue {}: broken available ring ({why:?}); not served until the frontend resets it",
                 self.index
             );

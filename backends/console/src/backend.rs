@@ -24,9 +24,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use log::{debug, info, warn};
 use mic_backend_common::guest::{read_config, vring_ready, GuestMem, MemorySlot};
+use mic_backend_common::ratelimit::{per_minute, LogLimiter};
 use mic_backend_common::ring::RingGuards;
 use mic_backend_common::worker::Worker;
-use mic_backend_common::{PersistentBackend, WorkerExitEvents};
+use mic_backend_common::{limited, PersistentBackend, WorkerExitEvents};
 use vhost::vhost_user::message::{BackendReq, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
@@ -45,12 +46,24 @@ use crate::control::{
 use crate::host::{Host, EV_INPUT, EV_LISTEN};
 use crate::{rxq, txq};
 
+/// Lines the card's driver can cause once per control message.
+static DRIVER_LINES: LogLimiter = per_minute();
+/// Lines a frontend can cause once per connection.
+static FRONTEND_LINES: LogLimiter = per_minute();
+
 type Vring = VringRwLock<GuestMem>;
 
+/// Most control messages waiting for the driver's buffers (the handshake
+/// needs four: `DEVICE_ADD`, `CONSOLE_PORT`, `RESIZE`, `PORT_OPEN`).
+const MAX_PENDING_CTRL: usize = 32;
 /// Largest control message accepted from the driver.
 const MAX_CTRL: usize = 64;
 /// Largest TX chain copied at once; longer chains are processed in pieces.
 const TX_CHUNK: usize = 64 * 1024;
+/// Largest TX chain passed on; a longer one is dropped as malformed (Linux's
+/// virtio_console writes at most 32 KiB per buffer). Bounds the time a
+/// worker spends on one chain while it holds the queue.
+const TX_MAX_CHAIN: usize = 1 << 20;
 /// Host input read per step.
 const RX_CHUNK: usize = 4096;
 /// How often the terminal size is checked for changes.
@@ -69,6 +82,7 @@ struct RxState {
 }
 
 struct CtrlState {
+    /// Messages waiting for control receive buffers; see [`CtrlState::queue`].
     out: VecDeque<Vec<u8>>,
     device_ready: bool,
     port_ready: bool,
@@ -76,6 +90,20 @@ struct CtrlState {
     /// The size the driver last learnt: from a `RESIZE` message with
     /// `MULTIPORT`, from the config space (read or announced) without.
     last_size: Option<(u16, u16)>,
+}
+
+impl CtrlState {
+    /// Queues a message for the driver. At most [`MAX_PENDING_CTRL`] wait:
+    /// a driver that keeps asking (`DEVICE_READY`, `PORT_READY`) without
+    /// posting control receive buffers cannot grow the queue; further
+    /// messages are dropped (and counted in `dropped`).
+    fn queue(&mut self, msg: Vec<u8>, dropped: &AtomicU64) {
+        if self.out.len() < MAX_PENDING_CTRL {
+            self.out.push_back(msg);
+        } else {
+            dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The backend request channel of the current frontend.
@@ -100,6 +128,8 @@ pub struct Counters {
     pub tx_bytes: AtomicU64,
     /// Malformed chains returned unused.
     pub bad_chains: AtomicU64,
+    /// Control messages dropped because [`MAX_PENDING_CTRL`] were waiting.
+    pub dropped_ctrl: AtomicU64,
 }
 
 /// The virtio-console vhost-user backend.
@@ -201,7 +231,7 @@ impl ConsoleBackend {
         {
             let (cols, rows) = size.unwrap();
             debug!("console resized to {cols}x{rows}");
-            ctrl.out.push_back(resize_msg(cols, rows));
+            ctrl.queue(resize_msg(cols, rows), &self.counters.dropped_ctrl);
         }
     }
 
@@ -261,7 +291,11 @@ impl ConsoleBackend {
         } else {
             format!("short write ({n} bytes)")
         };
-        warn!("backend request channel: {e}; config changes are no longer announced");
+        limited!(
+            FRONTEND_LINES,
+            warn,
+            "backend request channel: {e}; config changes are no longer announced"
+        );
         ch.sock = None;
         false
     }
@@ -333,11 +367,12 @@ impl ConsoleBackend {
             return Ok(());
         }
         let mut vr = vring.get_mut();
-        let used = txq::drain_out(
+        let used = txq::drain_out_pieces(
             vr.get_queue_mut(),
             &mem,
             self.guards.get(1),
             TX_CHUNK,
+            TX_MAX_CHAIN,
             |bytes, head| match bytes {
                 Some(b) => {
                     self.counters
@@ -400,30 +435,36 @@ impl ConsoleBackend {
         match event {
             DEVICE_READY => {
                 if value != 1 {
-                    warn!("driver failed to initialise the console device");
+                    limited!(
+                        DRIVER_LINES,
+                        warn,
+                        "driver failed to initialise the console device"
+                    );
                     return;
                 }
                 ctrl.device_ready = true;
-                ctrl.out.push_back(ctrl_msg(0, DEVICE_ADD, 0));
+                ctrl.queue(ctrl_msg(0, DEVICE_ADD, 0), &self.counters.dropped_ctrl);
             }
             PORT_READY if id == 0 => {
                 if value != 1 {
-                    warn!("driver failed to add console port 0");
+                    limited!(DRIVER_LINES, warn, "driver failed to add console port 0");
                     return;
                 }
                 ctrl.port_ready = true;
-                ctrl.out.push_back(ctrl_msg(0, CONSOLE_PORT, 1));
+                ctrl.queue(ctrl_msg(0, CONSOLE_PORT, 1), &self.counters.dropped_ctrl);
                 if self.acked.load(Ordering::Acquire) & bit(F_SIZE) != 0 {
                     if let Some((cols, rows)) = self.host().size() {
                         ctrl.last_size = Some((cols, rows));
-                        ctrl.out.push_back(resize_msg(cols, rows));
+                        ctrl.queue(resize_msg(cols, rows), &self.counters.dropped_ctrl);
                     }
                 }
-                ctrl.out.push_back(ctrl_msg(0, PORT_OPEN, 1));
+                ctrl.queue(ctrl_msg(0, PORT_OPEN, 1), &self.counters.dropped_ctrl);
             }
             PORT_OPEN if id == 0 => {
                 ctrl.guest_open = value != 0;
-                info!(
+                limited!(
+                    DRIVER_LINES,
+                    info,
                     "console port {}",
                     if ctrl.guest_open { "opened" } else { "closed" }
                 );
@@ -465,7 +506,11 @@ impl VhostUserBackend for ConsoleBackend {
         ch.backend = Some(backend);
         ch.sock = ch.pending.take();
         if ch.sock.is_none() {
-            warn!("backend request channel without its socket: config changes are not announced");
+            limited!(
+                FRONTEND_LINES,
+                warn,
+                "backend request channel without its socket: config changes are not announced"
+            );
         }
     }
 

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::logfile::MIN_MAX_SIZE;
+
 /// Largest virtqueue size accepted on the command line.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 
@@ -39,6 +41,11 @@ pub struct ConsoleArgs {
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
 
+    /// Rotate the --log file to FILE.1 when it reaches SIZE bytes (suffix
+    /// K, M or G: binary units; 0: never rotate).
+    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
+    pub log_max_size: u64,
+
     /// Do not offer VIRTIO_CONSOLE_F_MULTIPORT (plain 2-queue device).
     #[arg(long)]
     pub no_multiport: bool,
@@ -70,6 +77,8 @@ pub struct ConsoleConfig {
     pub target: ConsoleTarget,
     /// Optional log file.
     pub log: Option<PathBuf>,
+    /// Size at which the log file is rotated; `None`: never.
+    pub log_max_size: Option<u64>,
     /// Offer the multiport feature (and its 4 queues).
     pub multiport: bool,
     /// Maximum virtqueue size.
@@ -85,6 +94,25 @@ pub enum ConfigError {
     /// The console socket and the vhost-user socket are the same path.
     #[error("--unix and --socket-path must differ")]
     SamePath,
+    /// A log size limit too small to be useful.
+    #[error("--log-max-size {0} is below the minimum of {MIN_MAX_SIZE} bytes")]
+    LogMaxSize(u64),
+}
+
+/// Parses a size: a number of bytes, optionally followed by `K`, `M` or `G`
+/// (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (bytes, or a number with K, M or G)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size {s:?} too large"))
 }
 
 impl ConsoleConfig {
@@ -103,11 +131,17 @@ impl ConsoleConfig {
         } else {
             ConsoleTarget::Pty
         };
+        let log_max_size = match a.log_max_size {
+            0 => None,
+            n if n < MIN_MAX_SIZE => return Err(ConfigError::LogMaxSize(n)),
+            n => Some(n),
+        };
         Ok(ConsoleConfig {
             socket_path: a.socket_path,
             client: a.client,
             target,
             log: a.log,
+            log_max_size,
             multiport: !a.no_multiport,
             queue_size: a.queue_size,
         })
@@ -142,10 +176,27 @@ mod tests {
         .unwrap();
         assert_eq!(c.target, ConsoleTarget::Unix("/c".into()));
         assert_eq!(c.log, Some("/l".into()));
+        assert_eq!(c.log_max_size, Some(16 << 20), "default");
         assert!(!c.multiport);
         let c = parse(&["--socket-path", "/s", "--stdio", "--client"]).unwrap();
         assert_eq!(c.target, ConsoleTarget::Stdio);
         assert!(c.client);
+    }
+
+    #[test]
+    fn log_max_size() {
+        let size = |v: &str| {
+            parse(&["--socket-path", "/s", "--pty", "--log-max-size", v]).map(|c| c.log_max_size)
+        };
+        assert_eq!(size("4096"), Ok(Some(4096)));
+        assert_eq!(size("64K"), Ok(Some(64 << 10)));
+        assert_eq!(size("2m"), Ok(Some(2 << 20)));
+        assert_eq!(size("1G"), Ok(Some(1 << 30)));
+        assert_eq!(size("0"), Ok(None), "0: never rotate");
+        assert!(size("100").is_err(), "below the minimum");
+        assert!(size("12X").is_err());
+        assert!(size("K").is_err());
+        assert!(size("99999999999G").is_err());
     }
 
     #[test]

@@ -21,6 +21,7 @@ use mic_backend_common::worker::Worker;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::config::ConsoleTarget;
+use crate::logfile::LogFile;
 
 /// Ctrl-]: leaves stdio mode when stdin is a terminal.
 const ESCAPE: u8 = 0x1d;
@@ -153,7 +154,7 @@ enum Kind {
 /// The host end of the console.
 pub struct Host {
     kind: Kind,
-    log: Option<File>,
+    log: Option<LogFile>,
     /// The worker whose epoll set watches the input, while attached.
     worker: Option<Worker>,
     base: u64,
@@ -162,13 +163,14 @@ pub struct Host {
 impl Host {
     /// Opens the host side. Errors here are configuration errors (reported
     /// before the vhost-user socket exists).
-    pub fn open(target: &ConsoleTarget, log: Option<&Path>) -> io::Result<Host> {
+    pub fn open(
+        target: &ConsoleTarget,
+        log: Option<&Path>,
+        log_max_size: Option<u64>,
+    ) -> io::Result<Host> {
         let log = match log {
             Some(p) => Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
+                LogFile::open(p, log_max_size)
                     .map_err(|e| io::Error::new(e.kind(), format!("log {}: {e}", p.display())))?,
             ),
             None => None,
@@ -388,7 +390,7 @@ impl Host {
     /// pty or socket: what does not fit is dropped.
     pub fn write_output(&mut self, data: &[u8]) {
         if let Some(l) = self.log.as_mut() {
-            if let Err(e) = l.write_all(data) {
+            if let Err(e) = l.write(data) {
                 debug!("console log: {e}");
             }
         }

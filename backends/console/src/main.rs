@@ -16,6 +16,7 @@ mod backend;
 mod config;
 mod control;
 mod host;
+mod logfile;
 mod rxq;
 mod txq;
 
@@ -35,7 +36,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let host = match Host::open(&cfg.target, cfg.log.as_deref()) {
+    let host = match Host::open(&cfg.target, cfg.log.as_deref(), cfg.log_max_size) {
         Ok(h) => h,
         Err(e) => return fail(e),
     };

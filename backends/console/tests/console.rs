@@ -691,3 +691,126 @@ fn broken_receive_ring_does_not_spin() {
     assert_eq!(card_read(&mut fe, 0, 8), b"abcafter");
     assert!(d.alive());
 }
+
+/// SIGTERM ends the daemon within a second whatever state a peer left it
+/// in: a vhost-user peer stalled at any point (`vu_test::STALLED_PEERS`),
+/// or a frontend whose rings are all broken with a console client attached.
+#[test]
+fn sigterm_ends_the_daemon_within_a_second_in_any_state() {
+    for (what, prelude) in vu_test::STALLED_PEERS {
+        let dir = TempDir::new("mic-console-test").unwrap();
+        let (mut d, sock, _) = unix_daemon(&dir, &[]);
+        let st = vu_test::sigterm_with_stalled_peer(&mut d, prelude)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(st.success(), "{what}: exit status {st}");
+        assert!(!sock.exists(), "{what}");
+    }
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let (mut d, sock, csock) = unix_daemon(&dir, &[]);
+    let mut fe = connect(&sock, u64::MAX, 4);
+    let _c = attach_and_sync(&mut fe, &csock);
+    for q in 0..4 {
+        fe.queues[q].corrupt_avail_idx(30000);
+        fe.queues[q].kick_always().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let st = d
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(1))
+        .unwrap();
+    assert!(st.success(), "exit status {st}");
+    assert!(!sock.exists());
+}
+
+/// Card output in chains longer than the 64 KiB the daemon copies at once
+/// is passed on whole, in order (it is split into pieces, not dropped).
+#[test]
+fn long_transmit_chains_are_passed_on_whole() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let log = dir.path().join("console.log");
+    let (mut d, sock, _) = unix_daemon(&dir, &["--log", log.to_str().unwrap()]);
+    let mut fe = connect(&sock, 0, 2);
+    let data: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+    let q = &mut fe.queues[1];
+    let a = q.mem().alloc(data.len() as u64, 8).unwrap();
+    q.mem().write(a, &data).unwrap();
+    // Three descriptors of 50000 bytes: 150000 bytes in one chain.
+    let descs: Vec<Desc> = (0..3).map(|i| Desc::out(a + i * 50_000, 50_000)).collect();
+    let h = q.add_chain(&descs).unwrap();
+    q.kick().unwrap();
+    q.wait_for(h, T).unwrap();
+    card_write(&mut fe, 1, b"end");
+    let mut want = data.clone();
+    want.extend_from_slice(b"end");
+    assert!(std::fs::read(&log).unwrap() == want, "log differs");
+    assert!(d.alive());
+}
+
+/// With `--log-max-size`, the log is rotated to one `.1` file: neither file
+/// exceeds the limit, and together they end with the latest output.
+#[test]
+fn log_is_rotated_at_its_maximum_size() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let log = dir.path().join("console.log");
+    let old = dir.path().join("console.log.1");
+    let (mut d, sock, _) = unix_daemon(
+        &dir,
+        &["--log", log.to_str().unwrap(), "--log-max-size", "64K"],
+    );
+    let mut fe = connect(&sock, 0, 2);
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    for part in data.chunks(10_000) {
+        card_write(&mut fe, 1, part);
+    }
+    let new = std::fs::read(&log).unwrap();
+    let prev = std::fs::read(&old).unwrap();
+    assert!(new.len() <= 64 << 10, "log has {} bytes", new.len());
+    assert_eq!(prev.len(), 64 << 10, "rotated log");
+    let mut both = prev;
+    both.extend_from_slice(&new);
+    assert!(data.ends_with(&both), "the logs hold the latest output");
+    assert!(d.alive());
+}
+
+/// A card that repeats control messages (a ready device, a failed driver)
+/// leaves a bounded number of log lines, and the replies waiting for
+/// control receive buffers stay bounded (32) however many it asks for.
+#[test]
+fn repeated_control_messages_are_bounded_in_log_and_memory() {
+    let dir = TempDir::new("mic-console-test").unwrap();
+    let sock = dir.path().join("con.sock");
+    let csock = dir.path().join("console");
+    let stderr = dir.path().join("stderr.log");
+    let args = [
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--unix",
+        csock.to_str().unwrap(),
+    ];
+    let _d = Daemon::spawn_logged(Path::new(BIN), &args, &sock, &stderr).unwrap();
+    let mut fe = connect(&sock, u64::MAX, 4);
+    let before = vu_test::log_lines(&stderr).unwrap();
+    for _ in 0..100 {
+        // DEVICE_READY, ready: the device answers DEVICE_ADD each time.
+        ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 0, 1));
+        // DEVICE_READY, failed: the daemon notes the driver failed.
+        ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 0, 0));
+    }
+    let lines = vu_test::log_lines(&stderr).unwrap() - before;
+    assert!(
+        (1..=10).contains(&lines),
+        "{lines} log lines:\n{}",
+        std::fs::read_to_string(&stderr).unwrap()
+    );
+    // Only the first 32 answers waited for buffers.
+    let q = &mut fe.queues[2];
+    for _ in 0..60 {
+        let a = q.mem().alloc(64, 8).unwrap();
+        q.add_chain(&[Desc::inp(a, 64)]).unwrap();
+    }
+    q.kick().unwrap();
+    let mut got = 0;
+    while let Ok(used) = q.wait_used(Duration::from_millis(500)) {
+        got += used.len();
+    }
+    assert_eq!(got, 32);
+}

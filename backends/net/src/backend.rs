@@ -17,9 +17,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use log::{debug, warn};
 use mic_backend_common::guest::{vring_ready, GuestMem, MemorySlot};
+use mic_backend_common::ratelimit::{per_minute, LogLimiter};
 use mic_backend_common::ring::RingGuards;
 use mic_backend_common::worker::Worker;
-use mic_backend_common::{PersistentBackend, WorkerExitEvents};
+use mic_backend_common::{limited, PersistentBackend, WorkerExitEvents};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -42,6 +43,9 @@ type Vring = VringRwLock<GuestMem>;
 pub const HDR_LEN_V1: usize = 12;
 /// Size of the legacy virtio-net header without MRG_RXBUF.
 pub const HDR_LEN_LEGACY: usize = 10;
+/// Tap set-up failures: the frontend sets features once per connection.
+static TAP_LINES: LogLimiter = per_minute();
+
 /// Room for the largest packet plus its header.
 const BUF_LEN: usize = HDR_LEN_V1 + MAX_FRAME;
 
@@ -249,10 +253,14 @@ impl NetBackend {
             let st = self.pair(i);
             if let HostPort::Tap(t) = &st.host {
                 if let Err(e) = t.set_vnet_hdr_size(hdr as i32) {
-                    warn!("tap queue {i}: TUNSETVNETHDRSZ {hdr}: {e}");
+                    limited!(TAP_LINES, warn, "tap queue {i}: TUNSETVNETHDRSZ {hdr}: {e}");
                 }
                 if let Err(e) = t.set_offload(offload) {
-                    warn!("tap queue {i}: TUNSETOFFLOAD {offload:#x}: {e}");
+                    limited!(
+                        TAP_LINES,
+                        warn,
+                        "tap queue {i}: TUNSETOFFLOAD {offload:#x}: {e}"
+                    );
                 }
             }
         }

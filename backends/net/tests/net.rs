@@ -1240,3 +1240,77 @@ fn frame_larger_than_a_full_ring_of_merged_buffers_is_dropped() {
     assert_eq!(n as usize, (60usize + 12).div_ceil(16));
     assert!(ticks_in_one_second(&s.daemon) < IDLE_TICKS);
 }
+
+/// SIGTERM ends the daemon within a second whatever state a peer left it
+/// in: a vhost-user peer stalled at any point (`vu_test::STALLED_PEERS`),
+/// or a frontend whose rings are broken while the stream peer is gone.
+#[test]
+fn sigterm_ends_the_daemon_within_a_second_in_any_state() {
+    for (what, prelude) in vu_test::STALLED_PEERS {
+        let mut s = stream_setup(&[]);
+        let st = vu_test::sigterm_with_stalled_peer(&mut s.daemon, prelude)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(st.success(), "{what}: exit status {st}");
+        assert!(!s.sock.exists(), "{what}");
+    }
+    let mut s = stream_setup(&[]);
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    roundtrip(&mut s, &mut fe, 1);
+    for q in [0, 1] {
+        fe.queues[q].corrupt_avail_idx(30000);
+        fe.queues[q].kick_always().unwrap();
+    }
+    // The stream peer goes away: the daemon is waiting to reconnect.
+    s.peer.conn = None;
+    std::thread::sleep(Duration::from_millis(200));
+    let st = s
+        .daemon
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(1))
+        .unwrap();
+    assert!(st.success(), "exit status {st}");
+    assert!(!s.sock.exists());
+}
+
+/// Kicks on broken rings, and frames arriving for a broken receive ring,
+/// leave one line per ring in the log: the daemon does not ask
+/// `virtio-queue` for chains of a ring it knows is broken (which would log
+/// an error per call).
+#[test]
+fn kicks_on_broken_rings_do_not_log_per_kick() {
+    let dir = TempDir::new("mic-net-test").unwrap();
+    let sock = dir.path().join("net.sock");
+    let peer_path = dir.path().join("peer.sock");
+    let stderr = dir.path().join("stderr.log");
+    let mut peer = Peer::new(&peer_path);
+    let stream = format!("unix:{}", peer_path.display());
+    let args = ["--socket-path", sock.to_str().unwrap(), "--stream", &stream];
+    let d = Daemon::spawn_logged(Path::new(BIN), &args, &sock, &stderr).unwrap();
+    peer.accept();
+    let mut s = Setup {
+        _dir: dir,
+        sock,
+        daemon: d,
+        peer,
+    };
+    let mut fe = connect(&s.sock, u64::MAX, 2);
+    roundtrip(&mut s, &mut fe, 1);
+    let before = vu_test::log_lines(&stderr).unwrap();
+    for q in [0, 1] {
+        fe.queues[q].corrupt_avail_idx(30000);
+    }
+    for i in 0..100u8 {
+        fe.queues[0].kick_always().unwrap();
+        fe.queues[1].kick_always().unwrap();
+        if i % 10 == 0 {
+            s.peer.send(&frame(100, i));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = vu_test::log_lines(&stderr).unwrap() - before;
+    assert!(
+        (1..=2).contains(&lines),
+        "{lines} log lines:\n{}",
+        std::fs::read_to_string(&stderr).unwrap()
+    );
+    assert!(s.daemon.alive());
+}

@@ -828,6 +828,22 @@ impl Daemon {
         Ok(d)
     }
 
+    /// [`Daemon::spawn`] with the daemon's log (stderr) written to
+    /// `stderr` (see [`log_lines`]).
+    pub fn spawn_logged(bin: &Path, args: &[&str], socket: &Path, stderr: &Path) -> Result<Daemon> {
+        let child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(File::create(stderr)?)
+            .spawn()?;
+        let mut d = Daemon {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        d.wait_ready(Duration::from_secs(10))?;
+        Ok(d)
+    }
+
     /// Wait until the socket file exists and is listening.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -946,6 +962,49 @@ impl TempDir {
 /// Guest addresses at or beyond the end of guest memory, for negative tests.
 pub fn outside(mem: &GuestMem) -> u64 {
     mem.size() + 0x1000
+}
+
+/// How many lines a daemon's log file (see [`Daemon::spawn_logged`]) has
+/// so far. Tests compare two counts to check that repeated actions leave a
+/// bounded number of lines.
+pub fn log_lines(path: &Path) -> io::Result<usize> {
+    Ok(std::fs::read(path)?.split(|b| *b == b'\n').count() - 1)
+}
+
+/// Peers that connect to a daemon's socket and stall, each at a different
+/// point, for the shutdown and bounded-resource tests: a name and the bytes
+/// the peer sends before it stops. The first three never complete a
+/// message; the last sends a whole `SET_VRING_ENABLE` (which the daemons'
+/// relay holds back until `SET_FEATURES`) and then nothing.
+pub const STALLED_PEERS: [(&str, &[u8]); 4] = [
+    ("silent", &[]),
+    ("half a header", &[1, 0, 0, 0, 1]),
+    // GET_FEATURES announcing an 8-byte body that never comes.
+    (
+        "header without its body",
+        &[1, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0],
+    ),
+    (
+        "early enable",
+        &[18, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+    ),
+];
+
+/// Connects to `socket`, sends `prelude` (see [`STALLED_PEERS`]) and
+/// returns the connection, which then stays silent.
+pub fn stalled_peer(socket: &Path, prelude: &[u8]) -> io::Result<UnixStream> {
+    let mut s = UnixStream::connect(socket)?;
+    io::Write::write_all(&mut s, prelude)?;
+    Ok(s)
+}
+
+/// Connects a peer stalled as in `prelude` to the daemon, gives the daemon
+/// 200 ms to take it, then sends SIGTERM and waits up to one second for
+/// the process to exit.
+pub fn sigterm_with_stalled_peer(d: &mut Daemon, prelude: &[u8]) -> Result<ExitStatus> {
+    let _peer = stalled_peer(&d.socket, prelude)?;
+    std::thread::sleep(Duration::from_millis(200));
+    d.signal_and_wait(libc::SIGTERM, Duration::from_secs(1))
 }
 
 #[cfg(test)]
