@@ -368,14 +368,6 @@ fn device_state_is_reset_for_a_new_frontend() {
     assert_eq!(read(&mut f.queues[0], 0, 512), (S_OK, pattern(8, 512)));
 }
 
-/// CPU time (user + system, in clock ticks) consumed so far by a process.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
 #[test]
 fn corrupted_avail_ring_does_not_spin_or_crash() {
     let s = Setup::new(1 << 20, 0);
@@ -397,9 +389,9 @@ fn corrupted_avail_ring_does_not_spin_or_crash() {
         q.kick_always().unwrap();
     }
     let pid = d.child.id();
-    let t0 = cpu_ticks(pid);
+    let t0 = vu_test::cpu_ticks(pid).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let used = cpu_ticks(pid) - t0;
+    let used = vu_test::cpu_ticks(pid).unwrap() - t0;
     // A spinning worker would burn ~50 ticks (100 Hz) in 0.5 s.
     assert!(used < 20, "daemon burnt {used} ticks in 0.5 s");
     assert!(d.alive());

@@ -433,6 +433,27 @@ mod tests {
         v
     }
 
+    /// A relay pumping requests on its own thread: the frontend's end, the
+    /// daemon's end, the thread, and the shutdown socket's write side (kept
+    /// open for the relay's lifetime).
+    fn pumped(
+        hook: Option<ChannelHook>,
+    ) -> (
+        UnixStream,
+        UnixStream,
+        std::thread::JoinHandle<()>,
+        UnixStream,
+    ) {
+        let (fe, front) = UnixStream::pair().unwrap();
+        let (back, be) = UnixStream::pair().unwrap();
+        let (sd_r, sd_w) = UnixStream::pair().unwrap();
+        let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
+        let t = std::thread::spawn(move || {
+            pump_requests(front, fw, back, sd_r.as_raw_fd(), hook, None)
+        });
+        (fe, be, t, sd_w)
+    }
+
     #[test]
     fn private_socket_directory_is_private_and_removed() {
         use std::os::unix::fs::PermissionsExt;
@@ -469,13 +490,7 @@ mod tests {
 
     #[test]
     fn early_enable_is_held_until_set_features() {
-        let (mut fe, front) = UnixStream::pair().unwrap();
-        let (back, mut be) = UnixStream::pair().unwrap();
-        let (sd_r, _sd_w) = UnixStream::pair().unwrap();
-        let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
-        let t = std::thread::spawn(move || {
-            pump_requests(front, fw, back, sd_r.as_raw_fd(), None, None)
-        });
+        let (mut fe, mut be, t, _sd_w) = pumped(None);
         let enable = msg(
             SET_VRING_ENABLE,
             FLAG_VERSION | FLAG_NEED_REPLY,
@@ -513,13 +528,7 @@ mod tests {
 
     #[test]
     fn too_many_early_enables_end_the_connection() {
-        let (mut fe, front) = UnixStream::pair().unwrap();
-        let (back, mut be) = UnixStream::pair().unwrap();
-        let (sd_r, _sd_w) = UnixStream::pair().unwrap();
-        let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
-        let t = std::thread::spawn(move || {
-            pump_requests(front, fw, back, sd_r.as_raw_fd(), None, None)
-        });
+        let (mut fe, mut be, t, _sd_w) = pumped(None);
         let enable = msg(SET_VRING_ENABLE, FLAG_VERSION, &[0, 0, 0, 0, 1, 0, 0, 0]);
         for _ in 0..MAX_HELD_ENABLES {
             fe.write_all(&enable).unwrap();
@@ -546,16 +555,10 @@ mod tests {
 
     #[test]
     fn backend_request_channel_is_shared_with_the_hook() {
-        let (fe, front) = UnixStream::pair().unwrap();
-        let (back, be) = UnixStream::pair().unwrap();
-        let (sd_r, _sd_w) = UnixStream::pair().unwrap();
-        let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
         let got: Arc<Mutex<Option<UnixStream>>> = Arc::default();
         let g = got.clone();
         let hook: ChannelHook = Arc::new(move |s| *g.lock().unwrap() = Some(s));
-        let t = std::thread::spawn(move || {
-            pump_requests(front, fw, back, sd_r.as_raw_fd(), Some(hook), None)
-        });
+        let (fe, be, t, _sd_w) = pumped(Some(hook));
         let (mut chan_front, chan_back) = UnixStream::pair().unwrap();
         let m = parse(
             &msg(SET_BACKEND_REQ_FD, FLAG_VERSION, &[]),

@@ -1140,19 +1140,9 @@ fn tap_existing_device_in_netns() {
     assert_eq!(raw.recv_test_frame(), f);
 }
 
-/// Most CPU ticks (1/100 s) a daemon with nothing to do may use in one
-/// second. A spinning worker uses 100, and still well over 20 on a loaded
-/// two-core machine; an idle daemon uses 0 or 1.
-const IDLE_TICKS: u64 = 10;
-
 /// CPU ticks the daemon uses in one second.
 fn ticks_in_one_second(d: &Daemon) -> u64 {
-    let pid = d.child.id();
-    let t0 = vu_test::cpu_ticks(pid).unwrap();
-    std::thread::sleep(Duration::from_secs(1));
-    let used = vu_test::cpu_ticks(pid).unwrap() - t0;
-    eprintln!("daemon used {used} ticks in 1 s");
-    used
+    vu_test::ticks_in_one_second(d.child.id())
 }
 
 #[test]
@@ -1163,7 +1153,10 @@ fn tx_avail_index_past_the_ring_does_not_spin() {
     fe.queues[1].corrupt_avail_idx(30000);
     fe.queues[1].kick_always().unwrap();
     let used = ticks_in_one_second(&s.daemon);
-    assert!(used < IDLE_TICKS, "daemon burnt {used} ticks in 1 s");
+    assert!(
+        used < vu_test::IDLE_TICKS,
+        "daemon burnt {used} ticks in 1 s"
+    );
     // The RX queue is still served.
     let mut bufs = Pool::new();
     post_rx(&mut fe.queues[0], 1, 2048, &mut bufs);
@@ -1174,7 +1167,7 @@ fn tx_avail_index_past_the_ring_does_not_spin() {
     for _ in 0..100 {
         fe.queues[1].kick_always().unwrap();
     }
-    assert!(ticks_in_one_second(&s.daemon) < IDLE_TICKS);
+    assert!(ticks_in_one_second(&s.daemon) < vu_test::IDLE_TICKS);
     drop(fe);
     // A new frontend gets both queues back.
     let mut fe = connect(&s.sock, u64::MAX, 2);
@@ -1192,7 +1185,10 @@ fn rx_avail_index_past_the_ring_does_not_spin() {
     // A frame from the host makes the worker look at the broken ring.
     s.peer.send(&frame(100, 6));
     let used = ticks_in_one_second(&s.daemon);
-    assert!(used < IDLE_TICKS, "daemon burnt {used} ticks in 1 s");
+    assert!(
+        used < vu_test::IDLE_TICKS,
+        "daemon burnt {used} ticks in 1 s"
+    );
     // The TX queue is still served.
     let f = frame(300, 7);
     send_tx(&mut fe, 1, &f);
@@ -1213,7 +1209,10 @@ fn merged_rx_buffers_too_small_for_the_frame_wait_without_spinning() {
     let big = frame(9014, 8);
     s.peer.send(&big);
     let used = ticks_in_one_second(&s.daemon);
-    assert!(used < IDLE_TICKS, "daemon burnt {used} ticks in 1 s");
+    assert!(
+        used < vu_test::IDLE_TICKS,
+        "daemon burnt {used} ticks in 1 s"
+    );
     assert!(fe.queues[0].no_used_within(Duration::from_millis(10)));
     // More buffers: the driver is asked to kick for them (EVENT_IDX), and
     // the frame arrives whole.
@@ -1238,7 +1237,7 @@ fn frame_larger_than_a_full_ring_of_merged_buffers_is_dropped() {
     let (got, n) = recv_rx(&mut fe, 0, &mut bufs);
     assert_eq!(got, small, "the oversized frame was dropped");
     assert_eq!(n as usize, (60usize + 12).div_ceil(16));
-    assert!(ticks_in_one_second(&s.daemon) < IDLE_TICKS);
+    assert!(ticks_in_one_second(&s.daemon) < vu_test::IDLE_TICKS);
 }
 
 /// SIGTERM ends the daemon within a second whatever state a peer left it

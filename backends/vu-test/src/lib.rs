@@ -893,6 +893,20 @@ pub fn cpu_ticks(pid: u32) -> io::Result<u64> {
     Ok(field(11)? + field(12)?)
 }
 
+/// Most CPU ticks (1/100 s) a daemon with nothing to do may use in one
+/// second. A spinning worker uses 100, and still well over 20 on a loaded
+/// two-core machine; an idle daemon uses 0 or 1.
+pub const IDLE_TICKS: u64 = 10;
+
+/// CPU ticks process `pid` uses in the next second.
+pub fn ticks_in_one_second(pid: u32) -> u64 {
+    let t0 = cpu_ticks(pid).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let used = cpu_ticks(pid).unwrap() - t0;
+    eprintln!("process {pid} used {used} ticks in 1 s");
+    used
+}
+
 /// Path of a binary built in the same target directory as the running test
 /// or tool (`target/<profile>/<name>`), e.g. another workspace daemon.
 /// Build it first (`cargo build -p <crate>`); integration tests of the
