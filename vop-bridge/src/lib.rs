@@ -10,6 +10,7 @@
 //! - [`event_loop`]: the one wait loop and its [`event_loop::Token`]s.
 //! - [`signals`]: the process's stop signals as a descriptor.
 //! - [`config`], [`control`]: configuration and the control socket.
+//! - [`micd`]: the host daemon that runs several cards.
 
 pub mod abi;
 pub mod backend;
@@ -19,5 +20,6 @@ pub mod config;
 pub mod control;
 pub mod device_protocol;
 pub mod event_loop;
+pub mod micd;
 pub mod page;
 pub mod signals;

@@ -1,0 +1,622 @@
+//! One card's supervisor: a thread that owns the card's processes and its
+//! [`Lifecycle`], performs the lifecycle's actions, restarts a backend or
+//! bridge that died, and follows the card through its bridge's control
+//! socket (every call with a timeout, so a hung card never hangs micd).
+//!
+//! Other threads reach it through a [`CardHandle`]: commands over a
+//! channel, the status as a published snapshot.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use log::{error, info, warn};
+
+use super::config::{needs_ready, CardConfig};
+use super::launch::{CardPlan, Tools};
+use super::layout::{private_socket, CardDir};
+use super::lifecycle::{
+    parse_bridge_status, parse_status, Action, CardState, Input, Lifecycle, Op, Refused,
+    ShutdownStatus,
+};
+use super::process::{remove_stale, Proc, ProcSpec};
+use super::protocol::{CardStatus, DeviceStatus, NetStatus};
+use super::record::Record;
+use crate::control::request_timeout;
+
+/// How often the supervisor looks at the card.
+const POLL: Duration = Duration::from_millis(200);
+/// Longest wait for one answer from the card's bridge.
+const BRIDGE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a process's socket may take to appear.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long QEMU gets to exit after SIGTERM before SIGKILL.
+const QEMU_GRACE: Duration = Duration::from_secs(10);
+/// How long a backend or the bridge gets after SIGTERM.
+const HELPER_GRACE: Duration = Duration::from_secs(3);
+/// How long a card may stay `shutting_down` before the host resets it
+/// (mpssd waited 60 s for the shutdown status).
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a command was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The state does not allow it.
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    /// A setting is not valid.
+    #[error("{0}")]
+    Invalid(String),
+    /// A setting that may change only while the card is `ready`.
+    #[error("{0}")]
+    NotReady(String),
+    /// The supervisor did not answer in time.
+    #[error("the card's supervisor did not answer")]
+    NoAnswer,
+}
+
+enum Command {
+    Op(Op, Sender<Result<(), CommandError>>),
+    Config(Vec<String>, Sender<Result<(), CommandError>>),
+}
+
+/// How other threads reach one card's supervisor.
+pub struct CardHandle {
+    name: String,
+    dir: CardDir,
+    tx: Mutex<Sender<Command>>,
+    status: Arc<Mutex<CardStatus>>,
+}
+
+impl CardHandle {
+    /// Starts the supervisor of card `index`: adopts the card if it is
+    /// still running from an earlier micd, else boots it if `autoboot`.
+    pub fn start(index: u16, cfg: CardConfig, state_dir: &Path, tools: Tools) -> Self {
+        let name = format!("mic{index}");
+        let dir = CardDir::new(state_dir, &name);
+        let mut sup = Supervisor::new(index, cfg, dir.clone(), tools);
+        let status = Arc::new(Mutex::new(sup.snapshot()));
+        sup.status = status.clone();
+        let (tx, rx) = channel();
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || sup.run(rx))
+            .expect("spawning a card supervisor thread");
+        CardHandle {
+            name,
+            dir,
+            tx: Mutex::new(tx),
+            status,
+        }
+    }
+
+    /// The card's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The card's directory.
+    pub fn dir(&self) -> &CardDir {
+        &self.dir
+    }
+
+    /// The last published status.
+    pub fn status(&self) -> CardStatus {
+        self.status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    fn send(
+        &self,
+        make: impl FnOnce(Sender<Result<(), CommandError>>) -> Command,
+        timeout: Duration,
+    ) -> Result<(), CommandError> {
+        let (tx, rx) = channel();
+        self.tx
+            .lock()
+            .map_err(|_| CommandError::NoAnswer)?
+            .send(make(tx))
+            .map_err(|_| CommandError::NoAnswer)?;
+        rx.recv_timeout(timeout)
+            .map_err(|_| CommandError::NoAnswer)?
+    }
+
+    /// Boots, shuts down or resets the card.
+    pub fn op(&self, op: Op, timeout: Duration) -> Result<(), CommandError> {
+        self.send(|tx| Command::Op(op, tx), timeout)
+    }
+
+    /// Applies `key=value` settings.
+    pub fn config(&self, settings: Vec<String>, timeout: Duration) -> Result<(), CommandError> {
+        self.send(|tx| Command::Config(settings, tx), timeout)
+    }
+}
+
+/// The processes of a running card.
+#[derive(Default)]
+struct Procs {
+    backends: Vec<Proc>,
+    qemu: Option<Proc>,
+    bridge: Option<Proc>,
+}
+
+struct Supervisor {
+    name: String,
+    index: u16,
+    cfg: CardConfig,
+    dir: CardDir,
+    tools: Tools,
+    machine: Lifecycle,
+    procs: Procs,
+    plan: Option<CardPlan>,
+    entered: Instant,
+    boots: u64,
+    booted_at: Option<u64>,
+    shutdown_pending: bool,
+    last_report: Option<(CardState, ShutdownStatus)>,
+    last_error: Option<String>,
+    /// The autoboot decided while starting, performed once the thread runs.
+    pending_boot: Vec<Action>,
+    status: Arc<Mutex<CardStatus>>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn wait_socket(path: &Path, what: &str, proc: &mut Proc) -> Result<(), String> {
+    let deadline = Instant::now() + SOCKET_TIMEOUT;
+    while !path.exists() {
+        if !proc.alive() {
+            return Err(format!("{what} exited at start (see its log)"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{what} did not create {}", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+impl Supervisor {
+    fn new(index: u16, cfg: CardConfig, dir: CardDir, tools: Tools) -> Self {
+        let mut s = Supervisor {
+            name: format!("mic{index}"),
+            index,
+            machine: Lifecycle::new(cfg.policy),
+            cfg,
+            dir,
+            tools,
+            procs: Procs::default(),
+            plan: None,
+            entered: Instant::now(),
+            boots: 0,
+            booted_at: None,
+            shutdown_pending: false,
+            last_report: None,
+            last_error: None,
+            pending_boot: Vec::new(),
+            status: Arc::default(),
+        };
+        if let Err(e) = super::layout::private_dir(s.dir.dir()) {
+            s.last_error = Some(format!("cannot create {}: {e}", s.dir.dir().display()));
+        }
+        s.adopt_or_clean();
+        s
+    }
+
+    fn plan_for(&self, cfg: &CardConfig) -> CardPlan {
+        let base =
+            std::fs::read_to_string(self.tools.image_dir.join("cmdline")).unwrap_or_default();
+        CardPlan::new(&self.name, self.index, cfg, &self.dir, &self.tools, &base)
+    }
+
+    fn make_plan(&self) -> CardPlan {
+        self.plan_for(&self.cfg)
+    }
+
+    /// Finds a card an earlier micd left running, or clears what it left.
+    fn adopt_or_clean(&mut self) {
+        let record = Record::load(&self.dir.record());
+        if let Some(r) = &record {
+            self.boots = r.boots;
+            if let Some(st) = parse_status(&r.last_shutdown_status) {
+                self.machine.restore_last_status(st);
+            }
+        }
+        // A running card keeps the configuration it was booted with.
+        let adoptable = record.filter(|r| self.plan_for(&r.config).qemu.adopt().is_some());
+        if let Some(r) = &adoptable {
+            self.cfg = r.config.clone();
+        }
+        let plan = self.make_plan();
+        if let (Some(qemu), Some(r)) = (plan.qemu.adopt(), adoptable) {
+            info!(
+                "{}: adopting the running card (QEMU pid {})",
+                self.name,
+                qemu.pid()
+            );
+            self.procs.qemu = Some(qemu);
+            self.procs.bridge = plan.bridge.adopt();
+            for spec in &plan.backends {
+                match spec.adopt() {
+                    Some(p) => self.procs.backends.push(p),
+                    None => match spec.spawn() {
+                        Ok(p) => self.procs.backends.push(p),
+                        Err(e) => warn!("{}: {}: {e}", self.name, spec.name),
+                    },
+                }
+            }
+            self.booted_at = r.booted_at;
+            let reported = self.bridge_status();
+            let last = self.machine.last_shutdown_status();
+            self.machine = Lifecycle::adopted(self.cfg.policy, reported);
+            self.machine.restore_last_status(last);
+            self.plan = Some(plan);
+            return;
+        }
+        // Nothing to adopt: stop leftovers of an interrupted stop.
+        for spec in plan.backends.iter().chain([&plan.bridge]) {
+            if let Some(mut p) = spec.adopt() {
+                p.stop(HELPER_GRACE);
+            }
+        }
+        if self.cfg.autoboot {
+            if let Ok(actions) = self.machine.command(Op::Boot) {
+                self.pending_boot = actions;
+            }
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Command>) {
+        let boot = std::mem::take(&mut self.pending_boot);
+        self.run_actions(boot);
+        loop {
+            self.publish();
+            match rx.recv_timeout(POLL) {
+                Ok(cmd) => self.on_command(cmd),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            self.supervise();
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Op(op, reply) => match self.machine.command(op) {
+                Err(r) => {
+                    let _ = reply.send(Err(r.into()));
+                }
+                Ok(actions) => {
+                    info!("{}: {}", self.name, op.name());
+                    self.entered = Instant::now();
+                    self.publish();
+                    let _ = reply.send(Ok(()));
+                    self.run_actions(actions);
+                }
+            },
+            Command::Config(settings, reply) => {
+                let _ = reply.send(self.configure(&settings));
+            }
+        }
+    }
+
+    fn configure(&mut self, settings: &[String]) -> Result<(), CommandError> {
+        let mut next = self.cfg.clone();
+        for s in settings {
+            let (k, v) = s
+                .split_once('=')
+                .ok_or_else(|| CommandError::Invalid(format!("{s}: not key=value")))?;
+            if needs_ready(k) && self.machine.state() != CardState::Ready {
+                return Err(CommandError::NotReady(format!(
+                    "{} is {}: {k} can change only while ready",
+                    self.name,
+                    self.machine.state()
+                )));
+            }
+            next.set(k, v)
+                .map_err(|e| CommandError::Invalid(e.to_string()))?;
+        }
+        info!("{}: config {}", self.name, settings.join(" "));
+        self.cfg = next;
+        self.machine.set_policy(self.cfg.policy);
+        self.save_record();
+        Ok(())
+    }
+
+    /// Applies an input and performs the actions it yields, and theirs.
+    fn apply(&mut self, input: Input) {
+        let actions = self.machine.apply(input);
+        self.run_actions(actions);
+    }
+
+    fn run_actions(&mut self, actions: Vec<Action>) {
+        let mut queue: VecDeque<Action> = actions.into();
+        let mut state = self.machine.state();
+        while let Some(a) = queue.pop_front() {
+            self.publish();
+            if let Some(input) = self.perform(a) {
+                queue.extend(self.machine.apply(input));
+            }
+            if self.machine.state() != state {
+                state = self.machine.state();
+                self.entered = Instant::now();
+                info!(
+                    "{}: {state} ({})",
+                    self.name,
+                    self.machine.shutdown_status()
+                );
+            }
+        }
+        self.publish();
+    }
+
+    fn perform(&mut self, action: Action) -> Option<Input> {
+        match action {
+            Action::StartCard => match self.start() {
+                Ok(()) => None,
+                Err(e) => {
+                    error!("{}: cannot start the card: {e}", self.name);
+                    self.last_error = Some(e);
+                    Some(Input::StartFailed)
+                }
+            },
+            Action::RequestShutdown => {
+                self.shutdown_pending = !self.request_shutdown();
+                None
+            }
+            Action::StopCard => Some(if self.stop_all() {
+                Input::Stopped
+            } else {
+                self.last_error = Some("QEMU did not exit after SIGKILL".into());
+                Input::StopFailed
+            }),
+        }
+    }
+
+    fn request_shutdown(&self) -> bool {
+        let sock = self.dir.bridge_socket();
+        matches!(request_timeout(&sock, "shutdown", BRIDGE_TIMEOUT), Ok(a) if !a.starts_with("error"))
+    }
+
+    /// Starts backends, QEMU and the bridge, as `scripts/run-card` does.
+    fn start(&mut self) -> Result<(), String> {
+        self.stop_all();
+        self.boots += 1;
+        self.booted_at = Some(now_unix());
+        self.last_error = None;
+        self.last_report = None;
+        self.shutdown_pending = false;
+        let plan = self.make_plan();
+        self.plan = Some(plan.clone());
+        self.save_record();
+        for (image, mib) in &plan.disks {
+            if !image.exists() {
+                let f = std::fs::File::create(image)
+                    .map_err(|e| format!("cannot create {}: {e}", image.display()))?;
+                f.set_len(mib << 20)
+                    .map_err(|e| format!("cannot size {}: {e}", image.display()))?;
+            }
+        }
+        let sockets: Vec<PathBuf> = plan
+            .backend_sockets
+            .iter()
+            .cloned()
+            .chain([
+                self.dir.device_socket(),
+                self.dir.bridge_socket(),
+                self.dir.qmp_socket(),
+                self.dir.console_socket(),
+            ])
+            .collect();
+        sockets.iter().for_each(|s| remove_stale(s));
+        let spawn = |spec: &ProcSpec| {
+            spec.spawn()
+                .map_err(|e| format!("{}: {}", spec.name, super::report(&e)))
+        };
+        for (spec, sock) in plan.backends.iter().zip(&plan.backend_sockets) {
+            let mut p = spawn(spec)?;
+            let r = wait_socket(sock, &spec.name, &mut p);
+            self.procs.backends.push(p);
+            r?;
+        }
+        let mut qemu = spawn(&plan.qemu)?;
+        let r = wait_socket(&self.dir.device_socket(), "QEMU", &mut qemu);
+        self.procs.qemu = Some(qemu);
+        r?;
+        let mut bridge = spawn(&plan.bridge)?;
+        let r = wait_socket(&self.dir.bridge_socket(), "vop-bridge", &mut bridge);
+        self.procs.bridge = Some(bridge);
+        r?;
+        for s in sockets.iter().filter(|s| s.exists()) {
+            let _ = private_socket(s);
+        }
+        Ok(())
+    }
+
+    /// Stops QEMU, then the bridge and the backends. False if QEMU would
+    /// not go away.
+    fn stop_all(&mut self) -> bool {
+        let mut ok = true;
+        if let Some(mut q) = self.procs.qemu.take() {
+            if !q.stop(QEMU_GRACE) {
+                error!("{}: QEMU (pid {}) does not exit", self.name, q.pid());
+                ok = false;
+                self.procs.qemu = Some(q);
+            }
+        }
+        if let Some(mut b) = self.procs.bridge.take() {
+            b.stop(HELPER_GRACE);
+        }
+        while let Some(mut p) = self.procs.backends.pop() {
+            p.stop(HELPER_GRACE);
+        }
+        self.shutdown_pending = false;
+        ok
+    }
+
+    fn bridge_status(&self) -> Option<(CardState, ShutdownStatus)> {
+        request_timeout(&self.dir.bridge_socket(), "status", BRIDGE_TIMEOUT)
+            .ok()
+            .and_then(|l| parse_bridge_status(&l))
+    }
+
+    /// The shutdown status the card left when its QEMU exited: the bridge
+    /// has it once it has seen the machine power off.
+    fn final_status(&mut self) -> ShutdownStatus {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            match self.bridge_status() {
+                Some((CardState::Ready, st)) => return st,
+                Some(r) => self.last_report = Some(r),
+                None => {}
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.last_report.map_or(ShutdownStatus::Nop, |(_, st)| st)
+    }
+
+    /// Follows a running card: its machine, its helpers, its bridge.
+    fn supervise(&mut self) {
+        if !self.machine.is_running() {
+            return;
+        }
+        if !self.procs.qemu.as_mut().is_some_and(Proc::alive) {
+            let st = self.final_status();
+            info!("{}: the card's machine exited ({st})", self.name);
+            self.apply(Input::MachineGone(st));
+            return;
+        }
+        let name = &self.name;
+        let helpers = self
+            .procs
+            .backends
+            .iter_mut()
+            .chain(self.procs.bridge.as_mut());
+        for p in helpers {
+            if !p.alive() {
+                warn!(
+                    "{name}: {} (pid {}) died; starting it again",
+                    p.spec().name,
+                    p.pid()
+                );
+                if let Err(e) = p.respawn() {
+                    error!("{name}: {}: {e}", p.spec().name);
+                }
+            }
+        }
+        if let Some(r) = self.bridge_status() {
+            self.last_report = Some(r);
+            self.apply(Input::Reported(r.0, r.1));
+        }
+        if self.machine.state() == CardState::ShuttingDown {
+            if self.shutdown_pending {
+                self.shutdown_pending = !self.request_shutdown();
+            }
+            if self.entered.elapsed() > SHUTDOWN_TIMEOUT {
+                self.apply(Input::ShutdownTimedOut);
+            }
+        }
+    }
+
+    fn save_record(&self) {
+        let r = Record {
+            config: self.cfg.clone(),
+            boots: self.boots,
+            booted_at: self.booted_at,
+            last_shutdown_status: self.machine.last_shutdown_status().name().into(),
+        };
+        if let Err(e) = r.save(&self.dir.record()) {
+            warn!(
+                "{}: cannot write {}: {e}",
+                self.name,
+                self.dir.record().display()
+            );
+        }
+    }
+
+    fn snapshot(&self) -> CardStatus {
+        let plan = match &self.plan {
+            Some(p) if self.machine.is_running() => p.clone(),
+            _ => self.make_plan(),
+        };
+        let running = self.machine.is_running();
+        let pid_of = |name: &str| {
+            self.procs
+                .backends
+                .iter()
+                .find(|p| p.spec().name == name)
+                .map(|p| (p.pid(), p.restarts))
+        };
+        let devices = plan
+            .devices
+            .iter()
+            .map(|d| {
+                let pr = pid_of(&d.backend);
+                let image = (d.kind == "blk")
+                    .then(|| d.backend.trim_start_matches("blk").parse::<usize>().ok())
+                    .flatten()
+                    .and_then(|n| plan.disks.get(n))
+                    .map(|(img, _)| img.display().to_string());
+                DeviceStatus {
+                    kind: d.kind.into(),
+                    backend: d.backend.clone(),
+                    socket: d.socket.display().to_string(),
+                    pid: pr.map(|p| p.0),
+                    restarts: pr.map_or(0, |p| p.1),
+                    image,
+                }
+            })
+            .collect();
+        let uptime_s = match (running, self.booted_at) {
+            (true, Some(t)) => now_unix().saturating_sub(t),
+            _ => 0,
+        };
+        CardStatus {
+            name: self.name.clone(),
+            state: self.machine.state().name().into(),
+            shutdown_status: self.machine.shutdown_status().name().into(),
+            last_shutdown_status: self.machine.last_shutdown_status().name().into(),
+            policy: self.machine.policy().name().into(),
+            autoboot: self.cfg.autoboot,
+            family: "x100".into(),
+            stepping: "C0".into(),
+            node: self.index + 1,
+            boots: self.boots,
+            uptime_s,
+            memory: self.cfg.memory,
+            cpus: self.cfg.cpus,
+            firmware: plan.firmware.display().to_string(),
+            ramdisk: plan.ramdisk.display().to_string(),
+            cmdline: plan.cmdline.clone(),
+            devices,
+            network: NetStatus {
+                mode: self.cfg.net.name().into(),
+                card_ip: plan.net.map(|n| n.card_cidr()),
+                host_ip: plan.net.map(|n| n.host.to_string()),
+            },
+            qemu_pid: self.procs.qemu.as_ref().map(Proc::pid),
+            bridge_pid: self.procs.bridge.as_ref().map(Proc::pid),
+            bridge_restarts: self.procs.bridge.as_ref().map_or(0, |p| p.restarts),
+            dir: self.dir.dir().display().to_string(),
+            console_socket: (running && self.cfg.console)
+                .then(|| self.dir.console_socket().display().to_string()),
+            last_error: self.last_error.clone(),
+        }
+    }
+
+    fn publish(&self) {
+        let s = self.snapshot();
+        match self.status.lock() {
+            Ok(mut g) => *g = s,
+            Err(e) => *e.into_inner() = s,
+        }
+    }
+}
