@@ -269,9 +269,24 @@ fn two_cards_come_online_and_follow_the_lifecycle() {
     }
     let kinds: Vec<_> = cards[0].devices.iter().map(|d| d.kind.as_str()).collect();
     assert_eq!(kinds, ["console", "blk", "net"]);
-    // The card has the address micd gave it.
-    let addr = m.console("mic1").run("ip -4 -o addr show eth0");
+    // The card has the address micd gave it, and reaches the host through
+    // its passt: the gateway .254 is the host's loopback.
+    let mut con = m.console("mic1");
+    let addr = con.run("ip -4 -o addr show eth0");
     assert!(addr.contains("inet 172.31.2.1/24"), "{addr}");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let host = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut s, &mut got).unwrap();
+        got
+    });
+    con.run(&format!(
+        "echo from-mic1-$((6 * 7)) | nc 172.31.2.254 {port}"
+    ));
+    assert_eq!(host.join().unwrap().trim(), "from-mic1-42");
+    drop(con);
 
     // Transitions the state does not allow: one line, exit code 3.
     let out = m.micctl(&["boot", "mic0"]);
@@ -285,7 +300,9 @@ fn two_cards_come_online_and_follow_the_lifecycle() {
     let out = m.micctl(&["config", "mic0", "memory=256"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
 
-    // Shutdown: mic0 powers off, mic1 is untouched.
+    // Shutdown: mic0 powers off, mic1 is untouched. (The card takes a
+    // shutdown request once its init runs, i.e. once its shell answers.)
+    drop(m.console("mic0"));
     let mic1_qemu = m.card("mic1").qemu_pid;
     m.ok(&["shutdown", "mic0"]);
     m.wait_state(&["mic0"], "ready");
@@ -333,6 +350,7 @@ fn two_cards_come_online_and_follow_the_lifecycle() {
     // Both at once, by `all`.
     m.ok(&["boot", "mic1"]);
     m.wait_state(&["mic1"], "online");
+    drop(m.console("mic1"));
     m.ok(&["shutdown", "all"]);
     m.wait_state(&["all"], "ready");
     assert!(m.status().iter().all(|c| c.shutdown_status == "poweroff"));
@@ -482,4 +500,51 @@ fn restarted_micd_adopts_running_cards() {
     m.wait_state(&["mic1"], "ready");
     assert_eq!(m.card("mic1").shutdown_status, "poweroff");
     drop(con);
+}
+
+#[test]
+fn micctl_still_drives_a_single_bridge() {
+    // A bridge with no card yet: `-s` names its control socket.
+    let dir = TempDir::new("micctl-bridge");
+    let ctl = dir.0.join("ctl.sock");
+    let mut bridge = Command::new(bin("vop-bridge"))
+        .arg("--device-socket")
+        .arg(dir.0.join("dev.sock"))
+        .arg("--control-socket")
+        .arg(&ctl)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(20), "the bridge's socket", || {
+        ctl.exists().then_some(())
+    });
+    let micctl = |args: &[&str]| {
+        Command::new(bin("micctl"))
+            .arg("-s")
+            .arg(&ctl)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = micctl(&["status"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "state=ready shutdown_status=nop\n"
+    );
+    assert!(micctl(&["wait", "ready", "--timeout", "5"])
+        .status
+        .success());
+    assert_eq!(
+        micctl(&["wait", "online", "--timeout", "1"]).status.code(),
+        Some(5)
+    );
+    assert_eq!(micctl(&["devices"]).status.code(), Some(0));
+    // Not attached to a card: the bridge refuses, micctl fails.
+    assert_eq!(micctl(&["shutdown"]).status.code(), Some(1));
+    // micd's forms make no sense for a bridge.
+    assert_eq!(micctl(&["boot", "mic0"]).status.code(), Some(2));
+    let _ = bridge.kill();
+    let _ = bridge.wait();
 }

@@ -620,3 +620,72 @@ impl Supervisor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::micd::config::NetMode;
+
+    fn wait_until(h: &CardHandle, f: impl Fn(&CardStatus) -> bool) -> CardStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = h.status();
+            if f(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "timed out; last {s:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_card_that_cannot_start_is_ready_again_with_the_reason() {
+        let dir = std::env::temp_dir().join(format!("micd-sup-{}", std::process::id()));
+        let tools = Tools {
+            qemu: "/nonexistent/qemu".into(),
+            bin_dir: "/nonexistent".into(),
+            image_dir: dir.clone(),
+            passt: "passt".into(),
+            root: false,
+        };
+        let cfg = CardConfig {
+            console: false,
+            disks: vec![],
+            net: NetMode::None,
+            autoboot: false,
+            ..Default::default()
+        };
+        let h = CardHandle::start(3, cfg, &dir, tools);
+        let s = h.status();
+        assert_eq!(
+            (s.name.as_str(), s.state.as_str(), s.node, s.boots),
+            ("mic3", "ready", 4, 0)
+        );
+        assert_eq!(s.firmware, dir.join("vmlinux").display().to_string());
+        let t = Duration::from_secs(10);
+        assert!(matches!(
+            h.op(Op::Shutdown, t),
+            Err(CommandError::Refused(_))
+        ));
+        h.op(Op::Boot, t).unwrap();
+        let s = wait_until(&h, |s| s.state == "ready" && s.last_error.is_some());
+        assert_eq!(s.boots, 1);
+        assert!(s.last_error.unwrap().starts_with("qemu: cannot start"));
+        assert_eq!(Record::load(&dir.join("mic3/card.json")).unwrap().boots, 1);
+        // Settings while ready; a bad one changes nothing.
+        h.config(vec!["memory=256".into(), "policy=stay-down".into()], t)
+            .unwrap();
+        assert!(matches!(
+            h.config(vec!["memory=1".into()], t),
+            Err(CommandError::Invalid(_))
+        ));
+        assert!(matches!(
+            h.config(vec!["memory".into()], t),
+            Err(CommandError::Invalid(_))
+        ));
+        let s = h.status();
+        assert_eq!((s.memory, s.policy.as_str()), (256, "stay-down"));
+        drop(h);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
