@@ -22,6 +22,7 @@ const CMD: Duration = Duration::from_secs(120);
 /// A micd on a temporary state directory, with the cards it started.
 struct Micd {
     dir: TempDir,
+    args: Vec<std::ffi::OsString>,
     process: Option<Child>,
 }
 
@@ -29,8 +30,18 @@ impl Micd {
     /// Writes `config` and starts micd on it.
     fn start(config: &str) -> Micd {
         let dir = TempDir::new("micd");
-        std::fs::write(dir.0.join("micd.toml"), config).unwrap();
-        let mut m = Micd { dir, process: None };
+        let file = dir.0.join("micd.toml");
+        std::fs::write(&file, config).unwrap();
+        Micd::start_args(dir, vec!["--config".into(), file.into()])
+    }
+
+    /// Starts micd with these arguments (and a state directory).
+    fn start_args(dir: TempDir, args: Vec<std::ffi::OsString>) -> Micd {
+        let mut m = Micd {
+            dir,
+            args,
+            process: None,
+        };
         m.spawn();
         m
     }
@@ -52,8 +63,7 @@ impl Micd {
             .open(self.dir.0.join("micd.log"))
             .unwrap();
         let child = Command::new(bin("micd"))
-            .arg("--config")
-            .arg(self.dir.0.join("micd.toml"))
+            .args(&self.args)
             .arg("--state-dir")
             .arg(self.state())
             .env("MIC_QEMU", card::qemu())
@@ -403,6 +413,16 @@ fn reboot_and_crash_follow_the_policy() {
     );
     assert_eq!(c.last_shutdown_status, "crashed");
     drop(con);
+
+    // `halt` in the card: micd stops the halted machine.
+    m.ok(&["boot", "mic0"]);
+    m.wait_state(&["mic0"], "online");
+    let mut con = m.console("mic0");
+    con.type_text("halt\n");
+    m.wait_state(&["mic0"], "ready");
+    let c = m.card("mic0");
+    assert_eq!((c.shutdown_status.as_str(), c.qemu_pid), ("halted", None));
+    drop(con);
 }
 
 /// Writes 1 MiB of fresh random data at `mib` MiB of the card's disk;
@@ -464,9 +484,8 @@ fn killed_backend_and_bridge_are_restarted_and_the_disk_keeps_its_data() {
 
 #[test]
 fn restarted_micd_adopts_running_cards() {
-    let two = "[mic0]\nmemory = 512\nnet = \"none\"\ndisk = []\n\
-               [mic1]\nmemory = 512\nnet = \"none\"\ndisk = []\n";
-    let mut m = Micd::start(two);
+    // Two cards with every default: 1 GiB, a (sparse) disk, passt.
+    let mut m = Micd::start_args(TempDir::new("micd"), vec!["--cards".into(), "2".into()]);
     m.wait_state(&["mic0", "mic1"], "online");
     let boot_ids: Vec<String> = ["mic0", "mic1"]
         .iter()

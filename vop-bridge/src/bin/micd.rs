@@ -88,6 +88,10 @@ fn run(cli: Cli) -> Result<(), String> {
     if cfg.cards.is_empty() {
         return Err("no cards configured".into());
     }
+    // Logs, images and sockets of micd and the cards' processes are the
+    // owner's alone.
+    // SAFETY: umask(2) only sets the process's file mode mask.
+    unsafe { libc::umask(0o077) };
     let state_dir = cli.state_dir.unwrap_or_else(default_state_dir);
     private_dir(&state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
     // Blocks SIGINT/SIGTERM for every thread started after it.

@@ -119,8 +119,10 @@ impl ProcSpec {
         })
     }
 
-    /// Adopts the process its pid file names if it is alive and runs with
-    /// this spec's arguments (so a reused pid is never taken for it).
+    /// Adopts the process its pid file names if it is alive, runs this
+    /// spec's program and names the card's directory in its arguments (so
+    /// a reused pid is never taken for it, while a card started with
+    /// other settings is still found).
     pub fn adopt(&self) -> Option<Proc> {
         let pid: u32 = std::fs::read_to_string(&self.pidfile)
             .ok()?
@@ -137,8 +139,8 @@ impl ProcSpec {
     }
 }
 
-/// The arguments (after the program) of a live, non-zombie process.
-fn proc_args(pid: u32) -> Option<Vec<OsString>> {
+/// The command line of a live, non-zombie process.
+fn proc_argv(pid: u32) -> Option<Vec<OsString>> {
     use std::os::unix::ffi::OsStringExt;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The state follows the parenthesised command name.
@@ -154,7 +156,7 @@ fn proc_args(pid: u32) -> Option<Vec<OsString>> {
     if raw.last() == Some(&0) {
         args.pop();
     }
-    (!args.is_empty()).then(|| args.split_off(1))
+    (!args.is_empty()).then_some(args)
 }
 
 impl Proc {
@@ -169,7 +171,16 @@ impl Proc {
     }
 
     fn adopted_alive(&self) -> bool {
-        proc_args(self.pid).is_some_and(|a| a == self.spec.args)
+        let Some(argv) = proc_argv(self.pid) else {
+            return false;
+        };
+        let dir = self.spec.pidfile.parent().unwrap_or(Path::new("/"));
+        let dir = dir.as_os_str().as_encoded_bytes();
+        let program = |p: &Path| p.file_name().map(|n| n.to_owned());
+        program(Path::new(&argv[0])) == program(&self.spec.program)
+            && argv[1..]
+                .iter()
+                .any(|a| a.as_encoded_bytes().windows(dir.len()).any(|w| w == dir))
     }
 
     /// Whether it still runs (reaps it if it is our child and exited).
@@ -180,10 +191,12 @@ impl Proc {
         }
     }
 
+    /// Signals the process's whole process group (its session: whatever
+    /// it started goes too).
     fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on a pid we started or verified through /proc;
-        // no memory is involved.
-        unsafe { libc::kill(self.pid as libc::pid_t, sig) };
+        // SAFETY: kill(2) on the group of a pid we started with setsid or
+        // verified through /proc; no memory is involved.
+        unsafe { libc::kill(-(self.pid as libc::pid_t), sig) };
     }
 
     /// Waits up to `timeout` for it to exit.
@@ -242,11 +255,14 @@ pub fn remove_stale(path: &Path) {
 mod tests {
     use super::*;
 
-    fn spec(dir: &Path, args: &[&str]) -> ProcSpec {
+    /// A shell that sleeps `secs` and names `dir` in its arguments, as a
+    /// card's processes name their directory.
+    fn spec(dir: &Path, secs: &str) -> ProcSpec {
+        let script = format!("sleep {secs}; :");
         ProcSpec {
             name: "sleep".into(),
-            program: "/bin/sleep".into(),
-            args: args.iter().map(OsString::from).collect(),
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into(), dir.join("marker").into()],
             log: dir.join("sleep.log"),
             pidfile: dir.join("sleep.pid"),
             env: vec![],
@@ -262,7 +278,7 @@ mod tests {
     #[test]
     fn spawn_adopt_stop() {
         let d = tmp("a");
-        let s = spec(&d, &["30"]);
+        let s = spec(&d, "30");
         let mut p = s.spawn().unwrap();
         assert!(p.alive());
         let pid: u32 = std::fs::read_to_string(&s.pidfile)
@@ -275,8 +291,13 @@ mod tests {
         let mut adopted = s.adopt().expect("adopted");
         assert_eq!(adopted.pid(), p.pid());
         assert!(adopted.alive());
-        // ...but not with other arguments (a reused pid).
-        assert!(spec(&d, &["31"]).adopt().is_none());
+        // ...even with other settings, but not for another directory (a
+        // reused pid).
+        assert!(spec(&d, "31").adopt().is_some());
+        let other = tmp("other");
+        let elsewhere = spec(&other, "30");
+        std::fs::write(&elsewhere.pidfile, format!("{}\n", p.pid())).unwrap();
+        assert!(elsewhere.adopt().is_none());
         // Its own session.
         // SAFETY: getsid(2) on a pid, no memory involved.
         let sid = unsafe { libc::getsid(p.pid() as libc::pid_t) };
@@ -287,12 +308,13 @@ mod tests {
         assert!(!s.pidfile.exists());
         assert!(s.adopt().is_none());
         std::fs::remove_dir_all(&d).unwrap();
+        std::fs::remove_dir_all(&other).unwrap();
     }
 
     #[test]
     fn respawn_counts() {
         let d = tmp("r");
-        let s = spec(&d, &["0.05"]);
+        let s = spec(&d, "0.05");
         let mut p = s.spawn().unwrap();
         let first = p.pid();
         assert!(p.wait_exit(Duration::from_secs(5)));

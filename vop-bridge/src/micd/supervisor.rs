@@ -435,10 +435,28 @@ impl Supervisor {
         let r = wait_socket(&self.dir.bridge_socket(), "vop-bridge", &mut bridge);
         self.procs.bridge = Some(bridge);
         r?;
-        for s in sockets.iter().filter(|s| s.exists()) {
-            let _ = private_socket(s);
-        }
+        self.secure_sockets();
         Ok(())
+    }
+
+    /// Makes the card's sockets 0600 (also those of restarted processes).
+    fn secure_sockets(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(plan) = &self.plan else {
+            return;
+        };
+        let all = plan.backend_sockets.iter().cloned().chain([
+            self.dir.device_socket(),
+            self.dir.bridge_socket(),
+            self.dir.qmp_socket(),
+            self.dir.console_socket(),
+        ]);
+        for s in all {
+            let open = std::fs::metadata(&s).is_ok_and(|m| m.permissions().mode() & 0o177 != 0);
+            if open {
+                let _ = private_socket(&s);
+            }
+        }
     }
 
     /// Stops QEMU, then the bridge and the backends. False if QEMU would
@@ -512,6 +530,7 @@ impl Supervisor {
                 }
             }
         }
+        self.secure_sockets();
         if let Some(r) = self.bridge_status() {
             self.last_report = Some(r);
             self.apply(Input::Reported(r.0, r.1));
