@@ -93,6 +93,23 @@ pub struct CardPlan {
     pub cmdline: String,
     /// The card's network, if it has one.
     pub net: Option<CardNet>,
+    /// QEMU's `mic-x100` chardev socket (QEMU is waited for through it).
+    pub device_socket: PathBuf,
+    /// The bridge's control socket (the bridge is waited for through it).
+    pub bridge_socket: PathBuf,
+    /// Sockets the card's processes create besides those above.
+    pub other_sockets: Vec<PathBuf>,
+}
+
+impl CardPlan {
+    /// Every socket the card's processes create.
+    pub fn all_sockets(&self) -> Vec<PathBuf> {
+        let mut all = self.backend_sockets.clone();
+        all.push(self.device_socket.clone());
+        all.push(self.bridge_socket.clone());
+        all.extend(self.other_sockets.iter().cloned());
+        all
+    }
 }
 
 fn os(args: &[&str]) -> Vec<OsString> {
@@ -301,6 +318,9 @@ impl CardPlan {
             ramdisk,
             cmdline,
             net,
+            device_socket: dir.device_socket(),
+            bridge_socket: dir.bridge_socket(),
+            other_sockets: vec![dir.qmp_socket(), dir.console_socket()],
         }
     }
 }

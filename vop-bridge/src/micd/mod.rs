@@ -5,7 +5,8 @@
 //! - [`config`]: the TOML file, one table per card;
 //! - [`lifecycle`]: the per-card state machine, pure;
 //! - [`launch`]: what runs for a card, as command lines;
-//! - [`process`]: starting, adopting and stopping those processes;
+//! - [`process`]: starting, adopting and stopping one process;
+//! - [`running`]: a running card's processes, together;
 //! - [`layout`]: the state directory;
 //! - [`network`]: the address plan;
 //! - [`record`]: what a new micd needs to adopt a running card;
@@ -20,6 +21,7 @@ pub mod network;
 pub mod process;
 pub mod protocol;
 pub mod record;
+pub mod running;
 pub mod server;
 pub mod supervisor;
 

@@ -7,7 +7,7 @@
 //! channel, the status as a published snapshot.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,26 +16,20 @@ use log::{error, info, warn};
 
 use super::config::{needs_ready, CardConfig};
 use super::launch::{CardPlan, Tools};
-use super::layout::{private_socket, CardDir};
+use super::layout::CardDir;
 use super::lifecycle::{
     parse_bridge_status, parse_status, Action, CardState, Input, Lifecycle, Op, Refused,
     ShutdownStatus,
 };
-use super::process::{remove_stale, Proc, ProcSpec};
 use super::protocol::{CardStatus, DeviceStatus, NetStatus};
 use super::record::Record;
+use super::running::RunningCard;
 use crate::control::request_timeout;
 
 /// How often the supervisor looks at the card.
 const POLL: Duration = Duration::from_millis(200);
 /// Longest wait for one answer from the card's bridge.
 const BRIDGE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a process's socket may take to appear.
-const SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long QEMU gets to exit after SIGTERM before SIGKILL.
-const QEMU_GRACE: Duration = Duration::from_secs(10);
-/// How long a backend or the bridge gets after SIGTERM.
-const HELPER_GRACE: Duration = Duration::from_secs(3);
 /// How long a card may stay `shutting_down` before the host resets it
 /// (mpssd waited 60 s for the shutdown status).
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -136,14 +130,6 @@ impl CardHandle {
     }
 }
 
-/// The processes of a running card.
-#[derive(Default)]
-struct Procs {
-    backends: Vec<Proc>,
-    qemu: Option<Proc>,
-    bridge: Option<Proc>,
-}
-
 struct Supervisor {
     name: String,
     index: u16,
@@ -151,8 +137,7 @@ struct Supervisor {
     dir: CardDir,
     tools: Tools,
     machine: Lifecycle,
-    procs: Procs,
-    plan: Option<CardPlan>,
+    running: Option<RunningCard>,
     entered: Instant,
     boots: u64,
     booted_at: Option<u64>,
@@ -170,20 +155,6 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn wait_socket(path: &Path, what: &str, proc: &mut Proc) -> Result<(), String> {
-    let deadline = Instant::now() + SOCKET_TIMEOUT;
-    while !path.exists() {
-        if !proc.alive() {
-            return Err(format!("{what} exited at start (see its log)"));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{what} did not create {}", path.display()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 impl Supervisor {
     fn new(index: u16, cfg: CardConfig, dir: CardDir, tools: Tools) -> Self {
         let mut s = Supervisor {
@@ -193,8 +164,7 @@ impl Supervisor {
             cfg,
             dir,
             tools,
-            procs: Procs::default(),
-            plan: None,
+            running: None,
             entered: Instant::now(),
             boots: 0,
             booted_at: None,
@@ -236,37 +206,23 @@ impl Supervisor {
             self.cfg = r.config.clone();
         }
         let plan = self.make_plan();
-        if let (Some(qemu), Some(r)) = (plan.qemu.adopt(), adoptable) {
-            info!(
-                "{}: adopting the running card (QEMU pid {})",
-                self.name,
-                qemu.pid()
-            );
-            self.procs.qemu = Some(qemu);
-            self.procs.bridge = plan.bridge.adopt();
-            for spec in &plan.backends {
-                match spec.adopt() {
-                    Some(p) => self.procs.backends.push(p),
-                    None => match spec.spawn() {
-                        Ok(p) => self.procs.backends.push(p),
-                        Err(e) => warn!("{}: {}: {e}", self.name, spec.name),
-                    },
-                }
-            }
-            self.booted_at = r.booted_at;
-            let reported = self.bridge_status();
-            let last = self.machine.last_shutdown_status();
-            self.machine = Lifecycle::adopted(self.cfg.policy, reported);
-            self.machine.restore_last_status(last);
-            self.plan = Some(plan);
-            return;
-        }
-        // Nothing to adopt: stop leftovers of an interrupted stop.
-        for spec in plan.backends.iter().chain([&plan.bridge]) {
-            if let Some(mut p) = spec.adopt() {
-                p.stop(HELPER_GRACE);
+        if let Some(r) = adoptable {
+            if let Some(card) = RunningCard::adopt(plan.clone()) {
+                info!(
+                    "{}: adopting the running card (QEMU pid {:?})",
+                    self.name,
+                    card.qemu_pid()
+                );
+                self.running = Some(card);
+                self.booted_at = r.booted_at;
+                let reported = self.bridge_status();
+                let last = self.machine.last_shutdown_status();
+                self.machine = Lifecycle::adopted(self.cfg.policy, reported);
+                self.machine.restore_last_status(last);
+                return;
             }
         }
+        RunningCard::stop_leftovers(&plan);
         if self.cfg.autoboot {
             if let Ok(actions) = self.machine.command(Op::Boot) {
                 self.pending_boot = actions;
@@ -394,90 +350,23 @@ impl Supervisor {
         self.last_error = None;
         self.last_report = None;
         self.shutdown_pending = false;
-        let plan = self.make_plan();
-        self.plan = Some(plan.clone());
         self.save_record();
-        for (image, mib) in &plan.disks {
-            if !image.exists() {
-                let f = std::fs::File::create(image)
-                    .map_err(|e| format!("cannot create {}: {e}", image.display()))?;
-                f.set_len(mib << 20)
-                    .map_err(|e| format!("cannot size {}: {e}", image.display()))?;
-            }
-        }
-        let sockets: Vec<PathBuf> = plan
-            .backend_sockets
-            .iter()
-            .cloned()
-            .chain([
-                self.dir.device_socket(),
-                self.dir.bridge_socket(),
-                self.dir.qmp_socket(),
-                self.dir.console_socket(),
-            ])
-            .collect();
-        sockets.iter().for_each(|s| remove_stale(s));
-        let spawn = |spec: &ProcSpec| {
-            spec.spawn()
-                .map_err(|e| format!("{}: {}", spec.name, super::report(&e)))
-        };
-        for (spec, sock) in plan.backends.iter().zip(&plan.backend_sockets) {
-            let mut p = spawn(spec)?;
-            let r = wait_socket(sock, &spec.name, &mut p);
-            self.procs.backends.push(p);
-            r?;
-        }
-        let mut qemu = spawn(&plan.qemu)?;
-        let r = wait_socket(&self.dir.device_socket(), "QEMU", &mut qemu);
-        self.procs.qemu = Some(qemu);
-        r?;
-        let mut bridge = spawn(&plan.bridge)?;
-        let r = wait_socket(&self.dir.bridge_socket(), "vop-bridge", &mut bridge);
-        self.procs.bridge = Some(bridge);
-        r?;
-        self.secure_sockets();
-        Ok(())
+        let (card, r) = RunningCard::start(self.make_plan());
+        self.running = Some(card);
+        r.map_err(|e| super::report(&e))
     }
 
-    /// Makes the card's sockets 0600 (also those of restarted processes).
-    fn secure_sockets(&self) {
-        use std::os::unix::fs::PermissionsExt;
-        let Some(plan) = &self.plan else {
-            return;
-        };
-        let all = plan.backend_sockets.iter().cloned().chain([
-            self.dir.device_socket(),
-            self.dir.bridge_socket(),
-            self.dir.qmp_socket(),
-            self.dir.console_socket(),
-        ]);
-        for s in all {
-            let open = std::fs::metadata(&s).is_ok_and(|m| m.permissions().mode() & 0o177 != 0);
-            if open {
-                let _ = private_socket(&s);
-            }
-        }
-    }
-
-    /// Stops QEMU, then the bridge and the backends. False if QEMU would
-    /// not go away.
+    /// Stops the card's processes, QEMU first. False if QEMU would not go
+    /// away.
     fn stop_all(&mut self) -> bool {
-        let mut ok = true;
-        if let Some(mut q) = self.procs.qemu.take() {
-            if !q.stop(QEMU_GRACE) {
-                error!("{}: QEMU (pid {}) does not exit", self.name, q.pid());
-                ok = false;
-                self.procs.qemu = Some(q);
+        self.shutdown_pending = false;
+        match self.running.as_mut().map(RunningCard::stop) {
+            Some(false) => false,
+            _ => {
+                self.running = None;
+                true
             }
         }
-        if let Some(mut b) = self.procs.bridge.take() {
-            b.stop(HELPER_GRACE);
-        }
-        while let Some(mut p) = self.procs.backends.pop() {
-            p.stop(HELPER_GRACE);
-        }
-        self.shutdown_pending = false;
-        ok
     }
 
     fn bridge_status(&self) -> Option<(CardState, ShutdownStatus)> {
@@ -506,31 +395,22 @@ impl Supervisor {
         if !self.machine.is_running() {
             return;
         }
-        if !self.procs.qemu.as_mut().is_some_and(Proc::alive) {
+        if !self
+            .running
+            .as_mut()
+            .is_some_and(RunningCard::machine_alive)
+        {
             let st = self.final_status();
             info!("{}: the card's machine exited ({st})", self.name);
             self.apply(Input::MachineGone(st));
             return;
         }
-        let name = &self.name;
-        let helpers = self
-            .procs
-            .backends
-            .iter_mut()
-            .chain(self.procs.bridge.as_mut());
-        for p in helpers {
-            if !p.alive() {
-                warn!(
-                    "{name}: {} (pid {}) died; starting it again",
-                    p.spec().name,
-                    p.pid()
-                );
-                if let Err(e) = p.respawn() {
-                    error!("{name}: {}: {e}", p.spec().name);
-                }
+        if let Some(card) = self.running.as_mut() {
+            for p in card.restart_dead_helpers() {
+                info!("{}: restarted {p}", self.name);
             }
+            card.secure_sockets();
         }
-        self.secure_sockets();
         if let Some(r) = self.bridge_status() {
             self.last_report = Some(r);
             self.apply(Input::Reported(r.0, r.1));
@@ -562,18 +442,13 @@ impl Supervisor {
     }
 
     fn snapshot(&self) -> CardStatus {
-        let plan = match &self.plan {
-            Some(p) if self.machine.is_running() => p.clone(),
-            _ => self.make_plan(),
+        let plan = match &self.running {
+            Some(c) => c.plan().clone(),
+            None => self.make_plan(),
         };
         let running = self.machine.is_running();
-        let pid_of = |name: &str| {
-            self.procs
-                .backends
-                .iter()
-                .find(|p| p.spec().name == name)
-                .map(|p| (p.pid(), p.restarts))
-        };
+        let pid_of = |name: &str| self.running.as_ref().and_then(|c| c.backend(name));
+        let bridge = self.running.as_ref().and_then(RunningCard::bridge);
         let devices = plan
             .devices
             .iter()
@@ -621,9 +496,9 @@ impl Supervisor {
                 card_ip: plan.net.map(|n| n.card_cidr()),
                 host_ip: plan.net.map(|n| n.host.to_string()),
             },
-            qemu_pid: self.procs.qemu.as_ref().map(Proc::pid),
-            bridge_pid: self.procs.bridge.as_ref().map(Proc::pid),
-            bridge_restarts: self.procs.bridge.as_ref().map_or(0, |p| p.restarts),
+            qemu_pid: self.running.as_ref().and_then(RunningCard::qemu_pid),
+            bridge_pid: bridge.map(|b| b.0),
+            bridge_restarts: bridge.map_or(0, |b| b.1),
             dir: self.dir.dir().display().to_string(),
             console_socket: (running && self.cfg.console)
                 .then(|| self.dir.console_socket().display().to_string()),
