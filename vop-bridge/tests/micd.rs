@@ -375,6 +375,29 @@ fn reboot_and_crash_follow_the_policy() {
     m.wait_state(&["mic0"], "online");
     let first = m.console("mic0").run("cat /proc/sys/kernel/random/boot_id");
 
+    // `micctl console`: a command through it, then Ctrl-] detaches and the
+    // card keeps running.
+    let mut attached = Command::new(bin("micctl"))
+        .arg("-s")
+        .arg(m.socket())
+        .args(["console", "mic0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut shell = Shell::new(
+        Box::new(attached.stdout.take().unwrap()),
+        Box::new(attached.stdin.take().unwrap()),
+    );
+    assert_eq!(shell.run("echo through-micctl", CMD), "through-micctl");
+    shell.type_text("\x1d");
+    let exit = wait_for(Duration::from_secs(10), "micctl console to detach", || {
+        attached.try_wait().unwrap()
+    });
+    assert!(exit.success());
+    assert_eq!(m.card("mic0").state, "online");
+
     // `reboot` in the card: restart, and micd boots it again by itself.
     let mut con = m.console("mic0");
     con.type_text("reboot\n");

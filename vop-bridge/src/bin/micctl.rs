@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 use vop_bridge::control::request;
+use vop_bridge::micd::console::{self, Ended};
 use vop_bridge::micd::layout::default_control_socket;
 use vop_bridge::micd::protocol::{call, CardStatus, ClientError, Request, Response};
 
@@ -83,6 +84,12 @@ enum Cmd {
         /// key=value settings.
         #[arg(required = true)]
         settings: Vec<String>,
+    },
+    /// Attach this terminal to the card's console; Ctrl-] detaches and
+    /// leaves the card running.
+    Console {
+        /// The card.
+        card: String,
     },
     /// Print the card's serial (kernel) and console history.
     Log {
@@ -158,6 +165,9 @@ fn micd_request(cmd: &Cmd) -> Option<Request> {
             settings: settings.clone(),
         },
         Cmd::Log { card } => Request::Log { card: card.clone() },
+        Cmd::Console { card } => Request::Status {
+            cards: vec![card.clone()],
+        },
         Cmd::Devices { card: Some(card) } => Request::Bridge {
             card: card.clone(),
             line: "devices".into(),
@@ -207,6 +217,7 @@ fn micd(socket: &Path, cmd: &Cmd, resp: Response) -> i32 {
             return wait_micd(socket, cards, &state[0], *timeout, resp);
         }
         Cmd::Config { .. } => {}
+        Cmd::Console { card } => return console(card, &resp),
         _ => {
             let text = resp.text.unwrap_or_default();
             print!("{text}");
@@ -243,6 +254,45 @@ fn wait_micd(socket: &Path, cards: &[String], state: &str, timeout: u64, first: 
             Ok(r) => return errors(&r).max(1),
             Err(e) => fail(1, &format!("{e}: {}", cause(&e))),
         }
+    }
+}
+
+/// Relays this terminal to the card's console until Ctrl-].
+fn console(card: &str, resp: &Response) -> i32 {
+    use std::io::IsTerminal;
+    use vmm_sys_util::terminal::Terminal;
+
+    let Some(c) = resp.cards.first() else {
+        return 1;
+    };
+    let Some(path) = &c.console_socket else {
+        fail(3, &format!("{card} is {}: it has no console now", c.state));
+    };
+    let stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) => fail(1, &format!("{path}: {e} (is another console attached?)")),
+    };
+    let tty = std::io::stdin().is_terminal();
+    if tty {
+        let _ = std::io::stdin().lock().set_raw_mode();
+        eprintln!("micctl: attached to {card}; Ctrl-] detaches\r");
+    }
+    let ended = console::relay(stream, std::io::stdin(), std::io::stdout());
+    if tty {
+        let _ = std::io::stdin().lock().set_canon_mode();
+    }
+    match ended {
+        Ok(Ended::ConsoleClosed) => {
+            eprintln!("\r\nmicctl: {card}'s console closed");
+            1
+        }
+        Ok(_) => {
+            if tty {
+                eprintln!("\r\nmicctl: detached from {card}; it keeps running");
+            }
+            0
+        }
+        Err(e) => fail(1, &format!("{card}'s console: {e}")),
     }
 }
 

@@ -11,9 +11,11 @@
 //! - [`network`]: the address plan;
 //! - [`record`]: what a new micd needs to adopt a running card;
 //! - [`supervisor`]: one thread per card that ties them together;
-//! - [`protocol`], [`server`]: the control socket.
+//! - [`protocol`], [`server`]: the control socket;
+//! - [`console`]: a terminal on a card's console (`micctl console`).
 
 pub mod config;
+pub mod console;
 pub mod launch;
 pub mod layout;
 pub mod lifecycle;
