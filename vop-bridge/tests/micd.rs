@@ -393,7 +393,7 @@ fn two_cards_come_online_and_follow_the_lifecycle() {
 }
 
 /// One card with a console only.
-const ONE_CARD: &str = "[mic0]\nmemory = 512\nnet = \"none\"\ndisk = []\n";
+const ONE_CARD: &str = "[mic0]\nmemory = 512\nnet = \"none\"\ndisk = []\nshutdown_timeout = 5\n";
 
 #[test]
 fn reboot_and_crash_follow_the_policy() {
@@ -424,11 +424,26 @@ fn reboot_and_crash_follow_the_policy() {
     assert!(exit.success());
     assert_eq!(m.card("mic0").state, "online");
 
+    // `poweroff` in a card online for longer than the shutdown timeout:
+    // the timeout counts from shutting_down, so the card powers off.
+    let c = m.card("mic0");
+    if c.uptime_s < 7 {
+        std::thread::sleep(Duration::from_secs(7 - c.uptime_s));
+    }
+    let mut con = m.console("mic0");
+    con.type_text("poweroff\n");
+    m.wait_state(&["mic0"], "ready");
+    let c = m.card("mic0");
+    assert_eq!((c.shutdown_status.as_str(), c.boots), ("poweroff", 1));
+    drop(con);
+    m.ok(&["boot", "mic0"]);
+    m.wait_state(&["mic0"], "online");
+
     // `reboot` in the card: restart, and micd boots it again by itself.
     let mut con = m.console("mic0");
     con.type_text("reboot\n");
-    let c = m.wait_card("mic0", "a second boot", BOOT_TIMEOUT, |c| {
-        c.boots == 2 && c.state == "online"
+    let c = m.wait_card("mic0", "a boot after the restart", BOOT_TIMEOUT, |c| {
+        c.boots == 3 && c.state == "online"
     });
     assert_eq!(c.last_shutdown_status, "restart");
     assert_eq!(c.shutdown_status, "nop");
@@ -439,7 +454,7 @@ fn reboot_and_crash_follow_the_policy() {
     let mut con = m.console("mic0");
     con.type_text("echo c > /proc/sysrq-trigger\n");
     let c = m.wait_card("mic0", "a boot after the crash", BOOT_TIMEOUT, |c| {
-        c.boots == 3 && c.state == "online"
+        c.boots == 4 && c.state == "online"
     });
     assert_eq!(c.last_shutdown_status, "crashed");
     let log = m.ok(&["log", "mic0"]);
@@ -458,7 +473,7 @@ fn reboot_and_crash_follow_the_policy() {
     let c = m.card("mic0");
     assert_eq!(
         (c.state.as_str(), c.shutdown_status.as_str(), c.boots),
-        ("ready", "nop", 3)
+        ("ready", "nop", 4)
     );
     assert_eq!(c.last_shutdown_status, "crashed");
     drop(con);

@@ -77,7 +77,8 @@ enum Cmd {
         timeout: u64,
     },
     /// Change a card's settings (memory, cpus, firmware, ramdisk, bios,
-    /// cmdline, accel while ready; autoboot, policy at any time).
+    /// cmdline, accel while ready; autoboot, policy, shutdown_timeout at any
+    /// time).
     Config {
         /// The card.
         card: String,

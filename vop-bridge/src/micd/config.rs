@@ -89,6 +89,9 @@ pub struct CardConfig {
     pub policy: Policy,
     /// QEMU accelerator (`tcg` or `kvm`).
     pub accel: String,
+    /// Seconds a card may stay `shutting_down` before micd resets it
+    /// (mpssd waited 60 s).
+    pub shutdown_timeout: u64,
 }
 
 impl Default for CardConfig {
@@ -106,12 +109,13 @@ impl Default for CardConfig {
             autoboot: true,
             policy: Policy::default(),
             accel: "tcg".into(),
+            shutdown_timeout: 60,
         }
     }
 }
 
 /// Keys `micctl config` may set, and whether the card must be `ready`.
-pub const SETTABLE: [(&str, bool); 9] = [
+pub const SETTABLE: [(&str, bool); 10] = [
     ("memory", true),
     ("cpus", true),
     ("firmware", true),
@@ -121,6 +125,7 @@ pub const SETTABLE: [(&str, bool); 9] = [
     ("accel", true),
     ("autoboot", false),
     ("policy", false),
+    ("shutdown_timeout", false),
 ];
 
 /// A configuration that cannot be used.
@@ -170,6 +175,11 @@ impl CardConfig {
                 self.accel
             )));
         }
+        if self.shutdown_timeout == 0 {
+            return Err(ConfigError::Invalid(
+                "shutdown_timeout must be at least 1 s".into(),
+            ));
+        }
         if self.disks.len() > 4 {
             return Err(ConfigError::Invalid(format!(
                 "{} disks; at most 4",
@@ -179,8 +189,17 @@ impl CardConfig {
         Ok(())
     }
 
-    /// Sets one `key=value` as `micctl config` sends it (keys: [`SETTABLE`]).
+    /// Sets one `key=value` as `micctl config` sends it (keys: [`SETTABLE`]);
+    /// on error nothing changes.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let mut next = self.clone();
+        next.assign(key, value)?;
+        next.validate()?;
+        *self = next;
+        Ok(())
+    }
+
+    fn assign(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
         let bad = |what: &str| ConfigError::Invalid(format!("{key}={value}: {what}"));
         let path = |v: &str| (!v.is_empty()).then(|| PathBuf::from(v));
         match key {
@@ -191,6 +210,9 @@ impl CardConfig {
             "bios" => self.bios = Some(PathBuf::from(value)),
             "cmdline" => self.cmdline = value.into(),
             "accel" => self.accel = value.into(),
+            "shutdown_timeout" => {
+                self.shutdown_timeout = value.parse().map_err(|_| bad("not a number of seconds"))?
+            }
             "autoboot" => {
                 self.autoboot = match value {
                     "1" | "true" | "yes" | "on" => true,
@@ -206,7 +228,7 @@ impl CardConfig {
                 return Err(bad(&format!("unknown key (one of {})", keys.join(", "))));
             }
         }
-        self.validate()
+        Ok(())
     }
 }
 
@@ -339,6 +361,9 @@ size_mib = 64
         c.set("policy", "stay-down").unwrap();
         c.set("autoboot", "off").unwrap();
         c.set("firmware", "/k").unwrap();
+        c.set("shutdown_timeout", "5").unwrap();
+        assert_eq!(c.shutdown_timeout, 5);
+        assert!(c.set("shutdown_timeout", "0").is_err());
         assert_eq!(
             (c.memory, c.cmdline.as_str(), c.policy, c.autoboot),
             (768, "a=b c", Policy::StayDown, false)
@@ -348,6 +373,7 @@ size_mib = 64
         assert_eq!(c.firmware, None);
         assert!(c.set("memory", "lots").is_err());
         assert!(c.set("cpus", "0").is_err());
+        assert_eq!((c.cpus, c.shutdown_timeout), (1, 5));
         assert!(c.set("colour", "red").is_err());
         assert!(needs_ready("memory") && !needs_ready("policy"));
     }

@@ -30,9 +30,6 @@ use crate::control::request_timeout;
 const POLL: Duration = Duration::from_millis(200);
 /// Longest wait for one answer from the card's bridge.
 const BRIDGE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a card may stay `shutting_down` before the host resets it
-/// (mpssd waited 60 s for the shutdown status).
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a command was not carried out.
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +250,7 @@ impl Supervisor {
                 Ok(actions) => {
                     info!("{}: {}", self.name, op.name());
                     self.entered = Instant::now();
+                    self.save_record();
                     self.publish();
                     let _ = reply.send(Ok(()));
                     self.run_actions(actions);
@@ -289,29 +287,40 @@ impl Supervisor {
 
     /// Applies an input and performs the actions it yields, and theirs.
     fn apply(&mut self, input: Input) {
+        let before = self.machine.state();
         let actions = self.machine.apply(input);
+        self.changed_from(before);
         self.run_actions(actions);
     }
 
     fn run_actions(&mut self, actions: Vec<Action>) {
         let mut queue: VecDeque<Action> = actions.into();
-        let mut state = self.machine.state();
         while let Some(a) = queue.pop_front() {
             self.publish();
             if let Some(input) = self.perform(a) {
+                let before = self.machine.state();
                 queue.extend(self.machine.apply(input));
-            }
-            if self.machine.state() != state {
-                state = self.machine.state();
-                self.entered = Instant::now();
-                info!(
-                    "{}: {state} ({})",
-                    self.name,
-                    self.machine.shutdown_status()
-                );
+                self.changed_from(before);
             }
         }
         self.publish();
+    }
+
+    /// After the state may have changed from `before`: restarts the
+    /// state's clock (the shutdown timeout counts from entering
+    /// `shutting_down`), logs and records the change.
+    fn changed_from(&mut self, before: CardState) {
+        let state = self.machine.state();
+        if state == before {
+            return;
+        }
+        self.entered = Instant::now();
+        info!(
+            "{}: {state} ({})",
+            self.name,
+            self.machine.shutdown_status()
+        );
+        self.save_record();
     }
 
     fn perform(&mut self, action: Action) -> Option<Input> {
@@ -419,7 +428,7 @@ impl Supervisor {
             if self.shutdown_pending {
                 self.shutdown_pending = !self.request_shutdown();
             }
-            if self.entered.elapsed() > SHUTDOWN_TIMEOUT {
+            if self.entered.elapsed() > Duration::from_secs(self.cfg.shutdown_timeout) {
                 self.apply(Input::ShutdownTimedOut);
             }
         }
