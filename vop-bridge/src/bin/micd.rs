@@ -106,11 +106,12 @@ fn run(cli: Cli) -> Result<(), String> {
         tools.qemu.display(),
         tools.image_dir.display()
     );
-    let handles: BTreeMap<u16, CardHandle> = cfg
-        .cards
-        .into_iter()
-        .map(|(i, c)| (i, CardHandle::start(i, c, &state_dir, tools.clone())))
-        .collect();
+    let mut handles = BTreeMap::new();
+    for (i, c) in cfg.cards {
+        let h = CardHandle::start(i, c, &state_dir, tools.clone())
+            .map_err(|e| format!("mic{i}: cannot start its supervisor: {e}"))?;
+        handles.insert(i, h);
+    }
     let ev = EventLoop::new().map_err(|e| report(&e))?;
     ev.add(signals.as_raw_fd(), Token::Signal, EventSet::IN)
         .map_err(|e| report(&e))?;

@@ -64,7 +64,12 @@ pub struct CardHandle {
 impl CardHandle {
     /// Starts the supervisor of card `index`: adopts the card if it is
     /// still running from an earlier micd, else boots it if `autoboot`.
-    pub fn start(index: u16, cfg: CardConfig, state_dir: &Path, tools: Tools) -> Self {
+    pub fn start(
+        index: u16,
+        cfg: CardConfig,
+        state_dir: &Path,
+        tools: Tools,
+    ) -> std::io::Result<Self> {
         let name = format!("mic{index}");
         let dir = CardDir::new(state_dir, &name);
         let mut sup = Supervisor::new(index, cfg, dir.clone(), tools);
@@ -73,14 +78,13 @@ impl CardHandle {
         let (tx, rx) = channel();
         std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || sup.run(rx))
-            .expect("spawning a card supervisor thread");
-        CardHandle {
+            .spawn(move || sup.run(rx))?;
+        Ok(CardHandle {
             name,
             dir,
             tx: Mutex::new(tx),
             status,
-        }
+        })
     }
 
     /// The card's name.
@@ -558,7 +562,7 @@ mod tests {
             autoboot: false,
             ..Default::default()
         };
-        let h = CardHandle::start(3, cfg, &dir, tools);
+        let h = CardHandle::start(3, cfg, &dir, tools).unwrap();
         let s = h.status();
         assert_eq!(
             (s.name.as_str(), s.state.as_str(), s.node, s.boots),
