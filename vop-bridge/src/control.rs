@@ -141,8 +141,15 @@ impl Drop for ControlServer {
 
 /// Sends one request to a bridge's control socket and returns its answer.
 pub fn request(path: &Path, req: &str) -> std::io::Result<String> {
+    request_timeout(path, req, Duration::from_secs(30))
+}
+
+/// Like [`request`], but gives up when the answer takes longer than
+/// `timeout` (micd must never hang on a card's bridge).
+pub fn request_timeout(path: &Path, req: &str, timeout: Duration) -> std::io::Result<String> {
     let mut s = UnixStream::connect(path)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     s.write_all(format!("{req}\n").as_bytes())?;
     let mut answer = String::new();
     s.read_to_string(&mut answer)?;

@@ -11,6 +11,7 @@
 //! - [`signals`]: the process's stop signals as a descriptor.
 //! - [`config`], [`control`]: configuration and the control socket.
 //! - [`agent_client`]: the host's client of the card agent over vsock.
+//! - [`micd`]: the host daemon that runs several cards.
 
 pub mod abi;
 pub mod agent_client;
@@ -21,5 +22,6 @@ pub mod config;
 pub mod control;
 pub mod device_protocol;
 pub mod event_loop;
+pub mod micd;
 pub mod page;
 pub mod signals;

@@ -1,0 +1,446 @@
+//! What runs for one card: the backends, QEMU with the `mic-x100` device and
+//! the bridge, as `scripts/run-card` starts them (`docs/micd.md`,
+//! "Processes"). Pure: a [`CardPlan`] from the card's config and paths.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use super::config::{CardConfig, NetMode};
+use super::layout::CardDir;
+use super::network::CardNet;
+use super::process::ProcSpec;
+
+/// The firmware that enters the uncompressed kernel through its PVH entry
+/// (QEMU's data package ships it).
+pub const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+
+/// Where the programs and the card image are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tools {
+    /// Our QEMU.
+    pub qemu: PathBuf,
+    /// Directory of `vop-bridge`, `mic-console`, `mic-blk`, `mic-net`.
+    pub bin_dir: PathBuf,
+    /// The card image (`vmlinux`, `initrd.img`, `cmdline`).
+    pub image_dir: PathBuf,
+    /// passt.
+    pub passt: PathBuf,
+    /// Whether micd runs as root (passt then keeps root's uid, as the
+    /// state directory is private to it).
+    pub root: bool,
+}
+
+impl Tools {
+    /// From the environment: `MIC_QEMU` and `MIC_CARD_DIR`, else the
+    /// workspace's `build/` two levels above micd's own directory
+    /// (`target/release`); the daemons beside micd.
+    pub fn from_env() -> Self {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("micd"));
+        let bin_dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+        let workspace = bin_dir
+            .parent()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let env_or = |var: &str, default: PathBuf| {
+            std::env::var_os(var).map(PathBuf::from).unwrap_or(default)
+        };
+        Tools {
+            qemu: env_or(
+                "MIC_QEMU",
+                workspace.join("build/qemu/bin/qemu-system-x86_64"),
+            ),
+            image_dir: env_or("MIC_CARD_DIR", workspace.join("build/card")),
+            bin_dir,
+            passt: PathBuf::from("passt"),
+            // SAFETY: geteuid(2) has no arguments and cannot fail.
+            root: unsafe { libc::geteuid() } == 0,
+        }
+    }
+}
+
+/// One device of the card and its backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevicePlan {
+    /// `console`, `blk` or `net`.
+    pub kind: &'static str,
+    /// The backend process's name (`console`, `blk0`, `net`).
+    pub backend: String,
+    /// The backend's vhost-user socket.
+    pub socket: PathBuf,
+}
+
+/// Everything one boot of a card runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CardPlan {
+    /// Helpers and backends, in start order (passt before mic-net).
+    pub backends: Vec<ProcSpec>,
+    /// Sockets the backends create, waited for before QEMU starts.
+    pub backend_sockets: Vec<PathBuf>,
+    /// The card's machine.
+    pub qemu: ProcSpec,
+    /// The bridge.
+    pub bridge: ProcSpec,
+    /// The devices in page order.
+    pub devices: Vec<DevicePlan>,
+    /// Disk images and the size (MiB) to create them with when missing.
+    pub disks: Vec<(PathBuf, u64)>,
+    /// The kernel.
+    pub firmware: PathBuf,
+    /// The initramfs.
+    pub ramdisk: PathBuf,
+    /// The whole kernel command line.
+    pub cmdline: String,
+    /// The card's network, if it has one.
+    pub net: Option<CardNet>,
+    /// QEMU's `mic-x100` chardev socket (QEMU is waited for through it).
+    pub device_socket: PathBuf,
+    /// The bridge's control socket (the bridge is waited for through it).
+    pub bridge_socket: PathBuf,
+    /// Sockets the card's processes create besides those above.
+    pub other_sockets: Vec<PathBuf>,
+}
+
+impl CardPlan {
+    /// Every socket the card's processes create.
+    pub fn all_sockets(&self) -> Vec<PathBuf> {
+        let mut all = self.backend_sockets.clone();
+        all.push(self.device_socket.clone());
+        all.push(self.bridge_socket.clone());
+        all.extend(self.other_sockets.iter().cloned());
+        all
+    }
+}
+
+fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+fn path_arg(p: &Path) -> OsString {
+    p.as_os_str().to_owned()
+}
+
+impl CardPlan {
+    /// Plans card `index` (`name`) with `cfg`; `base_cmdline` is the card
+    /// image's `cmdline` file.
+    pub fn new(
+        name: &str,
+        index: u16,
+        cfg: &CardConfig,
+        dir: &CardDir,
+        tools: &Tools,
+        base_cmdline: &str,
+    ) -> Self {
+        let proc = |pname: &str, program: PathBuf, args: Vec<OsString>| ProcSpec {
+            name: pname.into(),
+            program,
+            args,
+            log: dir.log(pname),
+            pidfile: dir.pidfile(pname),
+            env: vec![("RUST_LOG".into(), "info".into())],
+        };
+        let mut backends = Vec::new();
+        let mut backend_sockets = Vec::new();
+        let mut devices = Vec::new();
+        let mut expect = Vec::new();
+        if cfg.console {
+            let sock = dir.vhost_socket("console");
+            let mut args = vec!["--socket-path".into(), path_arg(&sock)];
+            args.push("--unix".into());
+            args.push(path_arg(&dir.console_socket()));
+            args.push("--log".into());
+            args.push(path_arg(&dir.console_log()));
+            backends.push(proc("console", tools.bin_dir.join("mic-console"), args));
+            backend_sockets.push(sock.clone());
+            devices.push(DevicePlan {
+                kind: "console",
+                backend: "console".into(),
+                socket: sock,
+            });
+            expect.push("console");
+        }
+        let mut disks = Vec::new();
+        for (i, d) in cfg.disks.iter().enumerate() {
+            let image = d.image.clone().unwrap_or_else(|| dir.disk_image(i));
+            let name = format!("blk{i}");
+            let sock = dir.vhost_socket(&name);
+            let args = vec![
+                "--socket-path".into(),
+                path_arg(&sock),
+                "--image".into(),
+                path_arg(&image),
+            ];
+            backends.push(proc(&name, tools.bin_dir.join("mic-blk"), args));
+            backend_sockets.push(sock.clone());
+            devices.push(DevicePlan {
+                kind: "blk",
+                backend: name,
+                socket: sock,
+            });
+            disks.push((image, d.size_mib));
+        }
+        if !cfg.disks.is_empty() {
+            expect.push("blk");
+        }
+        let net = (cfg.net != NetMode::None).then(|| CardNet::for_card(index));
+        if let Some(n) = net {
+            let sock = dir.vhost_socket("net");
+            let mut args = vec!["--socket-path".into(), path_arg(&sock)];
+            if cfg.net == NetMode::Passt {
+                let passt_sock = dir.passt_socket();
+                let mut pargs = os(&["--foreground", "--socket"]);
+                pargs.push(path_arg(&passt_sock));
+                pargs.extend(os(&["-a", &n.card.to_string(), "-n", "24"]));
+                pargs.extend(os(&["-g", &n.host.to_string()]));
+                if tools.root {
+                    // Keep root: the state directory is 0700.
+                    pargs.extend(os(&["--runas", "0"]));
+                }
+                let mut p = proc("passt", tools.passt.clone(), pargs);
+                p.env.clear();
+                backends.push(p);
+                backend_sockets.push(passt_sock.clone());
+                args.push("--stream".into());
+                let mut a = OsString::from("unix:");
+                a.push(passt_sock.as_os_str());
+                args.push(a);
+            } else {
+                args.extend(os(&["--tap", name, "--host-ip", &n.host_cidr()]));
+            }
+            backends.push(proc("net", tools.bin_dir.join("mic-net"), args));
+            backend_sockets.push(sock.clone());
+            devices.push(DevicePlan {
+                kind: "net",
+                backend: "net".into(),
+                socket: sock,
+            });
+            expect.push("net");
+        }
+
+        let firmware = cfg
+            .firmware
+            .clone()
+            .unwrap_or_else(|| tools.image_dir.join("vmlinux"));
+        let ramdisk = cfg
+            .ramdisk
+            .clone()
+            .unwrap_or_else(|| tools.image_dir.join("initrd.img"));
+        let mut cmdline = format!(
+            "{} quiet mic.expect={} mic.hostname={name}",
+            base_cmdline.trim(),
+            if expect.is_empty() {
+                "none".to_string()
+            } else {
+                expect.join(",")
+            }
+        );
+        if let Some(n) = net {
+            cmdline += &format!(" {}", n.kernel_params());
+        }
+        if !cfg.cmdline.trim().is_empty() {
+            cmdline += &format!(" {}", cfg.cmdline.trim());
+        }
+
+        let mem = cfg.memory;
+        let mut q = os(&["-accel", &cfg.accel, "-m", &mem.to_string()]);
+        q.extend(os(&["-smp", &cfg.cpus.to_string(), "-cpu", "max"]));
+        // A reboot or crash in the card ends the machine; micd decides
+        // whether it boots again (lifecycle.rs).
+        q.extend(os(&["-nodefaults", "-no-user-config", "-no-reboot"]));
+        q.extend(os(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            "-machine",
+            "q35,memory-backend=mem",
+        ]));
+        q.push("-chardev".into());
+        q.push(
+            format!(
+                "socket,id=mic,path={},server=on,wait=off",
+                dir.device_socket().display()
+            )
+            .into(),
+        );
+        q.push("-device".into());
+        q.push(format!("mic-x100,chardev=mic,node-id={}", index + 1).into());
+        let bios = cfg.bios.clone().unwrap_or_else(|| PathBuf::from(QBOOT));
+        if !bios.as_os_str().is_empty() {
+            q.push("-bios".into());
+            q.push(path_arg(&bios));
+        }
+        q.push("-kernel".into());
+        q.push(path_arg(&firmware));
+        q.push("-initrd".into());
+        q.push(path_arg(&ramdisk));
+        q.push("-append".into());
+        q.push(cmdline.clone().into());
+        q.push("-chardev".into());
+        q.push(
+            format!(
+                "file,id=serial,path={},append=on",
+                dir.serial_log().display()
+            )
+            .into(),
+        );
+        q.extend(os(&[
+            "-serial",
+            "chardev:serial",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+        ]));
+        q.push("-qmp".into());
+        q.push(format!("unix:{},server=on,wait=off", dir.qmp_socket().display()).into());
+        let mut qemu = proc("qemu", tools.qemu.clone(), q);
+        qemu.env.clear();
+
+        let mut b = vec![
+            "--device-socket".into(),
+            path_arg(&dir.device_socket()),
+            "--control-socket".into(),
+            path_arg(&dir.bridge_socket()),
+        ];
+        for d in &devices {
+            b.push(format!("--{}", d.kind).into());
+            b.push(path_arg(&d.socket));
+        }
+        let bridge = proc("bridge", tools.bin_dir.join("vop-bridge"), b);
+
+        CardPlan {
+            backends,
+            backend_sockets,
+            qemu,
+            bridge,
+            devices,
+            disks,
+            firmware,
+            ramdisk,
+            cmdline,
+            net,
+            device_socket: dir.device_socket(),
+            bridge_socket: dir.bridge_socket(),
+            other_sockets: vec![dir.qmp_socket(), dir.console_socket()],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::micd::config::DiskConfig;
+
+    fn tools() -> Tools {
+        Tools {
+            qemu: "/q/qemu".into(),
+            bin_dir: "/b".into(),
+            image_dir: "/img".into(),
+            passt: "passt".into(),
+            root: false,
+        }
+    }
+
+    fn has(args: &[OsString], seq: &[&str]) -> bool {
+        let seq: Vec<OsString> = os(seq);
+        args.windows(seq.len()).any(|w| w == seq.as_slice())
+    }
+
+    #[test]
+    fn default_card() {
+        let dir = CardDir::new(Path::new("/s"), "mic1");
+        let p = CardPlan::new(
+            "mic1",
+            1,
+            &CardConfig::default(),
+            &dir,
+            &tools(),
+            "console=ttyS0\n",
+        );
+        let names: Vec<_> = p.backends.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["console", "blk0", "passt", "net"]);
+        assert_eq!(
+            p.cmdline,
+            "console=ttyS0 quiet mic.expect=console,blk,net mic.hostname=mic1 \
+             mic.ip=172.31.2.1/24 mic.host=172.31.2.254"
+        );
+        assert_eq!(p.firmware, Path::new("/img/vmlinux"));
+        assert_eq!(p.disks, [(PathBuf::from("/s/mic1/disk0.img"), 1024)]);
+        let q = &p.qemu.args;
+        assert!(has(q, &["-no-reboot"]));
+        assert!(has(q, &["-device", "mic-x100,chardev=mic,node-id=2"]));
+        assert!(has(q, &["-bios", QBOOT, "-kernel", "/img/vmlinux"]));
+        assert!(has(
+            q,
+            &[
+                "-chardev",
+                "file,id=serial,path=/s/mic1/serial.log,append=on"
+            ]
+        ));
+        assert!(has(
+            &p.backends[2].args,
+            &["-a", "172.31.2.1", "-n", "24", "-g", "172.31.2.254"]
+        ));
+        assert!(has(
+            &p.backends[3].args,
+            &["--stream", "unix:/s/mic1/passt.sock"]
+        ));
+        assert!(has(
+            &p.bridge.args,
+            &[
+                "--console",
+                "/s/mic1/vhost-console.sock",
+                "--blk",
+                "/s/mic1/vhost-blk0.sock",
+                "--net",
+                "/s/mic1/vhost-net.sock"
+            ]
+        ));
+        assert_eq!(p.backend_sockets.len(), 4);
+    }
+
+    #[test]
+    fn no_net_two_disks_own_kernel() {
+        let dir = CardDir::new(Path::new("/s"), "mic0");
+        let cfg = CardConfig {
+            net: NetMode::None,
+            disks: vec![
+                DiskConfig::default(),
+                DiskConfig {
+                    image: Some("/d.img".into()),
+                    size_mib: 8,
+                },
+            ],
+            firmware: Some("/k/bzImage".into()),
+            bios: Some("".into()),
+            cmdline: " loglevel=4 ".into(),
+            ..Default::default()
+        };
+        let p = CardPlan::new("mic0", 0, &cfg, &dir, &tools(), "c");
+        assert_eq!(p.net, None);
+        assert!(p
+            .cmdline
+            .ends_with("mic.expect=console,blk mic.hostname=mic0 loglevel=4"));
+        assert_eq!(p.disks[1], (PathBuf::from("/d.img"), 8));
+        assert!(!has(&p.qemu.args, &["-bios"]));
+        assert!(has(&p.qemu.args, &["-kernel", "/k/bzImage"]));
+        assert_eq!(
+            p.devices.iter().map(|d| d.kind).collect::<Vec<_>>(),
+            ["console", "blk", "blk"]
+        );
+    }
+
+    #[test]
+    fn tap_as_root() {
+        let dir = CardDir::new(Path::new("/s"), "mic3");
+        let cfg = CardConfig {
+            net: NetMode::Tap,
+            ..Default::default()
+        };
+        let p = CardPlan::new("mic3", 3, &cfg, &dir, &tools(), "c");
+        let net = p.backends.last().unwrap();
+        assert!(has(
+            &net.args,
+            &["--tap", "mic3", "--host-ip", "172.31.4.254/24"]
+        ));
+    }
+}

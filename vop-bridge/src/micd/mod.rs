@@ -1,0 +1,39 @@
+//! `micd`, the host daemon for several cards (mpssd's role;
+//! `docs/micd.md`): per card it runs QEMU, the bridge and the backends,
+//! drives the COSM lifecycle and answers `micctl`.
+//!
+//! - [`config`]: the TOML file, one table per card;
+//! - [`lifecycle`]: the per-card state machine, pure;
+//! - [`launch`]: what runs for a card, as command lines;
+//! - [`process`]: starting, adopting and stopping one process;
+//! - [`running`]: a running card's processes, together;
+//! - [`layout`]: the state directory;
+//! - [`network`]: the address plan;
+//! - [`record`]: what a new micd needs to adopt a running card;
+//! - [`supervisor`]: one thread per card that ties them together;
+//! - [`protocol`], [`server`]: the control socket;
+//! - [`console`]: a terminal on a card's console (`micctl console`).
+
+pub mod config;
+pub mod console;
+pub mod launch;
+pub mod layout;
+pub mod lifecycle;
+pub mod network;
+pub mod process;
+pub mod protocol;
+pub mod record;
+pub mod running;
+pub mod server;
+pub mod supervisor;
+
+/// An error with its causes, one after the other (`a: b: c`).
+pub fn report(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s += &format!(": {c}");
+        src = c.source();
+    }
+    s
+}

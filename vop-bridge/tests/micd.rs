@@ -1,0 +1,709 @@
+//! Boot tests of micd and micctl: real QEMU, the real card OS, the real
+//! bridge and backends, all started by micd in a temporary state directory.
+//! At most two cards run at a time; run with `--test-threads=1` on a
+//! two-core machine.
+//!
+//! Everything asserted is state that can be queried: `micctl status
+//! --json`, exit codes, data read on the card and checksums of disk images.
+
+mod card;
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use card::{bin, sha256_range, sum_in, tail, wait_for, Shell, TempDir, BOOT_TIMEOUT};
+use vop_bridge::micd::protocol::CardStatus;
+
+const MIB: u64 = 1 << 20;
+const CMD: Duration = Duration::from_secs(120);
+
+/// A micd on a temporary state directory, with the cards it started.
+struct Micd {
+    dir: TempDir,
+    args: Vec<std::ffi::OsString>,
+    /// A command micd runs under (`ip netns exec NS`), which execs it.
+    wrap: Vec<String>,
+    process: Option<Child>,
+}
+
+impl Micd {
+    /// Writes `config` and starts micd on it.
+    fn start(config: &str) -> Micd {
+        let dir = TempDir::new("micd");
+        let file = dir.0.join("micd.toml");
+        std::fs::write(&file, config).unwrap();
+        Micd::start_args(dir, vec!["--config".into(), file.into()])
+    }
+
+    /// Writes `config` and starts micd on it inside network namespace `ns`.
+    fn start_in(ns: &str, config: &str) -> Micd {
+        let dir = TempDir::new("micd");
+        let file = dir.0.join("micd.toml");
+        std::fs::write(&file, config).unwrap();
+        let mut m = Micd {
+            dir,
+            args: vec!["--config".into(), file.into()],
+            wrap: ["ip", "netns", "exec", ns].map(String::from).to_vec(),
+            process: None,
+        };
+        m.spawn();
+        m
+    }
+
+    /// Starts micd with these arguments (and a state directory).
+    fn start_args(dir: TempDir, args: Vec<std::ffi::OsString>) -> Micd {
+        let mut m = Micd {
+            dir,
+            args,
+            wrap: Vec::new(),
+            process: None,
+        };
+        m.spawn();
+        m
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.0.join("state")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.state().join("micd.sock")
+    }
+
+    /// Starts (another) micd on the same config and state directory.
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.0.join("micd.log"))
+            .unwrap();
+        let mut cmd = match self.wrap.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("micd"));
+                c
+            }
+            None => Command::new(bin("micd")),
+        };
+        let child = cmd
+            .args(&self.args)
+            .arg("--state-dir")
+            .arg(self.state())
+            .env("MIC_QEMU", card::qemu())
+            .env("MIC_CARD_DIR", card::card_dir())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.process = Some(child);
+        let sock = self.socket();
+        wait_for(Duration::from_secs(20), "micd's socket", || {
+            sock.exists().then_some(())
+        });
+    }
+
+    /// Kills micd hard (SIGKILL); its cards keep running.
+    fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
+    /// Runs micctl against this micd.
+    fn micctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("micctl"))
+            .arg("-s")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs micctl and requires success; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.micctl(args);
+        assert!(
+            out.status.success(),
+            "micctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Every card, from `micctl status --json`.
+    fn status(&self) -> Vec<CardStatus> {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["status", "--json"])).unwrap();
+        serde_json::from_value(v["cards"].clone()).unwrap()
+    }
+
+    fn card(&self, name: &str) -> CardStatus {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["status", name, "--json"])).unwrap();
+        let mut cards: Vec<CardStatus> = serde_json::from_value(v["cards"].clone()).unwrap();
+        assert_eq!(cards.len(), 1);
+        cards.remove(0)
+    }
+
+    /// Waits until `f` holds for the card's status.
+    fn wait_card(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&CardStatus) -> bool,
+    ) -> CardStatus {
+        wait_for(timeout, &format!("{name}: {what}"), || {
+            let c = self.card(name);
+            f(&c).then_some(c)
+        })
+    }
+
+    /// Waits for a state with `micctl wait`.
+    fn wait_state(&self, cards: &[&str], state: &str) {
+        let mut args = vec!["wait"];
+        args.extend(cards);
+        args.extend([state, "--timeout", "240"]);
+        self.ok(&args);
+    }
+
+    /// A shell on the card's console (its `mic-console --unix` socket).
+    fn console(&self, name: &str) -> Console {
+        let sock = self.state().join(name).join("console.sock");
+        let stream = wait_for(Duration::from_secs(30), "the console socket", || {
+            UnixStream::connect(&sock).ok()
+        });
+        let mut shell = Shell::new(
+            Box::new(stream.try_clone().unwrap()),
+            Box::new(stream.try_clone().unwrap()),
+        );
+        // What is typed before the shell reads is lost: type until it answers.
+        wait_for(Duration::from_secs(90), "the console shell", || {
+            shell.type_text("echo READY-$((40 + 2))\n");
+            let tried = Instant::now();
+            while tried.elapsed() < Duration::from_secs(2) {
+                if shell.output().contains("READY-42") {
+                    return Some(());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            None
+        });
+        Console { shell, stream }
+    }
+}
+
+impl Drop for Micd {
+    fn drop(&mut self) {
+        self.kill();
+        // The cards' processes run in sessions of their own: stop them by
+        // their pid files, checking each still belongs to this directory.
+        let state = self.state();
+        for card in std::fs::read_dir(&state).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(card.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if f.path().extension().is_none_or(|e| e != "pid") {
+                    continue;
+                }
+                let Some(pid) = std::fs::read_to_string(f.path())
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i32>().ok())
+                else {
+                    continue;
+                };
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(state.to_str().unwrap()) {
+                    // SAFETY: kill(2) on a pid whose command line names our
+                    // state directory.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.0.join("micd.log")).unwrap_or_default();
+            eprintln!("--- micd ---\n{}", tail(&log, 40));
+            for n in ["mic0", "mic1"] {
+                let s =
+                    std::fs::read_to_string(state.join(n).join("serial.log")).unwrap_or_default();
+                eprintln!("--- {n} serial ---\n{}", tail(&s, 30));
+            }
+        }
+    }
+}
+
+/// A card's console with a shell on it; hangs up on drop (the console
+/// takes one client at a time).
+struct Console {
+    shell: Shell,
+    stream: UnixStream,
+}
+
+impl Console {
+    fn run(&mut self, cmd: &str) -> String {
+        self.shell.run(cmd, CMD)
+    }
+
+    fn type_text(&mut self, text: &str) {
+        self.shell.type_text(text);
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Two cards with passt networks; mic0 also has a disk.
+const TWO_CARDS: &str = r#"
+[mic0]
+memory = 512
+[[mic0.disk]]
+size_mib = 64
+
+[mic1]
+memory = 512
+disk = []
+"#;
+
+#[test]
+fn two_cards_come_online_and_follow_the_lifecycle() {
+    let m = Micd::start(TWO_CARDS);
+    m.wait_state(&["mic0", "mic1"], "online");
+    let cards = m.status();
+    assert_eq!(cards.len(), 2);
+    for (i, c) in cards.iter().enumerate() {
+        let n = i + 1;
+        assert_eq!(c.name, format!("mic{i}"));
+        assert_eq!(
+            (c.state.as_str(), c.shutdown_status.as_str()),
+            ("online", "nop")
+        );
+        assert_eq!(c.node as usize, n);
+        assert_eq!(
+            c.network.card_ip.as_deref(),
+            Some(&*format!("172.31.{n}.1/24"))
+        );
+        assert_eq!(
+            c.network.host_ip.as_deref(),
+            Some(&*format!("172.31.{n}.254"))
+        );
+        assert!(c.qemu_pid.is_some() && c.bridge_pid.is_some());
+        assert!(c.devices.iter().all(|d| d.pid.is_some()));
+    }
+    let kinds: Vec<_> = cards[0].devices.iter().map(|d| d.kind.as_str()).collect();
+    assert_eq!(kinds, ["console", "blk", "net"]);
+    // The card has the address micd gave it, and reaches the host through
+    // its passt: the gateway .254 is the host's loopback.
+    let mut con = m.console("mic1");
+    let addr = con.run("ip -4 -o addr show eth0");
+    assert!(addr.contains("inet 172.31.2.1/24"), "{addr}");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let host = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut s, &mut got).unwrap();
+        got
+    });
+    con.run(&format!(
+        "echo from-mic1-$((6 * 7)) | nc 172.31.2.254 {port}"
+    ));
+    assert_eq!(host.join().unwrap().trim(), "from-mic1-42");
+    drop(con);
+
+    // Transitions the state does not allow: one line, exit code 3.
+    let out = m.micctl(&["boot", "mic0"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(
+        stderr(&out),
+        "micctl: mic0 is online: shut it down or reset it first\n"
+    );
+    let out = m.micctl(&["boot", "mic9"]);
+    assert_eq!(out.status.code(), Some(4));
+    let out = m.micctl(&["config", "mic0", "memory=256"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+
+    // Shutdown: mic0 powers off, mic1 is untouched. (The card takes a
+    // shutdown request once its init runs, i.e. once its shell answers.)
+    drop(m.console("mic0"));
+    let mic1_qemu = m.card("mic1").qemu_pid;
+    m.ok(&["shutdown", "mic0"]);
+    m.wait_state(&["mic0"], "ready");
+    let c = m.card("mic0");
+    assert_eq!(c.shutdown_status, "poweroff");
+    assert_eq!(c.qemu_pid, None);
+    assert_eq!(m.card("mic1").state, "online");
+    assert_eq!(m.card("mic1").qemu_pid, mic1_qemu);
+    for (cmd, line) in [
+        ("shutdown", "micctl: mic0 is ready: boot it first\n"),
+        (
+            "reset",
+            "micctl: mic0 is ready: there is nothing to reset\n",
+        ),
+    ] {
+        let out = m.micctl(&[cmd, "mic0"]);
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(stderr(&out), line);
+    }
+
+    // Settings while ready reach the next boot.
+    m.ok(&["config", "mic0", "cmdline=mic.test=42", "policy=stay-down"]);
+    m.ok(&["boot", "mic0"]);
+    m.wait_state(&["mic0"], "online");
+    let c = m.card("mic0");
+    assert_eq!((c.shutdown_status.as_str(), c.boots), ("nop", 2));
+    assert_eq!(c.policy, "stay-down");
+    let cmdline = m.console("mic0").run("cat /proc/cmdline");
+    assert!(cmdline.contains("mic.test=42"), "{cmdline}");
+
+    // Reset from online.
+    m.ok(&["reset", "mic1"]);
+    m.wait_state(&["mic1"], "ready");
+    let c = m.card("mic1");
+    assert_eq!((c.shutdown_status.as_str(), c.qemu_pid), ("nop", None));
+    assert!(c.devices.iter().all(|d| d.pid.is_none()));
+
+    // Reset from booting: the boot answer comes while the card boots.
+    m.ok(&["boot", "mic1"]);
+    assert_eq!(m.card("mic1").state, "booting");
+    m.ok(&["reset", "mic1"]);
+    m.wait_state(&["mic1"], "ready");
+    assert_eq!(m.card("mic1").boots, 2);
+
+    // Both at once, by `all`.
+    m.ok(&["boot", "mic1"]);
+    m.wait_state(&["mic1"], "online");
+    drop(m.console("mic1"));
+    m.ok(&["shutdown", "all"]);
+    m.wait_state(&["all"], "ready");
+    assert!(m.status().iter().all(|c| c.shutdown_status == "poweroff"));
+}
+
+/// One card with a console only.
+const ONE_CARD: &str = "[mic0]\nmemory = 512\nnet = \"none\"\ndisk = []\nshutdown_timeout = 5\n";
+
+#[test]
+fn reboot_and_crash_follow_the_policy() {
+    let m = Micd::start(ONE_CARD);
+    m.wait_state(&["mic0"], "online");
+    let first = m.console("mic0").run("cat /proc/sys/kernel/random/boot_id");
+
+    // `micctl console`: a command through it, then Ctrl-] detaches and the
+    // card keeps running.
+    let mut attached = Command::new(bin("micctl"))
+        .arg("-s")
+        .arg(m.socket())
+        .args(["console", "mic0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut shell = Shell::new(
+        Box::new(attached.stdout.take().unwrap()),
+        Box::new(attached.stdin.take().unwrap()),
+    );
+    assert_eq!(shell.run("echo through-micctl", CMD), "through-micctl");
+    shell.type_text("\x1d");
+    let exit = wait_for(Duration::from_secs(10), "micctl console to detach", || {
+        attached.try_wait().unwrap()
+    });
+    assert!(exit.success());
+    assert_eq!(m.card("mic0").state, "online");
+
+    // `poweroff` in a card online for longer than the shutdown timeout:
+    // the timeout counts from shutting_down, so the card powers off.
+    let c = m.card("mic0");
+    if c.uptime_s < 7 {
+        std::thread::sleep(Duration::from_secs(7 - c.uptime_s));
+    }
+    let mut con = m.console("mic0");
+    con.type_text("poweroff\n");
+    m.wait_state(&["mic0"], "ready");
+    let c = m.card("mic0");
+    assert_eq!((c.shutdown_status.as_str(), c.boots), ("poweroff", 1));
+    drop(con);
+    m.ok(&["boot", "mic0"]);
+    m.wait_state(&["mic0"], "online");
+
+    // `reboot` in the card: restart, and micd boots it again by itself.
+    let mut con = m.console("mic0");
+    con.type_text("reboot\n");
+    let c = m.wait_card("mic0", "a boot after the restart", BOOT_TIMEOUT, |c| {
+        c.boots == 3 && c.state == "online"
+    });
+    assert_eq!(c.last_shutdown_status, "restart");
+    assert_eq!(c.shutdown_status, "nop");
+    let second = m.console("mic0").run("cat /proc/sys/kernel/random/boot_id");
+    assert_ne!(first, second);
+
+    // A crash under the reboot policy: reset, then boot again.
+    let mut con = m.console("mic0");
+    con.type_text("echo c > /proc/sysrq-trigger\n");
+    let c = m.wait_card("mic0", "a boot after the crash", BOOT_TIMEOUT, |c| {
+        c.boots == 4 && c.state == "online"
+    });
+    assert_eq!(c.last_shutdown_status, "crashed");
+    let log = m.ok(&["log", "mic0"]);
+    assert!(
+        log.contains("Kernel panic - not syncing: sysrq triggered crash"),
+        "{}",
+        tail(&log, 20)
+    );
+
+    // Under stay-down the card stays ready after a crash.
+    m.ok(&["config", "mic0", "policy=stay-down"]);
+    let mut con = m.console("mic0");
+    con.type_text("echo c > /proc/sysrq-trigger\n");
+    m.wait_state(&["mic0"], "ready");
+    std::thread::sleep(Duration::from_secs(3));
+    let c = m.card("mic0");
+    assert_eq!(
+        (c.state.as_str(), c.shutdown_status.as_str(), c.boots),
+        ("ready", "nop", 4)
+    );
+    assert_eq!(c.last_shutdown_status, "crashed");
+    drop(con);
+
+    // `halt` in the card: micd stops the halted machine.
+    m.ok(&["boot", "mic0"]);
+    m.wait_state(&["mic0"], "online");
+    let mut con = m.console("mic0");
+    con.type_text("halt\n");
+    m.wait_state(&["mic0"], "ready");
+    let c = m.card("mic0");
+    assert_eq!((c.shutdown_status.as_str(), c.qemu_pid), ("halted", None));
+    drop(con);
+}
+
+/// Writes 1 MiB of fresh random data at `mib` MiB of the card's disk;
+/// checks the image holds exactly it.
+fn write_disk(con: &mut Console, img: &Path, mib: u64) -> String {
+    let out = con.run(&format!(
+        "dd if=/dev/urandom of=/tmp/p bs=1M count=1 2>/dev/null && sha256sum /tmp/p && \
+         dd if=/tmp/p of=/dev/vda bs=1M seek={mib} oflag=direct 2>/dev/null"
+    ));
+    let sum = sum_in(&out);
+    assert_eq!(sha256_range(img, mib * MIB, MIB), sum);
+    sum
+}
+
+/// Reads 1 MiB at `mib` MiB of the card's disk, past the page cache.
+fn read_disk(con: &mut Console, mib: u64) -> String {
+    sum_in(&con.run(&format!(
+        "dd if=/dev/vda bs=1M skip={mib} count=1 iflag=direct 2>/dev/null | sha256sum"
+    )))
+}
+
+#[test]
+fn killed_backend_and_bridge_are_restarted_and_the_disk_keeps_its_data() {
+    let m = Micd::start("[mic0]\nmemory = 512\nnet = \"none\"\n[[mic0.disk]]\nsize_mib = 32\n");
+    m.wait_state(&["mic0"], "online");
+    let img = m.state().join("mic0/disk0.img");
+    let mut con = m.console("mic0");
+    let boot_id = con.run("cat /proc/sys/kernel/random/boot_id");
+    let sum = write_disk(&mut con, &img, 1);
+
+    let blk = m.card("mic0").devices[1].clone();
+    assert_eq!(blk.backend, "blk0");
+    // SAFETY: kill(2) on the pid micd reports for the card's mic-blk.
+    unsafe { libc::kill(blk.pid.unwrap() as i32, libc::SIGKILL) };
+    let c = m.wait_card("mic0", "mic-blk restarted", Duration::from_secs(30), |c| {
+        c.devices[1].restarts == 1 && c.devices[1].pid.is_some()
+    });
+    assert_ne!(c.devices[1].pid, blk.pid);
+    assert_eq!(read_disk(&mut con, 1), sum);
+    write_disk(&mut con, &img, 2);
+
+    let bridge = c.bridge_pid.unwrap();
+    // SAFETY: kill(2) on the pid micd reports for the card's bridge.
+    unsafe { libc::kill(bridge as i32, libc::SIGKILL) };
+    let c = m.wait_card(
+        "mic0",
+        "the bridge restarted",
+        Duration::from_secs(30),
+        |c| c.bridge_restarts == 1 && c.bridge_pid.is_some(),
+    );
+    assert_ne!(c.bridge_pid, Some(bridge));
+    assert_eq!(c.state, "online");
+    assert_eq!(read_disk(&mut con, 2), sha256_range(&img, 2 * MIB, MIB));
+    write_disk(&mut con, &img, 3);
+    // Same boot throughout.
+    assert_eq!(con.run("cat /proc/sys/kernel/random/boot_id"), boot_id);
+    assert_eq!(m.card("mic0").boots, 1);
+}
+
+#[test]
+fn restarted_micd_adopts_running_cards() {
+    // Two cards with every default: 1 GiB, a (sparse) disk, passt.
+    let mut m = Micd::start_args(TempDir::new("micd"), vec!["--cards".into(), "2".into()]);
+    m.wait_state(&["mic0", "mic1"], "online");
+    let boot_ids: Vec<String> = ["mic0", "mic1"]
+        .iter()
+        .map(|c| m.console(c).run("cat /proc/sys/kernel/random/boot_id"))
+        .collect();
+    let before = m.status();
+
+    m.kill();
+    assert!(!m.micctl(&["status"]).status.success());
+    m.spawn();
+    let after = m.status();
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(a.state, "online", "{}", a.name);
+        assert_eq!(
+            (a.qemu_pid, a.bridge_pid, a.boots),
+            (b.qemu_pid, b.bridge_pid, b.boots)
+        );
+        let pids = |c: &CardStatus| c.devices.iter().map(|d| d.pid).collect::<Vec<_>>();
+        assert_eq!(pids(a), pids(b));
+    }
+    for (c, id) in ["mic0", "mic1"].iter().zip(&boot_ids) {
+        assert_eq!(&m.console(c).run("cat /proc/sys/kernel/random/boot_id"), id);
+    }
+    // The new micd drives them.
+    m.ok(&["shutdown", "mic0"]);
+    m.wait_state(&["mic0"], "ready");
+    assert_eq!(m.card("mic0").shutdown_status, "poweroff");
+    assert_eq!(m.card("mic1").state, "online");
+    let mut con = m.console("mic1");
+    con.type_text("poweroff\n");
+    m.wait_state(&["mic1"], "ready");
+    assert_eq!(m.card("mic1").shutdown_status, "poweroff");
+    drop(con);
+}
+
+#[test]
+fn micctl_still_drives_a_single_bridge() {
+    // A bridge with no card yet: `-s` names its control socket.
+    let dir = TempDir::new("micctl-bridge");
+    let ctl = dir.0.join("ctl.sock");
+    let mut bridge = Command::new(bin("vop-bridge"))
+        .arg("--device-socket")
+        .arg(dir.0.join("dev.sock"))
+        .arg("--control-socket")
+        .arg(&ctl)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(20), "the bridge's socket", || {
+        ctl.exists().then_some(())
+    });
+    let micctl = |args: &[&str]| {
+        Command::new(bin("micctl"))
+            .arg("-s")
+            .arg(&ctl)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = micctl(&["status"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "state=ready shutdown_status=nop\n"
+    );
+    assert!(micctl(&["wait", "ready", "--timeout", "5"])
+        .status
+        .success());
+    assert_eq!(
+        micctl(&["wait", "online", "--timeout", "1"]).status.code(),
+        Some(5)
+    );
+    assert_eq!(micctl(&["devices"]).status.code(), Some(0));
+    // Not attached to a card: the bridge refuses, micctl fails.
+    assert_eq!(micctl(&["shutdown"]).status.code(), Some(1));
+    // micd's forms make no sense for a bridge.
+    assert_eq!(micctl(&["boot", "mic0"]).status.code(), Some(2));
+    let _ = bridge.kill();
+    let _ = bridge.wait();
+}
+
+/// A network namespace, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Netns {
+        let name = format!("micd-{:08x}", card::rand_u64() as u32);
+        let ns = Netns(name.clone());
+        for args in [
+            vec!["netns", "add", &name],
+            vec!["netns", "exec", &name, "ip", "link", "set", "lo", "up"],
+            // Card-to-card traffic is routed by the host (docs/micd.md).
+            vec![
+                "netns",
+                "exec",
+                &name,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        ] {
+            let out = Command::new("ip").args(&args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?} (this test needs root): {}",
+                stderr(&out)
+            );
+        }
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn cards_reach_each_other_through_the_host_on_taps() {
+    let ns = Netns::new();
+    let m = Micd::start_in(
+        &ns.0,
+        "[mic0]\nmemory = 512\nnet = \"tap\"\ndisk = []\n\
+         [mic1]\nmemory = 512\nnet = \"tap\"\ndisk = []\n",
+    );
+    m.wait_state(&["mic0", "mic1"], "online");
+    let c = m.card("mic1");
+    assert_eq!(c.network.mode, "tap");
+    assert_eq!(c.network.card_ip.as_deref(), Some("172.31.2.1/24"));
+    let mut mic0 = m.console("mic0");
+    let mut mic1 = m.console("mic1");
+    // mic0 -> host (mic0 tap) -> host (mic1 tap) -> mic1, and back.
+    mic0.run("ping -c 3 -W 5 172.31.2.1");
+    mic1.run("ping -c 1 -W 5 172.31.1.1");
+
+    // 16 MiB from mic0 to mic1, same checksum on both sides.
+    // busybox nc leaves as soon as its peer closes: the receiver keeps its
+    // side open (sleep) so that the sender writes everything first.
+    mic1.run(
+        "rm -f /tmp/in /tmp/nc.rc; \
+         (sleep 600 | (nc -l -p 5000 >/tmp/in 2>/tmp/nc.err; echo $? >/tmp/nc.rc)) & echo listening",
+    );
+    let sent = mic0.run(
+        "dd if=/dev/urandom of=/tmp/out bs=1M count=16 2>/dev/null && sha256sum /tmp/out && \
+         nc 172.31.2.1 5000 </tmp/out",
+    );
+    let received = mic1.shell.run(
+        "while [ ! -s /tmp/nc.rc ]; do sleep 0.5; done; cat /tmp/nc.rc; wc -c </tmp/in; \
+         sha256sum /tmp/in",
+        Duration::from_secs(600),
+    );
+    let lines: Vec<&str> = received.lines().map(str::trim).collect();
+    assert_eq!(lines[..2], ["0", &*(16 * MIB).to_string()], "{received}");
+    assert_eq!(sum_in(&received), sum_in(&sent));
+}
