@@ -144,8 +144,10 @@ impl Bridge {
         let d = &mut self.devices[i];
         if let Some((first, last)) = changed_range(&config, &d.last_config) {
             d.last_config = config.clone();
-            if let Some(b) = d.backend.as_mut() {
-                b.set_config(first as u32, &config[first..=last])?;
+            // `changed_range` stays inside `config`; `get` keeps a slip from
+            // ever panicking on card-sized data.
+            if let (Some(b), Some(bytes)) = (d.backend.as_mut(), config.get(first..=last)) {
+                b.set_config(first as u32, bytes)?;
             }
         }
         self.apply(ev, Some(a), i, DeviceEvent::Status(status))
@@ -163,5 +165,12 @@ mod tests {
         assert_eq!(changed_range(&[0, 0, 7, 0], &[0, 0, 0, 0]), Some((2, 2)));
         assert_eq!(changed_range(&[1, 2], &[1, 2, 3]), Some((0, 0)));
         assert_eq!(changed_range(&[], &[1]), None);
+        // An adopted slot with no config space against a longer last-known
+        // config (a backend config change before a control doorbell).
+        assert_eq!(changed_range(&[], &(0..60).collect::<Vec<u8>>()), None);
+        for (new, old) in [(vec![9u8], vec![1u8, 2, 3]), (vec![1, 2, 3], vec![9])] {
+            let (first, last) = changed_range(&new, &old).unwrap();
+            assert!(first <= last && last < new.len(), "{new:?} vs {old:?}");
+        }
     }
 }
