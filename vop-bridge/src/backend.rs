@@ -27,6 +27,13 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::abi;
 use crate::config::DeviceKind;
 use crate::page::DeviceSpec;
+use crate::watchdog::Watchdog;
+
+/// How long the backend may take to answer one vhost-user request (or to
+/// take one message of ours) before the bridge gives up on the connection
+/// (`docs/architecture.md`, "Bounded waits"). Generous: GET_VRING_BASE waits
+/// for requests in flight.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The step of talking to a backend that failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +84,16 @@ pub enum BackendError {
         len: usize,
         /// Bytes needed.
         needed: usize,
+    },
+    /// The backend did not answer in time; the connection was shut down.
+    #[error("{}: {step}: no answer within {after:?}", socket.display())]
+    Timeout {
+        /// Backend socket.
+        socket: PathBuf,
+        /// What was waiting.
+        step: Step,
+        /// The deadline.
+        after: Duration,
     },
     /// The backend offers fewer queues than the device needs.
     #[error("{}: offers {offered} queues, {needed} needed", socket.display())]
@@ -181,8 +198,34 @@ pub struct Backend {
 }
 
 impl Backend {
-    fn err(&self, req: FrontendReq) -> impl FnOnce(vhost::Error) -> BackendError + '_ {
-        self.step_err(Step::Request(req))
+    /// Runs one vhost-user request under [`REPLY_TIMEOUT`].
+    fn call<T>(
+        &mut self,
+        req: FrontendReq,
+        f: impl FnOnce(&mut Frontend) -> Result<T, vhost::Error>,
+    ) -> Result<T, BackendError> {
+        let guard = Watchdog::global().arm(self.frontend.as_raw_fd(), REPLY_TIMEOUT);
+        let r = f(&mut self.frontend);
+        let fired = guard.fired();
+        drop(guard);
+        r.map_err(|err| self.failed(Step::Request(req), err, fired))
+    }
+
+    /// The error for a failed step (a timeout when its deadline fired).
+    fn failed(&self, step: Step, err: vhost::Error, fired: bool) -> BackendError {
+        if fired {
+            BackendError::Timeout {
+                socket: self.socket.clone(),
+                step,
+                after: REPLY_TIMEOUT,
+            }
+        } else {
+            BackendError::Vhost {
+                socket: self.socket.clone(),
+                step,
+                err,
+            }
+        }
     }
 
     fn step_err(&self, step: Step) -> impl FnOnce(vhost::Error) -> BackendError + '_ {
@@ -209,7 +252,7 @@ impl Backend {
         let frontend = loop {
             match Frontend::connect(socket, abi::MAX_VQS as u64) {
                 Ok(f) => break f,
-                Err(e) if Instant::now() < deadline => {
+                Err(e) if Instant::now() < deadline && !Watchdog::global().stopping() => {
                     debug!("{}: {e}; retrying", socket.display());
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -240,22 +283,17 @@ impl Backend {
     }
 
     fn handshake(&mut self) -> Result<(), BackendError> {
-        self.frontend
-            .set_owner()
-            .map_err(self.err(FrontendReq::SET_OWNER))?;
-        self.features = self
-            .frontend
-            .get_features()
-            .map_err(self.err(FrontendReq::GET_FEATURES))?;
+        self.call(FrontendReq::SET_OWNER, |f| f.set_owner())?;
+        self.features = self.call(FrontendReq::GET_FEATURES, |f| f.get_features())?;
         if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            let theirs = self
-                .frontend
-                .get_protocol_features()
-                .map_err(self.err(FrontendReq::GET_PROTOCOL_FEATURES))?;
+            let theirs = self.call(FrontendReq::GET_PROTOCOL_FEATURES, |f| {
+                f.get_protocol_features()
+            })?;
             self.protocol = theirs & WANTED_PROTOCOL;
-            self.frontend
-                .set_protocol_features(self.protocol)
-                .map_err(self.err(FrontendReq::SET_PROTOCOL_FEATURES))?;
+            let ours = self.protocol;
+            self.call(FrontendReq::SET_PROTOCOL_FEATURES, |f| {
+                f.set_protocol_features(ours)
+            })?;
         }
         if self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             self.config = self.read_config()?;
@@ -270,9 +308,9 @@ impl Backend {
                 .map_err(vhost::Error::VhostUserProtocol)
                 .map_err(self.step_err(Step::BackendChannel))?;
             h.set_reply_ack_flag(self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
-            self.frontend
-                .set_backend_request_fd(&h.get_tx_raw_fd())
-                .map_err(self.err(FrontendReq::SET_BACKEND_REQ_FD))?;
+            self.call(FrontendReq::SET_BACKEND_REQ_FD, |f| {
+                f.set_backend_request_fd(&h.get_tx_raw_fd())
+            })?;
             self.requests = Some(h);
         }
         self.num_queues = self.queue_count()?;
@@ -282,10 +320,9 @@ impl Backend {
     fn read_config(&mut self) -> Result<Vec<u8>, BackendError> {
         let len = config_len(self.kind);
         let buf = vec![0u8; len as usize];
-        let (_, data) = self
-            .frontend
-            .get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf)
-            .map_err(self.err(FrontendReq::GET_CONFIG))?;
+        let (_, data) = self.call(FrontendReq::GET_CONFIG, |f| {
+            f.get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf)
+        })?;
         Ok(data)
     }
 
@@ -317,10 +354,7 @@ impl Backend {
             DeviceKind::Net => 2,
         };
         if self.protocol.contains(VhostUserProtocolFeatures::MQ) {
-            let max = self
-                .frontend
-                .get_queue_num()
-                .map_err(self.err(FrontendReq::GET_QUEUE_NUM))? as usize;
+            let max = self.call(FrontendReq::GET_QUEUE_NUM, |f| f.get_queue_num())? as usize;
             if max < n {
                 return Err(BackendError::TooFewQueues {
                     socket: self.socket.clone(),
@@ -381,9 +415,7 @@ impl Backend {
         &mut self,
         regions: &[VhostUserMemoryRegionInfo],
     ) -> Result<(), BackendError> {
-        self.frontend
-            .set_mem_table(regions)
-            .map_err(self.err(FrontendReq::SET_MEM_TABLE))?;
+        self.call(FrontendReq::SET_MEM_TABLE, |f| f.set_mem_table(regions))?;
         Ok(())
     }
 
@@ -400,14 +432,10 @@ impl Backend {
         if proto {
             features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         }
-        self.frontend
-            .set_features(features)
-            .map_err(self.err(FrontendReq::SET_FEATURES))?;
+        self.call(FrontendReq::SET_FEATURES, |f| f.set_features(features))?;
         self.set_mem_table(regions)?;
         for (q, r) in rings.iter().enumerate() {
-            self.frontend
-                .set_vring_num(q, r.num)
-                .map_err(self.err(FrontendReq::SET_VRING_NUM))?;
+            self.call(FrontendReq::SET_VRING_NUM, |f| f.set_vring_num(q, r.num))?;
             let addr = VringConfigData {
                 queue_max_size: r.num,
                 queue_size: r.num,
@@ -417,24 +445,16 @@ impl Backend {
                 avail_ring_addr: r.avail,
                 log_addr: None,
             };
-            self.frontend
-                .set_vring_addr(q, &addr)
-                .map_err(self.err(FrontendReq::SET_VRING_ADDR))?;
-            self.frontend
-                .set_vring_base(q, r.base)
-                .map_err(self.err(FrontendReq::SET_VRING_BASE))?;
-            self.frontend
-                .set_vring_call(q, r.call)
-                .map_err(self.err(FrontendReq::SET_VRING_CALL))?;
-            self.frontend
-                .set_vring_kick(q, r.kick)
-                .map_err(self.err(FrontendReq::SET_VRING_KICK))?;
+            self.call(FrontendReq::SET_VRING_ADDR, |f| f.set_vring_addr(q, &addr))?;
+            self.call(FrontendReq::SET_VRING_BASE, |f| f.set_vring_base(q, r.base))?;
+            self.call(FrontendReq::SET_VRING_CALL, |f| f.set_vring_call(q, r.call))?;
+            self.call(FrontendReq::SET_VRING_KICK, |f| f.set_vring_kick(q, r.kick))?;
         }
         if proto {
             for q in 0..rings.len() {
-                self.frontend
-                    .set_vring_enable(q, true)
-                    .map_err(self.err(FrontendReq::SET_VRING_ENABLE))?;
+                self.call(FrontendReq::SET_VRING_ENABLE, |f| {
+                    f.set_vring_enable(q, true)
+                })?;
             }
         }
         self.started = true;
@@ -452,15 +472,11 @@ impl Backend {
         let mut bases = Vec::with_capacity(self.num_queues);
         for q in 0..self.num_queues {
             if proto {
-                self.frontend
-                    .set_vring_enable(q, false)
-                    .map_err(self.err(FrontendReq::SET_VRING_ENABLE))?;
+                self.call(FrontendReq::SET_VRING_ENABLE, |f| {
+                    f.set_vring_enable(q, false)
+                })?;
             }
-            bases.push(
-                self.frontend
-                    .get_vring_base(q)
-                    .map_err(self.err(FrontendReq::GET_VRING_BASE))?,
-            );
+            bases.push(self.call(FrontendReq::GET_VRING_BASE, |f| f.get_vring_base(q))?);
         }
         Ok(bases)
     }
@@ -470,9 +486,9 @@ impl Backend {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Ok(());
         }
-        self.frontend
-            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
-            .map_err(self.err(FrontendReq::SET_CONFIG))?;
+        self.call(FrontendReq::SET_CONFIG, |f| {
+            f.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+        })?;
         let end = (offset as usize + data.len()).min(self.config.len());
         if (offset as usize) < end {
             self.config[offset as usize..end].copy_from_slice(&data[..end - offset as usize]);
@@ -489,10 +505,17 @@ impl Backend {
     /// backend announced a config change.
     pub fn handle_request(&mut self) -> Result<Option<Vec<u8>>, BackendError> {
         if let Some(h) = self.requests.as_mut() {
-            h.handle_request().map_err(|err| BackendError::Vhost {
-                socket: self.socket.clone(),
-                step: Step::BackendRequest,
-                err: vhost::Error::VhostUserProtocol(err),
+            // Readable does not mean a whole message is there.
+            let guard = Watchdog::global().arm(h.as_raw_fd(), REPLY_TIMEOUT);
+            let r = h.handle_request();
+            let fired = guard.fired();
+            drop(guard);
+            r.map_err(|err| {
+                self.failed(
+                    Step::BackendRequest,
+                    vhost::Error::VhostUserProtocol(err),
+                    fired,
+                )
             })?;
         }
         if self.flag.take() && self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {

@@ -9,6 +9,7 @@
 //! - [`bridge`]: one card's bridge tying them together, split by job.
 //! - [`event_loop`]: the one wait loop and its [`event_loop::Token`]s.
 //! - [`signals`]: the process's stop signals as a descriptor.
+//! - [`watchdog`]: deadlines for blocking socket operations.
 //! - [`config`], [`control`]: configuration and the control socket.
 
 pub mod abi;
@@ -21,3 +22,4 @@ pub mod device_protocol;
 pub mod event_loop;
 pub mod page;
 pub mod signals;
+pub mod watchdog;
