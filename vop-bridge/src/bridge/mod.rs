@@ -335,7 +335,7 @@ impl Bridge {
                 (DeviceAction::Unwire, a) => {
                     if let Some(w) = self.devices[i].wiring.take() {
                         if let Some(a) = a {
-                            a.unwire(&w);
+                            self.unwire(a, i, &w);
                         }
                     }
                 }
