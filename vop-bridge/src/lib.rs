@@ -10,6 +10,7 @@
 //! - [`event_loop`]: the one wait loop and its [`event_loop::Token`]s.
 //! - [`signals`]: the process's stop signals as a descriptor.
 //! - [`watchdog`]: deadlines for blocking socket operations.
+//! - [`log_limit`]: rate limits for log lines the card can cause.
 //! - [`config`], [`control`]: configuration and the control socket.
 
 pub mod abi;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod device_protocol;
 pub mod event_loop;
+pub mod log_limit;
 pub mod page;
 pub mod signals;
 pub mod watchdog;

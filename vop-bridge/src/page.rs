@@ -453,21 +453,44 @@ fn init_ring(aperture: &Aperture, r: &Ring, device_type: u8, vq: u16) -> Result<
     Ok(())
 }
 
-/// Logs the fields of a control block that the ABI says must stay zero.
-pub fn check_unused_fields(aperture: &Aperture, page: &DevicePage, index: usize) {
+/// Fields the ABI says must stay zero that the card set anyway.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnusedFields {
+    /// `used_address_updated` in the control block.
+    pub used_address_updated: bool,
+    /// Queues whose `used_address` is not zero.
+    pub used_address: Vec<usize>,
+}
+
+/// Reads the fields of a device the ABI says must stay zero.
+pub fn unused_fields(aperture: &Aperture, page: &DevicePage, index: usize) -> UnusedFields {
     let s = page.slot(index);
+    let mut found = UnusedFields::default();
     if let Ok(ctrl) = page.ctrl(aperture, index) {
-        if ctrl.used_address_updated != 0 {
-            warn!("device {index}: card set used_address_updated; ignored (rings stay in the aperture)");
-        }
+        found.used_address_updated = ctrl.used_address_updated != 0;
     }
     let base = page.offset + s.desc_offset as u64;
     for i in 0..s.rings.len() {
         if let Ok(vq) = aperture.read_obj::<VqConfig>(base + s.layout.vqconfig(i) as u64) {
             if vq.used_address != 0 {
-                warn!("device {index} queue {i}: card wrote used_address; ignored");
+                found.used_address.push(i);
             }
         }
+    }
+    found
+}
+
+/// Logs the fields of a control block that the ABI says must stay zero
+/// (every time: the bridge goes through [`unused_fields`] and a rate limit).
+pub fn check_unused_fields(aperture: &Aperture, page: &DevicePage, index: usize) {
+    let found = unused_fields(aperture, page, index);
+    if found.used_address_updated {
+        warn!(
+            "device {index}: card set used_address_updated; ignored (rings stay in the aperture)"
+        );
+    }
+    for i in found.used_address {
+        warn!("device {index} queue {i}: card wrote used_address; ignored");
     }
 }
 

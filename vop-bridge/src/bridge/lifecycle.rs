@@ -192,7 +192,10 @@ impl Bridge {
     /// Moves the card's state and logs the change.
     pub(super) fn set_state(&mut self, input: CardInput) {
         if let Some(s) = self.card.apply(input) {
-            info!(
+            crate::limited!(
+                self.state_lines,
+                ("card state", 0),
+                info,
                 "card state: {s} (shutdown status {})",
                 self.card.shutdown_status()
             );

@@ -42,6 +42,7 @@ use crate::card::CardTracker;
 use crate::config::{BridgeConfig, DeviceConfig};
 use crate::control::{ControlClient, ControlServer};
 use crate::event_loop::{EventLoop, Flow, Token};
+use crate::log_limit::LogLimiter;
 
 use attached::Attached;
 use device::{DeviceAction, DeviceEvent, DeviceState};
@@ -53,6 +54,9 @@ use wiring::Wiring;
 const TICK: Duration = Duration::from_millis(100);
 /// How often devices are checked (removals, config acks, backend returns).
 const DEVICE_CHECK: Duration = Duration::from_secs(1);
+
+/// Card state lines per log window.
+const STATE_LINES: u32 = 30;
 
 /// One configured device.
 struct Device {
@@ -100,6 +104,10 @@ pub struct Bridge {
     next_check: Instant,
     attached: Option<Attached>,
     detached: Detached,
+    /// Lines the card causes with each doorbell or page write.
+    card_lines: LogLimiter,
+    /// Card state changes (a real boot makes a handful in a few seconds).
+    state_lines: LogLimiter,
 }
 
 impl Bridge {
@@ -147,6 +155,8 @@ impl Bridge {
             next_check: Instant::now() + DEVICE_CHECK,
             attached: None,
             detached,
+            card_lines: LogLimiter::default(),
+            state_lines: LogLimiter::new(STATE_LINES, crate::log_limit::WINDOW),
         })
     }
 
@@ -340,7 +350,15 @@ impl Bridge {
                     }
                 }
                 (DeviceAction::DropBackend, _) => self.drop_backend(ev, i),
-                (DeviceAction::AckReset, Some(a)) => a.ack_device_reset(i, self.slot(i)?)?,
+                (DeviceAction::AckReset, Some(a)) => {
+                    a.ack_device_reset(i, self.slot(i)?)?;
+                    crate::limited!(
+                        self.card_lines,
+                        ("device reset", i as u32),
+                        info,
+                        "device {i} reset by the card"
+                    );
+                }
                 (DeviceAction::AskRemoval, Some(a)) => a.ask_removal(self.slot(i)?)?,
                 (DeviceAction::ClearSlot { slot, acked }, Some(a)) => {
                     self.clear_slot(a, i, slot, acked)

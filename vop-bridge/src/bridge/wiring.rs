@@ -3,7 +3,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 
-use log::{debug, info, warn};
+use log::{debug, warn};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -145,7 +145,10 @@ impl Bridge {
         for k in &w.kicks {
             let _ = k.write(1);
         }
-        info!(
+        crate::limited!(
+            self.card_lines,
+            ("device started", i as u32),
+            info,
             "device {i} ({}) started: {} queues, features {acked:#x}, doorbell {}, vector {vector}",
             self.devices[i].name(),
             slot.rings.len(),
@@ -173,7 +176,13 @@ impl Bridge {
             }
         }
         drop(w);
-        info!("device {i} ({}) stopped", self.devices[i].name());
+        crate::limited!(
+            self.card_lines,
+            ("device stopped", i as u32),
+            info,
+            "device {i} ({}) stopped",
+            self.devices[i].name()
+        );
     }
 
     /// Watches device `i`'s backend socket and request channel.
