@@ -147,6 +147,27 @@ fn config_len(kind: DeviceKind) -> u32 {
     }
 }
 
+/// The write-cache byte of a block device's config space (virtio 1.2
+/// 5.2.4, `writeback`; `wce` in virtio-bindings).
+const BLK_WCE_OFFSET: usize = std::mem::offset_of!(virtio_blk::virtio_blk_config, wce);
+
+/// The config bytes a fresh backend must be told so it serves the card as
+/// the card configured it: a block device's write-cache mode when the card
+/// acked `VIRTIO_BLK_F_CONFIG_WCE` and the page's byte (what the card last
+/// wrote) differs from the backend's (a backend starts in writeback).
+fn card_config_to_replay(
+    kind: DeviceKind,
+    acked: u64,
+    page_config: &[u8],
+    backend_config: &[u8],
+) -> Option<(u32, u8)> {
+    if kind != DeviceKind::Blk || acked & bit(virtio_blk::VIRTIO_BLK_F_CONFIG_WCE) == 0 {
+        return None;
+    }
+    let card = *page_config.get(BLK_WCE_OFFSET)?;
+    (backend_config.get(BLK_WCE_OFFSET) != Some(&card)).then_some((BLK_WCE_OFFSET as u32, card))
+}
+
 /// Records backend-initiated config changes (vhost-user `CONFIG_CHANGE_MSG`).
 #[derive(Default)]
 pub struct ConfigChangeFlag(AtomicBool);
@@ -481,6 +502,27 @@ impl Backend {
         Ok(bases)
     }
 
+    /// Tells a backend the config choices the card made before it
+    /// (re)connected (see [`card_config_to_replay`]); `page_config` is the
+    /// device's config space in the page.
+    pub fn replay_card_config(
+        &mut self,
+        acked: u64,
+        page_config: &[u8],
+    ) -> Result<(), BackendError> {
+        match card_config_to_replay(self.kind, acked, page_config, &self.config) {
+            Some((offset, byte)) => {
+                info!(
+                    "{}: write cache {} as the card chose",
+                    self.socket.display(),
+                    if byte == 0 { "off" } else { "on" }
+                );
+                self.set_config(offset, &[byte])
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Forwards config bytes the card wrote.
     pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), BackendError> {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
@@ -559,6 +601,40 @@ mod tests {
         };
         assert_eq!(e.to_string(), "/run/b.sock: GET_FEATURES");
         assert!(e.source().is_some());
+    }
+
+    #[test]
+    fn the_cards_write_cache_choice_is_replayed_to_a_fresh_backend() {
+        let wce = 1u64 << virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
+        assert_eq!(BLK_WCE_OFFSET, 32);
+        let mut page = vec![0u8; 60];
+        let mut fresh = vec![0u8; 60];
+        fresh[32] = 1; // a new mic-blk starts in writeback
+                       // The card chose write-through: tell the backend.
+        assert_eq!(
+            card_config_to_replay(DeviceKind::Blk, wce, &page, &fresh),
+            Some((32, 0))
+        );
+        // The same mode already: nothing to send.
+        page[32] = 1;
+        assert_eq!(
+            card_config_to_replay(DeviceKind::Blk, wce, &page, &fresh),
+            None
+        );
+        // Without CONFIG_WCE acked, or for another device, or a short page.
+        page[32] = 0;
+        assert_eq!(
+            card_config_to_replay(DeviceKind::Blk, 0, &page, &fresh),
+            None
+        );
+        assert_eq!(
+            card_config_to_replay(DeviceKind::Net, wce, &page, &fresh),
+            None
+        );
+        assert_eq!(
+            card_config_to_replay(DeviceKind::Blk, wce, &[], &fresh),
+            None
+        );
     }
 
     #[test]

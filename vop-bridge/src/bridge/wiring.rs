@@ -128,6 +128,10 @@ impl Bridge {
                 call: &w.calls[q],
             });
         }
+        // A reconnected backend starts from its defaults (mic-blk: writeback);
+        // it learns the card's choices before its rings run.
+        let page_config = a.page.config(ap, slot_index)?;
+        backend.replay_card_config(acked, &page_config)?;
         backend.start(acked, &regions, &setups)?;
         for q in 0..slot.rings.len() {
             a.link.send(&HostMessage::SetDoorbellFd {
