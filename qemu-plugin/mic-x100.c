@@ -329,6 +329,23 @@ static bool mic_tx_coalesces(MicX100State *s, uint32_t type,
     return false;
 }
 
+/*
+ * Only the newest memory table matters: an unsent older one (and the fds it
+ * holds) is dropped when a new one is queued.
+ */
+static void mic_tx_drop_unsent(MicX100State *s, uint32_t type)
+{
+    MicTxMsg *m, *tmp;
+
+    QSIMPLEQ_FOREACH_SAFE(m, &s->txq, next, tmp) {
+        if (m->off == 0 && m->type == type) {
+            QSIMPLEQ_REMOVE(&s->txq, m, MicTxMsg, next);
+            s->tx_bytes -= m->len;
+            mic_tx_msg_free(m);
+        }
+    }
+}
+
 static void mic_send(MicX100State *s, uint32_t type, const void *payload,
                      uint32_t size, int *fds, int nfds)
 {
@@ -346,6 +363,9 @@ static void mic_send(MicX100State *s, uint32_t type, const void *payload,
     if (mic_tx_coalesces(s, type, payload, size)) {
         trace_mic_x100_tx_coalesced(type);
         return;
+    }
+    if (type == MIC_MSG_MEM_TABLE) {
+        mic_tx_drop_unsent(s, type);
     }
     if (s->tx_bytes + len > MIC_TX_QUEUE_MAX_BYTES) {
         /* the peer stopped reading: let it go, it attaches again */

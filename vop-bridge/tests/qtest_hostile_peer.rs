@@ -146,6 +146,47 @@ fn repeated_doorbells_to_a_slow_peer_are_coalesced_not_fatal() {
     );
 }
 
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn memory_tables_to_a_slow_peer_do_not_pile_up_fds() {
+    let mut q = Qemu::start();
+    let card = Card::setup(&mut q);
+    let stream = silent_peer(&q);
+    let before = open_fds(q.pid());
+    // Each toggle of memory decoding maps or unmaps BAR2 (the aperture),
+    // and each new flat view is a MEM_TABLE carrying its regions' fds.
+    let cmd = cfg_read16(&mut q, card.dev, 0x04);
+    for _ in 0..300 {
+        cfg_write16(&mut q, card.dev, 0x04, cmd & !0x2);
+        cfg_write16(&mut q, card.dev, 0x04, cmd);
+    }
+    let during = open_fds(q.pid());
+    assert!(
+        during <= before + 16,
+        "{before} fds before, {during} with the tables queued"
+    );
+    // The peer still gets the current table once it reads.
+    let mut link = DeviceLink::from_stream(stream);
+    link.set_read_timeout(Some(T)).unwrap();
+    let att = link.attach().unwrap();
+    link.sync().unwrap();
+    let mut table = att.ram.table().to_vec();
+    while link.has_pending() {
+        if let DeviceMessage::MemTable(t) = link.recv().unwrap() {
+            table = t.iter().map(|(r, _)| *r).collect();
+        }
+    }
+    assert!(
+        table.iter().any(|r| r.gpa == BAR2_ADDR),
+        "aperture missing from the last table {table:?}"
+    );
+}
+
 fn refused_errno(r: Result<(), ProtocolError>) -> Option<u32> {
     match r {
         Ok(()) => None,
