@@ -383,3 +383,129 @@ fn a_page_without_magic_is_replaced_at_another_offset() {
         abi::DP_DEFAULT_OFFSET + abi::DP_SIZE as u64,
     );
 }
+
+/// A card under qtest, a real mic-console and the bridge serving both.
+struct ResetRig {
+    q: Qemu,
+    card: Card,
+    console: Child,
+    bridge: Bridge,
+    ctl: PathBuf,
+    _dir: TestDir,
+}
+
+impl ResetRig {
+    fn start() -> ResetRig {
+        let mut q = Qemu::start_with(&QemuArgs {
+            qmp: true,
+            ..QemuArgs::default()
+        });
+        let card = Card::setup(&mut q);
+        let dir = TestDir::new("stall-reset");
+        let sock = dir.path("console.sock");
+        let bin = bridge_bin().with_file_name("mic-console");
+        let console = Command::new(bin)
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--unix")
+            .arg(dir.path("con.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path("console.log")).unwrap())
+            .spawn()
+            .expect("spawn mic-console");
+        wait_until(Duration::from_secs(10), "mic-console's socket", || {
+            sock.exists()
+        });
+        let ctl = dir.path("ctl.sock");
+        let dev = q.device_socket();
+        let bridge = Bridge::start(
+            &dir,
+            &[
+                os("--device-socket"),
+                dev.as_os_str(),
+                os("--control-socket"),
+                ctl.as_os_str(),
+                os("--console"),
+                sock.as_os_str(),
+            ],
+        );
+        let mut rig = ResetRig {
+            q,
+            card,
+            console,
+            bridge,
+            ctl,
+            _dir: dir,
+        };
+        rig.wait_published();
+        rig
+    }
+
+    fn wait_published(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.q.readl(self.card.reg(reg::spad(abi::SPAD_DP_LO))) == 0 {
+            assert!(self.bridge.running(), "{}", self.bridge.log());
+            assert!(Instant::now() < deadline, "{}", self.bridge.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the backend (SIGSTOP: its sockets stay open, nothing answers)
+    /// and resets the card, so the bridge reconnects to the stalled backend
+    /// from its reset handler.
+    fn stall_backend_and_reset(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(
+            unsafe { libc::kill(self.console.id() as libc::pid_t, libc::SIGSTOP) },
+            0
+        );
+        self.q.qmp().execute("system_reset");
+        // The bridge is in its reset handler now, waiting on the backend.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+impl Drop for ResetRig {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.console.id() as libc::pid_t, libc::SIGCONT) };
+        let _ = self.console.kill();
+        let _ = self.console.wait();
+    }
+}
+
+#[test]
+fn a_backend_stalled_during_a_card_reset_does_not_hang_the_bridge() {
+    let mut rig = ResetRig::start();
+    status_is_prompt(&rig.ctl);
+    rig.stall_backend_and_reset();
+    // The reconnection gives up at its deadline and the loop answers again.
+    let start = Instant::now();
+    let answer = control::request(&rig.ctl, "status");
+    let took = start.elapsed();
+    assert!(
+        answer.as_ref().is_ok_and(|a| a.starts_with("state=")),
+        "{answer:?}: {}",
+        rig.bridge.log()
+    );
+    assert!(took < Duration::from_secs(10), "status took {took:?}");
+    status_is_prompt(&rig.ctl);
+    assert!(rig.bridge.running(), "{}", rig.bridge.log());
+}
+
+#[test]
+fn sigterm_during_a_stalled_card_reset_ends_the_bridge_within_a_second() {
+    let mut rig = ResetRig::start();
+    rig.stall_backend_and_reset();
+    let sent = Instant::now();
+    rig.bridge.signal(libc::SIGTERM);
+    let st = rig.bridge.wait_exit(Duration::from_secs(5));
+    let took = sent.elapsed();
+    assert!(
+        st.is_some(),
+        "the bridge ignored SIGTERM: {}",
+        rig.bridge.log()
+    );
+    assert!(took < Duration::from_secs(1), "exit took {took:?}");
+}
