@@ -136,6 +136,29 @@ typedef struct MicVector {
     bool unmasked;              /* as last told by the MSI-X notifiers */
 } MicVector;
 
+/*
+ * One message waiting for the chardev to take it (docs/device-protocol.md,
+ * "Flow control"). The fds are our own duplicates, closed once sent.
+ */
+typedef struct MicTxMsg {
+    uint8_t *buf;
+    uint32_t len;
+    uint32_t off;               /* bytes already written */
+    uint32_t type;
+    int fds[MIC_MSG_MAX_FDS];
+    int nfds;
+    QSIMPLEQ_ENTRY(MicTxMsg) next;
+} MicTxMsg;
+
+/*
+ * Bounds on what a peer that does not read can make the device hold, and on
+ * what it can register (docs/device-protocol.md, "Flow control" and
+ * "Registration limits").
+ */
+#define MIC_TX_QUEUE_MAX_BYTES  (64 * KiB)
+#define MIC_MAX_DOORBELL_FDS    256
+#define MIC_MAX_VECTOR_FDS      256
+
 typedef struct MicMemRegion {
     uint64_t gpa;
     uint64_t size;
@@ -163,7 +186,9 @@ struct MicX100State {
 
     /* host-side registrations */
     QLIST_HEAD(, MicDoorbellFd) doorbell_fds;
+    unsigned n_doorbell_fds;
     MicVector vectors[MIC_NUM_VECTORS];
+    unsigned n_vector_fds;
     bool irqfd_enabled;         /* MSI-X vector notifiers installed */
 
     /* connection */
@@ -180,6 +205,12 @@ struct MicX100State {
     int rx_nfds;
     QEMUBH *disconnect_bh;
 
+    /* outgoing messages the chardev has not taken yet */
+    QSIMPLEQ_HEAD(, MicTxMsg) txq;
+    uint32_t tx_bytes;
+    guint tx_watch;
+    bool tx_overflowed;         /* peer being disconnected; drop sends */
+
     /* guest memory table */
     MemoryListener listener;
     GArray *mem_pending;        /* MicMemRegion, built during a transaction */
@@ -194,32 +225,178 @@ struct MicX100State {
 /* ------------------------------------------------------------------------ */
 /* Sending messages */
 
+static void mic_tx_msg_free(MicTxMsg *m)
+{
+    int i;
+
+    for (i = 0; i < m->nfds; i++) {
+        close(m->fds[i]);
+    }
+    g_free(m->buf);
+    g_free(m);
+}
+
+/* Drops every queued message (the peer went away) and the write watch. */
+static void mic_tx_clear(MicX100State *s)
+{
+    MicTxMsg *m;
+
+    while ((m = QSIMPLEQ_FIRST(&s->txq))) {
+        QSIMPLEQ_REMOVE_HEAD(&s->txq, next);
+        mic_tx_msg_free(m);
+    }
+    s->tx_bytes = 0;
+    s->tx_overflowed = false;
+    if (s->tx_watch) {
+        g_source_remove(s->tx_watch);
+        s->tx_watch = 0;
+    }
+}
+
+static gboolean mic_tx_writable(void *do_not_use, GIOCondition cond,
+                                void *opaque);
+
+/*
+ * Writes queued messages until the chardev would block, then waits for its
+ * write-ready watch. Never blocks: this runs on the vCPU's MMIO path, in the
+ * memory listener and in reset, all under the big lock.
+ */
+static void mic_tx_flush(MicX100State *s)
+{
+    MicTxMsg *m;
+
+    while ((m = QSIMPLEQ_FIRST(&s->txq))) {
+        int r;
+
+        if (m->off == 0 && m->nfds &&
+            qemu_chr_fe_set_msgfds(&s->chr, m->fds, m->nfds) < 0) {
+            trace_mic_x100_tx_fds_failed(m->type, m->nfds);
+            goto done;
+        }
+        r = qemu_chr_fe_write(&s->chr, m->buf + m->off, m->len - m->off);
+        if (r < 0 && errno == EAGAIN) {
+            if (!s->tx_watch) {
+                s->tx_watch = qemu_chr_fe_add_watch(&s->chr, G_IO_OUT | G_IO_HUP,
+                                                    mic_tx_writable, s);
+            }
+            return;
+        }
+        if (r <= 0) {
+            /* the close event takes care of the state */
+            mic_tx_clear(s);
+            return;
+        }
+        m->off += r;
+        if (m->off < m->len) {
+            continue;
+        }
+done:
+        QSIMPLEQ_REMOVE_HEAD(&s->txq, next);
+        s->tx_bytes -= m->len;
+        mic_tx_msg_free(m);
+    }
+}
+
+static gboolean mic_tx_writable(void *do_not_use, GIOCondition cond,
+                                void *opaque)
+{
+    MicX100State *s = opaque;
+
+    s->tx_watch = 0;
+    mic_tx_flush(s);
+    return G_SOURCE_REMOVE;
+}
+
+/*
+ * An unmatched doorbell write identical to one still queued and unsent adds
+ * nothing the host side does not learn from the first: it is coalesced.
+ */
+static bool mic_tx_coalesces(MicX100State *s, uint32_t type,
+                             const void *payload, uint32_t size)
+{
+    MicTxMsg *m;
+
+    if (type != MIC_MSG_DOORBELL) {
+        return false;
+    }
+    QSIMPLEQ_FOREACH(m, &s->txq, next) {
+        if (m->off == 0 && m->type == type &&
+            m->len == sizeof(MicMsgHdr) + size &&
+            !memcmp(m->buf + sizeof(MicMsgHdr), payload, size)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/*
+ * Only the newest memory table matters: an unsent older one (and the fds it
+ * holds) is dropped when a new one is queued.
+ */
+static void mic_tx_drop_unsent(MicX100State *s, uint32_t type)
+{
+    MicTxMsg *m, *tmp;
+
+    QSIMPLEQ_FOREACH_SAFE(m, &s->txq, next, tmp) {
+        if (m->off == 0 && m->type == type) {
+            QSIMPLEQ_REMOVE(&s->txq, m, MicTxMsg, next);
+            s->tx_bytes -= m->len;
+            mic_tx_msg_free(m);
+        }
+    }
+}
+
 static void mic_send(MicX100State *s, uint32_t type, const void *payload,
                      uint32_t size, int *fds, int nfds)
 {
-    g_autofree uint8_t *buf = g_malloc(sizeof(MicMsgHdr) + size);
     MicMsgHdr hdr = {
         .type = cpu_to_le32(type),
         .size = cpu_to_le32(size),
     };
-    int len;
+    uint32_t len = sizeof(MicMsgHdr) + size;
+    MicTxMsg *m;
+    int i;
 
-    if (!s->connected) {
+    if (!s->connected || s->tx_overflowed) {
+        return;
+    }
+    if (mic_tx_coalesces(s, type, payload, size)) {
+        trace_mic_x100_tx_coalesced(type);
+        return;
+    }
+    if (type == MIC_MSG_MEM_TABLE) {
+        mic_tx_drop_unsent(s, type);
+    }
+    if (s->tx_bytes + len > MIC_TX_QUEUE_MAX_BYTES) {
+        /* the peer stopped reading: let it go, it attaches again */
+        trace_mic_x100_tx_overflow(type, s->tx_bytes);
+        s->tx_overflowed = true;
+        qemu_bh_schedule(s->disconnect_bh);
         return;
     }
     trace_mic_x100_tx(type, size, nfds);
-    memcpy(buf, &hdr, sizeof(hdr));
+    m = g_new0(MicTxMsg, 1);
+    m->buf = g_malloc(len);
+    m->len = len;
+    m->type = type;
+    memcpy(m->buf, &hdr, sizeof(hdr));
     if (size) {
-        memcpy(buf + sizeof(MicMsgHdr), payload, size);
+        memcpy(m->buf + sizeof(MicMsgHdr), payload, size);
     }
-    if (nfds && qemu_chr_fe_set_msgfds(&s->chr, fds, nfds) < 0) {
-        trace_mic_x100_tx_fds_failed(type, nfds);
-        return;
+    for (i = 0; i < nfds && i < MIC_MSG_MAX_FDS; i++) {
+        int fd = dup(fds[i]);
+
+        if (fd < 0) {
+            trace_mic_x100_tx_fds_failed(type, nfds);
+            mic_tx_msg_free(m);
+            return;
+        }
+        m->fds[m->nfds++] = fd;
     }
-    len = sizeof(MicMsgHdr) + size;
-    if (qemu_chr_fe_write_all(&s->chr, buf, len) != len) {
-        /* the close event takes care of the state */
-        return;
+    QSIMPLEQ_INSERT_TAIL(&s->txq, m, next);
+    s->tx_bytes += len;
+    if (QSIMPLEQ_FIRST(&s->txq) == m) {
+        mic_tx_flush(s);
     }
 }
 
@@ -311,6 +488,7 @@ static void mic_doorbell_fd_free(MicX100State *s, MicDoorbellFd *d)
     memory_region_del_eventfd(&s->mmio, MIC_REG_DOORBELL(d->doorbell), 4,
                               true, d->value, &d->notifier);
     QLIST_REMOVE(d, next);
+    s->n_doorbell_fds--;
     event_notifier_cleanup(&d->notifier);
     g_free(d);
 }
@@ -398,6 +576,7 @@ static void mic_vector_fd_free(MicX100State *s, MicVectorFd *vf)
         event_notifier_set_handler(&vf->notifier, NULL);
     }
     QLIST_REMOVE(vf, next);
+    s->n_vector_fds--;
     event_notifier_cleanup(&vf->notifier);
     g_free(vf);
 }
@@ -866,8 +1045,15 @@ static void mic_handle_set_doorbell_fd(MicX100State *s,
                        "fd for doorbell %u is not an eventfd", doorbell);
         goto out;
     }
-    memory_region_transaction_begin();
     d = mic_doorbell_fd_find(s, doorbell, value);
+    if (fd >= 0 && !d && s->n_doorbell_fds >= MIC_MAX_DOORBELL_FDS) {
+        /* each one is a KVM ioeventfd, and KVM aborts when they run out */
+        mic_send_error(s, MIC_MSG_SET_DOORBELL_FD, ENOSPC,
+                       "doorbell %u: %u doorbell eventfds registered already",
+                       doorbell, MIC_MAX_DOORBELL_FDS);
+        goto out;
+    }
+    memory_region_transaction_begin();
     if (d) {
         mic_doorbell_fd_free(s, d);
     }
@@ -878,6 +1064,7 @@ static void mic_handle_set_doorbell_fd(MicX100State *s,
         d->doorbell = doorbell;
         d->value = value;
         QLIST_INSERT_HEAD(&s->doorbell_fds, d, next);
+        s->n_doorbell_fds++;
         memory_region_add_eventfd(&s->mmio, MIC_REG_DOORBELL(doorbell), 4,
                                   true, value, &d->notifier);
     }
@@ -912,6 +1099,13 @@ static void mic_handle_set_vector_fd(MicX100State *s,
                        "fd for vector %u is not an eventfd", vector);
         goto out;
     }
+    if (s->n_vector_fds >= MIC_MAX_VECTOR_FDS) {
+        /* each one may be a KVM irqfd */
+        mic_send_error(s, MIC_MSG_SET_VECTOR_FD, ENOSPC,
+                       "vector %u: %u vector eventfds registered already",
+                       vector, MIC_MAX_VECTOR_FDS);
+        goto out;
+    }
     vf = g_new0(MicVectorFd, 1);
     event_notifier_init_fd(&vf->notifier, fd);
     fd = -1;
@@ -933,6 +1127,7 @@ static void mic_handle_set_vector_fd(MicX100State *s,
         event_notifier_set_handler(&vf->notifier, mic_vector_fd_handler);
     }
     QLIST_INSERT_HEAD(&v->fds, vf, next);
+    s->n_vector_fds++;
 out:
     if (fd >= 0) {
         close(fd);
@@ -1097,6 +1292,7 @@ static void mic_chr_event(void *opaque, QEMUChrEvent event)
     switch (event) {
     case CHR_EVENT_OPENED:
         trace_mic_x100_connected();
+        mic_tx_clear(s);
         mic_rx_reset(s);
         s->connected = true;
         s->peer_hello = false;
@@ -1107,6 +1303,7 @@ static void mic_chr_event(void *opaque, QEMUChrEvent event)
         trace_mic_x100_disconnected();
         s->connected = false;
         s->peer_hello = false;
+        mic_tx_clear(s);
         mic_rx_reset(s);
         mic_drop_registrations(s);
         break;
@@ -1268,6 +1465,7 @@ static void mic_exit(PCIDevice *pdev)
 
     qemu_chr_fe_deinit(&s->chr, false);
     s->connected = false;
+    mic_tx_clear(s);
     mic_disable_irqfd(s);
     mic_drop_registrations(s);
     mic_rx_reset(s);
@@ -1299,6 +1497,7 @@ static void mic_instance_init(Object *obj)
     uint32_t i;
 
     QLIST_INIT(&s->doorbell_fds);
+    QSIMPLEQ_INIT(&s->txq);
     for (i = 0; i < MIC_NUM_VECTORS; i++) {
         QLIST_INIT(&s->vectors[i].fds);
         s->vectors[i].virq = -1;

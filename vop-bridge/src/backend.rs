@@ -27,6 +27,13 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::abi;
 use crate::config::DeviceKind;
 use crate::page::DeviceSpec;
+use crate::watchdog::Watchdog;
+
+/// How long the backend may take to answer one vhost-user request (or to
+/// take one message of ours) before the bridge gives up on the connection
+/// (`docs/architecture.md`, "Bounded waits"). Generous: GET_VRING_BASE waits
+/// for requests in flight.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The step of talking to a backend that failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +84,16 @@ pub enum BackendError {
         len: usize,
         /// Bytes needed.
         needed: usize,
+    },
+    /// The backend did not answer in time; the connection was shut down.
+    #[error("{}: {step}: no answer within {after:?}", socket.display())]
+    Timeout {
+        /// Backend socket.
+        socket: PathBuf,
+        /// What was waiting.
+        step: Step,
+        /// The deadline.
+        after: Duration,
     },
     /// The backend offers fewer queues than the device needs.
     #[error("{}: offers {offered} queues, {needed} needed", socket.display())]
@@ -132,6 +149,27 @@ fn config_len(kind: DeviceKind) -> u32 {
     }
 }
 
+/// The write-cache byte of a block device's config space (virtio 1.2
+/// 5.2.4, `writeback`; `wce` in virtio-bindings).
+const BLK_WCE_OFFSET: usize = std::mem::offset_of!(virtio_blk::virtio_blk_config, wce);
+
+/// The config bytes a fresh backend must be told so it serves the card as
+/// the card configured it: a block device's write-cache mode when the card
+/// acked `VIRTIO_BLK_F_CONFIG_WCE` and the page's byte (what the card last
+/// wrote) differs from the backend's (a backend starts in writeback).
+fn card_config_to_replay(
+    kind: DeviceKind,
+    acked: u64,
+    page_config: &[u8],
+    backend_config: &[u8],
+) -> Option<(u32, u8)> {
+    if kind != DeviceKind::Blk || acked & bit(virtio_blk::VIRTIO_BLK_F_CONFIG_WCE) == 0 {
+        return None;
+    }
+    let card = *page_config.get(BLK_WCE_OFFSET)?;
+    (backend_config.get(BLK_WCE_OFFSET) != Some(&card)).then_some((BLK_WCE_OFFSET as u32, card))
+}
+
 /// Records backend-initiated config changes (vhost-user `CONFIG_CHANGE_MSG`).
 #[derive(Default)]
 pub struct ConfigChangeFlag(AtomicBool);
@@ -183,8 +221,34 @@ pub struct Backend {
 }
 
 impl Backend {
-    fn err(&self, req: FrontendReq) -> impl FnOnce(vhost::Error) -> BackendError + '_ {
-        self.step_err(Step::Request(req))
+    /// Runs one vhost-user request under [`REPLY_TIMEOUT`].
+    fn call<T>(
+        &mut self,
+        req: FrontendReq,
+        f: impl FnOnce(&mut Frontend) -> Result<T, vhost::Error>,
+    ) -> Result<T, BackendError> {
+        let guard = Watchdog::global().arm(self.frontend.as_raw_fd(), REPLY_TIMEOUT);
+        let r = f(&mut self.frontend);
+        let fired = guard.fired();
+        drop(guard);
+        r.map_err(|err| self.failed(Step::Request(req), err, fired))
+    }
+
+    /// The error for a failed step (a timeout when its deadline fired).
+    fn failed(&self, step: Step, err: vhost::Error, fired: bool) -> BackendError {
+        if fired {
+            BackendError::Timeout {
+                socket: self.socket.clone(),
+                step,
+                after: REPLY_TIMEOUT,
+            }
+        } else {
+            BackendError::Vhost {
+                socket: self.socket.clone(),
+                step,
+                err,
+            }
+        }
     }
 
     fn step_err(&self, step: Step) -> impl FnOnce(vhost::Error) -> BackendError + '_ {
@@ -211,7 +275,7 @@ impl Backend {
         let frontend = loop {
             match Frontend::connect(socket, abi::MAX_VQS as u64) {
                 Ok(f) => break f,
-                Err(e) if Instant::now() < deadline => {
+                Err(e) if Instant::now() < deadline && !Watchdog::global().stopping() => {
                     debug!("{}: {e}; retrying", socket.display());
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -242,22 +306,17 @@ impl Backend {
     }
 
     fn handshake(&mut self) -> Result<(), BackendError> {
-        self.frontend
-            .set_owner()
-            .map_err(self.err(FrontendReq::SET_OWNER))?;
-        self.features = self
-            .frontend
-            .get_features()
-            .map_err(self.err(FrontendReq::GET_FEATURES))?;
+        self.call(FrontendReq::SET_OWNER, |f| f.set_owner())?;
+        self.features = self.call(FrontendReq::GET_FEATURES, |f| f.get_features())?;
         if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            let theirs = self
-                .frontend
-                .get_protocol_features()
-                .map_err(self.err(FrontendReq::GET_PROTOCOL_FEATURES))?;
+            let theirs = self.call(FrontendReq::GET_PROTOCOL_FEATURES, |f| {
+                f.get_protocol_features()
+            })?;
             self.protocol = theirs & WANTED_PROTOCOL;
-            self.frontend
-                .set_protocol_features(self.protocol)
-                .map_err(self.err(FrontendReq::SET_PROTOCOL_FEATURES))?;
+            let ours = self.protocol;
+            self.call(FrontendReq::SET_PROTOCOL_FEATURES, |f| {
+                f.set_protocol_features(ours)
+            })?;
         }
         if self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             self.config = self.read_config()?;
@@ -272,9 +331,9 @@ impl Backend {
                 .map_err(vhost::Error::VhostUserProtocol)
                 .map_err(self.step_err(Step::BackendChannel))?;
             h.set_reply_ack_flag(self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
-            self.frontend
-                .set_backend_request_fd(&h.get_tx_raw_fd())
-                .map_err(self.err(FrontendReq::SET_BACKEND_REQ_FD))?;
+            self.call(FrontendReq::SET_BACKEND_REQ_FD, |f| {
+                f.set_backend_request_fd(&h.get_tx_raw_fd())
+            })?;
             self.requests = Some(h);
         }
         self.num_queues = self.queue_count()?;
@@ -284,10 +343,9 @@ impl Backend {
     fn read_config(&mut self) -> Result<Vec<u8>, BackendError> {
         let len = config_len(self.kind);
         let buf = vec![0u8; len as usize];
-        let (_, data) = self
-            .frontend
-            .get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf)
-            .map_err(self.err(FrontendReq::GET_CONFIG))?;
+        let (_, data) = self.call(FrontendReq::GET_CONFIG, |f| {
+            f.get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf)
+        })?;
         Ok(data)
     }
 
@@ -323,10 +381,7 @@ impl Backend {
             DeviceKind::Vsock => 3,
         };
         if self.protocol.contains(VhostUserProtocolFeatures::MQ) {
-            let max = self
-                .frontend
-                .get_queue_num()
-                .map_err(self.err(FrontendReq::GET_QUEUE_NUM))? as usize;
+            let max = self.call(FrontendReq::GET_QUEUE_NUM, |f| f.get_queue_num())? as usize;
             if max < n {
                 return Err(BackendError::TooFewQueues {
                     socket: self.socket.clone(),
@@ -387,9 +442,7 @@ impl Backend {
         &mut self,
         regions: &[VhostUserMemoryRegionInfo],
     ) -> Result<(), BackendError> {
-        self.frontend
-            .set_mem_table(regions)
-            .map_err(self.err(FrontendReq::SET_MEM_TABLE))?;
+        self.call(FrontendReq::SET_MEM_TABLE, |f| f.set_mem_table(regions))?;
         Ok(())
     }
 
@@ -406,14 +459,10 @@ impl Backend {
         if proto {
             features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         }
-        self.frontend
-            .set_features(features)
-            .map_err(self.err(FrontendReq::SET_FEATURES))?;
+        self.call(FrontendReq::SET_FEATURES, |f| f.set_features(features))?;
         self.set_mem_table(regions)?;
         for (q, r) in rings.iter().enumerate() {
-            self.frontend
-                .set_vring_num(q, r.num)
-                .map_err(self.err(FrontendReq::SET_VRING_NUM))?;
+            self.call(FrontendReq::SET_VRING_NUM, |f| f.set_vring_num(q, r.num))?;
             let addr = VringConfigData {
                 queue_max_size: r.num,
                 queue_size: r.num,
@@ -423,24 +472,16 @@ impl Backend {
                 avail_ring_addr: r.avail,
                 log_addr: None,
             };
-            self.frontend
-                .set_vring_addr(q, &addr)
-                .map_err(self.err(FrontendReq::SET_VRING_ADDR))?;
-            self.frontend
-                .set_vring_base(q, r.base)
-                .map_err(self.err(FrontendReq::SET_VRING_BASE))?;
-            self.frontend
-                .set_vring_call(q, r.call)
-                .map_err(self.err(FrontendReq::SET_VRING_CALL))?;
-            self.frontend
-                .set_vring_kick(q, r.kick)
-                .map_err(self.err(FrontendReq::SET_VRING_KICK))?;
+            self.call(FrontendReq::SET_VRING_ADDR, |f| f.set_vring_addr(q, &addr))?;
+            self.call(FrontendReq::SET_VRING_BASE, |f| f.set_vring_base(q, r.base))?;
+            self.call(FrontendReq::SET_VRING_CALL, |f| f.set_vring_call(q, r.call))?;
+            self.call(FrontendReq::SET_VRING_KICK, |f| f.set_vring_kick(q, r.kick))?;
         }
         if proto {
             for q in 0..rings.len() {
-                self.frontend
-                    .set_vring_enable(q, true)
-                    .map_err(self.err(FrontendReq::SET_VRING_ENABLE))?;
+                self.call(FrontendReq::SET_VRING_ENABLE, |f| {
+                    f.set_vring_enable(q, true)
+                })?;
             }
         }
         self.started = true;
@@ -458,17 +499,34 @@ impl Backend {
         let mut bases = Vec::with_capacity(self.num_queues);
         for q in 0..self.num_queues {
             if proto {
-                self.frontend
-                    .set_vring_enable(q, false)
-                    .map_err(self.err(FrontendReq::SET_VRING_ENABLE))?;
+                self.call(FrontendReq::SET_VRING_ENABLE, |f| {
+                    f.set_vring_enable(q, false)
+                })?;
             }
-            bases.push(
-                self.frontend
-                    .get_vring_base(q)
-                    .map_err(self.err(FrontendReq::GET_VRING_BASE))?,
-            );
+            bases.push(self.call(FrontendReq::GET_VRING_BASE, |f| f.get_vring_base(q))?);
         }
         Ok(bases)
+    }
+
+    /// Tells a backend the config choices the card made before it
+    /// (re)connected (see [`card_config_to_replay`]); `page_config` is the
+    /// device's config space in the page.
+    pub fn replay_card_config(
+        &mut self,
+        acked: u64,
+        page_config: &[u8],
+    ) -> Result<(), BackendError> {
+        match card_config_to_replay(self.kind, acked, page_config, &self.config) {
+            Some((offset, byte)) => {
+                info!(
+                    "{}: write cache {} as the card chose",
+                    self.socket.display(),
+                    if byte == 0 { "off" } else { "on" }
+                );
+                self.set_config(offset, &[byte])
+            }
+            None => Ok(()),
+        }
     }
 
     /// Forwards config bytes the card wrote.
@@ -476,9 +534,9 @@ impl Backend {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Ok(());
         }
-        self.frontend
-            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
-            .map_err(self.err(FrontendReq::SET_CONFIG))?;
+        self.call(FrontendReq::SET_CONFIG, |f| {
+            f.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+        })?;
         let end = (offset as usize + data.len()).min(self.config.len());
         if (offset as usize) < end {
             self.config[offset as usize..end].copy_from_slice(&data[..end - offset as usize]);
@@ -495,10 +553,17 @@ impl Backend {
     /// backend announced a config change.
     pub fn handle_request(&mut self) -> Result<Option<Vec<u8>>, BackendError> {
         if let Some(h) = self.requests.as_mut() {
-            h.handle_request().map_err(|err| BackendError::Vhost {
-                socket: self.socket.clone(),
-                step: Step::BackendRequest,
-                err: vhost::Error::VhostUserProtocol(err),
+            // Readable does not mean a whole message is there.
+            let guard = Watchdog::global().arm(h.as_raw_fd(), REPLY_TIMEOUT);
+            let r = h.handle_request();
+            let fired = guard.fired();
+            drop(guard);
+            r.map_err(|err| {
+                self.failed(
+                    Step::BackendRequest,
+                    vhost::Error::VhostUserProtocol(err),
+                    fired,
+                )
             })?;
         }
         if self.flag.take() && self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
@@ -542,6 +607,40 @@ mod tests {
         };
         assert_eq!(e.to_string(), "/run/b.sock: GET_FEATURES");
         assert!(e.source().is_some());
+    }
+
+    #[test]
+    fn the_cards_write_cache_choice_is_replayed_to_a_fresh_backend() {
+        let wce = 1u64 << virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
+        assert_eq!(BLK_WCE_OFFSET, 32);
+        let mut page = vec![0u8; 60];
+        let mut fresh = vec![0u8; 60];
+        fresh[32] = 1; // a new mic-blk starts in writeback
+                       // The card chose write-through: tell the backend.
+        assert_eq!(
+            card_config_to_replay(DeviceKind::Blk, wce, &page, &fresh),
+            Some((32, 0))
+        );
+        // The same mode already: nothing to send.
+        page[32] = 1;
+        assert_eq!(
+            card_config_to_replay(DeviceKind::Blk, wce, &page, &fresh),
+            None
+        );
+        // Without CONFIG_WCE acked, or for another device, or a short page.
+        page[32] = 0;
+        assert_eq!(
+            card_config_to_replay(DeviceKind::Blk, 0, &page, &fresh),
+            None
+        );
+        assert_eq!(
+            card_config_to_replay(DeviceKind::Net, wce, &page, &fresh),
+            None
+        );
+        assert_eq!(
+            card_config_to_replay(DeviceKind::Blk, wce, &[], &fresh),
+            None
+        );
     }
 
     #[test]

@@ -10,12 +10,19 @@
 //! | `remove <index>` | `removing device <index>` (hot removal; the card acknowledges) |
 //!
 //! Failures answer `error: <why>`.
+//!
+//! A request line is at most [`MAX_REQUEST_LINE`] bytes and must arrive
+//! within [`CLIENT_DEADLINE`] of connecting; the bridge reads it without
+//! blocking, from its event loop ([`ControlServer::accept_client`],
+//! [`ControlClient::read`]), holds at most [`MAX_CLIENTS`] connections at a
+//! time, and closes a connection that breaks a limit without an answer
+//! (`docs/architecture.md`, "Bounded waits").
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::warn;
 
@@ -60,6 +67,16 @@ impl ControlRequest {
     }
 }
 
+/// The longest request line (with its newline) the bridge reads.
+pub const MAX_REQUEST_LINE: usize = 4096;
+/// How long a connection has to send its request line.
+pub const CLIENT_DEADLINE: Duration = Duration::from_secs(2);
+/// How many connections may wait for their request at once; more are
+/// closed at once.
+pub const MAX_CLIENTS: usize = 16;
+/// How long writing an answer may take.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The listening control socket.
 pub struct ControlServer {
     listener: UnixListener,
@@ -72,9 +89,103 @@ pub struct ControlConn(UnixStream);
 impl ControlConn {
     /// Sends the answer and closes the connection.
     pub fn reply(mut self, text: &str) {
-        let _ = self.0.write_all(text.as_bytes());
+        // A client that does not read gets at most REPLY_TIMEOUT.
+        if self.0.set_nonblocking(false).is_ok()
+            && self.0.set_write_timeout(Some(REPLY_TIMEOUT)).is_ok()
+        {
+            let _ = self.0.write_all(text.as_bytes());
+        }
     }
 }
+
+/// A connection whose request line is still arriving, read without
+/// blocking.
+pub struct ControlClient {
+    stream: UnixStream,
+    line: Vec<u8>,
+    deadline: Instant,
+}
+
+/// What reading a [`ControlClient`] gave.
+#[derive(Debug)]
+pub enum ClientRead {
+    /// The line is not complete yet: wait for more.
+    Pending,
+    /// A request to answer on the connection (drop the client too: the
+    /// connection closes when both are gone).
+    Request(ControlRequest, ControlConn),
+    /// The connection is finished (closed, over-long, or a bad request that
+    /// was answered here).
+    Done,
+}
+
+impl ControlClient {
+    /// Reads what has arrived (never blocks).
+    pub fn read(&mut self) -> ClientRead {
+        let mut buf = [0u8; 512];
+        loop {
+            let room = MAX_REQUEST_LINE - self.line.len();
+            let want = buf.len().min(room);
+            if want == 0 {
+                warn!("control socket: request line over {MAX_REQUEST_LINE} bytes; closed");
+                return ClientRead::Done;
+            }
+            match self.stream.read(&mut buf[..want]) {
+                Ok(0) => return ClientRead::Done,
+                Ok(n) => {
+                    let got = &buf[..n];
+                    if let Some(end) = got.iter().position(|&b| b == b'\n') {
+                        self.line.extend_from_slice(&got[..end]);
+                        return self.finish();
+                    }
+                    self.line.extend_from_slice(got);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return ClientRead::Pending,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return ClientRead::Done,
+            }
+        }
+    }
+
+    fn finish(&mut self) -> ClientRead {
+        let line = String::from_utf8_lossy(&self.line).into_owned();
+        let stream = match self.stream.try_clone() {
+            Ok(s) => s,
+            Err(_) => return ClientRead::Done,
+        };
+        match ControlRequest::parse(&line) {
+            Some(r) => ClientRead::Request(r, ControlConn(stream)),
+            None => {
+                warn!("control socket: unknown request {:?}", line.trim());
+                ControlConn(stream).reply(UNKNOWN_REQUEST);
+                ClientRead::Done
+            }
+        }
+    }
+
+    /// Whether the client had its time (it is then closed unanswered).
+    pub fn expired(&self, now: Instant) -> bool {
+        now >= self.deadline
+    }
+}
+
+impl AsRawFd for ControlClient {
+    fn as_raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+impl std::fmt::Debug for ControlConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ControlConn")
+            .field(&self.0.as_raw_fd())
+            .finish()
+    }
+}
+
+/// The answer to a line that is no request.
+const UNKNOWN_REQUEST: &str =
+    "error: unknown request (status, shutdown, devices, add TYPE SOCKET, remove INDEX)\n";
 
 impl ControlServer {
     /// Listens on `path`, replacing a stale socket file but never a live one.
@@ -96,8 +207,22 @@ impl ControlServer {
         })
     }
 
+    /// Accepts one pending connection without reading from it (`None` when
+    /// none is waiting). The caller watches it and calls
+    /// [`ControlClient::read`] when it is readable.
+    pub fn accept_client(&self) -> Option<ControlClient> {
+        let (stream, _) = self.listener.accept().ok()?;
+        stream.set_nonblocking(true).ok()?;
+        Some(ControlClient {
+            stream,
+            line: Vec::new(),
+            deadline: Instant::now() + CLIENT_DEADLINE,
+        })
+    }
+
     /// Accepts one connection and reads its request (a bad request is
-    /// answered here and yields `None`).
+    /// answered here and yields `None`). This blocks for up to two seconds
+    /// on a slow client; an event loop uses [`Self::accept_client`].
     pub fn accept(&self) -> Option<(ControlRequest, ControlConn)> {
         let (stream, _) = self.listener.accept().ok()?;
         stream.set_nonblocking(false).ok()?;
@@ -108,9 +233,7 @@ impl ControlServer {
             Some(r) => Some((r, ControlConn(stream))),
             None => {
                 warn!("control socket: unknown request {:?}", line.trim());
-                ControlConn(stream).reply(
-                    "error: unknown request (status, shutdown, devices, add TYPE SOCKET, remove INDEX)\n",
-                );
+                ControlConn(stream).reply(UNKNOWN_REQUEST);
                 None
             }
         }
@@ -185,6 +308,78 @@ mod tests {
             Some(ControlRequest::Remove(2))
         );
         assert_eq!(ControlRequest::parse("remove x"), None);
+    }
+
+    fn pair() -> (ControlClient, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        (
+            ControlClient {
+                stream: a,
+                line: Vec::new(),
+                deadline: Instant::now() + CLIENT_DEADLINE,
+            },
+            b,
+        )
+    }
+
+    #[test]
+    fn a_trickled_line_is_assembled_without_blocking() {
+        let (mut c, mut peer) = pair();
+        assert!(matches!(c.read(), ClientRead::Pending));
+        for b in b"sta" {
+            peer.write_all(&[*b]).unwrap();
+            assert!(matches!(c.read(), ClientRead::Pending));
+        }
+        peer.write_all(b"tus\n").unwrap();
+        match c.read() {
+            ClientRead::Request(r, conn) => {
+                assert_eq!(r, ControlRequest::Status);
+                conn.reply("ok\n");
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(c);
+        let mut answer = String::new();
+        peer.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "ok\n");
+    }
+
+    #[test]
+    fn a_line_without_end_is_cut_off_at_the_limit() {
+        let (mut c, peer) = pair();
+        let w = std::thread::spawn(move || {
+            let mut peer = peer;
+            // Fails once the bridge side closes.
+            let _ = peer.write_all(&vec![b'x'; 1 << 20]);
+        });
+        let mut reads = 0;
+        loop {
+            match c.read() {
+                ClientRead::Pending => std::thread::sleep(Duration::from_millis(1)),
+                ClientRead::Done => break,
+                ClientRead::Request(r, _) => panic!("{r:?}"),
+            }
+            reads += 1;
+            assert!(reads < 10_000);
+        }
+        assert_eq!(c.line.len(), MAX_REQUEST_LINE);
+        drop(c);
+        w.join().unwrap();
+    }
+
+    #[test]
+    fn an_unknown_request_is_answered_and_done() {
+        let (mut c, mut peer) = pair();
+        peer.write_all(b"reboot now\n").unwrap();
+        assert!(matches!(c.read(), ClientRead::Done));
+        drop(c);
+        let mut answer = String::new();
+        peer.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("error: unknown request"), "{answer}");
+        let (c, _peer) = pair();
+        assert!(!c.expired(Instant::now()));
+        assert!(c.expired(Instant::now() + CLIENT_DEADLINE));
     }
 
     #[test]

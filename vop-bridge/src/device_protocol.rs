@@ -300,6 +300,10 @@ pub enum ProtocolError {
     /// Waited too long for an answer.
     #[error("timed out waiting for the device")]
     Timeout,
+    /// The device sent more distinct messages than the link queues while
+    /// waiting for a `SYNC` answer.
+    #[error("the device sent over {MAX_QUEUED} messages before answering SYNC")]
+    Flood,
 }
 
 /// Result type of this module.
@@ -663,6 +667,13 @@ impl HostMessage {
     }
 }
 
+/// How many messages [`DeviceLink::sync`] queues while it waits. Identical
+/// `DOORBELL`s are queued once (the host learns nothing from a repeat, and
+/// the device coalesces them too, `docs/device-protocol.md` "Flow
+/// control"); more distinct ones than this end the link
+/// ([`ProtocolError::Flood`]), and the bridge attaches again.
+pub const MAX_QUEUED: usize = 1024;
+
 /// The connection to one `mic-x100` device.
 pub struct DeviceLink {
     stream: UnixStream,
@@ -810,10 +821,28 @@ impl DeviceLink {
                         text,
                     });
                 }
-                other => self.pending.push_back(other),
+                other => self.queue(other)?,
             }
         }
         refused.map_or(Ok(()), Err)
+    }
+
+    /// Queues a message for [`DeviceLink::recv`], bounded by [`MAX_QUEUED`].
+    fn queue(&mut self, m: DeviceMessage) -> Result<()> {
+        if let DeviceMessage::Doorbell { doorbell, value } = m {
+            let repeat = self.pending.iter().any(|p| {
+                matches!(p, DeviceMessage::Doorbell { doorbell: d, value: v }
+                    if (*d, *v) == (doorbell, value))
+            });
+            if repeat {
+                return Ok(());
+            }
+        }
+        if self.pending.len() >= MAX_QUEUED {
+            return Err(ProtocolError::Flood);
+        }
+        self.pending.push_back(m);
+        Ok(())
     }
 
     /// Sends a request and waits until the device has processed it.
@@ -1151,6 +1180,43 @@ mod tests {
         }
         drop(theirs);
         assert!(matches!(link.recv(), Err(ProtocolError::Closed)));
+    }
+
+    #[test]
+    fn sync_queues_a_bounded_number_of_messages() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut link = DeviceLink::from_stream(ours);
+        let writer = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            // Repeats of one doorbell are queued once...
+            for _ in 0..3 * MAX_QUEUED {
+                theirs
+                    .write_all(&frame(msg::DOORBELL, &[2, 0, 0, 0, 9, 0, 0, 0]))
+                    .unwrap();
+            }
+            theirs
+                .write_all(&frame(msg::SYNC, &1u64.to_le_bytes()))
+                .unwrap();
+            // ...distinct ones up to the bound.
+            for i in 0..2 * MAX_QUEUED as u32 {
+                let mut p = 3u32.to_le_bytes().to_vec();
+                p.extend_from_slice(&(0x1000_0000 | i).to_le_bytes());
+                if theirs.write_all(&frame(msg::DOORBELL, &p)).is_err() {
+                    return;
+                }
+            }
+            let _ = theirs.write_all(&frame(msg::SYNC, &2u64.to_le_bytes()));
+            // Hold the socket until the reader is done.
+            let mut b = [0u8; 1];
+            let _ = std::io::Read::read(&mut theirs, &mut b);
+        });
+        link.sync().unwrap();
+        assert_eq!(link.pending.len(), 1);
+        link.recv().unwrap();
+        assert!(matches!(link.sync(), Err(ProtocolError::Flood)));
+        assert_eq!(link.pending.len(), MAX_QUEUED);
+        drop(link);
+        writer.join().unwrap();
     }
 
     #[test]

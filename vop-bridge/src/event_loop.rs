@@ -34,6 +34,13 @@ pub enum Token {
         /// Which card.
         card: u16,
     },
+    /// A control connection has bytes of its request (or hung up).
+    ControlClient {
+        /// Which card.
+        card: u16,
+        /// The bridge's number for the connection.
+        client: u16,
+    },
     /// A device's vhost-user socket hung up.
     BackendSocket {
         /// Which card.
@@ -58,6 +65,7 @@ mod kind {
     pub const TICK: u64 = 4;
     pub const BACKEND_SOCKET: u64 = 5;
     pub const BACKEND_REQUEST: u64 = 6;
+    pub const CONTROL_CLIENT: u64 = 7;
 }
 
 impl Token {
@@ -71,6 +79,7 @@ impl Token {
             Token::Tick { card } => (kind::TICK, card, 0),
             Token::BackendSocket { card, device } => (kind::BACKEND_SOCKET, card, device),
             Token::BackendRequest { card, device } => (kind::BACKEND_REQUEST, card, device),
+            Token::ControlClient { card, client } => (kind::CONTROL_CLIENT, card, client),
         };
         k | u64::from(card) << 8 | u64::from(device) << 24
     }
@@ -90,6 +99,10 @@ impl Token {
             kind::TICK if no_device => Token::Tick { card },
             kind::BACKEND_SOCKET => Token::BackendSocket { card, device },
             kind::BACKEND_REQUEST => Token::BackendRequest { card, device },
+            kind::CONTROL_CLIENT => Token::ControlClient {
+                card,
+                client: device,
+            },
             _ => return None,
         })
     }
@@ -102,7 +115,8 @@ impl Token {
             | Token::Link { card }
             | Token::Tick { card }
             | Token::BackendSocket { card, .. }
-            | Token::BackendRequest { card, .. } => Some(card),
+            | Token::BackendRequest { card, .. }
+            | Token::ControlClient { card, .. } => Some(card),
         }
     }
 }
@@ -237,6 +251,11 @@ mod tests {
                 device: 31,
             },
             Token::BackendRequest { card: 3, device: 2 },
+            Token::ControlClient { card: 0, client: 0 },
+            Token::ControlClient {
+                card: 2,
+                client: u16::MAX,
+            },
         ];
         for t in all {
             assert_eq!(Token::from_data(t.to_data()), Some(t), "{t:?}");

@@ -9,6 +9,8 @@
 //! - [`bridge`]: one card's bridge tying them together, split by job.
 //! - [`event_loop`]: the one wait loop and its [`event_loop::Token`]s.
 //! - [`signals`]: the process's stop signals as a descriptor.
+//! - [`watchdog`]: deadlines for blocking socket operations.
+//! - [`log_limit`]: rate limits for log lines the card can cause.
 //! - [`config`], [`control`]: configuration and the control socket.
 //! - [`agent_client`]: the host's client of the card agent over vsock.
 //! - [`micd`]: the host daemon that runs several cards.
@@ -22,6 +24,8 @@ pub mod config;
 pub mod control;
 pub mod device_protocol;
 pub mod event_loop;
+pub mod log_limit;
 pub mod micd;
 pub mod page;
 pub mod signals;
+pub mod watchdog;

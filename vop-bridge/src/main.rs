@@ -10,11 +10,16 @@ use vmm_sys_util::epoll::EventSet;
 use vop_bridge::bridge::{Bridge, BridgeError, Report};
 use vop_bridge::config::{BridgeConfig, Cli};
 use vop_bridge::event_loop::{EventHandler, EventLoop, Flow, Token};
-use vop_bridge::signals::StopSignals;
+use vop_bridge::signals::{StopSignals, StopWatch};
+use vop_bridge::watchdog::Watchdog;
+
+/// How long a stop signal leaves the bridge to stop cleanly before the
+/// process ends anyway: within a second in every state.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(800);
 
 /// One card's bridge, stopped by SIGINT/SIGTERM.
 struct Process {
-    signals: StopSignals,
+    signals: StopWatch,
     bridge: Bridge,
 }
 
@@ -40,17 +45,26 @@ impl EventHandler for Process {
 
 fn run(cfg: BridgeConfig) -> Result<(), BridgeError> {
     use std::os::fd::AsRawFd;
-    let signals = StopSignals::new()?;
+    // Before any other thread: they inherit the blocked signals.
+    let signals = StopSignals::new()?.watch(STOP_GRACE, || Watchdog::global().expire_all())?;
     let ev = EventLoop::new()?;
     ev.add(signals.as_raw_fd(), Token::Signal, EventSet::IN)?;
-    let mut p = Process {
-        signals,
-        bridge: Bridge::new(cfg, 0)?,
+    let bridge = match Bridge::new(cfg, 0) {
+        Ok(b) => b,
+        // A signal while connecting the backends cut their handshakes short.
+        Err(_) if Watchdog::global().stopping() => {
+            info!("signal received while connecting; stopping");
+            signals.finished();
+            return Ok(());
+        }
+        Err(e) => return Err(e),
     };
+    let mut p = Process { signals, bridge };
     if p.bridge.register(&ev)? == Flow::Continue {
         ev.run(&mut p)?;
     }
     p.bridge.stop(&ev);
+    p.signals.finished();
     Ok(())
 }
 

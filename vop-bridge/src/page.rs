@@ -248,7 +248,9 @@ impl DevicePage {
     /// it thoroughly and remembers its structure. Rings stay as they are.
     pub fn adopt(aperture: &Aperture, offset: u64) -> Result<Self, PageError> {
         let invalid = |why: String| PageError::Invalid { offset, why };
-        if !offset.is_multiple_of(8) || offset + abi::DP_SIZE as u64 > aperture.size() {
+        // The card writes SPAD14/15 at will: the sum must not wrap.
+        let page_end = offset.checked_add(abi::DP_SIZE as u64);
+        if !offset.is_multiple_of(8) || page_end.is_none_or(|e| e > aperture.size()) {
             return Err(invalid("page outside the aperture".into()));
         }
         let bp: BootParam = aperture.read_obj(offset)?;
@@ -289,6 +291,14 @@ impl DevicePage {
             let ctrl: DeviceCtrl = aperture.read_obj(base + layout.ctrl() as u64)?;
             if ctrl.c2h_vdev_db < 0 || ctrl.c2h_vdev_db as u32 >= abi::NUM_DOORBELLS {
                 return Err(invalid(format!("doorbell {} at {at}", ctrl.c2h_vdev_db)));
+            }
+            // One doorbell per device (docs/vop-abi.md 4): a second owner
+            // would take the first one's kicks.
+            if page.used_doorbells().any(|d| d as i8 == ctrl.c2h_vdev_db) {
+                return Err(invalid(format!(
+                    "doorbell {} at {at} belongs to an earlier device",
+                    ctrl.c2h_vdev_db
+                )));
             }
             let mut rings = Vec::new();
             for i in 0..layout.num_vq as usize {
@@ -443,21 +453,44 @@ fn init_ring(aperture: &Aperture, r: &Ring, device_type: u8, vq: u16) -> Result<
     Ok(())
 }
 
-/// Logs the fields of a control block that the ABI says must stay zero.
-pub fn check_unused_fields(aperture: &Aperture, page: &DevicePage, index: usize) {
+/// Fields the ABI says must stay zero that the card set anyway.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnusedFields {
+    /// `used_address_updated` in the control block.
+    pub used_address_updated: bool,
+    /// Queues whose `used_address` is not zero.
+    pub used_address: Vec<usize>,
+}
+
+/// Reads the fields of a device the ABI says must stay zero.
+pub fn unused_fields(aperture: &Aperture, page: &DevicePage, index: usize) -> UnusedFields {
     let s = page.slot(index);
+    let mut found = UnusedFields::default();
     if let Ok(ctrl) = page.ctrl(aperture, index) {
-        if ctrl.used_address_updated != 0 {
-            warn!("device {index}: card set used_address_updated; ignored (rings stay in the aperture)");
-        }
+        found.used_address_updated = ctrl.used_address_updated != 0;
     }
     let base = page.offset + s.desc_offset as u64;
     for i in 0..s.rings.len() {
         if let Ok(vq) = aperture.read_obj::<VqConfig>(base + s.layout.vqconfig(i) as u64) {
             if vq.used_address != 0 {
-                warn!("device {index} queue {i}: card wrote used_address; ignored");
+                found.used_address.push(i);
             }
         }
+    }
+    found
+}
+
+/// Logs the fields of a control block that the ABI says must stay zero
+/// (every time: the bridge goes through [`unused_fields`] and a rate limit).
+pub fn check_unused_fields(aperture: &Aperture, page: &DevicePage, index: usize) {
+    let found = unused_fields(aperture, page, index);
+    if found.used_address_updated {
+        warn!(
+            "device {index}: card set used_address_updated; ignored (rings stay in the aperture)"
+        );
+    }
+    for i in found.used_address {
+        warn!("device {index} queue {i}: card wrote used_address; ignored");
     }
 }
 
@@ -567,6 +600,34 @@ mod tests {
         assert!(DevicePage::adopt(&ap, 0x1000).is_err());
         // Page outside the aperture.
         assert!(DevicePage::adopt(&ap, (1 << 20) - 8).is_err());
+        // An offset whose end wraps around (SPAD14/15 are the card's to write).
+        assert!(matches!(
+            DevicePage::adopt(&ap, u64::MAX - 7),
+            Err(PageError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn adopt_rejects_two_devices_on_one_doorbell() {
+        let ap = aperture(1 << 20);
+        let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
+        page.add(&ap, &blk_spec()).unwrap();
+        let j = page.add(&ap, &blk_spec()).unwrap();
+        assert!(DevicePage::adopt(&ap, 0x1000).is_ok());
+        // The card points the second device at the first one's doorbell.
+        let s = page.slots()[j].clone().unwrap();
+        let db = 0x1000
+            + (s.desc_offset + s.layout.ctrl() + std::mem::offset_of!(DeviceCtrl, c2h_vdev_db))
+                as u64;
+        assert_eq!(ap.read_obj::<u8>(db).unwrap(), 1);
+        ap.write_obj(db, 0u8).unwrap();
+        match DevicePage::adopt(&ap, 0x1000) {
+            Err(PageError::Invalid { why, .. }) => assert!(why.contains("doorbell 0")),
+            other => panic!(
+                "adopted a page with a shared doorbell: {:?}",
+                other.map(|p| p.slots)
+            ),
+        }
     }
 
     #[test]

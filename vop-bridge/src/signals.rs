@@ -1,9 +1,24 @@
 //! SIGINT and SIGTERM as a readable descriptor, so the one event loop notices
 //! them like any other event. This belongs to the process, not to a card.
+//!
+//! A loop only notices a signal between events, and some steps wait on a
+//! peer. [`StopSignals::watch`] therefore reads the signals on a thread of
+//! its own: it cancels every armed socket deadline
+//! ([`crate::watchdog::Watchdog::expire_all`] or whatever the caller passes),
+//! tells the loop through an eventfd, and ends the process itself if the
+//! loop has not finished within a grace period. A stop signal ends the
+//! process within that period in every state (`docs/architecture.md`,
+//! "Bounded waits").
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::warn;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vmm_sys_util::signal::{block_signal, create_sigset, Error as SignalError};
 
@@ -29,6 +44,9 @@ pub enum SignalsError {
     /// `signalfd` failed.
     #[error("signalfd")]
     SignalFd(#[source] io::Error),
+    /// The watching thread or its eventfd could not be created.
+    #[error("stop signal watcher")]
+    Watcher(#[source] io::Error),
 }
 
 /// SIGINT/SIGTERM delivered through a signalfd (they are blocked for the
@@ -65,6 +83,80 @@ impl StopSignals {
         // One `struct signalfd_siginfo` is 128 bytes.
         let mut buf = [0u8; 128];
         matches!(self.fd.read(&mut buf), Ok(n) if n > 0)
+    }
+
+    /// Moves the signals to a thread of their own: on a stop signal it calls
+    /// `on_signal`, makes the returned [`StopWatch`] readable, and if
+    /// [`StopWatch::finished`] has not been called `grace` later, ends the
+    /// process (exit status 0, as after a clean stop).
+    ///
+    /// Call this before starting other threads, from the thread that created
+    /// the signals (the mask is inherited).
+    pub fn watch(
+        mut self,
+        grace: Duration,
+        on_signal: impl Fn() + Send + 'static,
+    ) -> Result<StopWatch, SignalsError> {
+        let notice = EventFd::new(EFD_NONBLOCK).map_err(SignalsError::Watcher)?;
+        let tell = notice.try_clone().map_err(SignalsError::Watcher)?;
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = finished.clone();
+        std::thread::Builder::new()
+            .name("stop-signals".into())
+            .spawn(move || {
+                self.wait();
+                on_signal();
+                if let Err(e) = tell.write(1) {
+                    warn!("telling the event loop about the stop signal: {e}");
+                }
+                std::thread::sleep(grace);
+                if !done.load(Ordering::Acquire) {
+                    warn!("still stopping {grace:?} after the signal; exiting now");
+                    std::process::exit(0);
+                }
+            })
+            .map_err(SignalsError::Watcher)?;
+        Ok(StopWatch { notice, finished })
+    }
+
+    /// Blocks until a stop signal arrives (and consumes it).
+    fn wait(&mut self) {
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd that lives across the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if n > 0 && self.pending() {
+                return;
+            }
+        }
+    }
+}
+
+/// The event loop's side of [`StopSignals::watch`].
+pub struct StopWatch {
+    notice: EventFd,
+    finished: Arc<AtomicBool>,
+}
+
+impl StopWatch {
+    /// Whether a stop signal arrived (consumes the notice).
+    pub fn pending(&self) -> bool {
+        matches!(self.notice.read(), Ok(n) if n > 0)
+    }
+
+    /// The process finished stopping: the watcher need not end it.
+    pub fn finished(&self) {
+        self.finished.store(true, Ordering::Release);
+    }
+}
+
+impl AsRawFd for StopWatch {
+    fn as_raw_fd(&self) -> RawFd {
+        self.notice.as_raw_fd()
     }
 }
 

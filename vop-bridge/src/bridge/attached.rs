@@ -145,7 +145,8 @@ impl Attached {
         self.page
             .set_ctrl_byte(ap, slot, ctrl_field::VDEV_RESET, 0)?;
         self.page.set_ctrl_byte(ap, slot, ctrl_field::HOST_ACK, 1)?;
-        info!("device {i} reset by the card");
+        // Logged by the caller, through the card's log limit.
+        debug!("device {i} reset by the card");
         Ok(())
     }
 

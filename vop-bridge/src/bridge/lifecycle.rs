@@ -75,10 +75,29 @@ impl Bridge {
             self.card.shutdown_status()
         );
         let aperture_id = Attached::aperture_id(&att)?;
-        let adopted = h.device_page_offset();
-        let page = match adopted {
-            Some(off) => self.adopt(&att, off)?,
-            None => DevicePage::build(&att.aperture, abi::DP_DEFAULT_OFFSET, h.node_id as u8)?,
+        let page = match h.device_page_offset() {
+            Some(off) => match self.adopt(&att, off) {
+                Ok(page) => Ok(page),
+                // The card writes SPAD14/15 at will: a page we cannot use is
+                // replaced, never fatal (docs/architecture.md, "Reattaching").
+                Err(e) if !e.is_link() => {
+                    warn!(
+                        "the card's device page at {off:#x} cannot be adopted: {}; \
+                         publishing a fresh one",
+                        Report(&e)
+                    );
+                    Err(fresh_page_offset(off))
+                }
+                Err(e) => return Err(e),
+            },
+            None => Err(abi::DP_DEFAULT_OFFSET),
+        };
+        let (page, adopted) = match page {
+            Ok(page) => (page, true),
+            Err(off) => (
+                DevicePage::build(&att.aperture, off, h.node_id as u8)?,
+                false,
+            ),
         };
         let mut a = Attached {
             link,
@@ -86,7 +105,7 @@ impl Bridge {
             page,
             aperture_id,
         };
-        if adopted.is_some() {
+        if adopted {
             // Reattach: resume devices the card is using.
             for i in 0..self.devices.len() {
                 let driver_ok = a.driver_ok(self.slot(i)?);
@@ -106,6 +125,9 @@ impl Bridge {
         Ok(a)
     }
 
+    /// Adopts the card's page: checks all of it against the configuration
+    /// first, and only then places the devices (a refused page changes
+    /// nothing).
     fn adopt(&mut self, att: &Attachment, offset: u64) -> Result<DevicePage, BridgeError> {
         let page = DevicePage::adopt(&att.aperture, offset)?;
         let live: Vec<_> = page
@@ -125,9 +147,8 @@ impl Bridge {
                 configured: self.devices.len(),
             });
         }
-        for ((slot, s), d) in live.into_iter().zip(self.devices.iter_mut()) {
-            d.state.apply(DeviceEvent::Placed(slot));
-            d.last_config = page.config(&att.aperture, slot)?;
+        let mut configs = Vec::with_capacity(live.len());
+        for ((slot, s), d) in live.iter().zip(&self.devices) {
             if let Some(b) = &d.backend {
                 if b.num_queues() != s.rings.len() {
                     return Err(BridgeError::QueueMismatch {
@@ -137,6 +158,11 @@ impl Bridge {
                     });
                 }
             }
+            configs.push(page.config(&att.aperture, *slot)?);
+        }
+        for (((slot, _), d), config) in live.into_iter().zip(self.devices.iter_mut()).zip(configs) {
+            d.state.apply(DeviceEvent::Placed(slot));
+            d.last_config = config;
         }
         info!("adopted the card's device page at {offset:#x}");
         Ok(page)
@@ -166,7 +192,10 @@ impl Bridge {
     /// Moves the card's state and logs the change.
     pub(super) fn set_state(&mut self, input: CardInput) {
         if let Some(s) = self.card.apply(input) {
-            info!(
+            crate::limited!(
+                self.state_lines,
+                ("card state", 0),
+                info,
                 "card state: {s} (shutdown status {})",
                 self.card.shutdown_status()
             );
@@ -286,5 +315,32 @@ impl Bridge {
     /// Whether a closed link means the card is gone for good.
     pub(super) fn exits_on_close(&self) -> bool {
         self.card.state() == CardState::Ready && self.cfg.exit_on_poweroff
+    }
+}
+
+/// Where a fresh page goes when the card's page at `rejected` could not be
+/// adopted: never at the same offset, so the card sees the page move and
+/// drops the devices it had (`docs/vop-abi.md` section 2).
+fn fresh_page_offset(rejected: u64) -> u64 {
+    if rejected == abi::DP_DEFAULT_OFFSET {
+        abi::DP_DEFAULT_OFFSET + abi::DP_SIZE as u64
+    } else {
+        abi::DP_DEFAULT_OFFSET
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_page_never_reuses_the_rejected_offset() {
+        assert_eq!(fresh_page_offset(0), abi::DP_DEFAULT_OFFSET);
+        assert_eq!(fresh_page_offset(u64::MAX), abi::DP_DEFAULT_OFFSET);
+        assert_ne!(
+            fresh_page_offset(abi::DP_DEFAULT_OFFSET),
+            abi::DP_DEFAULT_OFFSET
+        );
+        assert!(fresh_page_offset(abi::DP_DEFAULT_OFFSET).is_multiple_of(4096));
     }
 }

@@ -2,7 +2,7 @@
 //! card's lifecycle events, memory tables, and the control doorbells through
 //! which the card's driver drives each device (`docs/vop-abi.md` 7.2, 7.3).
 
-use log::{debug, error, info, warn};
+use log::{debug, error, info};
 use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FAILED;
 
 use super::attached::Attached;
@@ -69,20 +69,37 @@ impl Bridge {
             },
             DeviceMessage::Doorbell { doorbell, value } => {
                 let Some(i) = self.device_on_doorbell(a, doorbell) else {
-                    warn!("card rang doorbell {doorbell} ({value:#x}), which no device owns");
+                    crate::limited!(
+                        self.card_lines,
+                        ("unowned doorbell", doorbell),
+                        warn,
+                        "card rang doorbell {doorbell} ({value:#x}), which no device owns"
+                    );
                     return Ok(None);
                 };
                 match DoorbellValue::from(value) {
                     DoorbellValue::Control => {
                         if let Err(e) = self.device_control(ev, a, i) {
-                            error!("device {i} ({}): {}", self.devices[i].name(), Report(&e));
+                            crate::limited!(
+                                self.card_lines,
+                                ("control doorbell", i as u32),
+                                error,
+                                "device {i} ({}): {}",
+                                self.devices[i].name(),
+                                Report(&e)
+                            );
                         }
                     }
                     DoorbellValue::Kick(q) => {
                         debug!("kick of queue {q} of device {i} before it started")
                     }
                     DoorbellValue::Reserved(v) => {
-                        warn!("device {i}: reserved doorbell value {v:#x} ignored")
+                        crate::limited!(
+                            self.card_lines,
+                            ("reserved doorbell value", i as u32),
+                            warn,
+                            "device {i}: reserved doorbell value {v:#x} ignored"
+                        )
                     }
                 }
             }
@@ -130,7 +147,23 @@ impl Bridge {
     ) -> Result<(), BridgeError> {
         let slot = self.slot(i)?;
         let ap = &a.att.aperture;
-        crate::page::check_unused_fields(ap, &a.page, slot);
+        let unused = crate::page::unused_fields(ap, &a.page, slot);
+        if unused.used_address_updated {
+            crate::limited!(
+                self.card_lines,
+                ("used_address_updated", i as u32),
+                warn,
+                "device {i}: card set used_address_updated; ignored (rings stay in the aperture)"
+            );
+        }
+        for q in unused.used_address {
+            crate::limited!(
+                self.card_lines,
+                ("used_address", i as u32),
+                warn,
+                "device {i} queue {q}: card wrote used_address; ignored"
+            );
+        }
         let ctrl = a.page.ctrl(ap, slot)?;
         if ctrl.vdev_reset != 0 {
             // docs/vop-abi.md 7.3
@@ -138,14 +171,21 @@ impl Bridge {
         }
         let status = a.page.status(ap, slot)?;
         if u32::from(status) & VIRTIO_CONFIG_S_FAILED != 0 {
-            warn!("device {i}: the card's driver failed (status {status:#x})");
+            crate::limited!(
+                self.card_lines,
+                ("driver failed", i as u32),
+                warn,
+                "device {i}: the card's driver failed (status {status:#x})"
+            );
         }
         let config = a.page.config(ap, slot)?;
         let d = &mut self.devices[i];
         if let Some((first, last)) = changed_range(&config, &d.last_config) {
             d.last_config = config.clone();
-            if let Some(b) = d.backend.as_mut() {
-                b.set_config(first as u32, &config[first..=last])?;
+            // `changed_range` stays inside `config`; `get` keeps a slip from
+            // ever panicking on card-sized data.
+            if let (Some(b), Some(bytes)) = (d.backend.as_mut(), config.get(first..=last)) {
+                b.set_config(first as u32, bytes)?;
             }
         }
         self.apply(ev, Some(a), i, DeviceEvent::Status(status))
@@ -163,5 +203,12 @@ mod tests {
         assert_eq!(changed_range(&[0, 0, 7, 0], &[0, 0, 0, 0]), Some((2, 2)));
         assert_eq!(changed_range(&[1, 2], &[1, 2, 3]), Some((0, 0)));
         assert_eq!(changed_range(&[], &[1]), None);
+        // An adopted slot with no config space against a longer last-known
+        // config (a backend config change before a control doorbell).
+        assert_eq!(changed_range(&[], &(0..60).collect::<Vec<u8>>()), None);
+        for (new, old) in [(vec![9u8], vec![1u8, 2, 3]), (vec![1, 2, 3], vec![9])] {
+            let (first, last) = changed_range(&new, &old).unwrap();
+            assert!(first <= last && last < new.len(), "{new:?} vs {old:?}");
+        }
     }
 }

@@ -28,6 +28,7 @@ mod messages;
 mod requests;
 mod wiring;
 
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -39,8 +40,9 @@ use crate::abi::{CardState, ShutdownStatus};
 use crate::backend::Backend;
 use crate::card::CardTracker;
 use crate::config::{BridgeConfig, DeviceConfig};
-use crate::control::ControlServer;
+use crate::control::{ControlClient, ControlServer};
 use crate::event_loop::{EventLoop, Flow, Token};
+use crate::log_limit::LogLimiter;
 
 use attached::Attached;
 use device::{DeviceAction, DeviceEvent, DeviceState};
@@ -52,6 +54,9 @@ use wiring::Wiring;
 const TICK: Duration = Duration::from_millis(100);
 /// How often devices are checked (removals, config acks, backend returns).
 const DEVICE_CHECK: Duration = Duration::from_secs(1);
+
+/// Card state lines per log window.
+const STATE_LINES: u32 = 30;
 
 /// One configured device.
 struct Device {
@@ -91,11 +96,18 @@ pub struct Bridge {
     cfg: BridgeConfig,
     devices: Vec<Device>,
     control: Option<ControlServer>,
+    /// Control connections whose request line is still arriving.
+    clients: HashMap<u16, ControlClient>,
+    next_client: u16,
     card: CardTracker,
     tick: TimerFd,
     next_check: Instant,
     attached: Option<Attached>,
     detached: Detached,
+    /// Lines the card causes with each doorbell or page write.
+    card_lines: LogLimiter,
+    /// Card state changes (a real boot makes a handful in a few seconds).
+    state_lines: LogLimiter,
 }
 
 impl Bridge {
@@ -136,11 +148,15 @@ impl Bridge {
             cfg,
             devices,
             control,
+            clients: HashMap::new(),
+            next_client: 0,
             card: CardTracker::from_snapshot(false, 0, 0),
             tick,
             next_check: Instant::now() + DEVICE_CHECK,
             attached: None,
             detached,
+            card_lines: LogLimiter::default(),
+            state_lines: LogLimiter::new(STATE_LINES, crate::log_limit::WINDOW),
         })
     }
 
@@ -180,8 +196,12 @@ impl Bridge {
             Token::Link { .. } => self.with_attached(ev, |b, ev, a| b.on_link(ev, a)),
             Token::Tick { .. } => self.on_tick(ev),
             Token::Control { .. } => {
+                self.on_control(ev);
+                Ok(Flow::Continue)
+            }
+            Token::ControlClient { client, .. } => {
                 let mut a = self.attached.take();
-                self.on_control(ev, a.as_mut());
+                self.on_control_client(ev, a.as_mut(), client);
                 self.attached = a;
                 Ok(Flow::Continue)
             }
@@ -222,10 +242,12 @@ impl Bridge {
         let Some(mut a) = self.attached.take() else {
             return Ok(Flow::Continue);
         };
-        let mut ended = f(self, ev, &mut a)?;
+        let mut ended = detach_on_link_error(f(self, ev, &mut a))?;
         while ended.is_none() && a.link.has_pending() {
-            let m = a.link.recv()?;
-            ended = self.on_message(ev, &mut a, m)?;
+            ended = match a.link.recv() {
+                Ok(m) => detach_on_link_error(self.on_message(ev, &mut a, m))?,
+                Err(e) => detach_on_link_error(Err(e.into()))?,
+            };
         }
         match ended {
             None => {
@@ -241,6 +263,7 @@ impl Bridge {
             debug!("tick: {e}");
         }
         let now = Instant::now();
+        self.expire_clients(ev, now);
         let mut flow = Flow::Continue;
         if self.attached.is_none() && now >= self.detached.retry_at {
             flow = self.try_attach(ev)?;
@@ -322,12 +345,20 @@ impl Bridge {
                 (DeviceAction::Unwire, a) => {
                     if let Some(w) = self.devices[i].wiring.take() {
                         if let Some(a) = a {
-                            a.unwire(&w);
+                            self.unwire(a, i, &w);
                         }
                     }
                 }
                 (DeviceAction::DropBackend, _) => self.drop_backend(ev, i),
-                (DeviceAction::AckReset, Some(a)) => a.ack_device_reset(i, self.slot(i)?)?,
+                (DeviceAction::AckReset, Some(a)) => {
+                    a.ack_device_reset(i, self.slot(i)?)?;
+                    crate::limited!(
+                        self.card_lines,
+                        ("device reset", i as u32),
+                        info,
+                        "device {i} reset by the card"
+                    );
+                }
                 (DeviceAction::AskRemoval, Some(a)) => a.ask_removal(self.slot(i)?)?,
                 (DeviceAction::ClearSlot { slot, acked }, Some(a)) => {
                     self.clear_slot(a, i, slot, acked)
@@ -348,6 +379,20 @@ impl Bridge {
     }
 }
 
+/// A failed device link (closed, flooded, malformed) ends the attachment,
+/// never the bridge: it attaches again.
+fn detach_on_link_error(
+    r: Result<Option<Ended>, BridgeError>,
+) -> Result<Option<Ended>, BridgeError> {
+    match r {
+        Err(e) if e.is_link() => {
+            error!("device link: {}; reattaching", Report(&e));
+            Ok(Some(Ended::Detached))
+        }
+        r => r,
+    }
+}
+
 impl Detached {
     fn new(connect_timeout: u64) -> Self {
         let now = Instant::now();
@@ -356,5 +401,20 @@ impl Detached {
             warned: false,
             retry_at: now,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device_protocol::ProtocolError;
+
+    #[test]
+    fn link_errors_detach_and_others_stay_errors() {
+        let r = detach_on_link_error(Err(ProtocolError::Flood.into()));
+        assert_eq!(r.unwrap(), Some(Ended::Detached));
+        let r = detach_on_link_error(Err(BridgeError::ApertureUnmapped));
+        assert!(matches!(r, Err(BridgeError::ApertureUnmapped)));
+        assert_eq!(detach_on_link_error(Ok(None)).unwrap(), None);
     }
 }

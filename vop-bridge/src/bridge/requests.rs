@@ -1,15 +1,19 @@
 //! Answers to the control socket's requests (the protocol is in
 //! [`crate::control`]).
 
-use log::info;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use log::{debug, info, warn};
+use vmm_sys_util::epoll::EventSet;
 
 use super::attached::Attached;
 use super::{Bridge, BridgeError, Report};
 use crate::backend::BackendError;
 use crate::card::CardInput;
-use crate::control::ControlRequest;
+use crate::control::{ClientRead, ControlRequest, MAX_CLIENTS};
 use crate::device_protocol::ProtocolError;
-use crate::event_loop::EventLoop;
+use crate::event_loop::{EventLoop, Token};
 
 /// Why a control request failed (answered as `error: <why>`).
 #[derive(Debug, thiserror::Error)]
@@ -46,16 +50,72 @@ pub(super) fn reply_text(reply: Result<String, ControlError>) -> String {
 }
 
 impl Bridge {
-    /// Answers one control connection.
-    pub(super) fn on_control(&mut self, ev: &EventLoop, a: Option<&mut Attached>) {
-        let Some(server) = &self.control else {
+    /// The control socket has connections: accept them and watch each one
+    /// for its request line (never reading here, so a slow client cannot
+    /// hold the loop).
+    pub(super) fn on_control(&mut self, ev: &EventLoop) {
+        loop {
+            let Some(server) = &self.control else {
+                return;
+            };
+            let Some(client) = server.accept_client() else {
+                return;
+            };
+            if self.clients.len() >= MAX_CLIENTS {
+                warn!("control socket: {MAX_CLIENTS} connections pending; one refused");
+                continue;
+            }
+            let mut id = self.next_client;
+            while self.clients.contains_key(&id) {
+                id = id.wrapping_add(1);
+            }
+            self.next_client = id.wrapping_add(1);
+            let token = Token::ControlClient {
+                card: self.card_id,
+                client: id,
+            };
+            if let Err(e) = ev.add(client.as_raw_fd(), token, EventSet::IN) {
+                warn!("control socket: {}", Report(&e));
+                continue;
+            }
+            self.clients.insert(id, client);
+        }
+    }
+
+    /// A control connection is readable: answer it once its line is in.
+    pub(super) fn on_control_client(&mut self, ev: &EventLoop, a: Option<&mut Attached>, id: u16) {
+        let Some(client) = self.clients.get_mut(&id) else {
             return;
         };
-        let Some((req, conn)) = server.accept() else {
-            return;
-        };
-        let reply = self.answer(ev, a, req);
-        conn.reply(&reply_text(reply));
+        match client.read() {
+            ClientRead::Pending => {}
+            ClientRead::Done => self.drop_client(ev, id),
+            ClientRead::Request(req, conn) => {
+                self.drop_client(ev, id);
+                let reply = self.answer(ev, a, req);
+                conn.reply(&reply_text(reply));
+            }
+        }
+    }
+
+    /// Closes control connections that had their time.
+    pub(super) fn expire_clients(&mut self, ev: &EventLoop, now: Instant) {
+        let late: Vec<u16> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.expired(now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late {
+            debug!("control socket: connection {id} sent no request in time; closed");
+            self.drop_client(ev, id);
+        }
+    }
+
+    fn drop_client(&mut self, ev: &EventLoop, id: u16) {
+        if let Some(c) = self.clients.remove(&id) {
+            ev.remove(c.as_raw_fd());
+        }
     }
 
     fn answer(

@@ -1,9 +1,9 @@
 //! Starting and stopping a device: the backend gets the memory table and the
 //! rings, QEMU gets the kick and call eventfds (`docs/vop-abi.md` 7.2).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
-use log::{debug, info, warn};
+use log::{debug, warn};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -48,7 +48,44 @@ impl Wiring {
     }
 }
 
+/// The call eventfds other running devices have on `vector` (the card may
+/// put several devices on one vector; `SET_VECTOR_FD` without an fd removes
+/// every fd of the vector, so these go back after a device is unwired).
+fn calls_sharing<'a>(
+    wirings: impl Iterator<Item = (usize, Option<&'a Wiring>)>,
+    vector: u32,
+    except: usize,
+) -> Vec<RawFd> {
+    wirings
+        .filter(|(j, _)| *j != except)
+        .filter_map(|(_, w)| w.filter(|w| w.vector == vector))
+        .flat_map(|w| w.calls.iter().map(|c| c.as_raw_fd()))
+        .collect()
+}
+
 impl Bridge {
+    /// Asks the device to forget device `i`'s eventfds, keeping the call
+    /// eventfds of other devices on the same vector.
+    pub(super) fn unwire(&self, a: &mut Attached, i: usize, w: &Wiring) {
+        a.unwire(w);
+        let others = calls_sharing(
+            self.devices
+                .iter()
+                .enumerate()
+                .map(|(j, d)| (j, d.wiring.as_ref())),
+            w.vector,
+            i,
+        );
+        for fd in others {
+            if let Err(e) = a.link.send(&HostMessage::SetVectorFd {
+                vector: w.vector,
+                fd: Some(fd),
+            }) {
+                warn!("rewiring vector {}: {e}", w.vector);
+            }
+        }
+    }
+
     /// Starts a device's backend (`docs/vop-abi.md` 7.2 step 3). `resume`
     /// continues from the rings' used indices (reattach, backend restart).
     /// Returns whether it started (`false`: no backend connected yet).
@@ -91,6 +128,10 @@ impl Bridge {
                 call: &w.calls[q],
             });
         }
+        // A reconnected backend starts from its defaults (mic-blk: writeback);
+        // it learns the card's choices before its rings run.
+        let page_config = a.page.config(ap, slot_index)?;
+        backend.replay_card_config(acked, &page_config)?;
         backend.start(acked, &regions, &setups)?;
         for q in 0..slot.rings.len() {
             a.link.send(&HostMessage::SetDoorbellFd {
@@ -108,7 +149,10 @@ impl Bridge {
         for k in &w.kicks {
             let _ = k.write(1);
         }
-        info!(
+        crate::limited!(
+            self.card_lines,
+            ("device started", i as u32),
+            info,
             "device {i} ({}) started: {} queues, features {acked:#x}, doorbell {}, vector {vector}",
             self.devices[i].name(),
             slot.rings.len(),
@@ -130,13 +174,19 @@ impl Bridge {
             }
         }
         if let (true, Some(a)) = (unwire, a) {
-            a.unwire(&w);
+            self.unwire(a, i, &w);
             if let Err(e) = a.link.sync() {
                 warn!("unwiring device {i}: {e}");
             }
         }
         drop(w);
-        info!("device {i} ({}) stopped", self.devices[i].name());
+        crate::limited!(
+            self.card_lines,
+            ("device stopped", i as u32),
+            info,
+            "device {i} ({}) stopped",
+            self.devices[i].name()
+        );
     }
 
     /// Watches device `i`'s backend socket and request channel.
@@ -164,5 +214,28 @@ impl Bridge {
                 ev.remove(fd);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unwiring_keeps_the_calls_of_devices_sharing_the_vector() {
+        let a = Wiring::new(3, 0, 2).unwrap();
+        let b = Wiring::new(3, 1, 1).unwrap();
+        let c = Wiring::new(4, 2, 1).unwrap();
+        let all = [Some(&a), Some(&b), None, Some(&c)];
+        let it = || all.iter().copied().enumerate();
+        // Unwiring a: b's call goes back, c is on another vector.
+        assert_eq!(calls_sharing(it(), 3, 0), vec![b.calls[0].as_raw_fd()]);
+        // Unwiring b: both of a's calls go back.
+        assert_eq!(
+            calls_sharing(it(), 3, 1),
+            vec![a.calls[0].as_raw_fd(), a.calls[1].as_raw_fd()]
+        );
+        // Alone on its vector: nothing to restore.
+        assert!(calls_sharing(it(), 4, 3).is_empty());
     }
 }

@@ -242,6 +242,11 @@ impl Qemu {
         }
     }
 
+    /// QEMU's process id (for its `/proc` entries).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Path of the device socket QEMU listens on.
     pub fn device_socket(&self) -> PathBuf {
         self.dir.path("mic.sock")

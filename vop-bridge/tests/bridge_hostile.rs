@@ -1,0 +1,511 @@
+//! The bridge against peers and a card that misbehave (`docs/architecture.md`,
+//! "Bounded waits" and "Reattaching"): a backend that never answers, control
+//! clients that trickle or never end their line, a stop signal while a peer
+//! stalls, and device-page pointers the card broke. Each test runs the real
+//! `vop-bridge` binary; the card is QEMU under qtest where one is needed.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use vop_bridge::abi::{self, reg};
+use vop_bridge::control;
+
+/// The bridge binary built with this test.
+fn bridge_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("vop-bridge")
+}
+
+/// A running bridge, killed when dropped.
+struct Bridge {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Bridge {
+    fn start(dir: &TestDir, args: &[&std::ffi::OsStr]) -> Bridge {
+        let log = dir.path("bridge.log");
+        let child = Command::new(bridge_bin())
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn vop-bridge");
+        Bridge { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the bridge to exit on its own.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0);
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A vhost-user "backend" that accepts connections and never reads or
+/// answers; it keeps them open until dropped.
+struct SilentBackend {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<std::sync::Mutex<Vec<UnixStream>>>,
+}
+
+impl SilentBackend {
+    fn new(path: PathBuf) -> SilentBackend {
+        let l = UnixListener::bind(&path).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, a) = (stop.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((c, _)) = l.accept() {
+                    a.lock().unwrap().push(c);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        SilentBackend {
+            path,
+            stop,
+            accepted,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.accepted.lock().unwrap().len()
+    }
+}
+
+impl Drop for SilentBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn os(s: &str) -> &std::ffi::OsStr {
+    s.as_ref()
+}
+
+#[test]
+fn a_backend_that_never_answers_is_given_up_not_waited_for() {
+    let dir = TestDir::new("silent-backend");
+    let backend = SilentBackend::new(dir.path("console.sock"));
+    let dev = dir.path("dev.sock");
+    let mut b = Bridge::start(
+        &dir,
+        &[
+            os("--device-socket"),
+            dev.as_os_str(),
+            os("--console"),
+            backend.path.as_os_str(),
+            os("--connect-timeout"),
+            os("60"),
+        ],
+    );
+    wait_until(Duration::from_secs(10), "the bridge to connect", || {
+        backend.connections() > 0
+    });
+    // The handshake's first reply never comes: the bridge gives the backend
+    // its reply deadline (5 s), not for ever, and fails like for a backend
+    // that is not there.
+    let st = b.wait_exit(Duration::from_secs(15));
+    let st = st.unwrap_or_else(|| panic!("the bridge still waits: {}", b.log()));
+    assert!(!st.success(), "{st}");
+}
+
+#[test]
+fn sigterm_while_a_backend_stalls_ends_the_bridge_within_a_second() {
+    let dir = TestDir::new("sigterm-stall");
+    let backend = SilentBackend::new(dir.path("console.sock"));
+    let dev = dir.path("dev.sock");
+    let mut b = Bridge::start(
+        &dir,
+        &[
+            os("--device-socket"),
+            dev.as_os_str(),
+            os("--console"),
+            backend.path.as_os_str(),
+            os("--connect-timeout"),
+            os("60"),
+        ],
+    );
+    wait_until(Duration::from_secs(10), "the bridge to connect", || {
+        backend.connections() > 0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(b.running(), "{}", b.log());
+    let sent = Instant::now();
+    b.signal(libc::SIGTERM);
+    let st = b.wait_exit(Duration::from_secs(5));
+    let took = sent.elapsed();
+    assert!(st.is_some(), "the bridge ignored SIGTERM: {}", b.log());
+    assert!(took < Duration::from_secs(1), "exit took {took:?}");
+}
+
+#[test]
+fn sigterm_ends_a_waiting_bridge_within_a_second() {
+    // No device socket yet, one backend that does not exist yet: the bridge
+    // waits for both.
+    let dir = TestDir::new("sigterm-wait");
+    let dev = dir.path("dev.sock");
+    let sock = dir.path("missing.sock");
+    let mut b = Bridge::start(
+        &dir,
+        &[
+            os("--device-socket"),
+            dev.as_os_str(),
+            os("--blk"),
+            sock.as_os_str(),
+            os("--connect-timeout"),
+            os("60"),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(b.running(), "{}", b.log());
+    let sent = Instant::now();
+    b.signal(libc::SIGTERM);
+    assert!(b.wait_exit(Duration::from_secs(5)).is_some(), "{}", b.log());
+    assert!(sent.elapsed() < Duration::from_secs(1));
+}
+
+/// A bridge with no devices and no device yet: only its control socket.
+fn control_only_bridge(dir: &TestDir) -> (Bridge, PathBuf) {
+    let ctl = dir.path("ctl.sock");
+    let dev = dir.path("dev.sock");
+    let b = Bridge::start(
+        dir,
+        &[
+            os("--device-socket"),
+            dev.as_os_str(),
+            os("--control-socket"),
+            ctl.as_os_str(),
+        ],
+    );
+    wait_until(Duration::from_secs(10), "the control socket", || {
+        ctl.exists()
+    });
+    (b, ctl)
+}
+
+/// `status` answered within a second.
+fn status_is_prompt(ctl: &Path) {
+    let start = Instant::now();
+    let answer = control::request(ctl, "status").unwrap();
+    let took = start.elapsed();
+    assert!(answer.starts_with("state="), "{answer}");
+    assert!(took < Duration::from_secs(1), "status took {took:?}");
+}
+
+#[test]
+fn a_trickling_control_client_does_not_hold_the_bridge() {
+    let dir = TestDir::new("ctl-trickle");
+    let (mut b, ctl) = control_only_bridge(&dir);
+    status_is_prompt(&ctl);
+
+    // One byte a second, never a newline.
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let p = ctl.clone();
+    let trickler = std::thread::spawn(move || {
+        let mut c = UnixStream::connect(&p).unwrap();
+        let mut closed_after = None;
+        let start = Instant::now();
+        while !s.load(Ordering::Relaxed) {
+            if c.write_all(b"s").is_err() {
+                closed_after = Some(start.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        closed_after
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..4 {
+        status_is_prompt(&ctl);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The trickler had its deadline (2 s) and was closed.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let closed_after = trickler.join().unwrap();
+    assert!(
+        closed_after.is_some_and(|t| t < Duration::from_secs(5)),
+        "the trickling client was kept: {closed_after:?}"
+    );
+    assert!(b.running(), "{}", b.log());
+}
+
+#[test]
+fn a_control_line_without_end_is_cut_off() {
+    let dir = TestDir::new("ctl-long");
+    let (mut b, ctl) = control_only_bridge(&dir);
+    let p = ctl.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = UnixStream::connect(&p).unwrap();
+        c.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let start = Instant::now();
+        // 1 MiB, no newline: the bridge closes the connection long before.
+        let r = c.write_all(&vec![b'x'; 1 << 20]);
+        let mut rest = Vec::new();
+        let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+        let eof = c.read_to_end(&mut rest).is_ok();
+        (r.is_err(), eof, start.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    status_is_prompt(&ctl);
+    let (write_failed, eof, took) = writer.join().unwrap();
+    assert!(
+        write_failed,
+        "1 MiB without a newline was taken ({took:?}, eof {eof})"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    status_is_prompt(&ctl);
+    assert!(b.running(), "{}", b.log());
+}
+
+/// The card points SPAD14/15 at `offset`; the bridge (no devices) attaches
+/// and must publish a fresh page at `expect` instead of giving up.
+fn broken_page_is_replaced(offset: u64, expect: u64) {
+    let mut q = Qemu::start();
+    let card = Card::setup(&mut q);
+    q.writel(card.reg(reg::spad(abi::SPAD_DP_LO)), offset as u32);
+    q.writel(card.reg(reg::spad(abi::SPAD_DP_HI)), (offset >> 32) as u32);
+    let dir = TestDir::new("broken-page");
+    let ctl = dir.path("ctl.sock");
+    let dev = q.device_socket();
+    let mut b = Bridge::start(
+        &dir,
+        &[
+            os("--device-socket"),
+            dev.as_os_str(),
+            os("--control-socket"),
+            ctl.as_os_str(),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let lo = q.readl(card.reg(reg::spad(abi::SPAD_DP_LO)));
+        let hi = q.readl(card.reg(reg::spad(abi::SPAD_DP_HI)));
+        if u64::from(hi) << 32 | u64::from(lo) == expect {
+            break;
+        }
+        assert!(
+            b.running(),
+            "the bridge gave up on the card's page: {}",
+            b.log()
+        );
+        assert!(Instant::now() < deadline, "no fresh page: {}", b.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_until(Duration::from_secs(10), "the control socket", || {
+        ctl.exists()
+    });
+    status_is_prompt(&ctl);
+    assert!(b.running(), "{}", b.log());
+    // A restarted bridge adopts the fresh page.
+    drop(b);
+    std::fs::remove_file(&ctl).unwrap();
+    let mut b = Bridge::start(
+        &dir,
+        &[
+            os("--device-socket"),
+            dev.as_os_str(),
+            os("--control-socket"),
+            ctl.as_os_str(),
+        ],
+    );
+    wait_until(Duration::from_secs(10), "the control socket", || {
+        ctl.exists()
+    });
+    status_is_prompt(&ctl);
+    let lo = q.readl(card.reg(reg::spad(abi::SPAD_DP_LO)));
+    assert_eq!(u64::from(lo), expect & 0xffff_ffff);
+    assert!(b.running(), "{}", b.log());
+}
+
+#[test]
+fn a_page_offset_that_wraps_is_replaced() {
+    broken_page_is_replaced(u64::MAX - 7, abi::DP_DEFAULT_OFFSET);
+}
+
+#[test]
+fn a_page_without_magic_is_replaced_at_another_offset() {
+    // The aperture is zeroed: no magic at the usual offset.
+    broken_page_is_replaced(
+        abi::DP_DEFAULT_OFFSET,
+        abi::DP_DEFAULT_OFFSET + abi::DP_SIZE as u64,
+    );
+}
+
+/// A card under qtest, a real mic-console and the bridge serving both.
+struct ResetRig {
+    q: Qemu,
+    card: Card,
+    console: Child,
+    bridge: Bridge,
+    ctl: PathBuf,
+    _dir: TestDir,
+}
+
+impl ResetRig {
+    fn start() -> ResetRig {
+        let mut q = Qemu::start_with(&QemuArgs {
+            qmp: true,
+            ..QemuArgs::default()
+        });
+        let card = Card::setup(&mut q);
+        let dir = TestDir::new("stall-reset");
+        let sock = dir.path("console.sock");
+        let bin = bridge_bin().with_file_name("mic-console");
+        let console = Command::new(bin)
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--unix")
+            .arg(dir.path("con.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path("console.log")).unwrap())
+            .spawn()
+            .expect("spawn mic-console");
+        wait_until(Duration::from_secs(10), "mic-console's socket", || {
+            sock.exists()
+        });
+        let ctl = dir.path("ctl.sock");
+        let dev = q.device_socket();
+        let bridge = Bridge::start(
+            &dir,
+            &[
+                os("--device-socket"),
+                dev.as_os_str(),
+                os("--control-socket"),
+                ctl.as_os_str(),
+                os("--console"),
+                sock.as_os_str(),
+            ],
+        );
+        let mut rig = ResetRig {
+            q,
+            card,
+            console,
+            bridge,
+            ctl,
+            _dir: dir,
+        };
+        rig.wait_published();
+        rig
+    }
+
+    fn wait_published(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.q.readl(self.card.reg(reg::spad(abi::SPAD_DP_LO))) == 0 {
+            assert!(self.bridge.running(), "{}", self.bridge.log());
+            assert!(Instant::now() < deadline, "{}", self.bridge.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the backend (SIGSTOP: its sockets stay open, nothing answers)
+    /// and resets the card, so the bridge reconnects to the stalled backend
+    /// from its reset handler.
+    fn stall_backend_and_reset(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(
+            unsafe { libc::kill(self.console.id() as libc::pid_t, libc::SIGSTOP) },
+            0
+        );
+        self.q.qmp().execute("system_reset");
+        // The bridge is in its reset handler now, waiting on the backend.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+impl Drop for ResetRig {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.console.id() as libc::pid_t, libc::SIGCONT) };
+        let _ = self.console.kill();
+        let _ = self.console.wait();
+    }
+}
+
+#[test]
+fn a_backend_stalled_during_a_card_reset_does_not_hang_the_bridge() {
+    let mut rig = ResetRig::start();
+    status_is_prompt(&rig.ctl);
+    rig.stall_backend_and_reset();
+    // The reconnection gives up at its deadline and the loop answers again.
+    let start = Instant::now();
+    let answer = control::request(&rig.ctl, "status");
+    let took = start.elapsed();
+    assert!(
+        answer.as_ref().is_ok_and(|a| a.starts_with("state=")),
+        "{answer:?}: {}",
+        rig.bridge.log()
+    );
+    assert!(took < Duration::from_secs(10), "status took {took:?}");
+    status_is_prompt(&rig.ctl);
+    assert!(rig.bridge.running(), "{}", rig.bridge.log());
+}
+
+#[test]
+fn sigterm_during_a_stalled_card_reset_ends_the_bridge_within_a_second() {
+    let mut rig = ResetRig::start();
+    rig.stall_backend_and_reset();
+    let sent = Instant::now();
+    rig.bridge.signal(libc::SIGTERM);
+    let st = rig.bridge.wait_exit(Duration::from_secs(5));
+    let took = sent.elapsed();
+    assert!(
+        st.is_some(),
+        "the bridge ignored SIGTERM: {}",
+        rig.bridge.log()
+    );
+    assert!(took < Duration::from_secs(1), "exit took {took:?}");
+}
