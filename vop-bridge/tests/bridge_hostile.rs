@@ -456,10 +456,8 @@ impl ResetRig {
     /// from its reset handler.
     fn stall_backend_and_reset(&mut self) {
         // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(
-            unsafe { libc::kill(self.console.id() as libc::pid_t, libc::SIGSTOP) },
-            0
-        );
+        let rc = unsafe { libc::kill(self.console.id() as libc::pid_t, libc::SIGSTOP) };
+        assert_eq!(rc, 0);
         self.q.qmp().execute("system_reset");
         // The bridge is in its reset handler now, waiting on the backend.
         std::thread::sleep(Duration::from_millis(500));
