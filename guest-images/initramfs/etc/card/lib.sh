@@ -3,15 +3,17 @@
 # The kernel command line, read once.
 read -r CARD_CMDLINE </proc/cmdline
 
-# cmdline_get KEY DEFAULT -> value of KEY=value on the kernel command line
+# cmdline_get VAR KEY DEFAULT: sets VAR to the value of KEY=value on the
+# kernel command line, else to DEFAULT (no subshell: processes are dear
+# under TCG).
 cmdline_get() {
 	local w
 	for w in $CARD_CMDLINE; do
 		case "$w" in
-		"$1="*) echo "${w#*=}"; return 0 ;;
+		"$2="*) eval "$1=\${w#*=}"; return 0 ;;
 		esac
 	done
-	echo "$2"
+	eval "$1=\$3"
 }
 
 # Markers for tests go to the serial port (the card's log), else the console.
