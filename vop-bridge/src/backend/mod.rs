@@ -8,20 +8,18 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
-use std::fmt;
 
 use vhost::vhost_user::message::{FrontendReq, VhostUserConfigFlags};
 use vhost::vhost_user::{
-    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
-    VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_bindings::{virtio_blk, virtio_net};
+use virtio_bindings::virtio_blk;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::abi;
@@ -35,158 +33,14 @@ use crate::watchdog::Watchdog;
 /// for requests in flight.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The step of talking to a backend that failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    /// Connecting to its socket.
-    Connect,
-    /// A vhost-user request (vhost's own request numbers).
-    Request(FrontendReq),
-    /// Setting up the backend request channel.
-    BackendChannel,
-    /// Reading a request on the backend request channel.
-    BackendRequest,
-}
+mod device_config;
+mod error;
+mod features;
 
-impl fmt::Display for Step {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Step::Connect => f.write_str("connect"),
-            // FrontendReq's variants are named as in the vhost-user spec.
-            Step::Request(r) => write!(f, "{r:?}"),
-            Step::BackendChannel => f.write_str("backend request channel"),
-            Step::BackendRequest => f.write_str("backend request"),
-        }
-    }
-}
-
-/// Errors talking to a backend.
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    /// A vhost-user step failed.
-    #[error("{}: {step}", socket.display())]
-    Vhost {
-        /// Backend socket.
-        socket: PathBuf,
-        /// What failed.
-        step: Step,
-        /// Cause.
-        #[source]
-        err: vhost::Error,
-    },
-    /// The backend's config space is too short for the fields the bridge
-    /// adjusts.
-    #[error("{}: config space of {len} bytes, {needed} needed", socket.display())]
-    ShortConfig {
-        /// Backend socket.
-        socket: PathBuf,
-        /// Bytes the backend returned.
-        len: usize,
-        /// Bytes needed.
-        needed: usize,
-    },
-    /// The backend did not answer in time; the connection was shut down.
-    #[error("{}: {step}: no answer within {after:?}", socket.display())]
-    Timeout {
-        /// Backend socket.
-        socket: PathBuf,
-        /// What was waiting.
-        step: Step,
-        /// The deadline.
-        after: Duration,
-    },
-    /// The backend offers fewer queues than the device needs.
-    #[error("{}: offers {offered} queues, {needed} needed", socket.display())]
-    TooFewQueues {
-        /// Backend socket.
-        socket: PathBuf,
-        /// What `GET_QUEUE_NUM` answered.
-        offered: usize,
-        /// What the device's config asks for.
-        needed: usize,
-    },
-}
-
-/// Protocol features the bridge uses when the backend has them.
-const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
-    .union(VhostUserProtocolFeatures::REPLY_ACK)
-    .union(VhostUserProtocolFeatures::CONFIG)
-    .union(VhostUserProtocolFeatures::BACKEND_REQ);
-
-/// virtio-net features that need a control virtqueue, which vhost-user leaves
-/// to the frontend; the bridge keeps out of the data path, so it offers none.
-const NET_CTRL_FEATURES: u64 = bit(virtio_net::VIRTIO_NET_F_CTRL_VQ)
-    | bit(virtio_net::VIRTIO_NET_F_CTRL_RX)
-    | bit(virtio_net::VIRTIO_NET_F_CTRL_VLAN)
-    | bit(virtio_net::VIRTIO_NET_F_CTRL_RX_EXTRA)
-    | bit(virtio_net::VIRTIO_NET_F_GUEST_ANNOUNCE)
-    | bit(virtio_net::VIRTIO_NET_F_MQ)
-    | bit(virtio_net::VIRTIO_NET_F_CTRL_MAC_ADDR)
-    | bit(virtio_net::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
-    | bit(virtio_net::VIRTIO_NET_F_RSS)
-    | bit(virtio_net::VIRTIO_NET_F_HASH_REPORT);
-
-/// virtio-console `VIRTIO_CONSOLE_F_MULTIPORT` (virtio 1.2, 5.3.3);
-/// virtio-bindings has no virtio_console module, so the bit is stated here.
-const VIRTIO_CONSOLE_F_MULTIPORT: u32 = 1;
-
-/// A feature bit number as a mask.
-const fn bit(n: u32) -> u64 {
-    1 << n
-}
-
-/// Config space sizes the bridge asks for.
-fn config_len(kind: DeviceKind) -> u32 {
-    match kind {
-        // cols, rows, max_nr_ports, emerg_wr
-        DeviceKind::Console => 12,
-        // struct virtio_blk_config up to write_zeroes_may_unmap + padding
-        DeviceKind::Blk => 60,
-        // mac, status, max_virtqueue_pairs, mtu
-        DeviceKind::Net => 12,
-        // guest_cid (le64; virtio 1.2, 5.10.4)
-        DeviceKind::Vsock => 8,
-    }
-}
-
-/// The write-cache byte of a block device's config space (virtio 1.2
-/// 5.2.4, `writeback`; `wce` in virtio-bindings).
-const BLK_WCE_OFFSET: usize = std::mem::offset_of!(virtio_blk::virtio_blk_config, wce);
-
-/// The config bytes a fresh backend must be told so it serves the card as
-/// the card configured it: a block device's write-cache mode when the card
-/// acked `VIRTIO_BLK_F_CONFIG_WCE` and the page's byte (what the card last
-/// wrote) differs from the backend's (a backend starts in writeback).
-fn card_config_to_replay(
-    kind: DeviceKind,
-    acked: u64,
-    page_config: &[u8],
-    backend_config: &[u8],
-) -> Option<(u32, u8)> {
-    if kind != DeviceKind::Blk || acked & bit(virtio_blk::VIRTIO_BLK_F_CONFIG_WCE) == 0 {
-        return None;
-    }
-    let card = *page_config.get(BLK_WCE_OFFSET)?;
-    (backend_config.get(BLK_WCE_OFFSET) != Some(&card)).then_some((BLK_WCE_OFFSET as u32, card))
-}
-
-/// Records backend-initiated config changes (vhost-user `CONFIG_CHANGE_MSG`).
-#[derive(Default)]
-pub struct ConfigChangeFlag(AtomicBool);
-
-impl ConfigChangeFlag {
-    /// Returns and clears the flag.
-    pub fn take(&self) -> bool {
-        self.0.swap(false, Ordering::AcqRel)
-    }
-}
-
-impl VhostUserFrontendReqHandler for ConfigChangeFlag {
-    fn handle_config_change(&self) -> HandlerResult<u64> {
-        self.0.store(true, Ordering::Release);
-        Ok(0)
-    }
-}
+pub use device_config::ConfigChangeFlag;
+use device_config::{card_config_to_replay, config_len};
+pub use error::{BackendError, Step};
+use features::{bit, NET_CTRL_FEATURES, VIRTIO_CONSOLE_F_MULTIPORT, WANTED_PROTOCOL};
 
 /// Where one ring is and which eventfds serve it.
 pub struct RingSetup<'a> {
@@ -585,79 +439,5 @@ impl Backend {
     /// The vhost-user socket fd (readable or hung up when the backend dies).
     pub fn socket_fd(&self) -> RawFd {
         self.frontend.as_raw_fd()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::error::Error;
-
-    #[test]
-    fn steps_name_the_vhost_user_request() {
-        assert_eq!(
-            Step::Request(FrontendReq::SET_VRING_ADDR).to_string(),
-            "SET_VRING_ADDR"
-        );
-        assert_eq!(Step::Connect.to_string(), "connect");
-        let e = BackendError::Vhost {
-            socket: "/run/b.sock".into(),
-            step: Step::Request(FrontendReq::GET_FEATURES),
-            err: vhost::Error::InvalidOperation,
-        };
-        assert_eq!(e.to_string(), "/run/b.sock: GET_FEATURES");
-        assert!(e.source().is_some());
-    }
-
-    #[test]
-    fn the_cards_write_cache_choice_is_replayed_to_a_fresh_backend() {
-        let wce = 1u64 << virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
-        assert_eq!(BLK_WCE_OFFSET, 32);
-        let mut page = vec![0u8; 60];
-        let mut fresh = vec![0u8; 60];
-        fresh[32] = 1; // a new mic-blk starts in writeback
-                       // The card chose write-through: tell the backend.
-        assert_eq!(
-            card_config_to_replay(DeviceKind::Blk, wce, &page, &fresh),
-            Some((32, 0))
-        );
-        // The same mode already: nothing to send.
-        page[32] = 1;
-        assert_eq!(
-            card_config_to_replay(DeviceKind::Blk, wce, &page, &fresh),
-            None
-        );
-        // Without CONFIG_WCE acked, or for another device, or a short page.
-        page[32] = 0;
-        assert_eq!(
-            card_config_to_replay(DeviceKind::Blk, 0, &page, &fresh),
-            None
-        );
-        assert_eq!(
-            card_config_to_replay(DeviceKind::Net, wce, &page, &fresh),
-            None
-        );
-        assert_eq!(
-            card_config_to_replay(DeviceKind::Blk, wce, &[], &fresh),
-            None
-        );
-    }
-
-    #[test]
-    fn net_control_queue_features_are_withheld() {
-        // The same bits as the virtio spec's 5.1.3 numbers.
-        assert_eq!(
-            NET_CTRL_FEATURES,
-            (1 << 17)
-                | (1 << 18)
-                | (1 << 19)
-                | (1 << 20)
-                | (1 << 21)
-                | (1 << 22)
-                | (1 << 23)
-                | (1 << 2)
-                | (1 << 60)
-                | (1 << 57)
-        );
     }
 }
