@@ -133,13 +133,13 @@ fn os(s: &str) -> &std::ffi::OsStr {
     s.as_ref()
 }
 
-#[test]
-fn a_backend_that_never_answers_is_given_up_not_waited_for() {
-    let dir = TestDir::new("silent-backend");
+/// A bridge whose console backend accepts and never answers, once the
+/// bridge has connected to it.
+fn bridge_on_silent_backend(dir: &TestDir) -> (SilentBackend, Bridge) {
     let backend = SilentBackend::new(dir.path("console.sock"));
     let dev = dir.path("dev.sock");
-    let mut b = Bridge::start(
-        &dir,
+    let b = Bridge::start(
+        dir,
         &[
             os("--device-socket"),
             dev.as_os_str(),
@@ -152,6 +152,13 @@ fn a_backend_that_never_answers_is_given_up_not_waited_for() {
     wait_until(Duration::from_secs(10), "the bridge to connect", || {
         backend.connections() > 0
     });
+    (backend, b)
+}
+
+#[test]
+fn a_backend_that_never_answers_is_given_up_not_waited_for() {
+    let dir = TestDir::new("silent-backend");
+    let (_backend, mut b) = bridge_on_silent_backend(&dir);
     // The handshake's first reply never comes: the bridge gives the backend
     // its reply deadline (5 s), not for ever, and fails like for a backend
     // that is not there.
@@ -163,22 +170,7 @@ fn a_backend_that_never_answers_is_given_up_not_waited_for() {
 #[test]
 fn sigterm_while_a_backend_stalls_ends_the_bridge_within_a_second() {
     let dir = TestDir::new("sigterm-stall");
-    let backend = SilentBackend::new(dir.path("console.sock"));
-    let dev = dir.path("dev.sock");
-    let mut b = Bridge::start(
-        &dir,
-        &[
-            os("--device-socket"),
-            dev.as_os_str(),
-            os("--console"),
-            backend.path.as_os_str(),
-            os("--connect-timeout"),
-            os("60"),
-        ],
-    );
-    wait_until(Duration::from_secs(10), "the bridge to connect", || {
-        backend.connections() > 0
-    });
+    let (_backend, mut b) = bridge_on_silent_backend(&dir);
     std::thread::sleep(Duration::from_millis(300));
     assert!(b.running(), "{}", b.log());
     let sent = Instant::now();

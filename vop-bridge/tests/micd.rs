@@ -11,7 +11,7 @@ mod card;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use card::{bin, sha256_range, sum_in, tail, wait_for, Shell, TempDir, BOOT_TIMEOUT};
 use vop_bridge::micd::protocol::CardStatus;
@@ -182,18 +182,7 @@ impl Micd {
             Box::new(stream.try_clone().unwrap()),
             Box::new(stream.try_clone().unwrap()),
         );
-        // What is typed before the shell reads is lost: type until it answers.
-        wait_for(Duration::from_secs(90), "the console shell", || {
-            shell.type_text("echo READY-$((40 + 2))\n");
-            let tried = Instant::now();
-            while tried.elapsed() < Duration::from_secs(2) {
-                if shell.output().contains("READY-42") {
-                    return Some(());
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            None
-        });
+        shell.wait_ready();
         Console { shell, stream }
     }
 }

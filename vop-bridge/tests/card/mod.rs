@@ -275,6 +275,24 @@ impl Shell {
         self.writer.write_all(text.as_bytes()).unwrap();
     }
 
+    /// Waits until the shell answers: what is typed before it reads is
+    /// lost, so this types until it does (the typed line shows
+    /// `$((40 + 2))`; only the shell prints 42), looking for the answer for
+    /// up to 2 s after each try.
+    pub fn wait_ready(&mut self) {
+        wait_for(Duration::from_secs(90), "the console shell", || {
+            self.type_text("echo READY-$((40 + 2))\n");
+            let tried = Instant::now();
+            while tried.elapsed() < Duration::from_secs(2) {
+                if self.output().contains("READY-42") {
+                    return Some(());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            None
+        });
+    }
+
     /// Runs a shell command; returns its output and exit code.
     pub fn run_status(&mut self, cmd: &str, timeout: Duration) -> (String, i32) {
         self.marker += 1;
@@ -623,23 +641,10 @@ impl Card {
         self.wait_shell();
     }
 
-    /// Waits until the shell on the card's console answers. It may start
-    /// after the online marker, and what is typed before it reads is lost:
-    /// type until it answers (the typed line shows `$((40 + 2))`; only the
-    /// shell prints 42), looking for the answer for up to 2 s after each try.
+    /// Waits until the shell on the card's console answers (it may start
+    /// after the online marker): [`Shell::wait_ready`].
     pub fn wait_shell(&mut self) {
-        let shell = self.shell();
-        wait_for(Duration::from_secs(90), "the console shell", || {
-            shell.type_text("echo READY-$((40 + 2))\n");
-            let tried = Instant::now();
-            while tried.elapsed() < Duration::from_secs(2) {
-                if shell.output().contains("READY-42") {
-                    return Some(());
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            None
-        });
+        self.shell().wait_ready();
     }
 
     /// Everything the card printed on its serial port.
