@@ -329,7 +329,18 @@ fn vsock_works_after_a_backend_restart_and_a_card_reboot() {
 
     card.restart_vsock();
     wait_agent(&card);
-    assert_eq!(sh(&card, "cat /proc/sys/kernel/random/boot_id").0, boot_id);
+    // The bridge reconnects the restarted backend and restarts the device,
+    // which resets the card's connections of that moment: wait until a
+    // command runs to its end (same boot, so the same boot id).
+    let after = wait_for(
+        BOOT_TIMEOUT,
+        "a command through the restarted backend",
+        || {
+            let (out, _, code) = sh(&card, "cat /proc/sys/kernel/random/boot_id");
+            (code == 0 && !out.is_empty()).then_some(out)
+        },
+    );
+    assert_eq!(after, boot_id);
     let data = random(MIB);
     assert!(micctl(&card, &["exec", "--", "cat"], data.clone()).stdout == data);
 

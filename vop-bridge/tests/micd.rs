@@ -293,7 +293,22 @@ fn two_cards_come_online_and_follow_the_lifecycle() {
         assert!(c.devices.iter().all(|d| d.pid.is_some()));
     }
     let kinds: Vec<_> = cards[0].devices.iter().map(|d| d.kind.as_str()).collect();
-    assert_eq!(kinds, ["console", "blk", "net"]);
+    assert_eq!(kinds, ["console", "blk", "net", "vsock"]);
+    // Each card's agent answers by card name through micd; micN is CID N + 3.
+    for (i, c) in cards.iter().enumerate() {
+        assert_eq!(c.vsock_cid, Some(i as u32 + 3));
+    }
+    let out = m.micctl(&["exec", "mic1", "--", "sh", "-c", "mic-agent cid; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "4\n");
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let (there, back) = (m.dir.0.join("to-card"), m.dir.0.join("from-card"));
+    std::fs::write(&there, &data).unwrap();
+    m.ok(&["cp", there.to_str().unwrap(), "mic0:/tmp/data"]);
+    m.ok(&["cp", "mic0:/tmp/data", back.to_str().unwrap()]);
+    assert!(std::fs::read(&back).unwrap() == data, "cp changed the data");
     // The card has the address micd gave it, and reaches the host through
     // its passt: the gateway .254 is the host's loopback.
     let mut con = m.console("mic1");

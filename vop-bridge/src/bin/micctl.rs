@@ -138,8 +138,8 @@ fn main() {
     let cli = Cli::parse();
     let socket = cli.socket.clone().unwrap_or_else(default_control_socket);
     match cli.cmd {
-        Cmd::Exec(a) => agent::exec(&socket, a),
-        Cmd::Cp(a) => agent::cp(&socket, a),
+        Cmd::Exec(a) => agent::exec(&agent_socket(&socket, a.card.as_deref()), a),
+        Cmd::Cp(a) => agent::cp(&agent_socket(&socket, a.card()), a),
         _ => {}
     }
     let Some(req) = micd_request(&cli.cmd) else {
@@ -151,6 +151,34 @@ fn main() {
         // A vop-bridge answers micd's JSON with its own error line.
         Err(ClientError::NotMicd(_)) => std::process::exit(bridge(&socket, &cli.cmd)),
         Err(e) => fail(1, &format!("{e}: {}", cause(&e))),
+    }
+}
+
+/// Where the card agent of `card` is reached: through micd, the card's
+/// vsock socket from its status; otherwise `socket` names that vsock socket
+/// itself.
+fn agent_socket(socket: &Path, card: Option<&str>) -> PathBuf {
+    let Some(card) = card else {
+        return socket.to_path_buf();
+    };
+    let req = Request::Status {
+        cards: vec![card.to_string()],
+    };
+    match call(socket, &req, ANSWER_TIMEOUT) {
+        Ok(resp) if !resp.ok => std::process::exit(errors(&resp).max(1)),
+        Ok(resp) => match resp.cards.first() {
+            Some(CardStatus {
+                vsock_socket: Some(s),
+                ..
+            }) => PathBuf::from(s),
+            Some(c) => fail(
+                3,
+                &format!("{card} is {}: its agent is not reachable", c.state),
+            ),
+            None => fail(4, &format!("no card {card}")),
+        },
+        // Not micd: the card's vsock socket itself.
+        Err(_) => socket.to_path_buf(),
     }
 }
 

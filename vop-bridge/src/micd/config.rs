@@ -78,6 +78,9 @@ pub struct CardConfig {
     pub cmdline: String,
     /// A virtio console (`mic-console`).
     pub console: bool,
+    /// virtio-vsock (`vhost-device-vsock`, CID = node + 2 = N + 3 for micN;
+    /// `docs/vsock.md`), which the card agent (`micctl exec`, `cp`) uses.
+    pub vsock: bool,
     /// Disks (`[[micN.disk]]`); one default disk unless set.
     #[serde(rename = "disk")]
     pub disks: Vec<DiskConfig>,
@@ -104,6 +107,7 @@ impl Default for CardConfig {
             bios: None,
             cmdline: String::new(),
             console: true,
+            vsock: true,
             disks: vec![DiskConfig::default()],
             net: NetMode::default(),
             autoboot: true,

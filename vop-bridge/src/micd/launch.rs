@@ -25,6 +25,9 @@ pub struct Tools {
     pub image_dir: PathBuf,
     /// passt.
     pub passt: PathBuf,
+    /// vhost-device-vsock (`MIC_VSOCK`, else the workspace's
+    /// `build/vsock/bin/vhost-device-vsock`).
+    pub vsock: PathBuf,
     /// Whether micd runs as root (passt then keeps root's uid, as the
     /// state directory is private to it).
     pub root: bool,
@@ -51,6 +54,10 @@ impl Tools {
                 workspace.join("build/qemu/bin/qemu-system-x86_64"),
             ),
             image_dir: env_or("MIC_CARD_DIR", workspace.join("build/card")),
+            vsock: env_or(
+                "MIC_VSOCK",
+                workspace.join("build/vsock/bin/vhost-device-vsock"),
+            ),
             bin_dir,
             passt: PathBuf::from("passt"),
             // SAFETY: geteuid(2) has no arguments and cannot fail.
@@ -99,6 +106,12 @@ pub struct CardPlan {
     pub bridge_socket: PathBuf,
     /// Sockets the card's processes create besides those above.
     pub other_sockets: Vec<PathBuf>,
+}
+
+/// The vsock CID of card `index` (micN): N + 3, SCIF node N + 1 plus two
+/// (CIDs 0 to 2 are reserved; `docs/vsock.md`).
+pub fn vsock_cid(index: u16) -> u32 {
+    u32::from(index) + 3
 }
 
 impl CardPlan {
@@ -216,6 +229,23 @@ impl CardPlan {
             });
             expect.push("net");
         }
+        if cfg.vsock {
+            let sock = dir.vhost_socket("vsock");
+            let vm = format!(
+                "guest-cid={},socket={},uds-path={}",
+                vsock_cid(index),
+                sock.display(),
+                dir.vsock_uds().display()
+            );
+            let args = vec!["--vm".into(), vm.into()];
+            backends.push(proc("vsock", tools.vsock.clone(), args));
+            backend_sockets.push(sock.clone());
+            devices.push(DevicePlan {
+                kind: "vsock",
+                backend: "vsock".into(),
+                socket: sock,
+            });
+        }
 
         let firmware = cfg
             .firmware
@@ -320,7 +350,7 @@ impl CardPlan {
             net,
             device_socket: dir.device_socket(),
             bridge_socket: dir.bridge_socket(),
-            other_sockets: vec![dir.qmp_socket(), dir.console_socket()],
+            other_sockets: vec![dir.qmp_socket(), dir.console_socket(), dir.vsock_uds()],
         }
     }
 }
@@ -336,6 +366,7 @@ mod tests {
             bin_dir: "/b".into(),
             image_dir: "/img".into(),
             passt: "passt".into(),
+            vsock: "/v/vhost-device-vsock".into(),
             root: false,
         }
     }
@@ -357,7 +388,17 @@ mod tests {
             "console=ttyS0\n",
         );
         let names: Vec<_> = p.backends.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["console", "blk0", "passt", "net"]);
+        assert_eq!(names, ["console", "blk0", "passt", "net", "vsock"]);
+        // mic1 is SCIF node 2 and vsock CID 4.
+        let vsock = &p.backends[4];
+        assert_eq!(vsock.program, Path::new("/v/vhost-device-vsock"));
+        assert!(has(
+            &vsock.args,
+            &[
+                "--vm",
+                "guest-cid=4,socket=/s/mic1/vhost-vsock.sock,uds-path=/s/mic1/vsock.uds"
+            ]
+        ));
         assert_eq!(
             p.cmdline,
             "console=ttyS0 quiet mic.expect=console,blk,net mic.hostname=mic1 \
@@ -392,10 +433,12 @@ mod tests {
                 "--blk",
                 "/s/mic1/vhost-blk0.sock",
                 "--net",
-                "/s/mic1/vhost-net.sock"
+                "/s/mic1/vhost-net.sock",
+                "--vsock",
+                "/s/mic1/vhost-vsock.sock"
             ]
         ));
-        assert_eq!(p.backend_sockets.len(), 4);
+        assert_eq!(p.backend_sockets.len(), 5);
     }
 
     #[test]
@@ -425,7 +468,7 @@ mod tests {
         assert!(has(&p.qemu.args, &["-kernel", "/k/bzImage"]));
         assert_eq!(
             p.devices.iter().map(|d| d.kind).collect::<Vec<_>>(),
-            ["console", "blk", "blk"]
+            ["console", "blk", "blk", "vsock"]
         );
     }
 
@@ -437,7 +480,7 @@ mod tests {
             ..Default::default()
         };
         let p = CardPlan::new("mic3", 3, &cfg, &dir, &tools(), "c");
-        let net = p.backends.last().unwrap();
+        let net = p.backends.iter().find(|b| b.name == "net").unwrap();
         assert!(has(
             &net.args,
             &["--tap", "mic3", "--host-ip", "172.31.4.254/24"]

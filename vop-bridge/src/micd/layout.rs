@@ -93,6 +93,13 @@ impl CardDir {
         self.file("console.sock")
     }
 
+    /// The vsock backend's host-side socket (`uds-path`): host programs
+    /// connect to card ports through it (`CONNECT <port>`), and card
+    /// programs reach host services listening at `<it>_<port>`.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.file("vsock.uds")
+    }
+
     /// passt's socket.
     pub fn passt_socket(&self) -> PathBuf {
         self.file("passt.sock")

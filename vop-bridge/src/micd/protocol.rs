@@ -174,6 +174,11 @@ pub struct CardStatus {
     pub dir: String,
     /// The card's console as a unix socket (while it runs).
     pub console_socket: Option<String>,
+    /// The card's vsock CID (node + 2), if it has virtio-vsock.
+    pub vsock_cid: Option<u32>,
+    /// The vsock backend's host socket (`uds-path`) while the card runs:
+    /// `micctl exec` and `cp` reach the card agent through it.
+    pub vsock_socket: Option<String>,
     /// The last thing that went wrong starting or stopping the card.
     pub last_error: Option<String>,
 }

@@ -261,6 +261,7 @@ mod tests {
             bin_dir: "/nonexistent".into(),
             image_dir: state.into(),
             passt: "passt".into(),
+            vsock: "/nonexistent/vsock".into(),
             root: false,
         };
         let cfg = CardConfig {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use log::{error, info, warn};
 
 use super::config::{needs_ready, CardConfig};
-use super::launch::{CardPlan, Tools};
+use super::launch::{vsock_cid, CardPlan, Tools};
 use super::layout::CardDir;
 use super::lifecycle::{
     parse_bridge_status, parse_status, Action, CardState, Input, Lifecycle, Op, Refused,
@@ -515,6 +515,9 @@ impl Supervisor {
             dir: self.dir.dir().display().to_string(),
             console_socket: (running && self.cfg.console)
                 .then(|| self.dir.console_socket().display().to_string()),
+            vsock_cid: self.cfg.vsock.then(|| vsock_cid(self.index)),
+            vsock_socket: (running && self.cfg.vsock)
+                .then(|| self.dir.vsock_uds().display().to_string()),
             last_error: self.last_error.clone(),
         }
     }
@@ -553,10 +556,12 @@ mod tests {
             bin_dir: "/nonexistent".into(),
             image_dir: dir.clone(),
             passt: "passt".into(),
+            vsock: "/nonexistent/vsock".into(),
             root: false,
         };
         let cfg = CardConfig {
             console: false,
+            vsock: false,
             disks: vec![],
             net: NetMode::None,
             autoboot: false,

@@ -7,11 +7,14 @@ use clap::Args;
 
 use vop_bridge::agent_client::{copy_from_card, copy_to_card, AgentClient};
 
-/// `micctl exec [-- ] CMD ARGS...`
+/// `micctl exec [CARD] -- CMD ARGS...`
 #[derive(Args)]
 pub struct ExecArgs {
+    /// The card (through micd); without it, `-s` names the card's vsock
+    /// socket.
+    pub card: Option<String>,
     /// The command and its arguments (after `--`).
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(required = true, last = true)]
     argv: Vec<String>,
 }
 
@@ -34,6 +37,17 @@ fn fail(what: &str, e: &dyn std::error::Error) -> ! {
     eprintln!("{text}");
     // 255, as ssh does, so that it cannot be mistaken for the command's.
     std::process::exit(255)
+}
+
+impl CpArgs {
+    /// The card named by the `CARD:PATH` argument.
+    pub fn card(&self) -> Option<&str> {
+        [&self.src, &self.dst]
+            .into_iter()
+            .find(|a| card_path(a).is_some())
+            .and_then(|a| a.split_once(':'))
+            .map(|(card, _)| card)
+    }
 }
 
 /// Runs the command; exits with its status (128 + N for signal N).
