@@ -110,6 +110,21 @@ impl AgentClient {
         Self::connect_port(uds, AGENT_PORT)
     }
 
+    /// Connects like [`AgentClient::connect`], trying again for up to
+    /// `wait` while the backend refuses the port: the card reports
+    /// `online` from its driver a moment before its init starts the agent.
+    pub fn connect_when_up(uds: &Path, wait: std::time::Duration) -> Result<Self, AgentError> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Self::connect(uds) {
+                Err(AgentError::Refused { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// The same on another port.
     pub fn connect_port(uds: &Path, port: u32) -> Result<Self, AgentError> {
         let mut stream = connect_port(uds, port)?;

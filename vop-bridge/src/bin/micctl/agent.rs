@@ -2,6 +2,7 @@
 //! (`vop_bridge::agent_client`; `docs/vsock.md`).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Args;
 
@@ -26,6 +27,10 @@ pub struct CpArgs {
     /// Destination: a host path or CARD:PATH.
     dst: String,
 }
+
+/// How long `exec` and `cp` wait for an agent that is not listening yet (a
+/// card just online is still starting it).
+const AGENT_START_WAIT: Duration = Duration::from_secs(10);
 
 fn fail(what: &str, e: &dyn std::error::Error) -> ! {
     let mut text = format!("micctl: {what}: {e}");
@@ -52,7 +57,8 @@ impl CpArgs {
 
 /// Runs the command; exits with its status (128 + N for signal N).
 pub fn exec(socket: &Path, a: ExecArgs) -> ! {
-    let client = AgentClient::connect(socket).unwrap_or_else(|e| fail("exec", &e));
+    let client =
+        AgentClient::connect_when_up(socket, AGENT_START_WAIT).unwrap_or_else(|e| fail("exec", &e));
     let status = client
         .exec(
             &a.argv,
@@ -73,6 +79,9 @@ fn card_path(arg: &str) -> Option<&str> {
 
 /// Copies one file; exits 0 or 255.
 pub fn cp(socket: &Path, a: CpArgs) -> ! {
+    if let Err(e) = AgentClient::connect_when_up(socket, AGENT_START_WAIT) {
+        fail("cp", &e);
+    }
     let result = match (card_path(&a.src), card_path(&a.dst)) {
         (None, Some(remote)) => copy_to_card(socket, Path::new(&a.src), remote),
         (Some(remote), None) => copy_from_card(socket, remote, &PathBuf::from(&a.dst)),
