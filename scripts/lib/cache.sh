@@ -19,7 +19,9 @@
 # `scripts/setup` rebuilds (and needs the network again).
 
 mic_cache_dir() {
-    printf '%s\n' "${MIC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mic-emu}"
+    local home=${HOME:-}
+    [ -n "$home" ] || home=$(getent passwd "$(id -u)" | cut -d: -f6)
+    printf '%s\n' "${MIC_CACHE_DIR:-${XDG_CACHE_HOME:-$home/.cache}/mic-emu}"
 }
 
 # mic_hash_files ROOT PATH... -> one hash of the named files and directories
