@@ -344,18 +344,7 @@ fn broken_page_is_replaced(offset: u64, expect: u64) {
     // A restarted bridge adopts the fresh page.
     drop(b);
     std::fs::remove_file(&ctl).unwrap();
-    let mut b = Bridge::start(
-        &dir,
-        &[
-            os("--device-socket"),
-            dev.as_os_str(),
-            os("--control-socket"),
-            ctl.as_os_str(),
-        ],
-    );
-    wait_until(Duration::from_secs(10), "the control socket", || {
-        ctl.exists()
-    });
+    let (mut b, _) = control_only_bridge(&dir);
     status_is_prompt(&ctl);
     let lo = q.readl(card.reg(reg::spad(abi::SPAD_DP_LO)));
     assert_eq!(u64::from(lo), expect & 0xffff_ffff);

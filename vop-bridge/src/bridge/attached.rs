@@ -152,15 +152,17 @@ impl Attached {
 
     /// Hot removal, first half (`docs/vop-abi.md` 7.5): ask the card.
     pub fn ask_removal(&mut self, slot: usize) -> Result<(), BridgeError> {
+        self.signal_change(slot, abi::CONFIG_CHANGE_REMOVE)
+    }
+
+    /// Clears the slot's `guest_ack`, sets its `config_change` to `what`
+    /// and raises `h2c_config_db` (`docs/vop-abi.md` 7.5, 7.6).
+    fn signal_change(&mut self, slot: usize, what: u8) -> Result<(), BridgeError> {
         let ap = &self.att.aperture;
         self.page
             .set_ctrl_byte(ap, slot, ctrl_field::GUEST_ACK, 0)?;
-        self.page.set_ctrl_byte(
-            ap,
-            slot,
-            ctrl_field::CONFIG_CHANGE,
-            abi::CONFIG_CHANGE_REMOVE,
-        )?;
+        self.page
+            .set_ctrl_byte(ap, slot, ctrl_field::CONFIG_CHANGE, what)?;
         self.notify_config()
     }
 
@@ -185,17 +187,8 @@ impl Attached {
     /// `docs/vop-abi.md` 7.6: new config, `config_change = 2`, raise
     /// `h2c_config_db`.
     pub fn config_changed(&mut self, slot: usize, cfg: &[u8]) -> Result<(), BridgeError> {
-        let ap = &self.att.aperture;
-        self.page.write_config(ap, slot, cfg)?;
-        self.page
-            .set_ctrl_byte(ap, slot, ctrl_field::GUEST_ACK, 0)?;
-        self.page.set_ctrl_byte(
-            ap,
-            slot,
-            ctrl_field::CONFIG_CHANGE,
-            abi::CONFIG_CHANGE_CONFIG,
-        )?;
-        self.notify_config()
+        self.page.write_config(&self.att.aperture, slot, cfg)?;
+        self.signal_change(slot, abi::CONFIG_CHANGE_CONFIG)
     }
 
     /// Clears a config change the card acknowledged (`docs/vop-abi.md` 7.6).
