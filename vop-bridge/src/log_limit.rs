@@ -3,11 +3,13 @@
 //! lines per window; further lines in that window are counted, not written,
 //! and the next line written says how many were left out.
 //!
-//! (The `log` crate has no rate limiting, and none of the crates in
-//! `Cargo.lock` offers one for `log` records.)
+//! Each source's budget is the daemons' limiter
+//! (`mic_backend_common::ratelimit`); this adds the table of sources.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use mic_backend_common::ratelimit::LogLimiter as OneSource;
 
 /// What may log on its own: a kind of event and the device (or other index)
 /// it is about.
@@ -21,19 +23,13 @@ pub const WINDOW: Duration = Duration::from_secs(10);
 /// oldest windows are forgotten first.
 const MAX_SOURCES: usize = 256;
 
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    start: Instant,
-    written: u32,
-    suppressed: u64,
-}
-
-/// Per-source line budgets.
+/// Per-source line budgets: one [`mic_backend_common::ratelimit::LogLimiter`]
+/// (the daemons' "first `burst` lines per window, then a count") per source.
 #[derive(Debug)]
 pub struct LogLimiter {
     burst: u32,
     window: Duration,
-    sources: HashMap<Source, Bucket>,
+    sources: HashMap<Source, OneSource>,
 }
 
 impl Default for LogLimiter {
@@ -56,30 +52,17 @@ impl LogLimiter {
     /// `n` lines having been left out since its last one; `None` when not.
     pub fn allow_at(&mut self, source: Source, now: Instant) -> Option<u64> {
         if !self.sources.contains_key(&source) && self.sources.len() >= MAX_SOURCES {
-            let window = self.window;
-            self.sources
-                .retain(|_, b| now.saturating_duration_since(b.start) < window);
+            self.sources.retain(|_, l| !l.idle_at(now));
             if self.sources.len() >= MAX_SOURCES {
                 // Every source is busy: the newcomer shares their silence.
                 return None;
             }
         }
-        let b = self.sources.entry(source).or_insert(Bucket {
-            start: now,
-            written: 0,
-            suppressed: 0,
-        });
-        if now.saturating_duration_since(b.start) >= self.window {
-            b.start = now;
-            b.written = 0;
-        }
-        if b.written < self.burst {
-            b.written += 1;
-            Some(std::mem::take(&mut b.suppressed))
-        } else {
-            b.suppressed += 1;
-            None
-        }
+        let (burst, window) = (self.burst, self.window);
+        self.sources
+            .entry(source)
+            .or_insert_with(|| OneSource::new(burst, window))
+            .check_at(now)
     }
 
     /// [`Self::allow_at`] now.

@@ -74,6 +74,17 @@ impl LogLimiter {
     }
 }
 
+impl LogLimiter {
+    /// Whether the limiter's interval has run out at `now`; keyed
+    /// limiters forget such entries to bound their tables (a count of
+    /// lines left out goes with it).
+    pub fn idle_at(&self, now: Instant) -> bool {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.since
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.interval)
+    }
+}
+
 /// Logs like `log::$level!` through a [`LogLimiter`]: lines beyond the
 /// limiter's burst are left out, and the next line written reports how
 /// many were.
@@ -106,6 +117,16 @@ pub const fn per_minute() -> LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_once_its_interval_ran_out() {
+        let l = LogLimiter::new(1, Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert!(l.idle_at(t0), "never used");
+        assert_eq!(l.check_at(t0), Some(0));
+        assert!(!l.idle_at(t0 + Duration::from_secs(9)));
+        assert!(l.idle_at(t0 + Duration::from_secs(10)));
+    }
 
     #[test]
     fn first_burst_then_one_line_with_the_count_per_interval() {
