@@ -9,7 +9,7 @@ use virtio_bindings::virtio_ids;
 use crate::abi;
 
 /// Kinds of device the bridge serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     /// virtio-console (`mic-console`).

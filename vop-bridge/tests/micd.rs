@@ -713,3 +713,82 @@ fn cards_reach_each_other_through_the_host_on_taps() {
     assert_eq!(lines[..2], ["0", &*(16 * MIB).to_string()], "{received}");
     assert_eq!(sum_in(&received), sum_in(&sent));
 }
+
+/// A process the test started itself, killed at the end.
+struct Own(Child);
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_backend_the_user_runs_serves_a_card_device() {
+    // The user's own vhost-user-blk daemon (here a mic-blk started by hand)
+    // on a socket they name; micd starts no disk backend of its own.
+    let own = TempDir::new("micd-own-backend");
+    let img = card::image(&own.0, "own.img", 16 * MIB);
+    let sock = own.0.join("own-blk.sock");
+    let _blk = Own(Command::new(bin("mic-blk"))
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--image")
+        .arg(&img)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    wait_for(Duration::from_secs(10), "the user's backend", || {
+        sock.exists().then_some(())
+    });
+    let m = Micd::start(&format!(
+        "[mic0]\nmemory = 512\nnet = \"none\"\ndisk = []\n\
+         [[mic0.device]]\ntype = \"blk\"\nsocket = \"{}\"\n\
+         [mic1]\nmemory = 512\nnet = \"none\"\ndisk = []\nautoboot = false\n\
+         [[mic1.device]]\ntype = \"blk\"\nsocket = \"{}\"\n",
+        sock.display(),
+        own.0.join("nobody-listens.sock").display()
+    ));
+    m.wait_state(&["mic0"], "online");
+    let c = m.card("mic0");
+    let kinds: Vec<_> = c
+        .devices
+        .iter()
+        .map(|d| (d.kind.as_str(), d.backend.as_str(), d.pid.is_some()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("console", "console", true),
+            ("vsock", "vsock", true),
+            ("blk", "external", false)
+        ]
+    );
+    let mut con = m.console("mic0");
+    assert_eq!(
+        con.run("cat /sys/block/vda/size").trim(),
+        (16 * MIB / 512).to_string()
+    );
+    write_disk(&mut con, &img, 3);
+    // The socket is the user's: micd never removes it, not even when the
+    // card stops.
+    con.type_text("poweroff\n");
+    m.wait_state(&["mic0"], "ready");
+    assert!(sock.exists(), "micd removed the user's socket");
+
+    // A card whose named socket has no backend does not start, says why,
+    // and stays ready.
+    let out = m.micctl(&["boot", "mic1"]);
+    let c = m.wait_card("mic1", "the failed start", Duration::from_secs(30), |c| {
+        c.last_error.is_some()
+    });
+    assert_eq!(c.state, "ready", "{}", stderr(&out));
+    assert!(c
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("nobody-listens.sock"));
+    assert_eq!(c.qemu_pid, None);
+}

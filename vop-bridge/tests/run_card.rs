@@ -1,6 +1,6 @@
 //! The README's main command: `scripts/run-card` boots a card with console,
-//! disk and network, takes the console from stdin, and ends when the card
-//! powers off.
+//! disk and network through micd, takes the console from stdin, and ends
+//! when the card powers off.
 
 mod card;
 
@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use card::{wait_for, workspace, TempDir, BOOT_TIMEOUT};
 
-/// Starts `scripts/run-card ARGS` for a small card (64 MiB disk, 512 MiB,
-/// one CPU) with its work directory in `dir` and the console on a pipe;
-/// returns the child and the work directory.
+/// Starts `scripts/run-card ARGS` for small cards (64 MiB disk, 512 MiB,
+/// one CPU) with its work directory (micd's state directory) in `dir` and
+/// the console on a pipe; returns the child and the work directory.
 fn start_run_card(dir: &TempDir, args: &[&str]) -> (Child, PathBuf) {
     let work = dir.0.join("work");
     let child = Command::new(workspace().join("scripts/run-card"))
@@ -29,13 +29,39 @@ fn start_run_card(dir: &TempDir, args: &[&str]) -> (Child, PathBuf) {
     (child, work)
 }
 
+/// Every card as micd reports it (`micctl status --json`): name, state
+/// and QEMU's pid.
+fn card_states(work: &std::path::Path) -> Vec<(String, String, Option<u64>)> {
+    let out = Command::new(workspace().join("target/release/micctl"))
+        .arg("-s")
+        .arg(work.join("micd.sock"))
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["cards"]
+        .as_array()
+        .map(|cards| {
+            cards
+                .iter()
+                .map(|c| {
+                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                    (s("name"), s("state"), c["qemu_pid"].as_u64())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Two cards through micd; mic0's console on stdin; poweroff in mic0 ends
+/// the session and shuts mic1 down too.
 #[test]
 fn run_card_boots_takes_console_input_and_ends_on_poweroff() {
     let dir = TempDir::new("run-card");
-    let (mut child, work) = start_run_card(&dir, &["--net", "passt"]);
-    let console_log = work.join("console.log");
+    let (mut child, work) = start_run_card(&dir, &["--net", "passt", "--cards", "2"]);
+    let console_log = work.join("mic0/console.log");
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
-    let serial = work.join("serial.log");
+    let serial = work.join("mic0/serial.log");
     wait_for(
         BOOT_TIMEOUT + Duration::from_secs(120),
         "the card to come online",
@@ -56,7 +82,17 @@ fn run_card_boots_takes_console_input_and_ends_on_poweroff() {
             .contains("RUN-CARD-42 131072 ")
             .then_some(())
     });
-    assert!(work.join("disk.img").exists(), "no disk image was created");
+    assert!(
+        work.join("mic0/disk0.img").exists(),
+        "no disk image was created"
+    );
+    let qemus = wait_for(BOOT_TIMEOUT, "both cards online", || {
+        let s = card_states(&work);
+        let names: Vec<_> = s.iter().map(|c| (c.0.as_str(), c.1.as_str())).collect();
+        (names == [("mic0", "online"), ("mic1", "online")])
+            .then(|| s.iter().filter_map(|c| c.2).collect::<Vec<_>>())
+    });
+    assert_eq!(qemus.len(), 2, "micd shows no QEMU pid of a running card");
     stdin.write_all(b"poweroff\n").unwrap();
     let status = wait_for(Duration::from_secs(120), "run-card to end", || {
         child.try_wait().unwrap()
@@ -67,6 +103,13 @@ fn run_card_boots_takes_console_input_and_ends_on_poweroff() {
         err.contains("card state: ready (shutdown status poweroff)"),
         "{err}"
     );
+    // mic1 was shut down with the session: no QEMU of either card is left.
+    for pid in qemus {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "QEMU {pid} still runs"
+        );
+    }
 }
 
 /// `--bzimage` boots the compressed kernel through SeaBIOS, the ordinary
@@ -77,7 +120,7 @@ fn run_card_boots_the_bzimage_and_waits_only_for_attached_devices() {
     let dir = TempDir::new("run-card-bzimage");
     let (mut child, work) = start_run_card(&dir, &["--bzimage", "--net", "none"]);
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
-    let serial = work.join("serial.log");
+    let serial = work.join("mic0/serial.log");
     let online = wait_for(BOOT_TIMEOUT, "the card to come online", || {
         let s = read(&serial);
         let line = s.lines().find(|l| l.starts_with("mic-card: online "))?;
@@ -86,7 +129,7 @@ fn run_card_boots_the_bzimage_and_waits_only_for_attached_devices() {
     // Not after mic.wait's 30 s with whatever was there: with what was attached.
     assert_eq!(online, "mic-card: online devices=blk,console");
     let mut stdin = child.stdin.take().unwrap();
-    let console_log = work.join("console.log");
+    let console_log = work.join("mic0/console.log");
     wait_for(Duration::from_secs(60), "the console shell", || {
         stdin
             .write_all(b"echo BZIMAGE-$((6*7)) $(cat /sys/block/vda/size) $(ls /sys/class/net)\n")

@@ -97,6 +97,11 @@ enum Cmd {
     Console {
         /// The card.
         card: String,
+        /// Wait for the card's console, stay through reboots and crash
+        /// recoveries, and end once the card stays down (`ready` or
+        /// `reset_failed` for 3 s), as a serial console would.
+        #[arg(long)]
+        follow: bool,
     },
     /// Print the card's serial (kernel) and console history.
     Log {
@@ -209,7 +214,7 @@ fn micd_request(cmd: &Cmd) -> Option<Request> {
             settings: settings.clone(),
         },
         Cmd::Log { card } => Request::Log { card: card.clone() },
-        Cmd::Console { card } => Request::Status {
+        Cmd::Console { card, .. } => Request::Status {
             cards: vec![card.clone()],
         },
         Cmd::Devices { card: Some(card) } => Request::Bridge {
@@ -261,7 +266,7 @@ fn micd(socket: &Path, cmd: &Cmd, resp: Response) -> i32 {
             return wait_micd(socket, cards, &state[0], *timeout, resp);
         }
         Cmd::Config { .. } => {}
-        Cmd::Console { card } => return console(card, &resp),
+        Cmd::Console { card, follow } => return console(socket, card, *follow, &resp),
         _ => {
             let text = resp.text.unwrap_or_default();
             print!("{text}");
@@ -301,42 +306,122 @@ fn wait_micd(socket: &Path, cards: &[String], state: &str, timeout: u64, first: 
     }
 }
 
-/// Relays this terminal to the card's console until Ctrl-].
-fn console(card: &str, resp: &Response) -> i32 {
+/// How long a card must stay down before `console --follow` ends.
+const FOLLOW_DOWN: Duration = Duration::from_secs(3);
+
+/// Relays this terminal to the card's console until Ctrl-]; with `follow`,
+/// across the card's reboots until it stays down.
+fn console(socket: &Path, card: &str, follow: bool, first: &Response) -> i32 {
     use std::io::IsTerminal;
     use vmm_sys_util::terminal::Terminal;
 
-    let Some(c) = resp.cards.first() else {
-        return 1;
-    };
-    let Some(path) = &c.console_socket else {
-        fail(3, &format!("{card} is {}: it has no console now", c.state));
-    };
-    let stream = match std::os::unix::net::UnixStream::connect(path) {
-        Ok(s) => s,
-        Err(e) => fail(1, &format!("{path}: {e} (is another console attached?)")),
-    };
     let tty = std::io::stdin().is_terminal();
     if tty {
         let _ = std::io::stdin().lock().set_raw_mode();
-        eprintln!("micctl: attached to {card}; Ctrl-] detaches\r");
     }
-    let ended = console::relay(stream, std::io::stdin(), std::io::stdout());
+    let code = if follow {
+        follow_console(socket, card, first)
+    } else {
+        match first
+            .cards
+            .first()
+            .map(|c| (c, c.console_socket.as_deref()))
+        {
+            Some((_, Some(path))) => match attach(card, path, tty) {
+                Attached::Ended(code) => code,
+                Attached::Closed => 1,
+                Attached::Refused(e) => {
+                    eprintln!("micctl: {path}: {e} (is another console attached?)\r");
+                    1
+                }
+            },
+            Some((c, None)) => {
+                eprintln!("micctl: {card} is {}: it has no console now\r", c.state);
+                3
+            }
+            None => 1,
+        }
+    };
     if tty {
         let _ = std::io::stdin().lock().set_canon_mode();
     }
-    match ended {
+    code
+}
+
+/// How one attachment to a console ended.
+enum Attached {
+    /// Detached, or the input ended: micctl's exit code.
+    Ended(i32),
+    /// The console closed: the card stopped.
+    Closed,
+    /// The console could not be reached.
+    Refused(std::io::Error),
+}
+
+fn attach(card: &str, path: &str, tty: bool) -> Attached {
+    let stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) => return Attached::Refused(e),
+    };
+    if tty {
+        eprintln!("micctl: attached to {card}; Ctrl-] detaches\r");
+    }
+    match console::relay(stream, std::io::stdin(), std::io::stdout()) {
         Ok(Ended::ConsoleClosed) => {
-            eprintln!("\r\nmicctl: {card}'s console closed");
-            1
+            eprintln!("\r\nmicctl: {card}'s console closed\r");
+            Attached::Closed
         }
         Ok(_) => {
             if tty {
-                eprintln!("\r\nmicctl: detached from {card}; it keeps running");
+                eprintln!("\r\nmicctl: detached from {card}; it keeps running\r");
             }
-            0
+            Attached::Ended(0)
         }
-        Err(e) => fail(1, &format!("{card}'s console: {e}")),
+        Err(e) => {
+            eprintln!("micctl: {card}'s console: {e}\r");
+            Attached::Ended(1)
+        }
+    }
+}
+
+/// `console --follow`: attaches whenever the card has a console and ends
+/// on a detach, or once the card has been down for [`FOLLOW_DOWN`].
+fn follow_console(socket: &Path, card: &str, first: &Response) -> i32 {
+    use std::io::IsTerminal;
+    let tty = std::io::stdin().is_terminal();
+    let mut status = first.cards.first().cloned();
+    let mut down_since: Option<Instant> = None;
+    loop {
+        let Some(c) = status.take() else {
+            return 1;
+        };
+        match c.console_socket.as_deref() {
+            Some(path) if c.state == "booting" || c.state == "online" => {
+                down_since = None;
+                // Refused: its backend is still starting; closed: the card
+                // stopped. Either way, look again.
+                if let Attached::Ended(code) = attach(card, path, tty) {
+                    return code;
+                }
+            }
+            _ if c.state == "ready" || c.state == "reset_failed" => {
+                let since = *down_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= FOLLOW_DOWN {
+                    return 0;
+                }
+            }
+            _ => down_since = None,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let req = Request::Status {
+            cards: vec![card.to_string()],
+        };
+        match call(socket, &req, ANSWER_TIMEOUT) {
+            Ok(r) if r.ok => status = r.cards.into_iter().next(),
+            Ok(r) => return errors(&r).max(1),
+            // micd went away: nothing more will come.
+            Err(_) => return 1,
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::lifecycle::Policy;
+use crate::config::DeviceKind;
 
 /// How a card reaches the host's network.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +59,20 @@ impl Default for DiskConfig {
     }
 }
 
+/// A device whose vhost-user backend the user runs (qemu-storage-daemon,
+/// cloud-hypervisor's `vhost_user_net`, a daemon of ours started by hand):
+/// micd starts no process for it and the bridge connects to `socket`
+/// (`[[micN.device]]`; `docs/micd.md`, "Configuration").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalDevice {
+    /// Kind of device.
+    #[serde(rename = "type")]
+    pub kind: DeviceKind,
+    /// The backend's vhost-user socket; it must exist when the card boots.
+    pub socket: PathBuf,
+}
+
 /// One card's configuration (a `[micN]` table).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -86,6 +101,12 @@ pub struct CardConfig {
     pub disks: Vec<DiskConfig>,
     /// Network.
     pub net: NetMode,
+    /// Devices served by the user's own backends, after micd's own in the
+    /// device page.
+    #[serde(rename = "device")]
+    pub external: Vec<ExternalDevice>,
+    /// Arguments added to the end of the card's QEMU command line.
+    pub qemu_args: Vec<String>,
     /// Boot when micd starts.
     pub autoboot: bool,
     /// What happens after a crash.
@@ -110,6 +131,8 @@ impl Default for CardConfig {
             vsock: true,
             disks: vec![DiskConfig::default()],
             net: NetMode::default(),
+            external: Vec::new(),
+            qemu_args: Vec::new(),
             autoboot: true,
             policy: Policy::default(),
             accel: "tcg".into(),
@@ -188,6 +211,12 @@ impl CardConfig {
             return Err(ConfigError::Invalid(format!(
                 "{} disks; at most 4",
                 self.disks.len()
+            )));
+        }
+        if self.external.len() > 4 {
+            return Err(ConfigError::Invalid(format!(
+                "{} devices with their own backends; at most 4",
+                self.external.len()
             )));
         }
         Ok(())
@@ -335,6 +364,44 @@ size_mib = 64
             Some(Path::new("/srv/mic1.img"))
         );
         assert_eq!(m1.disks[1], DiskConfig::default());
+    }
+
+    #[test]
+    fn devices_with_their_own_backends_and_qemu_arguments() {
+        let c = MicdConfig::from_toml(
+            r#"
+[mic0]
+qemu_args = ["-d", "guest_errors"]
+[[mic0.device]]
+type = "blk"
+socket = "/run/qsd/blk0.sock"
+[[mic0.device]]
+type = "net"
+socket = "/run/ch/net.sock"
+"#,
+            Path::new("m"),
+        )
+        .unwrap();
+        let m0 = &c.cards[&0];
+        assert_eq!(m0.qemu_args, ["-d", "guest_errors"]);
+        assert_eq!(
+            m0.external,
+            [
+                ExternalDevice {
+                    kind: DeviceKind::Blk,
+                    socket: "/run/qsd/blk0.sock".into()
+                },
+                ExternalDevice {
+                    kind: DeviceKind::Net,
+                    socket: "/run/ch/net.sock".into()
+                }
+            ]
+        );
+        let p = Path::new("m");
+        assert!(
+            MicdConfig::from_toml("[[mic0.device]]\ntype = \"gpu\"\nsocket = \"/s\"\n", p).is_err()
+        );
+        assert!(MicdConfig::from_toml("[[mic0.device]]\ntype = \"blk\"\n", p).is_err());
     }
 
     #[test]

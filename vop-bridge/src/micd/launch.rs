@@ -71,11 +71,15 @@ impl Tools {
 pub struct DevicePlan {
     /// `console`, `blk` or `net`.
     pub kind: &'static str,
-    /// The backend process's name (`console`, `blk0`, `net`).
+    /// The backend process's name (`console`, `blk0`, `net`), or
+    /// [`EXTERNAL`] for a backend the user runs.
     pub backend: String,
     /// The backend's vhost-user socket.
     pub socket: PathBuf,
 }
+
+/// The backend name of a device whose backend the user runs.
+pub const EXTERNAL: &str = "external";
 
 /// Everything one boot of a card runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,6 +110,9 @@ pub struct CardPlan {
     pub bridge_socket: PathBuf,
     /// Sockets the card's processes create besides those above.
     pub other_sockets: Vec<PathBuf>,
+    /// The sockets of backends the user runs: checked before the card
+    /// starts, never removed.
+    pub external_sockets: Vec<PathBuf>,
 }
 
 /// The vsock CID of card `index` (micN): N + 3, SCIF node N + 1 plus two
@@ -229,6 +236,20 @@ impl CardPlan {
             });
             expect.push("net");
         }
+        let mut external_sockets = Vec::new();
+        let vsock_at = devices.len();
+        for d in &cfg.external {
+            let kind = d.kind.name();
+            devices.push(DevicePlan {
+                kind,
+                backend: EXTERNAL.into(),
+                socket: d.socket.clone(),
+            });
+            external_sockets.push(d.socket.clone());
+            if kind != "vsock" && !expect.contains(&kind) {
+                expect.push(kind);
+            }
+        }
         if cfg.vsock {
             let sock = dir.vhost_socket("vsock");
             let vm = format!(
@@ -240,11 +261,15 @@ impl CardPlan {
             let args = vec!["--vm".into(), vm.into()];
             backends.push(proc("vsock", tools.vsock.clone(), args));
             backend_sockets.push(sock.clone());
-            devices.push(DevicePlan {
-                kind: "vsock",
-                backend: "vsock".into(),
-                socket: sock,
-            });
+            // micd's own devices first in the page, the user's after them.
+            devices.insert(
+                vsock_at,
+                DevicePlan {
+                    kind: "vsock",
+                    backend: "vsock".into(),
+                    socket: sock,
+                },
+            );
         }
 
         let firmware = cfg
@@ -322,6 +347,7 @@ impl CardPlan {
         ]));
         q.push("-qmp".into());
         q.push(format!("unix:{},server=on,wait=off", dir.qmp_socket().display()).into());
+        q.extend(cfg.qemu_args.iter().map(OsString::from));
         let mut qemu = proc("qemu", tools.qemu.clone(), q);
         qemu.env.clear();
 
@@ -351,6 +377,7 @@ impl CardPlan {
             device_socket: dir.device_socket(),
             bridge_socket: dir.bridge_socket(),
             other_sockets: vec![dir.qmp_socket(), dir.console_socket(), dir.vsock_uds()],
+            external_sockets,
         }
     }
 }
@@ -470,6 +497,57 @@ mod tests {
             p.devices.iter().map(|d| d.kind).collect::<Vec<_>>(),
             ["console", "blk", "blk", "vsock"]
         );
+    }
+
+    #[test]
+    fn devices_with_their_own_backends_come_last() {
+        use crate::config::DeviceKind;
+        use crate::micd::config::ExternalDevice;
+        let dir = CardDir::new(Path::new("/s"), "mic0");
+        let cfg = CardConfig {
+            net: NetMode::None,
+            disks: vec![],
+            external: vec![
+                ExternalDevice {
+                    kind: DeviceKind::Blk,
+                    socket: "/q/blk.sock".into(),
+                },
+                ExternalDevice {
+                    kind: DeviceKind::Net,
+                    socket: "/ch/net.sock".into(),
+                },
+            ],
+            qemu_args: vec!["-d".into(), "guest_errors".into()],
+            ..Default::default()
+        };
+        let p = CardPlan::new("mic0", 0, &cfg, &dir, &tools(), "c");
+        assert_eq!(
+            p.devices
+                .iter()
+                .map(|d| (d.kind, d.backend.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("console", "console"),
+                ("vsock", "vsock"),
+                ("blk", EXTERNAL),
+                ("net", EXTERNAL)
+            ]
+        );
+        // No process of micd's for them, and never removed as stale.
+        assert_eq!(p.backends.len(), 2);
+        assert!(!p.all_sockets().contains(&PathBuf::from("/q/blk.sock")));
+        assert_eq!(p.external_sockets.len(), 2);
+        assert!(p.cmdline.contains("mic.expect=console,blk,net "));
+        assert!(has(
+            &p.bridge.args,
+            &[
+                "--vsock",
+                "/s/mic0/vhost-vsock.sock",
+                "--blk",
+                "/q/blk.sock"
+            ]
+        ));
+        assert!(p.qemu.args.ends_with(&os(&["-d", "guest_errors"])));
     }
 
     #[test]

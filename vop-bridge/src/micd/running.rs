@@ -3,6 +3,7 @@
 //! from an earlier micd, restarted when a helper dies, and stopped QEMU
 //! first (`docs/micd.md`, "Processes").
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,9 @@ pub enum StartError {
         #[source]
         source: ProcError,
     },
+    /// The socket of a backend the user runs is not there.
+    #[error("no vhost-user backend listens at {0} (a [[device]] of the card's config)")]
+    NoExternalSocket(PathBuf),
     /// A process exited before creating its socket.
     #[error("{name} exited at start (see {name}.log)")]
     Exited {
@@ -117,6 +121,11 @@ impl RunningCard {
                 };
                 let f = std::fs::File::create(path).map_err(image)?;
                 f.set_len(mib << 20).map_err(image)?;
+            }
+        }
+        for s in &plan.external_sockets {
+            if !s.metadata().is_ok_and(|m| m.file_type().is_socket()) {
+                return Err(StartError::NoExternalSocket(s.clone()));
             }
         }
         plan.all_sockets().iter().for_each(|s| remove_stale(s));
