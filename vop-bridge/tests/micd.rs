@@ -292,8 +292,22 @@ fn two_cards_come_online_and_follow_the_lifecycle() {
         assert!(c.qemu_pid.is_some() && c.bridge_pid.is_some());
         assert!(c.devices.iter().all(|d| d.pid.is_some()));
     }
-    let kinds: Vec<_> = cards[0].devices.iter().map(|d| d.kind.as_str()).collect();
-    assert_eq!(kinds, ["console", "blk", "net", "vsock"]);
+    let kinds: Vec<_> = cards[0]
+        .devices
+        .iter()
+        .map(|d| (d.kind.as_str(), d.backend.as_str()))
+        .collect();
+    // Two cards on passt: the second network device is the card-to-card link.
+    assert_eq!(
+        kinds,
+        [
+            ("console", "console"),
+            ("blk", "blk0"),
+            ("net", "net"),
+            ("net", "link"),
+            ("vsock", "vsock")
+        ]
+    );
     // Each card's agent answers by card name through micd; micN is CID N + 3.
     for (i, c) in cards.iter().enumerate() {
         assert_eq!(c.vsock_cid, Some(i as u32 + 3));
@@ -687,9 +701,62 @@ fn cards_reach_each_other_through_the_host_on_taps() {
     let c = m.card("mic1");
     assert_eq!(c.network.mode, "tap");
     assert_eq!(c.network.card_ip.as_deref(), Some("172.31.2.1/24"));
+    // mic0 -> host (mic0 tap) -> host (mic1 tap) -> mic1, and back.
+    ping_and_send_16_mib(&m);
+}
+
+#[test]
+fn cards_on_passt_reach_each_other_over_the_link() {
+    // No taps, no routing on the host: what works without root.
+    let m = Micd::start("[mic0]\nmemory = 512\ndisk = []\n[mic1]\nmemory = 512\ndisk = []\n");
+    m.wait_state(&["mic0", "mic1"], "online");
+    let c = m.card("mic0");
+    assert_eq!(c.network.mode, "passt");
+    let links: Vec<_> = c.devices.iter().filter(|d| d.backend == "link").collect();
+    assert_eq!(links.len(), 1, "{:?}", c.devices);
+    ping_and_send_16_mib(&m);
+    // Each card still reaches the host through its own passt, not the link.
+    let mut con = m.console("mic1");
+    let out = con.run(
+        "for i in /sys/class/net/eth*; do read -r a <$i/address; echo ${i##*/} $a; done; \
+         ip route get 172.31.2.254",
+    );
+    let link_if = out
+        .lines()
+        .find_map(|l| l.trim().strip_suffix(" 02:6d:69:63:00:01"))
+        .unwrap_or_else(|| panic!("no link interface: {out}"))
+        .to_string();
+    let host_route = out
+        .lines()
+        .find(|l| l.contains("172.31.2.254 dev "))
+        .unwrap();
+    assert!(!host_route.contains(&format!("dev {link_if} ")), "{out}");
+
+    // The link's hub dies; micd starts it again and the cards' mic-net
+    // reconnect: mic0 reaches mic1 again.
+    let pidfile = m.state().join("link.pid");
+    let hub: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the pid of the hub micd started.
+    unsafe { libc::kill(hub, libc::SIGKILL) };
+    wait_for(Duration::from_secs(30), "a new hub", || {
+        let now = std::fs::read_to_string(&pidfile).ok()?;
+        (now.trim().parse::<i32>().ok()? != hub).then_some(())
+    });
+    m.console("mic0").run(
+        "i=0; until ping -c 1 -W 1 172.31.2.1 >/dev/null; do \
+             i=$((i+1)); [ $i -lt 20 ] || break; done; ping -c 1 -W 2 172.31.2.1",
+    );
+}
+
+/// mic0 pings mic1 and back, then sends it 16 MiB: the same checksum on
+/// both sides.
+fn ping_and_send_16_mib(m: &Micd) {
     let mut mic0 = m.console("mic0");
     let mut mic1 = m.console("mic1");
-    // mic0 -> host (mic0 tap) -> host (mic1 tap) -> mic1, and back.
     mic0.run("ping -c 3 -W 5 172.31.2.1");
     mic1.run("ping -c 1 -W 5 172.31.1.1");
 

@@ -14,9 +14,10 @@ use log::{error, info};
 use vmm_sys_util::epoll::EventSet;
 
 use vop_bridge::event_loop::{EventHandler, EventLoop, EventLoopError, Flow, Token};
-use vop_bridge::micd::config::MicdConfig;
+use vop_bridge::micd::config::{MicdConfig, NetMode};
 use vop_bridge::micd::launch::Tools;
 use vop_bridge::micd::layout::{control_socket, default_state_dir, private_dir};
+use vop_bridge::micd::link;
 use vop_bridge::micd::report;
 use vop_bridge::micd::server::{Cards, ControlSocket};
 use vop_bridge::micd::supervisor::CardHandle;
@@ -106,9 +107,22 @@ fn run(cli: Cli) -> Result<(), String> {
         tools.qemu.display(),
         tools.image_dir.display()
     );
+    // Cards on passt have no path to each other but this link.
+    let linked: Vec<u16> = cfg
+        .cards
+        .iter()
+        .filter(|(_, c)| c.net == NetMode::Passt && c.link)
+        .map(|(i, _)| *i)
+        .collect();
+    let linked = if linked.len() >= 2 {
+        linked
+    } else {
+        Vec::new()
+    };
+    link::run(&tools.qemu, &state_dir, &linked).map_err(|e| report(&e))?;
     let mut handles = BTreeMap::new();
     for (i, c) in cfg.cards {
-        let h = CardHandle::start(i, c, &state_dir, tools.clone())
+        let h = CardHandle::start(i, c, &state_dir, tools.clone(), linked.contains(&i))
             .map_err(|e| format!("mic{i}: cannot start its supervisor: {e}"))?;
         handles.insert(i, h);
     }

@@ -101,6 +101,9 @@ pub struct CardConfig {
     pub disks: Vec<DiskConfig>,
     /// Network.
     pub net: NetMode,
+    /// Join the card-to-card link that micd runs for cards on passt when
+    /// two or more of them have this set (`link.rs`).
+    pub link: bool,
     /// Devices served by the user's own backends, after micd's own in the
     /// device page.
     #[serde(rename = "device")]
@@ -131,6 +134,7 @@ impl Default for CardConfig {
             vsock: true,
             disks: vec![DiskConfig::default()],
             net: NetMode::default(),
+            link: true,
             external: Vec::new(),
             qemu_args: Vec::new(),
             autoboot: true,

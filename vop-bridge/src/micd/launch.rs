@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::config::{CardConfig, NetMode};
 use super::layout::CardDir;
+use super::link::link_mac;
 use super::network::CardNet;
 use super::process::ProcSpec;
 
@@ -142,7 +143,8 @@ fn path_arg(p: &Path) -> OsString {
 
 impl CardPlan {
     /// Plans card `index` (`name`) with `cfg`; `base_cmdline` is the card
-    /// image's `cmdline` file.
+    /// image's `cmdline` file; `linked`: the card is on micd's card-to-card
+    /// link (`link.rs`).
     pub fn new(
         name: &str,
         index: u16,
@@ -150,6 +152,7 @@ impl CardPlan {
         dir: &CardDir,
         tools: &Tools,
         base_cmdline: &str,
+        linked: bool,
     ) -> Self {
         let proc = |pname: &str, program: PathBuf, args: Vec<OsString>| ProcSpec {
             name: pname.into(),
@@ -236,6 +239,27 @@ impl CardPlan {
             });
             expect.push("net");
         }
+        let link_mac = linked.then(|| link_mac(index));
+        if let Some(mac) = &link_mac {
+            let sock = dir.vhost_socket("link");
+            let mut stream = OsString::from("unix:");
+            stream.push(dir.link_socket().as_os_str());
+            let args = vec![
+                "--socket-path".into(),
+                path_arg(&sock),
+                "--stream".into(),
+                stream,
+                "--mac".into(),
+                mac.into(),
+            ];
+            backends.push(proc("link", tools.bin_dir.join("mic-net"), args));
+            backend_sockets.push(sock.clone());
+            devices.push(DevicePlan {
+                kind: "net",
+                backend: "link".into(),
+                socket: sock,
+            });
+        }
         let mut external_sockets = Vec::new();
         let vsock_at = devices.len();
         for d in &cfg.external {
@@ -291,6 +315,9 @@ impl CardPlan {
         );
         if let Some(n) = net {
             cmdline += &format!(" {}", n.kernel_params());
+        }
+        if let Some(mac) = &link_mac {
+            cmdline += &format!(" mic.link={mac}");
         }
         if !cfg.cmdline.trim().is_empty() {
             cmdline += &format!(" {}", cfg.cmdline.trim());
@@ -413,6 +440,7 @@ mod tests {
             &dir,
             &tools(),
             "console=ttyS0\n",
+            false,
         );
         let names: Vec<_> = p.backends.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["console", "blk0", "passt", "net", "vsock"]);
@@ -485,7 +513,7 @@ mod tests {
             cmdline: " loglevel=4 ".into(),
             ..Default::default()
         };
-        let p = CardPlan::new("mic0", 0, &cfg, &dir, &tools(), "c");
+        let p = CardPlan::new("mic0", 0, &cfg, &dir, &tools(), "c", false);
         assert_eq!(p.net, None);
         assert!(p
             .cmdline
@@ -520,7 +548,7 @@ mod tests {
             qemu_args: vec!["-d".into(), "guest_errors".into()],
             ..Default::default()
         };
-        let p = CardPlan::new("mic0", 0, &cfg, &dir, &tools(), "c");
+        let p = CardPlan::new("mic0", 0, &cfg, &dir, &tools(), "c", false);
         assert_eq!(
             p.devices
                 .iter()
@@ -551,13 +579,47 @@ mod tests {
     }
 
     #[test]
+    fn a_linked_card_has_a_second_network_device_on_the_hub() {
+        let dir = CardDir::new(Path::new("/s"), "mic1");
+        let p = CardPlan::new("mic1", 1, &CardConfig::default(), &dir, &tools(), "c", true);
+        let link = p.backends.iter().find(|b| b.name == "link").unwrap();
+        assert!(has(
+            &link.args,
+            &[
+                "--socket-path",
+                "/s/mic1/vhost-link.sock",
+                "--stream",
+                "unix:/s/mic1/link.sock",
+                "--mac",
+                "02:6d:69:63:00:01"
+            ]
+        ));
+        assert_eq!(
+            p.devices
+                .iter()
+                .map(|d| (d.kind, d.backend.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("console", "console"),
+                ("blk", "blk0"),
+                ("net", "net"),
+                ("net", "link"),
+                ("vsock", "vsock")
+            ]
+        );
+        assert!(p.cmdline.ends_with(" mic.link=02:6d:69:63:00:01"));
+        // The hub's socket is not the card's to remove.
+        assert!(!p.all_sockets().contains(&dir.link_socket()));
+    }
+
+    #[test]
     fn tap_as_root() {
         let dir = CardDir::new(Path::new("/s"), "mic3");
         let cfg = CardConfig {
             net: NetMode::Tap,
             ..Default::default()
         };
-        let p = CardPlan::new("mic3", 3, &cfg, &dir, &tools(), "c");
+        let p = CardPlan::new("mic3", 3, &cfg, &dir, &tools(), "c", false);
         let net = p.backends.iter().find(|b| b.name == "net").unwrap();
         assert!(has(
             &net.args,

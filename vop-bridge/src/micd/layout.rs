@@ -100,6 +100,12 @@ impl CardDir {
         self.file("vsock.uds")
     }
 
+    /// The card's end of the card-to-card link (created by micd's link hub,
+    /// `link.rs`).
+    pub fn link_socket(&self) -> PathBuf {
+        self.file("link.sock")
+    }
+
     /// passt's socket.
     pub fn passt_socket(&self) -> PathBuf {
         self.file("passt.sock")

@@ -9,6 +9,7 @@
 //! - [`running`]: a running card's processes, together;
 //! - [`layout`]: the state directory;
 //! - [`network`]: the address plan;
+//! - [`link`]: the card-to-card link for cards on passt;
 //! - [`record`]: what a new micd needs to adopt a running card;
 //! - [`supervisor`]: one thread per card that ties them together;
 //! - [`protocol`], [`server`]: the control socket;
@@ -19,6 +20,7 @@ pub mod console;
 pub mod launch;
 pub mod layout;
 pub mod lifecycle;
+pub mod link;
 pub mod network;
 pub mod process;
 pub mod protocol;

@@ -279,7 +279,7 @@ mod tests {
         };
         let dir = CardDir::new(state, "mic0");
         std::fs::create_dir_all(dir.dir()).unwrap();
-        let mut plan = CardPlan::new("mic0", 0, &cfg, &dir, &tools, "");
+        let mut plan = CardPlan::new("mic0", 0, &cfg, &dir, &tools, "", false);
         let fake = |spec: &mut ProcSpec, sock: &PathBuf, exits: bool| {
             let script = if exits {
                 "exit 3".to_string()

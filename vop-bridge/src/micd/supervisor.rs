@@ -64,15 +64,17 @@ pub struct CardHandle {
 impl CardHandle {
     /// Starts the supervisor of card `index`: adopts the card if it is
     /// still running from an earlier micd, else boots it if `autoboot`.
+    /// `linked`: the card is on micd's card-to-card link (`link.rs`).
     pub fn start(
         index: u16,
         cfg: CardConfig,
         state_dir: &Path,
         tools: Tools,
+        linked: bool,
     ) -> std::io::Result<Self> {
         let name = format!("mic{index}");
         let dir = CardDir::new(state_dir, &name);
-        let mut sup = Supervisor::new(index, cfg, dir.clone(), tools);
+        let mut sup = Supervisor::new(index, cfg, dir.clone(), tools, linked);
         let status = Arc::new(Mutex::new(sup.snapshot()));
         sup.status = status.clone();
         let (tx, rx) = channel();
@@ -134,6 +136,8 @@ impl CardHandle {
 struct Supervisor {
     name: String,
     index: u16,
+    /// On micd's card-to-card link.
+    linked: bool,
     cfg: CardConfig,
     dir: CardDir,
     tools: Tools,
@@ -157,10 +161,11 @@ fn now_unix() -> u64 {
 }
 
 impl Supervisor {
-    fn new(index: u16, cfg: CardConfig, dir: CardDir, tools: Tools) -> Self {
+    fn new(index: u16, cfg: CardConfig, dir: CardDir, tools: Tools, linked: bool) -> Self {
         let mut s = Supervisor {
             name: format!("mic{index}"),
             index,
+            linked,
             machine: Lifecycle::new(cfg.policy),
             cfg,
             dir,
@@ -185,7 +190,15 @@ impl Supervisor {
     fn plan_for(&self, cfg: &CardConfig) -> CardPlan {
         let base =
             std::fs::read_to_string(self.tools.image_dir.join("cmdline")).unwrap_or_default();
-        CardPlan::new(&self.name, self.index, cfg, &self.dir, &self.tools, &base)
+        CardPlan::new(
+            &self.name,
+            self.index,
+            cfg,
+            &self.dir,
+            &self.tools,
+            &base,
+            self.linked,
+        )
     }
 
     fn make_plan(&self) -> CardPlan {
@@ -567,7 +580,7 @@ mod tests {
             autoboot: false,
             ..Default::default()
         };
-        let h = CardHandle::start(3, cfg, &dir, tools).unwrap();
+        let h = CardHandle::start(3, cfg, &dir, tools, false).unwrap();
         let s = h.status();
         assert_eq!(
             (s.name.as_str(), s.state.as_str(), s.node, s.boots),
