@@ -25,6 +25,10 @@ struct Micd {
     args: Vec<std::ffi::OsString>,
     /// A command micd runs under (`ip netns exec NS`), which execs it.
     wrap: Vec<String>,
+    /// micd itself.
+    program: PathBuf,
+    /// Where micd finds QEMU, the card image and vhost-device-vsock.
+    env: Vec<(&'static str, PathBuf)>,
     process: Option<Child>,
 }
 
@@ -46,10 +50,88 @@ impl Micd {
             dir,
             args: vec!["--config".into(), file.into()],
             wrap: ["ip", "netns", "exec", ns].map(String::from).to_vec(),
+            program: bin("micd"),
+            env: Micd::tools(),
             process: None,
         };
         m.spawn();
         m
+    }
+
+    /// Writes `config` and starts micd on it as an ordinary user: as
+    /// `nobody` when the test runs as root, from hard links to the programs
+    /// and the card image (root's build cache is not `nobody`'s to read).
+    fn start_unprivileged(config: &str) -> Micd {
+        // SAFETY: geteuid(2) has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Micd::start(config);
+        }
+        let dir = TempDir::new("micd-nobody");
+        let file = dir.0.join("micd.toml");
+        std::fs::write(&file, config).unwrap();
+        let tools = dir.0.join("tools");
+        std::fs::create_dir(&tools).unwrap();
+        let link = |from: &Path, to: &str| {
+            let from = from.canonicalize().unwrap();
+            let st = Command::new("cp")
+                .arg("-al")
+                .arg(&from)
+                .arg(tools.join(to))
+                .status()
+                .unwrap();
+            assert!(st.success(), "cp -al {}", from.display());
+            tools.join(to)
+        };
+        let qemu = card::qemu().canonicalize().unwrap();
+        let prefix = link(qemu.parent().unwrap().parent().unwrap(), "qemu");
+        let card_dir = link(&card::card_dir(), "card");
+        let vsock = link(&card::vsock_backend(), "vhost-device-vsock");
+        std::fs::create_dir(tools.join("bin")).unwrap();
+        for b in ["micd", "vop-bridge", "mic-blk", "mic-net", "mic-console"] {
+            link(&bin(b), &format!("bin/{b}"));
+        }
+        let nobody = c"nobody";
+        // SAFETY: getpwnam(3) with a NUL-terminated name; the result is
+        // read at once, before any other passwd call.
+        let (uid, gid) = unsafe {
+            let pw = libc::getpwnam(nobody.as_ptr());
+            assert!(!pw.is_null(), "no user nobody");
+            ((*pw).pw_uid, (*pw).pw_gid)
+        };
+        std::os::unix::fs::chown(&dir.0, Some(uid), Some(gid)).unwrap();
+        let mut m = Micd {
+            args: vec!["--config".into(), file.into()],
+            // setpriv execs micd (runuser would fork and stay between).
+            wrap: vec![
+                "setpriv".into(),
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                "--clear-groups".into(),
+                "--".into(),
+            ],
+            program: tools.join("bin/micd"),
+            env: vec![
+                (
+                    "MIC_QEMU",
+                    prefix.join("bin").join(qemu.file_name().unwrap()),
+                ),
+                ("MIC_CARD_DIR", card_dir),
+                ("MIC_VSOCK", vsock),
+            ],
+            dir,
+            process: None,
+        };
+        m.spawn();
+        m
+    }
+
+    /// Where micd finds QEMU and the card image (and vhost-device-vsock
+    /// beside the workspace's build).
+    fn tools() -> Vec<(&'static str, PathBuf)> {
+        vec![
+            ("MIC_QEMU", card::qemu()),
+            ("MIC_CARD_DIR", card::card_dir()),
+        ]
     }
 
     /// Starts micd with these arguments (and a state directory).
@@ -58,6 +140,8 @@ impl Micd {
             dir,
             args,
             wrap: Vec::new(),
+            program: bin("micd"),
+            env: Micd::tools(),
             process: None,
         };
         m.spawn();
@@ -83,17 +167,16 @@ impl Micd {
         let mut cmd = match self.wrap.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(bin("micd"));
+                c.args(args).arg(&self.program);
                 c
             }
-            None => Command::new(bin("micd")),
+            None => Command::new(&self.program),
         };
         let child = cmd
             .args(&self.args)
             .arg("--state-dir")
             .arg(self.state())
-            .env("MIC_QEMU", card::qemu())
-            .env("MIC_CARD_DIR", card::card_dir())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -193,12 +276,15 @@ impl Drop for Micd {
         // The cards' processes run in sessions of their own: stop them by
         // their pid files, checking each still belongs to this directory.
         let state = self.state();
-        for card in std::fs::read_dir(&state).into_iter().flatten().flatten() {
-            for f in std::fs::read_dir(card.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
+        let dirs = std::fs::read_dir(&state)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .chain([state.clone()]);
+        for dir in dirs {
+            for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
                 if f.path().extension().is_none_or(|e| e != "pid") {
                     continue;
                 }
@@ -707,13 +793,26 @@ fn cards_reach_each_other_through_the_host_on_taps() {
 
 #[test]
 fn cards_on_passt_reach_each_other_over_the_link() {
-    // No taps, no routing on the host: what works without root.
-    let m = Micd::start("[mic0]\nmemory = 512\ndisk = []\n[mic1]\nmemory = 512\ndisk = []\n");
+    // No taps, no routing on the host: what works without root, as an
+    // ordinary user.
+    let m = Micd::start_unprivileged(
+        "[mic0]\nmemory = 512\ndisk = []\n[mic1]\nmemory = 512\ndisk = []\n",
+    );
     m.wait_state(&["mic0", "mic1"], "online");
     let c = m.card("mic0");
     assert_eq!(c.network.mode, "passt");
     let links: Vec<_> = c.devices.iter().filter(|d| d.backend == "link").collect();
     assert_eq!(links.len(), 1, "{:?}", c.devices);
+    // Nothing of the card runs as root.
+    let pids = [c.qemu_pid, c.bridge_pid, links[0].pid];
+    for pid in pids.into_iter().flatten() {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uid = st.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(
+            !uid.split_whitespace().any(|u| u == "0"),
+            "pid {pid}: {uid}"
+        );
+    }
     ping_and_send_16_mib(&m);
     // Each card still reaches the host through its own passt, not the link.
     let mut con = m.console("mic1");

@@ -548,3 +548,25 @@ fn repeated_frontend_actions_do_not_flood_the_log() {
         std::fs::read_to_string(&log).unwrap()
     );
 }
+
+/// The daemon's private relay socket exists only while a frontend
+/// connects: a daemon killed while serving leaves nothing in the
+/// temporary directory.
+#[test]
+fn a_killed_daemon_leaves_no_private_socket_behind() {
+    let s = Setup::new(1 << 20, 0);
+    let mut d = s.spawn(&["--num-queues", "1"]);
+    let mut f = connect(&s, 1);
+    assert_eq!(write(&mut f.queues[0], 0, &pattern(5, 512)), S_OK);
+    let mine = format!(".mic-blk-{}-", d.child.id());
+    let left = || {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&mine))
+            .count()
+    };
+    assert_eq!(left(), 0, "a private socket directory while serving");
+    d.signal_and_wait(libc::SIGKILL, TIMEOUT).unwrap();
+    assert_eq!(left(), 0);
+}

@@ -684,7 +684,6 @@ where
     N: FnMut() -> io::Result<B>,
     S: FnMut(&VhostUserDaemon<B>) -> io::Result<()>,
 {
-    let private = PrivateSocket::new(name).map_err(Error::Relay)?;
     let mut connections: u64 = 0;
     while let Some(front) = next_frontend(&endpoint, shutdown) {
         let backend = new_backend().map_err(Error::Backend)?;
@@ -692,10 +691,16 @@ where
         let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
         on_start(&daemon).map_err(Error::Backend)?;
-        daemon
-            .start_client(private.path())
-            .map_err(|e| Error::Daemon(e.to_string()))?;
-        let back = private.accept().map_err(Error::Relay)?;
+        // A private socket per connection, gone (file and directory) as
+        // soon as the daemon is connected: a daemon killed while it serves
+        // leaves nothing behind in the temporary directory.
+        let back = {
+            let private = PrivateSocket::new(name).map_err(Error::Relay)?;
+            daemon
+                .start_client(private.path())
+                .map_err(|e| Error::Daemon(e.to_string()))?;
+            private.accept().map_err(Error::Relay)?
+        };
         // A frontend we accepted must speak first within a deadline (so a
         // silent peer cannot hold the socket); one we connected to is the
         // one we were told to serve, and may take its time.
