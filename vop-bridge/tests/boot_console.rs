@@ -2,11 +2,9 @@
 //! --no-multiport`); resizing the host terminal reaches the card's hvc0
 //! through the vhost-user config-change path and the bridge.
 
-mod card;
-
 use std::time::Duration;
 
-use card::{wait_for, Card, CardOptions, ConsoleMode};
+use mic_test_support::{wait_for, Card, CardOptions, ConsoleMode};
 
 const CMD: Duration = Duration::from_secs(120);
 const RESIZE: Duration = Duration::from_secs(60);

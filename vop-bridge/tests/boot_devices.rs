@@ -1,12 +1,10 @@
 //! Boot tests: the card OS boots on the emulated X100 and uses its console
 //! and disk over VOP, served by the real daemons through the real bridge.
 
-mod card;
-
 use std::io::{Seek, SeekFrom, Write};
 use std::time::Duration;
 
-use card::{image, sha256_range, sum_in, Blk, Card, CardOptions};
+use mic_test_support::{image, sha256_range, sum_in, Blk, Card, CardOptions};
 
 const MIB: u64 = 1 << 20;
 const CMD: Duration = Duration::from_secs(120);
@@ -25,8 +23,8 @@ fn card_boots_online_and_console_answers() {
 
 #[test]
 fn disk_data_round_trips_and_survives_a_hard_kill() {
-    let tmp = card::TempDir::new("disk");
-    let img = image(&tmp.0, "disk.img", 96 * MIB);
+    let tmp = mic_test_support::TempDir::new("disk");
+    let img = image(tmp.path(), "disk.img", 96 * MIB);
     // Host data at 64 MiB that the card must read back unchanged.
     let host_data: Vec<u8> = (0..16 * MIB)
         .map(|i| (i * 2654435761 % 251) as u8)
@@ -87,8 +85,8 @@ fn disk_data_round_trips_and_survives_a_hard_kill() {
 
 #[test]
 fn third_party_backend_serves_the_disk() {
-    let tmp = card::TempDir::new("qsd");
-    let img = image(&tmp.0, "disk.img", 64 * MIB);
+    let tmp = mic_test_support::TempDir::new("qsd");
+    let img = image(tmp.path(), "disk.img", 64 * MIB);
     let mut card = Card::boot(CardOptions {
         blk: Blk::Qsd(img.clone()),
         expect: "console,blk",

@@ -2,17 +2,15 @@
 //! host-requested shutdown as the bridge reports them, and a bridge that
 //! restarts and reattaches to a running card.
 
-mod card;
-
 use std::time::Duration;
 
-use card::{image, sha256_range, sum_in, Blk, Card, CardOptions, BOOT_TIMEOUT};
+use mic_test_support::{image, sha256_range, sum_in, Blk, Card, CardOptions, BOOT_TIMEOUT};
 
 const MIB: u64 = 1 << 20;
 const CMD: Duration = Duration::from_secs(120);
 
-fn card_with_disk(tmp: &card::TempDir) -> (Card, std::path::PathBuf) {
-    let img = image(&tmp.0, "disk.img", 32 * MIB);
+fn card_with_disk(tmp: &mic_test_support::TempDir) -> (Card, std::path::PathBuf) {
+    let img = image(tmp.path(), "disk.img", 32 * MIB);
     let card = Card::boot(CardOptions {
         blk: Blk::MicBlk(img.clone()),
         expect: "console,blk",
@@ -67,18 +65,18 @@ fn host_requested_shutdown_powers_the_card_off() {
 
 #[test]
 fn reboot_restarts_and_devices_work_again() {
-    let tmp = card::TempDir::new("reboot");
+    let tmp = mic_test_support::TempDir::new("reboot");
     let (mut card, img) = card_with_disk(&tmp);
     disk_works(&mut card, &img, 1);
     card.type_text("reboot\n");
-    card::wait_for(BOOT_TIMEOUT, "the restart to be reported", || {
+    mic_test_support::wait_for(BOOT_TIMEOUT, "the restart to be reported", || {
         bridge_said(&card, "card state: shutting_down (shutdown status restart)").then_some(())
     });
-    card::wait_for(BOOT_TIMEOUT, "the reset", || {
+    mic_test_support::wait_for(BOOT_TIMEOUT, "the reset", || {
         bridge_said(&card, "card state: resetting").then_some(())
     });
     // Online again, on a new boot, with working devices.
-    card::wait_for(BOOT_TIMEOUT, "a second boot", || {
+    mic_test_support::wait_for(BOOT_TIMEOUT, "a second boot", || {
         (card.serial().matches("mic-card: online").count() >= 2).then_some(())
     });
     card.wait_state("online", BOOT_TIMEOUT);
@@ -100,11 +98,11 @@ fn reboot_restarts_and_devices_work_again() {
 fn crash_is_reported_and_the_card_comes_back() {
     let mut card = Card::boot(CardOptions::default());
     card.type_text("echo c > /proc/sysrq-trigger\n");
-    card::wait_for(BOOT_TIMEOUT, "the crash to be reported", || {
+    mic_test_support::wait_for(BOOT_TIMEOUT, "the crash to be reported", || {
         bridge_said(&card, "card state: shutting_down (shutdown status crashed)").then_some(())
     });
     // panic=-1 reboots the card; it comes back online.
-    card::wait_for(BOOT_TIMEOUT, "a second boot", || {
+    mic_test_support::wait_for(BOOT_TIMEOUT, "a second boot", || {
         (card.serial().matches("mic-card: online").count() >= 2).then_some(())
     });
     card.wait_state("online", BOOT_TIMEOUT);
@@ -114,7 +112,7 @@ fn crash_is_reported_and_the_card_comes_back() {
 
 #[test]
 fn bridge_restart_reattaches_without_rebooting_the_card() {
-    let tmp = card::TempDir::new("reattach");
+    let tmp = mic_test_support::TempDir::new("reattach");
     let (mut card, img) = card_with_disk(&tmp);
     let boot_id = card.run("cat /proc/sys/kernel/random/boot_id", CMD);
     disk_works(&mut card, &img, 1);
@@ -137,7 +135,7 @@ fn bridge_restart_reattaches_without_rebooting_the_card() {
 
 #[test]
 fn block_backend_that_dies_mid_write_loses_nothing() {
-    let tmp = card::TempDir::new("blk-dies");
+    let tmp = mic_test_support::TempDir::new("blk-dies");
     let (mut card, img) = card_with_disk(&tmp);
     // A 16 MiB write, slowed down so the backend dies in the middle of it.
     let out = card.run(
@@ -151,7 +149,7 @@ fn block_backend_that_dies_mid_write_loses_nothing() {
     );
     std::thread::sleep(Duration::from_secs(1));
     card.restart_blk(Duration::from_secs(2));
-    card::wait_for(Duration::from_secs(180), "the write to finish", || {
+    mic_test_support::wait_for(Duration::from_secs(180), "the write to finish", || {
         card.console_output()
             .contains("WRITE-DONE-42")
             .then_some(())
@@ -169,12 +167,12 @@ fn block_backend_that_dies_mid_write_loses_nothing() {
 
 #[test]
 fn hot_add_and_removal_of_a_disk() {
-    let tmp = card::TempDir::new("hotplug");
+    let tmp = mic_test_support::TempDir::new("hotplug");
     let (mut card, img) = card_with_disk(&tmp);
     // A second disk served by its own mic-blk, added while the card runs.
-    let img2 = image(&tmp.0, "hot.img", 16 * MIB);
-    let sock2 = tmp.0.join("hot.sock");
-    let mut blk2 = std::process::Command::new(card::bin("mic-blk"))
+    let img2 = image(tmp.path(), "hot.img", 16 * MIB);
+    let sock2 = tmp.join("hot.sock");
+    let mut blk2 = std::process::Command::new(mic_test_support::bin("mic-blk"))
         .arg("--socket-path")
         .arg(&sock2)
         .arg("--image")
@@ -183,14 +181,14 @@ fn hot_add_and_removal_of_a_disk() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    card::wait_for(Duration::from_secs(20), "the second mic-blk", || {
+    mic_test_support::wait_for(Duration::from_secs(20), "the second mic-blk", || {
         sock2.exists().then_some(())
     });
     let ctl = card.path("ctl.sock");
     let reply =
         vop_bridge::control::request(&ctl, &format!("add blk {}", sock2.display())).unwrap();
     assert_eq!(reply, "added device 2");
-    card::wait_for(Duration::from_secs(120), "vdb on the card", || {
+    mic_test_support::wait_for(Duration::from_secs(120), "vdb on the card", || {
         let (out, _) = card.run_status("cat /sys/block/vdb/size", CMD);
         (out == (16 * MIB / 512).to_string()).then_some(())
     });
@@ -212,7 +210,7 @@ fn hot_add_and_removal_of_a_disk() {
         vop_bridge::control::request(&ctl, "remove 2").unwrap(),
         "removing device 2"
     );
-    card::wait_for(Duration::from_secs(60), "the removal", || {
+    mic_test_support::wait_for(Duration::from_secs(60), "the removal", || {
         bridge_said(&card, "device 2 (blk) removed").then_some(())
     });
     assert!(
@@ -231,11 +229,11 @@ fn hot_add_and_removal_of_a_disk() {
 
 #[test]
 fn a_new_qemu_is_served_by_the_same_bridge_and_backends() {
-    let tmp = card::TempDir::new("new-qemu");
+    let tmp = mic_test_support::TempDir::new("new-qemu");
     let (mut card, img) = card_with_disk(&tmp);
     let first_boot = card.run("cat /proc/sys/kernel/random/boot_id", CMD);
     card.kill_qemu();
-    card::wait_for(Duration::from_secs(30), "the bridge to notice", || {
+    mic_test_support::wait_for(Duration::from_secs(30), "the bridge to notice", || {
         bridge_said(&card, "device detached").then_some(())
     });
     card.start_qemu();

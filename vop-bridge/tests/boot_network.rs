@@ -13,7 +13,6 @@
 //! Needs root (network namespaces, taps).
 
 // The shared harness names a variant after its enum (`Blk::MicBlk`).
-mod card;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -28,7 +27,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use card::{rand_u64, sum_in, tail, wait_for, Card, CardOptions, Net, TempDir};
+use mic_test_support::{rand_u64, sum_in, tail, wait_for, Card, CardOptions, Net, TempDir};
 
 const MIB: usize = 1 << 20;
 /// Bytes sent in each direction.
@@ -609,7 +608,7 @@ fn tap_network_carries_pings_and_data_both_ways() {
 fn stream_network_carries_pings_and_data_both_ways() {
     let ns = Netns::new();
     let dir = TempDir::new("stream-peer");
-    let relay = StreamRelay::start(&ns, "mic0", dir.0.join("peer.sock"));
+    let relay = StreamRelay::start(&ns, "mic0", dir.join("peer.sock"));
     let mut card = boot(Net::Stream(relay.socket.clone()));
     let _log = LogOnPanic("mic-net", card.path("mic-net.log"));
     assert_card_net_up(&card);

@@ -3,8 +3,6 @@
 //! `micctl cp` reach the card's `mic-agent` through the backend's hybrid
 //! UNIX socket; a card program reaches a host service at `<uds>_<port>`.
 
-mod card;
-
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
@@ -13,8 +11,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use card::{sha256_file, sum_in, wait_for, Card, CardOptions, BOOT_TIMEOUT};
 use mic_agent::protocol::{read_message, write_message, ErrorCode, Message, VERSION};
+use mic_test_support::{sha256_file, sum_in, wait_for, Card, CardOptions, BOOT_TIMEOUT};
 use vop_bridge::agent_client::{self, AgentClient, AgentError, AGENT_PORT};
 
 const MIB: usize = 1 << 20;
@@ -40,7 +38,7 @@ fn wait_agent(card: &Card) {
 
 /// `micctl -s <uds> ARGS`, with `stdin`, killed after [`CMD`].
 fn micctl(card: &Card, args: &[&str], stdin: Vec<u8>) -> Output {
-    let mut child = Command::new(card::bin("micctl"))
+    let mut child = Command::new(mic_test_support::bin("micctl"))
         .arg("-s")
         .arg(card.vsock_uds())
         .args(args)
@@ -97,7 +95,10 @@ fn exec_returns_status_streams_stdin_and_binary_output() {
     );
     // The device's config space reached the card: card 0 has CID 3.
     let cid = micctl(&card, &["exec", "--", "mic-agent", "cid"], vec![]);
-    assert_eq!(cid.stdout, format!("{}\n", card::VSOCK_CID).into_bytes());
+    assert_eq!(
+        cid.stdout,
+        format!("{}\n", mic_test_support::VSOCK_CID).into_bytes()
+    );
 
     let (out, err, code) = sh(&card, "echo out; echo err >&2; exit 3");
     assert_eq!((out.as_str(), err.as_str(), code), ("out\n", "err\n", 3));
@@ -361,11 +362,11 @@ fn vsock_device_hot_add_and_removal() {
     let card = Card::boot(CardOptions::default());
     let sock = card.path("hot-vsock.sock");
     let uds = card.path("hot-vsock.uds");
-    let mut backend = Command::new(card::vsock_backend())
+    let mut backend = Command::new(mic_test_support::vsock_backend())
         .arg("--vm")
         .arg(format!(
             "guest-cid={},socket={},uds-path={}",
-            card::VSOCK_CID,
+            mic_test_support::VSOCK_CID,
             sock.display(),
             uds.display()
         ))

@@ -4,8 +4,6 @@
 //! stalls, and device-page pointers the card broke. Each test runs the real
 //! `vop-bridge` binary; the card is QEMU under qtest where one is needed.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -14,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use mic_test_support::*;
 use vop_bridge::abi::{self, reg};
 use vop_bridge::control;
 
@@ -31,8 +29,8 @@ struct Bridge {
 }
 
 impl Bridge {
-    fn start(dir: &TestDir, args: &[&std::ffi::OsStr]) -> Bridge {
-        let log = dir.path("bridge.log");
+    fn start(dir: &TempDir, args: &[&std::ffi::OsStr]) -> Bridge {
+        let log = dir.join("bridge.log");
         let child = Command::new(bridge_bin())
             .args(args)
             .env("RUST_LOG", "debug")
@@ -135,9 +133,9 @@ fn os(s: &str) -> &std::ffi::OsStr {
 
 /// A bridge whose console backend accepts and never answers, once the
 /// bridge has connected to it.
-fn bridge_on_silent_backend(dir: &TestDir) -> (SilentBackend, Bridge) {
-    let backend = SilentBackend::new(dir.path("console.sock"));
-    let dev = dir.path("dev.sock");
+fn bridge_on_silent_backend(dir: &TempDir) -> (SilentBackend, Bridge) {
+    let backend = SilentBackend::new(dir.join("console.sock"));
+    let dev = dir.join("dev.sock");
     let b = Bridge::start(
         dir,
         &[
@@ -157,7 +155,7 @@ fn bridge_on_silent_backend(dir: &TestDir) -> (SilentBackend, Bridge) {
 
 #[test]
 fn a_backend_that_never_answers_is_given_up_not_waited_for() {
-    let dir = TestDir::new("silent-backend");
+    let dir = TempDir::new("silent-backend");
     let (_backend, mut b) = bridge_on_silent_backend(&dir);
     // The handshake's first reply never comes: the bridge gives the backend
     // its reply deadline (5 s), not for ever, and fails like for a backend
@@ -169,7 +167,7 @@ fn a_backend_that_never_answers_is_given_up_not_waited_for() {
 
 #[test]
 fn sigterm_while_a_backend_stalls_ends_the_bridge_within_a_second() {
-    let dir = TestDir::new("sigterm-stall");
+    let dir = TempDir::new("sigterm-stall");
     let (_backend, mut b) = bridge_on_silent_backend(&dir);
     std::thread::sleep(Duration::from_millis(300));
     assert!(b.running(), "{}", b.log());
@@ -185,9 +183,9 @@ fn sigterm_while_a_backend_stalls_ends_the_bridge_within_a_second() {
 fn sigterm_ends_a_waiting_bridge_within_a_second() {
     // No device socket yet, one backend that does not exist yet: the bridge
     // waits for both.
-    let dir = TestDir::new("sigterm-wait");
-    let dev = dir.path("dev.sock");
-    let sock = dir.path("missing.sock");
+    let dir = TempDir::new("sigterm-wait");
+    let dev = dir.join("dev.sock");
+    let sock = dir.join("missing.sock");
     let mut b = Bridge::start(
         &dir,
         &[
@@ -208,9 +206,9 @@ fn sigterm_ends_a_waiting_bridge_within_a_second() {
 }
 
 /// A bridge with no devices and no device yet: only its control socket.
-fn control_only_bridge(dir: &TestDir) -> (Bridge, PathBuf) {
-    let ctl = dir.path("ctl.sock");
-    let dev = dir.path("dev.sock");
+fn control_only_bridge(dir: &TempDir) -> (Bridge, PathBuf) {
+    let ctl = dir.join("ctl.sock");
+    let dev = dir.join("dev.sock");
     let b = Bridge::start(
         dir,
         &[
@@ -237,7 +235,7 @@ fn status_is_prompt(ctl: &Path) {
 
 #[test]
 fn a_trickling_control_client_does_not_hold_the_bridge() {
-    let dir = TestDir::new("ctl-trickle");
+    let dir = TempDir::new("ctl-trickle");
     let (mut b, ctl) = control_only_bridge(&dir);
     status_is_prompt(&ctl);
 
@@ -276,7 +274,7 @@ fn a_trickling_control_client_does_not_hold_the_bridge() {
 
 #[test]
 fn a_control_line_without_end_is_cut_off() {
-    let dir = TestDir::new("ctl-long");
+    let dir = TempDir::new("ctl-long");
     let (mut b, ctl) = control_only_bridge(&dir);
     let p = ctl.clone();
     let writer = std::thread::spawn(move || {
@@ -306,11 +304,11 @@ fn a_control_line_without_end_is_cut_off() {
 /// and must publish a fresh page at `expect` instead of giving up.
 fn broken_page_is_replaced(offset: u64, expect: u64) {
     let mut q = Qemu::start();
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     q.writel(card.reg(reg::spad(abi::SPAD_DP_LO)), offset as u32);
     q.writel(card.reg(reg::spad(abi::SPAD_DP_HI)), (offset >> 32) as u32);
-    let dir = TestDir::new("broken-page");
-    let ctl = dir.path("ctl.sock");
+    let dir = TempDir::new("broken-page");
+    let ctl = dir.join("ctl.sock");
     let dev = q.device_socket();
     let mut b = Bridge::start(
         &dir,
@@ -368,11 +366,11 @@ fn a_page_without_magic_is_replaced_at_another_offset() {
 /// A card under qtest, a real mic-console and the bridge serving both.
 struct ResetRig {
     q: Qemu,
-    card: Card,
+    card: PciCard,
     console: Child,
     bridge: Bridge,
     ctl: PathBuf,
-    _dir: TestDir,
+    _dir: TempDir,
 }
 
 impl ResetRig {
@@ -381,24 +379,24 @@ impl ResetRig {
             qmp: true,
             ..QemuArgs::default()
         });
-        let card = Card::setup(&mut q);
-        let dir = TestDir::new("stall-reset");
-        let sock = dir.path("console.sock");
+        let card = PciCard::setup(&mut q);
+        let dir = TempDir::new("stall-reset");
+        let sock = dir.join("console.sock");
         let bin = bridge_bin().with_file_name("mic-console");
         let console = Command::new(bin)
             .arg("--socket-path")
             .arg(&sock)
             .arg("--unix")
-            .arg(dir.path("con.sock"))
+            .arg(dir.join("con.sock"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path("console.log")).unwrap())
+            .stderr(std::fs::File::create(dir.join("console.log")).unwrap())
             .spawn()
             .expect("spawn mic-console");
         wait_until(Duration::from_secs(10), "mic-console's socket", || {
             sock.exists()
         });
-        let ctl = dir.path("ctl.sock");
+        let ctl = dir.join("ctl.sock");
         let dev = q.device_socket();
         let bridge = Bridge::start(
             &dir,

@@ -6,14 +6,12 @@
 //! Everything asserted is state that can be queried: `micctl status
 //! --json`, exit codes, data read on the card and checksums of disk images.
 
-mod card;
-
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use card::{bin, sha256_range, sum_in, tail, wait_for, Shell, TempDir, BOOT_TIMEOUT};
+use mic_test_support::{bin, sha256_range, sum_in, tail, wait_for, Shell, TempDir, BOOT_TIMEOUT};
 use vop_bridge::micd::protocol::CardStatus;
 
 const MIB: u64 = 1 << 20;
@@ -36,7 +34,7 @@ impl Micd {
     /// Writes `config` and starts micd on it.
     fn start(config: &str) -> Micd {
         let dir = TempDir::new("micd");
-        let file = dir.0.join("micd.toml");
+        let file = dir.join("micd.toml");
         std::fs::write(&file, config).unwrap();
         Micd::start_args(dir, vec!["--config".into(), file.into()])
     }
@@ -44,7 +42,7 @@ impl Micd {
     /// Writes `config` and starts micd on it inside network namespace `ns`.
     fn start_in(ns: &str, config: &str) -> Micd {
         let dir = TempDir::new("micd");
-        let file = dir.0.join("micd.toml");
+        let file = dir.join("micd.toml");
         std::fs::write(&file, config).unwrap();
         let mut m = Micd {
             dir,
@@ -67,9 +65,9 @@ impl Micd {
             return Micd::start(config);
         }
         let dir = TempDir::new("micd-nobody");
-        let file = dir.0.join("micd.toml");
+        let file = dir.join("micd.toml");
         std::fs::write(&file, config).unwrap();
-        let tools = dir.0.join("tools");
+        let tools = dir.join("tools");
         std::fs::create_dir(&tools).unwrap();
         let link = |from: &Path, to: &str| {
             let from = from.canonicalize().unwrap();
@@ -82,10 +80,10 @@ impl Micd {
             assert!(st.success(), "cp -al {}", from.display());
             tools.join(to)
         };
-        let qemu = card::qemu().canonicalize().unwrap();
+        let qemu = mic_test_support::qemu().canonicalize().unwrap();
         let prefix = link(qemu.parent().unwrap().parent().unwrap(), "qemu");
-        let card_dir = link(&card::card_dir(), "card");
-        let vsock = link(&card::vsock_backend(), "vhost-device-vsock");
+        let card_dir = link(&mic_test_support::card_dir(), "card");
+        let vsock = link(&mic_test_support::vsock_backend(), "vhost-device-vsock");
         std::fs::create_dir(tools.join("bin")).unwrap();
         for b in ["micd", "vop-bridge", "mic-blk", "mic-net", "mic-console"] {
             link(&bin(b), &format!("bin/{b}"));
@@ -98,7 +96,7 @@ impl Micd {
             assert!(!pw.is_null(), "no user nobody");
             ((*pw).pw_uid, (*pw).pw_gid)
         };
-        std::os::unix::fs::chown(&dir.0, Some(uid), Some(gid)).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         let mut m = Micd {
             args: vec!["--config".into(), file.into()],
             // setpriv execs micd (runuser would fork and stay between).
@@ -129,8 +127,8 @@ impl Micd {
     /// beside the workspace's build).
     fn tools() -> Vec<(&'static str, PathBuf)> {
         vec![
-            ("MIC_QEMU", card::qemu()),
-            ("MIC_CARD_DIR", card::card_dir()),
+            ("MIC_QEMU", mic_test_support::qemu()),
+            ("MIC_CARD_DIR", mic_test_support::card_dir()),
         ]
     }
 
@@ -149,7 +147,7 @@ impl Micd {
     }
 
     fn state(&self) -> PathBuf {
-        self.dir.0.join("state")
+        self.dir.join("state")
     }
 
     fn socket(&self) -> PathBuf {
@@ -162,7 +160,7 @@ impl Micd {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.0.join("micd.log"))
+            .open(self.dir.join("micd.log"))
             .unwrap();
         let mut cmd = match self.wrap.split_first() {
             Some((program, args)) => {
@@ -303,7 +301,7 @@ impl Drop for Micd {
             }
         }
         if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.dir.0.join("micd.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(self.dir.join("micd.log")).unwrap_or_default();
             eprintln!("--- micd ---\n{}", tail(&log, 40));
             for n in ["mic0", "mic1"] {
                 let s =
@@ -406,7 +404,7 @@ fn two_cards_come_online_and_follow_the_lifecycle() {
     let data: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    let (there, back) = (m.dir.0.join("to-card"), m.dir.0.join("from-card"));
+    let (there, back) = (m.dir.join("to-card"), m.dir.join("from-card"));
     std::fs::write(&there, &data).unwrap();
     m.ok(&["cp", there.to_str().unwrap(), "mic0:/tmp/data"]);
     m.ok(&["cp", "mic0:/tmp/data", back.to_str().unwrap()]);
@@ -695,10 +693,10 @@ fn restarted_micd_adopts_running_cards() {
 fn micctl_still_drives_a_single_bridge() {
     // A bridge with no card yet: `-s` names its control socket.
     let dir = TempDir::new("micctl-bridge");
-    let ctl = dir.0.join("ctl.sock");
+    let ctl = dir.join("ctl.sock");
     let mut bridge = Command::new(bin("vop-bridge"))
         .arg("--device-socket")
-        .arg(dir.0.join("dev.sock"))
+        .arg(dir.join("dev.sock"))
         .arg("--control-socket")
         .arg(&ctl)
         .stdout(Stdio::null())
@@ -743,7 +741,7 @@ struct Netns(String);
 
 impl Netns {
     fn new() -> Netns {
-        let name = format!("micd-{:08x}", card::rand_u64() as u32);
+        let name = format!("micd-{:08x}", mic_test_support::rand_u64() as u32);
         let ns = Netns(name.clone());
         for args in [
             vec!["netns", "add", &name],
@@ -895,8 +893,8 @@ fn a_backend_the_user_runs_serves_a_card_device() {
     // The user's own vhost-user-blk daemon (here a mic-blk started by hand)
     // on a socket they name; micd starts no disk backend of its own.
     let own = TempDir::new("micd-own-backend");
-    let img = card::image(&own.0, "own.img", 16 * MIB);
-    let sock = own.0.join("own-blk.sock");
+    let img = mic_test_support::image(own.path(), "own.img", 16 * MIB);
+    let sock = own.join("own-blk.sock");
     let _blk = Own(Command::new(bin("mic-blk"))
         .arg("--socket-path")
         .arg(&sock)
@@ -915,7 +913,7 @@ fn a_backend_the_user_runs_serves_a_card_device() {
          [mic1]\nmemory = 512\nnet = \"none\"\ndisk = []\nautoboot = false\n\
          [[mic1.device]]\ntype = \"blk\"\nsocket = \"{}\"\n",
         sock.display(),
-        own.0.join("nobody-listens.sock").display()
+        own.join("nobody-listens.sock").display()
     ));
     m.wait_state(&["mic0"], "online");
     let c = m.card("mic0");

@@ -6,14 +6,12 @@
 //! QEMU comes from `$MIC_QEMU` or `build/qemu/bin/qemu-system-x86_64`
 //! (`scripts/build-qemu`); without it these tests fail.
 
-mod common;
-
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::*;
+use mic_test_support::*;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vop_bridge::abi::{self, reg};
 use vop_bridge::device_protocol::{
@@ -97,7 +95,7 @@ fn pci_identity_bars_and_msix() {
     assert_eq!(bar_size(&mut q, dev, 2), APERTURE_SIZE);
     // BAR4: MSI-X, 32 vectors.
     assert_ne!(bar_size(&mut q, dev, 4), 0);
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     assert_eq!(card.vectors, abi::NUM_VECTORS);
     // BAR1, BAR3 (upper half of BAR2) and BAR5 are not separate BARs.
     assert_eq!(cfg_read32(&mut q, dev, 0x14), 0);
@@ -107,7 +105,7 @@ fn pci_identity_bars_and_msix() {
 #[test]
 fn identity_registers() {
     let mut q = Qemu::start();
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     assert_eq!(q.readl(card.reg(reg::MAGIC)), reg::MAGIC_VALUE);
     assert_eq!(q.readl(card.reg(reg::ABI_VERSION)), reg::ABI_VERSION_VALUE);
     assert_eq!(q.readl(card.reg(reg::FAMILY)), reg::FAMILY_X100);
@@ -150,7 +148,7 @@ fn identity_registers() {
 #[test]
 fn scratchpads_and_state_registers_both_ways() {
     let mut q = Qemu::start();
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     let (mut link, att) = connect(&q);
     assert_eq!(att.hello.spads, [0; 16]);
     assert_eq!(att.hello.device_page_offset(), None);
@@ -224,7 +222,7 @@ fn scratchpads_and_state_registers_both_ways() {
 #[test]
 fn doorbell_eventfds_match_exactly() {
     let mut q = Qemu::start();
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     let (mut link, _att) = connect(&q);
     let kick0 = eventfd();
     let kick1 = eventfd();
@@ -335,7 +333,7 @@ fn doorbell_eventfds_match_exactly() {
 #[test]
 fn vector_eventfds_raise_exactly_their_vector() {
     let mut q = Qemu::start();
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     card.enable_msix(&mut q);
     let (mut link, _att) = connect(&q);
     let v5 = eventfd();
@@ -417,7 +415,7 @@ fn vector_eventfds_raise_exactly_their_vector() {
 #[test]
 fn masked_vector_is_held_until_unmasked() {
     let mut q = Qemu::start();
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     card.enable_msix(&mut q);
     let (mut link, _att) = connect(&q);
     let e = eventfd();
@@ -504,7 +502,7 @@ fn aperture_is_shared_both_ways_and_joins_the_table() {
         .all(|r| r.gpa + r.size <= RAM_SIZE || r.gpa >= 0x1_0000_0000));
     assert_eq!(att.aperture.size(), APERTURE_SIZE);
 
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     // Enabling memory decoding maps BAR2: a new table with the aperture.
     link.sync().unwrap();
     let mut last_table: Option<Vec<MemRegion>> = None;
@@ -579,7 +577,7 @@ fn aperture_is_shared_both_ways_and_joins_the_table() {
 #[test]
 fn host_side_reconnects_while_qemu_runs() {
     let mut q = Qemu::start();
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     card.enable_msix(&mut q);
     let db_fd = eventfd();
     let irq_fd = eventfd();
@@ -720,7 +718,7 @@ fn messages_before_host_hello_are_ignored() {
 #[test]
 fn card_reset_clears_state_and_is_reported() {
     let mut q = Qemu::start();
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     let (mut link, _att) = connect(&q);
     for (off, v) in [
         (reg::spad(abi::SPAD_DP_LO), 0x1000),
@@ -757,7 +755,7 @@ fn card_reset_clears_state_and_is_reported() {
     };
     assert_eq!(ev, CardEvent::Reset);
     // The reset unprogrammed the BARs: set them up again.
-    let card2 = Card::setup(&mut q);
+    let card2 = PciCard::setup(&mut q);
     assert_eq!(card2.dev, card.dev);
     assert_eq!(q.readl(card.reg(reg::spad(abi::SPAD_DP_LO))), 0);
     assert_eq!(q.readl(card.reg(reg::spad(abi::SPAD_DP_HI))), 0);
@@ -812,7 +810,7 @@ fn run_stop_reset_and_quit_through_qmp() {
     .unwrap();
     qmp.execute("system_reset");
     assert_eq!(next_event(&mut link), CardEvent::Reset);
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     assert_eq!(q.readl(card.reg(reg::spad(abi::SPAD_DP_LO))), 0);
     qmp.execute("quit");
     let mut events = Vec::new();
@@ -916,7 +914,7 @@ fn assert_closed(link: &mut DeviceLink) {
 #[test]
 fn unknown_messages_are_skipped_and_broken_ones_disconnect() {
     let mut q = Qemu::start();
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     {
         let (mut link, mut raw) = raw_link(&q);
         // Unknown type with a payload: skipped, the stream stays in sync.
@@ -1025,7 +1023,7 @@ fn startup_with_bad_properties_fails_with_one_line() {
 
 #[test]
 fn device_help_lists_properties() {
-    let out = std::process::Command::new(qemu_binary())
+    let out = std::process::Command::new(qemu())
         .args(["-device", "mic-x100,help"])
         .output()
         .unwrap();
@@ -1038,8 +1036,8 @@ fn device_help_lists_properties() {
 
 #[test]
 fn qemu_as_client_reconnects_to_a_listening_host_side() {
-    let dir = TestDir::new("client");
-    let path = dir.path("host.sock");
+    let dir = TempDir::new("client");
+    let path = dir.join("host.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
     let args = QemuArgs {
         chardev: false,
@@ -1050,7 +1048,7 @@ fn qemu_as_client_reconnects_to_a_listening_host_side() {
         ..Default::default()
     };
     let mut q = Qemu::start_with(&args);
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     let accept = |l: &std::os::unix::net::UnixListener| {
         let (s, _) = l.accept().unwrap();
         let mut link = DeviceLink::from_stream(s);

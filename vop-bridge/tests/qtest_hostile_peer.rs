@@ -5,14 +5,12 @@
 //!
 //! QEMU comes from `$MIC_QEMU` or `build/qemu/bin/qemu-system-x86_64`.
 
-mod common;
-
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use mic_test_support::*;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vop_bridge::abi::reg;
 use vop_bridge::device_protocol::{DeviceLink, DeviceMessage, HostMessage, ProtocolError};
@@ -70,7 +68,7 @@ fn a_peer_that_never_reads_cannot_stall_the_card_or_the_monitor() {
         qmp: true,
         ..QemuArgs::default()
     });
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     let mut peer = silent_peer(&q);
 
     // Every value distinct, so nothing coalesces: far more than the socket
@@ -117,7 +115,7 @@ fn a_peer_that_never_reads_cannot_stall_the_card_or_the_monitor() {
 #[test]
 fn repeated_doorbells_to_a_slow_peer_are_coalesced_not_fatal() {
     let mut q = Qemu::start();
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     let stream = silent_peer(&q);
     // The same unmatched value again and again while the peer reads nothing.
     for _ in 0..8000 {
@@ -155,7 +153,7 @@ fn open_fds(pid: u32) -> usize {
 #[test]
 fn memory_tables_to_a_slow_peer_do_not_pile_up_fds() {
     let mut q = Qemu::start();
-    let card = Card::setup(&mut q);
+    let card = PciCard::setup(&mut q);
     let stream = silent_peer(&q);
     let before = open_fds(q.pid());
     // Each toggle of memory decoding maps or unmaps BAR2 (the aperture),
@@ -198,7 +196,7 @@ fn refused_errno(r: Result<(), ProtocolError>) -> Option<u32> {
 #[test]
 fn registrations_are_capped_and_refused_beyond() {
     let mut q = Qemu::start();
-    let _card = Card::setup(&mut q);
+    let _card = PciCard::setup(&mut q);
     let mut link = DeviceLink::connect_retry(&q.device_socket(), T).unwrap();
     link.set_read_timeout(Some(T)).unwrap();
     link.attach().unwrap();

@@ -2,20 +2,18 @@
 //! disk and network through micd, takes the console from stdin, and ends
 //! when the card powers off.
 
-mod card;
-
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use card::{wait_for, workspace, TempDir, BOOT_TIMEOUT};
+use mic_test_support::{wait_for, workspace, TempDir, BOOT_TIMEOUT};
 
 /// Starts `scripts/run-card ARGS` for small cards (64 MiB disk, 512 MiB,
 /// one CPU) with its work directory (micd's state directory) in `dir` and
 /// the console on a pipe; returns the child and the work directory.
 fn start_run_card(dir: &TempDir, args: &[&str]) -> (Child, PathBuf) {
-    let work = dir.0.join("work");
+    let work = dir.join("work");
     let child = Command::new(workspace().join("scripts/run-card"))
         .args(args)
         .args(["--disk-size", "64M", "--memory", "512", "--cpus", "1"])
@@ -23,7 +21,7 @@ fn start_run_card(dir: &TempDir, args: &[&str]) -> (Child, PathBuf) {
         .arg(&work)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.0.join("run-card.err")).unwrap())
+        .stderr(std::fs::File::create(dir.join("run-card.err")).unwrap())
         .spawn()
         .unwrap();
     (child, work)
@@ -97,7 +95,7 @@ fn run_card_boots_takes_console_input_and_ends_on_poweroff() {
     let status = wait_for(Duration::from_secs(120), "run-card to end", || {
         child.try_wait().unwrap()
     });
-    let err = read(&dir.0.join("run-card.err"));
+    let err = read(&dir.join("run-card.err"));
     assert!(status.success(), "run-card failed: {err}");
     assert!(
         err.contains("card state: ready (shutdown status poweroff)"),
@@ -143,6 +141,6 @@ fn run_card_boots_the_bzimage_and_waits_only_for_attached_devices() {
     let status = wait_for(Duration::from_secs(120), "run-card to end", || {
         child.try_wait().unwrap()
     });
-    let err = read(&dir.0.join("run-card.err"));
+    let err = read(&dir.join("run-card.err"));
     assert!(status.success(), "run-card failed: {err}");
 }

@@ -3,14 +3,12 @@
 //! (mic-blk) and `-netdev vhost-user` + `virtio-net-pci` (mic-net), and uses
 //! both. The test drives the VM's serial console.
 
-mod card;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use card::{
+use mic_test_support::{
     bin, card_boot_args, image, qemu, sha256_range, sum_in, wait_for, Shell, TempDir, BOOT_TIMEOUT,
 };
 
@@ -27,7 +25,7 @@ impl Drop for Kill {
 }
 
 fn daemon(cmd: &mut Command, dir: &TempDir, log: &str) -> Kill {
-    let f = std::fs::File::create(dir.0.join(log)).unwrap();
+    let f = std::fs::File::create(dir.join(log)).unwrap();
     Kill(
         cmd.stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
@@ -49,8 +47,8 @@ fn read_frame(s: &mut UnixStream) -> Vec<u8> {
 #[test]
 fn stock_qemu_frontends_are_served_by_our_backends() {
     let dir = TempDir::new("stock");
-    let p = |n: &str| dir.0.join(n);
-    let img = image(&dir.0, "disk.img", 64 * MIB);
+    let p = |n: &str| dir.join(n);
+    let img = image(dir.path(), "disk.img", 64 * MIB);
     let _blk = daemon(
         Command::new(bin("mic-blk"))
             .arg("--socket-path")

@@ -1,9 +1,9 @@
-//! Data path tests: mic-blk driven over its real socket by the vu-test frontend.
+//! Data path tests: mic-blk driven over its real socket by the test frontend (mic-test-support).
 
 mod common;
 
 use common::*;
-use vu_test::{Desc, TestFrontend};
+use mic_test_support::{Desc, TestFrontend};
 
 #[test]
 fn write_read_patterns() {
@@ -114,13 +114,16 @@ fn indirect_descriptors_and_event_idx_off() {
     // Frontend without EVENT_IDX.
     let mut f = TestFrontend::connect_with(
         &s.socket,
-        vu_test::FrontendOptions {
-            features: !vu_test::VIRTIO_RING_F_EVENT_IDX,
+        mic_test_support::FrontendOptions {
+            features: !mic_test_support::VIRTIO_RING_F_EVENT_IDX,
             ..Default::default()
         },
     )
     .unwrap();
-    assert_eq!(f.acked_features & vu_test::VIRTIO_RING_F_EVENT_IDX, 0);
+    assert_eq!(
+        f.acked_features & mic_test_support::VIRTIO_RING_F_EVENT_IDX,
+        0
+    );
     let q = &mut f.queues[0];
     let data = pattern(77, 8192);
     let r = Req::alloc(q, 8192);
@@ -149,7 +152,7 @@ fn many_requests_in_flight() {
     let _d = s.spawn(&["--num-queues", "1", "--queue-size", "64"]);
     let mut f = TestFrontend::connect_with(
         &s.socket,
-        vu_test::FrontendOptions {
+        mic_test_support::FrontendOptions {
             queue_size: 64,
             ..Default::default()
         },

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use vu_test::vhost::VhostBackend;
-use vu_test::{outside, Desc, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use mic_test_support::vhost::VhostBackend;
+use mic_test_support::{outside, Desc, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
 #[test]
 fn malformed_requests_get_errors_and_write_nothing() {
@@ -332,7 +332,7 @@ fn client_mode_connects_and_reconnects() {
         ])
         .spawn()
         .unwrap();
-    let mut d = vu_test::Daemon {
+    let mut d = mic_test_support::Daemon {
         child,
         socket: s.socket.clone(),
     };
@@ -342,7 +342,8 @@ fn client_mode_connects_and_reconnects() {
     let listener = std::os::unix::net::UnixListener::bind(&s.socket).unwrap();
     for round in 0..2u64 {
         let (stream, _) = listener.accept().unwrap();
-        let mut f = vu_test::TestFrontend::from_stream(stream, Default::default()).unwrap();
+        let mut f =
+            mic_test_support::TestFrontend::from_stream(stream, Default::default()).unwrap();
         let q = &mut f.queues[0];
         let data = pattern(round, 4096);
         assert_eq!(write(q, round * 8, &data), S_OK);
@@ -389,9 +390,9 @@ fn corrupted_avail_ring_does_not_spin_or_crash() {
         q.kick_always().unwrap();
     }
     let pid = d.child.id();
-    let t0 = vu_test::cpu_ticks(pid).unwrap();
+    let t0 = mic_test_support::cpu_ticks(pid).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let used = vu_test::cpu_ticks(pid).unwrap() - t0;
+    let used = mic_test_support::cpu_ticks(pid).unwrap() - t0;
     // A spinning worker would burn ~50 ticks (100 Hz) in 0.5 s.
     assert!(used < 20, "daemon burnt {used} ticks in 0.5 s");
     assert!(d.alive());
@@ -452,14 +453,14 @@ fn config_writes_of_any_range_keep_the_connection_and_wce() {
 fn stalled_peers_do_not_block_the_next_frontend() {
     let s = Setup::new(1 << 20, 0);
     let mut d = s.spawn(&["--num-queues", "1"]);
-    for (what, prelude) in &vu_test::STALLED_PEERS[..3] {
-        let mut stalled = vu_test::stalled_peer(&s.socket, prelude).unwrap();
+    for (what, prelude) in &mic_test_support::STALLED_PEERS[..3] {
+        let mut stalled = mic_test_support::stalled_peer(&s.socket, prelude).unwrap();
         std::thread::sleep(Duration::from_millis(100));
         let (tx, rx) = std::sync::mpsc::channel();
         let sock = s.socket.clone();
         let started = std::time::Instant::now();
         std::thread::spawn(move || {
-            let mut f = vu_test::TestFrontend::connect(&sock, 1).unwrap();
+            let mut f = mic_test_support::TestFrontend::connect(&sock, 1).unwrap();
             let st = write(&mut f.queues[0], 0, &pattern(5, 512));
             let _ = tx.send(st);
         });
@@ -484,13 +485,13 @@ fn stalled_peers_do_not_block_the_next_frontend() {
 }
 
 /// SIGTERM ends the daemon within a second whatever a connected peer is
-/// in the middle of (see `vu_test::STALLED_PEERS`).
+/// in the middle of (see `mic_test_support::STALLED_PEERS`).
 #[test]
 fn sigterm_ends_the_daemon_within_a_second_with_a_stalled_peer() {
     let s = Setup::new(1 << 20, 0);
-    for (what, prelude) in vu_test::STALLED_PEERS {
+    for (what, prelude) in mic_test_support::STALLED_PEERS {
         let mut d = s.spawn(&["--num-queues", "1"]);
-        let st = vu_test::sigterm_with_stalled_peer(&mut d, prelude)
+        let st = mic_test_support::sigterm_with_stalled_peer(&mut d, prelude)
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert!(st.success(), "{what}: exit status {st}");
         assert!(!s.socket.exists(), "{what}");
@@ -512,8 +513,8 @@ fn repeated_frontend_actions_do_not_flood_the_log() {
         "--num-queues",
         "1",
     ];
-    let _d = vu_test::Daemon::spawn_logged(bin(), &args, &s.socket, &log).unwrap();
-    let before = vu_test::log_lines(&log).unwrap();
+    let _d = mic_test_support::Daemon::spawn_logged(bin(), &args, &s.socket, &log).unwrap();
+    let before = mic_test_support::log_lines(&log).unwrap();
     let f = connect(&s, 1);
     for _ in 0..100 {
         // An invalid queue size: virtio-queue logs an error each time.
@@ -540,7 +541,7 @@ fn repeated_frontend_actions_do_not_flood_the_log() {
     assert_eq!(write(&mut f.queues[0], 0, &pattern(9, 512)), S_OK);
     drop(f);
     std::thread::sleep(Duration::from_millis(200));
-    let lines = vu_test::log_lines(&log).unwrap() - before;
+    let lines = mic_test_support::log_lines(&log).unwrap() - before;
     // The first lines of each kind still get through.
     assert!(
         (10..=40).contains(&lines),

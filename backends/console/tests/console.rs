@@ -1,5 +1,5 @@
 //! Integration tests: the real `mic-console` binary driven over its
-//! vhost-user socket by the `vu-test` frontend.
+//! vhost-user socket by the test frontend of `mic-test-support`.
 
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vu_test::{Daemon, Desc, FrontendOptions, TempDir, TestFrontend, VirtQueue};
+use mic_test_support::{Daemon, Desc, FrontendOptions, TempDir, TestFrontend, VirtQueue};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mic-console");
 const T: Duration = Duration::from_secs(5);
@@ -85,7 +85,7 @@ fn attach(csock: &Path) -> UnixStream {
 
 #[test]
 fn unix_socket_both_ways_reattach_and_log() {
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let log = dir.path().join("console.log");
     let (mut d, sock, csock) = unix_daemon(&dir, &["--log", log.to_str().unwrap()]);
     // X100 mode: two queues, no features.
@@ -137,7 +137,7 @@ fn unix_socket_both_ways_reattach_and_log() {
 
 #[test]
 fn pty_both_ways_and_size() {
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let sock = dir.path().join("con.sock");
     let mut child = Command::new(BIN)
         .args(["--socket-path", sock.to_str().unwrap(), "--pty"])
@@ -275,7 +275,7 @@ fn config_size(fe: &mut TestFrontend) -> (u16, u16) {
 
 #[test]
 fn two_queue_resize_is_announced_as_a_config_change() {
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     // A new pty has no size yet: config space says 80x25.
     let (d, mut tty) = pty_daemon(&dir, &["--no-multiport"]);
     let mut fe = TestFrontend::connect_with(
@@ -292,7 +292,7 @@ fn two_queue_resize_is_announced_as_a_config_change() {
     assert_eq!(fe.acked_features & F_MULTIPORT, 0);
     assert!(fe
         .protocol_features
-        .contains(vu_test::vhost::vhost_user::VhostUserProtocolFeatures::BACKEND_REQ));
+        .contains(mic_test_support::vhost::vhost_user::VhostUserProtocolFeatures::BACKEND_REQ));
     assert_eq!(config_size(&mut fe), (80, 25));
 
     // No change, no notification.
@@ -319,7 +319,7 @@ fn two_queue_resize_is_announced_as_a_config_change() {
 
 #[test]
 fn multiport_resize_uses_the_control_queue_only() {
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let (d, tty) = pty_daemon(&dir, &[]);
     set_size(&tty, 40, 132);
     let mut fe = TestFrontend::connect_with(
@@ -388,7 +388,7 @@ fn ctrl_send(q: &mut VirtQueue, m: &[u8]) {
 
 #[test]
 fn multiport_control_handshake() {
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let (_d, sock, csock) = unix_daemon(&dir, &[]);
     let mut fe = connect(&sock, u64::MAX, 4);
     assert_ne!(fe.acked_features & F_MULTIPORT, 0);
@@ -400,7 +400,7 @@ fn multiport_control_handshake() {
     // Malformed control chains are dropped.
     let q = &mut fe.queues[3];
     let h = q
-        .add_chain(&[Desc::out(vu_test::outside(&fe.mem), 8)])
+        .add_chain(&[Desc::out(mic_test_support::outside(&fe.mem), 8)])
         .unwrap();
     q.kick().unwrap();
     q.wait_for(h, T).unwrap();
@@ -437,12 +437,12 @@ fn multiport_control_handshake() {
 
 #[test]
 fn reconnect_garbage_and_malformed_chains() {
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let (mut d, sock, csock) = unix_daemon(&dir, &[]);
     {
         let mut fe = connect(&sock, u64::MAX, 4);
         // Malformed TX chains: outside memory, wrong direction.
-        let out = vu_test::outside(&fe.mem);
+        let out = mic_test_support::outside(&fe.mem);
         let q = &mut fe.queues[1];
         let a = q.mem().alloc(64, 8).unwrap();
         let h1 = q.add_chain(&[Desc::out(out, 16)]).unwrap();
@@ -483,7 +483,7 @@ fn reconnect_garbage_and_malformed_chains() {
 
 #[test]
 fn stdio_mode() {
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let sock = dir.path().join("con.sock");
     let mut child = Command::new(BIN)
         .args(["--socket-path", sock.to_str().unwrap(), "--stdio"])
@@ -510,7 +510,7 @@ fn stdio_mode() {
 
 #[test]
 fn bad_arguments_fail_before_the_socket() {
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let sock = dir.path().join("con.sock");
     let s = sock.to_str().unwrap();
     let cases: Vec<Vec<&str>> = vec![
@@ -546,7 +546,7 @@ fn lflag(fd: i32) -> libc::tcflag_t {
 #[test]
 fn stdio_terminal_raw_mode_and_escape() {
     use std::os::unix::io::{AsRawFd, FromRawFd};
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let sock = dir.path().join("con.sock");
     // SAFETY: plain pty allocation; results checked.
     let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
@@ -594,7 +594,7 @@ fn stdio_terminal_raw_mode_and_escape() {
     master.write_all(b"typed").unwrap();
     assert_eq!(card_read(&mut fe, 0, 5), b"typed");
     master.write_all(&[0x1d]).unwrap();
-    let st = vu_test::wait_exit(&mut d.child, T).unwrap();
+    let st = mic_test_support::wait_exit(&mut d.child, T).unwrap();
     assert!(st.success(), "{st}");
     assert_ne!(
         lflag(slave.as_raw_fd()) & libc::ICANON,
@@ -606,7 +606,7 @@ fn stdio_terminal_raw_mode_and_escape() {
 
 /// CPU ticks the daemon uses in one second.
 fn ticks_in_one_second(d: &Daemon) -> u64 {
-    vu_test::ticks_in_one_second(d.child.id())
+    mic_test_support::ticks_in_one_second(d.child.id())
 }
 
 /// Attaches a client and waits until card output reaches it.
@@ -629,7 +629,7 @@ fn attach_and_sync(fe: &mut TestFrontend, csock: &Path) -> UnixStream {
 
 #[test]
 fn broken_transmit_and_control_rings_do_not_spin() {
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let (mut d, sock, csock) = unix_daemon(&dir, &[]);
     let mut fe = connect(&sock, u64::MAX, 4);
     assert_ne!(fe.acked_features & F_MULTIPORT, 0);
@@ -642,7 +642,7 @@ fn broken_transmit_and_control_rings_do_not_spin() {
     }
     let used = ticks_in_one_second(&d);
     assert!(
-        used < vu_test::IDLE_TICKS,
+        used < mic_test_support::IDLE_TICKS,
         "daemon burnt {used} ticks in 1 s"
     );
     // The receiveq is still served.
@@ -664,7 +664,7 @@ fn broken_transmit_and_control_rings_do_not_spin() {
 
 #[test]
 fn broken_receive_ring_does_not_spin() {
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let (mut d, sock, csock) = unix_daemon(&dir, &[]);
     let mut fe = connect(&sock, 0, 2);
     let mut c = attach_and_sync(&mut fe, &csock);
@@ -674,7 +674,7 @@ fn broken_receive_ring_does_not_spin() {
     c.write_all(b"abc").unwrap();
     let used = ticks_in_one_second(&d);
     assert!(
-        used < vu_test::IDLE_TICKS,
+        used < mic_test_support::IDLE_TICKS,
         "daemon burnt {used} ticks in 1 s"
     );
     // The transmitq is still served.
@@ -689,19 +689,19 @@ fn broken_receive_ring_does_not_spin() {
 }
 
 /// SIGTERM ends the daemon within a second whatever state a peer left it
-/// in: a vhost-user peer stalled at any point (`vu_test::STALLED_PEERS`),
+/// in: a vhost-user peer stalled at any point (`mic_test_support::STALLED_PEERS`),
 /// or a frontend whose rings are all broken with a console client attached.
 #[test]
 fn sigterm_ends_the_daemon_within_a_second_in_any_state() {
-    for (what, prelude) in vu_test::STALLED_PEERS {
-        let dir = TempDir::new("mic-console-test").unwrap();
+    for (what, prelude) in mic_test_support::STALLED_PEERS {
+        let dir = TempDir::new("console-test");
         let (mut d, sock, _) = unix_daemon(&dir, &[]);
-        let st = vu_test::sigterm_with_stalled_peer(&mut d, prelude)
+        let st = mic_test_support::sigterm_with_stalled_peer(&mut d, prelude)
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert!(st.success(), "{what}: exit status {st}");
         assert!(!sock.exists(), "{what}");
     }
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let (mut d, sock, csock) = unix_daemon(&dir, &[]);
     let mut fe = connect(&sock, u64::MAX, 4);
     let _c = attach_and_sync(&mut fe, &csock);
@@ -721,7 +721,7 @@ fn sigterm_ends_the_daemon_within_a_second_in_any_state() {
 /// is passed on whole, in order (it is split into pieces, not dropped).
 #[test]
 fn long_transmit_chains_are_passed_on_whole() {
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let log = dir.path().join("console.log");
     let (mut d, sock, _) = unix_daemon(&dir, &["--log", log.to_str().unwrap()]);
     let mut fe = connect(&sock, 0, 2);
@@ -745,7 +745,7 @@ fn long_transmit_chains_are_passed_on_whole() {
 /// exceeds the limit, and together they end with the latest output.
 #[test]
 fn log_is_rotated_at_its_maximum_size() {
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let log = dir.path().join("console.log");
     let old = dir.path().join("console.log.1");
     let (mut d, sock, _) = unix_daemon(
@@ -772,7 +772,7 @@ fn log_is_rotated_at_its_maximum_size() {
 /// control receive buffers stay bounded (32) however many it asks for.
 #[test]
 fn repeated_control_messages_are_bounded_in_log_and_memory() {
-    let dir = TempDir::new("mic-console-test").unwrap();
+    let dir = TempDir::new("console-test");
     let sock = dir.path().join("con.sock");
     let csock = dir.path().join("console");
     let stderr = dir.path().join("stderr.log");
@@ -784,14 +784,14 @@ fn repeated_control_messages_are_bounded_in_log_and_memory() {
     ];
     let _d = Daemon::spawn_logged(Path::new(BIN), &args, &sock, &stderr).unwrap();
     let mut fe = connect(&sock, u64::MAX, 4);
-    let before = vu_test::log_lines(&stderr).unwrap();
+    let before = mic_test_support::log_lines(&stderr).unwrap();
     for _ in 0..100 {
         // DEVICE_READY, ready: the device answers DEVICE_ADD each time.
         ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 0, 1));
         // DEVICE_READY, failed: the daemon notes the driver failed.
         ctrl_send(&mut fe.queues[3], &ctrl_msg(0, 0, 0));
     }
-    let lines = vu_test::log_lines(&stderr).unwrap() - before;
+    let lines = mic_test_support::log_lines(&stderr).unwrap() - before;
     assert!(
         (1..=10).contains(&lines),
         "{lines} log lines:\n{}",

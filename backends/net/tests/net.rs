@@ -1,5 +1,5 @@
 //! Integration tests: the real `mic-net` binary driven over its vhost-user
-//! socket by the `vu-test` frontend.
+//! socket by the test frontend of `mic-test-support`.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -8,14 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
-    VIRTIO_NET_F_MRG_RXBUF,
-};
-use vu_test::{
+use mic_test_support::{
     Daemon, Desc, FrontendOptions, TempDir, TestFrontend, VirtQueue,
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_mic-net");
@@ -94,7 +94,7 @@ struct Setup {
 }
 
 fn stream_setup(extra: &[&str]) -> Setup {
-    let dir = TempDir::new("mic-net-test").unwrap();
+    let dir = TempDir::new("net-test");
     let sock = dir.path().join("net.sock");
     let peer_path = dir.path().join("peer.sock");
     let mut peer = Peer::new(&peer_path);
@@ -144,7 +144,7 @@ fn hdr_len(fe: &TestFrontend) -> usize {
 #[derive(Default)]
 struct Pool {
     bufs: HashMap<u16, u64>,
-    backlog: VecDeque<vu_test::Used>,
+    backlog: VecDeque<mic_test_support::Used>,
 }
 
 impl Pool {
@@ -156,7 +156,7 @@ impl Pool {
         self.bufs.len()
     }
 
-    fn next_used(&mut self, q: &mut VirtQueue) -> vu_test::Used {
+    fn next_used(&mut self, q: &mut VirtQueue) -> mic_test_support::Used {
         if self.backlog.is_empty() {
             self.backlog.extend(q.wait_used(T).unwrap());
         }
@@ -341,7 +341,7 @@ fn stream_large_frames_span_merged_buffers() {
 fn malformed_tx_chains_are_dropped() {
     let mut s = stream_setup(&[]);
     let mut fe = connect(&s.sock, u64::MAX, 2);
-    let outside = vu_test::outside(&fe.mem);
+    let outside = mic_test_support::outside(&fe.mem);
     let q = &mut fe.queues[1];
     let ok = q.mem().alloc(2048, 16).unwrap();
     q.mem().fill(ok, 2048, 0).unwrap();
@@ -365,7 +365,7 @@ fn malformed_tx_chains_are_dropped() {
             &[Desc {
                 addr: ok,
                 len: 64,
-                flags: vu_test::VRING_DESC_F_NEXT,
+                flags: mic_test_support::VRING_DESC_F_NEXT,
                 next: 0,
             }],
             true,
@@ -449,7 +449,7 @@ fn stream_peer_reconnects() {
 
 #[test]
 fn stream_listen_mode() {
-    let dir = TempDir::new("mic-net-test").unwrap();
+    let dir = TempDir::new("net-test");
     let sock = dir.path().join("net.sock");
     let peer_path = dir.path().join("peer.sock");
     let stream = format!("unix:{}", peer_path.display());
@@ -496,7 +496,7 @@ fn run_bad(args: &[&str], sock: &Path) {
 
 #[test]
 fn bad_arguments_fail_before_the_socket() {
-    let dir = TempDir::new("mic-net-test").unwrap();
+    let dir = TempDir::new("net-test");
     let sock = dir.path().join("net.sock");
     let s = sock.to_str().unwrap();
     run_bad(&[], &sock);
@@ -686,7 +686,7 @@ fn tap_daemon(ns: &Netns, dir: &TempDir, sock: &Path, extra: &[&str]) -> Daemon 
 #[test]
 fn tap_both_directions_in_netns() {
     let Some(ns) = Netns::new() else { return };
-    let dir = TempDir::new("mic-net-tap").unwrap();
+    let dir = TempDir::new("net-tap");
     let sock = dir.path().join("net.sock");
     let mut d = tap_daemon(&ns, &dir, &sock, &["--tap", "mic0", "--host-ip", "auto"]);
     // The host address follows the X100 convention.
@@ -717,7 +717,7 @@ fn tap_both_directions_in_netns() {
         // Malformed chain dropped, the daemon goes on.
         let q = &mut fe.queues[1];
         let h = q
-            .add_chain(&[Desc::out(vu_test::outside(&fe.mem), 64)])
+            .add_chain(&[Desc::out(mic_test_support::outside(&fe.mem), 64)])
             .unwrap();
         q.kick().unwrap();
         q.wait_for(h, T).unwrap();
@@ -728,7 +728,7 @@ fn tap_both_directions_in_netns() {
 #[test]
 fn tap_multiqueue_in_netns() {
     let Some(ns) = Netns::new() else { return };
-    let dir = TempDir::new("mic-net-tap").unwrap();
+    let dir = TempDir::new("net-tap");
     let sock = dir.path().join("net.sock");
     let _d = tap_daemon(
         &ns,
@@ -777,7 +777,7 @@ fn tap_multiqueue_in_netns() {
 #[test]
 fn tap_bad_existing_device() {
     let Some(ns) = Netns::new() else { return };
-    let dir = TempDir::new("mic-net-tap").unwrap();
+    let dir = TempDir::new("net-tap");
     let sock = dir.path().join("net.sock");
     // A tun (not tap) device of that name exists.
     let ok = Command::new("ip")
@@ -864,7 +864,7 @@ fn passt_answers_arp() {
         eprintln!("SKIP: passt not installed");
         return;
     }
-    let dir = TempDir::new("mic-net-passt").unwrap();
+    let dir = TempDir::new("net-passt");
     // passt drops privileges when started as root; let it create its socket.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
@@ -986,7 +986,7 @@ fn udp_frame_partial_csum(
 #[test]
 fn tap_checksum_offload_in_netns() {
     let Some(ns) = Netns::new() else { return };
-    let dir = TempDir::new("mic-net-tap").unwrap();
+    let dir = TempDir::new("net-tap");
     let sock = dir.path().join("net.sock");
     let _d = tap_daemon(
         &ns,
@@ -1089,7 +1089,7 @@ fn tap_checksum_offload_in_netns() {
 /// after the frontend goes away.
 #[test]
 fn client_mode_connects_and_reconnects() {
-    let dir = TempDir::new("mic-net-test").unwrap();
+    let dir = TempDir::new("net-test");
     let sock = dir.path().join("front.sock");
     let peer_path = dir.path().join("peer.sock");
     let _peer = Peer::new(&peer_path);
@@ -1114,7 +1114,7 @@ fn client_mode_connects_and_reconnects() {
     }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = vu_test::wait_exit(&mut child, T).unwrap();
+    let st = mic_test_support::wait_exit(&mut child, T).unwrap();
     assert!(st.success());
 }
 
@@ -1122,7 +1122,7 @@ fn client_mode_connects_and_reconnects() {
 #[test]
 fn tap_existing_device_in_netns() {
     let Some(ns) = Netns::new() else { return };
-    let dir = TempDir::new("mic-net-tap").unwrap();
+    let dir = TempDir::new("net-tap");
     let sock = dir.path().join("net.sock");
     let ok = Command::new("ip")
         .args([
@@ -1142,7 +1142,7 @@ fn tap_existing_device_in_netns() {
 
 /// CPU ticks the daemon uses in one second.
 fn ticks_in_one_second(d: &Daemon) -> u64 {
-    vu_test::ticks_in_one_second(d.child.id())
+    mic_test_support::ticks_in_one_second(d.child.id())
 }
 
 #[test]
@@ -1154,7 +1154,7 @@ fn tx_avail_index_past_the_ring_does_not_spin() {
     fe.queues[1].kick_always().unwrap();
     let used = ticks_in_one_second(&s.daemon);
     assert!(
-        used < vu_test::IDLE_TICKS,
+        used < mic_test_support::IDLE_TICKS,
         "daemon burnt {used} ticks in 1 s"
     );
     // The RX queue is still served.
@@ -1167,7 +1167,7 @@ fn tx_avail_index_past_the_ring_does_not_spin() {
     for _ in 0..100 {
         fe.queues[1].kick_always().unwrap();
     }
-    assert!(ticks_in_one_second(&s.daemon) < vu_test::IDLE_TICKS);
+    assert!(ticks_in_one_second(&s.daemon) < mic_test_support::IDLE_TICKS);
     drop(fe);
     // A new frontend gets both queues back.
     let mut fe = connect(&s.sock, u64::MAX, 2);
@@ -1186,7 +1186,7 @@ fn rx_avail_index_past_the_ring_does_not_spin() {
     s.peer.send(&frame(100, 6));
     let used = ticks_in_one_second(&s.daemon);
     assert!(
-        used < vu_test::IDLE_TICKS,
+        used < mic_test_support::IDLE_TICKS,
         "daemon burnt {used} ticks in 1 s"
     );
     // The TX queue is still served.
@@ -1210,7 +1210,7 @@ fn merged_rx_buffers_too_small_for_the_frame_wait_without_spinning() {
     s.peer.send(&big);
     let used = ticks_in_one_second(&s.daemon);
     assert!(
-        used < vu_test::IDLE_TICKS,
+        used < mic_test_support::IDLE_TICKS,
         "daemon burnt {used} ticks in 1 s"
     );
     assert!(fe.queues[0].no_used_within(Duration::from_millis(10)));
@@ -1237,17 +1237,17 @@ fn frame_larger_than_a_full_ring_of_merged_buffers_is_dropped() {
     let (got, n) = recv_rx(&mut fe, 0, &mut bufs);
     assert_eq!(got, small, "the oversized frame was dropped");
     assert_eq!(n as usize, (60usize + 12).div_ceil(16));
-    assert!(ticks_in_one_second(&s.daemon) < vu_test::IDLE_TICKS);
+    assert!(ticks_in_one_second(&s.daemon) < mic_test_support::IDLE_TICKS);
 }
 
 /// SIGTERM ends the daemon within a second whatever state a peer left it
-/// in: a vhost-user peer stalled at any point (`vu_test::STALLED_PEERS`),
+/// in: a vhost-user peer stalled at any point (`mic_test_support::STALLED_PEERS`),
 /// or a frontend whose rings are broken while the stream peer is gone.
 #[test]
 fn sigterm_ends_the_daemon_within_a_second_in_any_state() {
-    for (what, prelude) in vu_test::STALLED_PEERS {
+    for (what, prelude) in mic_test_support::STALLED_PEERS {
         let mut s = stream_setup(&[]);
-        let st = vu_test::sigterm_with_stalled_peer(&mut s.daemon, prelude)
+        let st = mic_test_support::sigterm_with_stalled_peer(&mut s.daemon, prelude)
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert!(st.success(), "{what}: exit status {st}");
         assert!(!s.sock.exists(), "{what}");
@@ -1276,7 +1276,7 @@ fn sigterm_ends_the_daemon_within_a_second_in_any_state() {
 /// an error per call).
 #[test]
 fn kicks_on_broken_rings_do_not_log_per_kick() {
-    let dir = TempDir::new("mic-net-test").unwrap();
+    let dir = TempDir::new("net-test");
     let sock = dir.path().join("net.sock");
     let peer_path = dir.path().join("peer.sock");
     let stderr = dir.path().join("stderr.log");
@@ -1293,7 +1293,7 @@ fn kicks_on_broken_rings_do_not_log_per_kick() {
     };
     let mut fe = connect(&s.sock, u64::MAX, 2);
     roundtrip(&mut s, &mut fe, 1);
-    let before = vu_test::log_lines(&stderr).unwrap();
+    let before = mic_test_support::log_lines(&stderr).unwrap();
     for q in [0, 1] {
         fe.queues[q].corrupt_avail_idx(30000);
     }
@@ -1305,7 +1305,7 @@ fn kicks_on_broken_rings_do_not_log_per_kick() {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    let lines = vu_test::log_lines(&stderr).unwrap() - before;
+    let lines = mic_test_support::log_lines(&stderr).unwrap() - before;
     assert!(
         (1..=2).contains(&lines),
         "{lines} log lines:\n{}",

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mic_test_support::{Daemon, Desc, TempDir, TestFrontend, VirtQueue};
 use virtio_bindings::virtio_blk;
-use vu_test::{Daemon, Desc, TempDir, TestFrontend, VirtQueue};
 
 pub const T_IN: u32 = virtio_blk::VIRTIO_BLK_T_IN;
 pub const T_OUT: u32 = virtio_blk::VIRTIO_BLK_T_OUT;
@@ -31,7 +31,7 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(size: usize, fill: u8) -> Setup {
-        let dir = TempDir::new("mic-blk-test").unwrap();
+        let dir = TempDir::new("blk-test");
         let image = dir.path().join("disk.img");
         std::fs::write(&image, vec![fill; size]).unwrap();
         let socket = dir.path().join("blk.sock");

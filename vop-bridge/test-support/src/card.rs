@@ -6,68 +6,23 @@
 //! commands and reads their output. The card's state comes from the bridge's
 //! control socket.
 
-#![allow(dead_code)]
-
 use std::io::{BufRead, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::data::{rand_u64, tail};
+use crate::paths::{bin, card_dir, qemu, vsock_backend};
+use crate::process::Process;
+use crate::shell::Shell;
+use crate::temp::TempDir;
+use crate::wait::wait_for;
 
 /// How long a boot may take under TCG on a loaded two-core machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// The workspace root.
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .into()
-}
-
-/// A binary of the workspace, from the same profile as this test.
-pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --workspace)",
-        p.display()
-    );
-    p
-}
-
-/// Our QEMU (`MIC_QEMU`, else build/qemu).
-pub fn qemu() -> PathBuf {
-    let p = std::env::var_os("MIC_QEMU")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("build/qemu/bin/qemu-system-x86_64"));
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/build-qemu",
-        p.display()
-    );
-    p
-}
-
-/// The card OS (`MIC_CARD_DIR`, else build/card).
-pub fn card_dir() -> PathBuf {
-    let p = std::env::var_os("MIC_CARD_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("build/card"));
-    assert!(
-        ["vmlinux", "vmlinuz", "initrd.img", "cmdline"]
-            .iter()
-            .all(|f| p.join(f).exists()),
-        "{} has no card image: run scripts/build-card-image",
-        p.display()
-    );
-    p
-}
 
 /// The firmware cards boot with: qboot, the minimal firmware QEMU's data
 /// package ships, which hands over to the kernel's PVH entry at once.
@@ -86,52 +41,6 @@ pub fn card_boot_args(extra: &str) -> Vec<std::ffi::OsString> {
     args.push("-append".into());
     args.push(format!("{} quiet {extra}", base.trim()).into());
     args
-}
-
-/// A temporary directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    /// Creates a fresh directory named after `tag`.
-    pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "mic-{tag}-{}-{}",
-            std::process::id(),
-            Instant::now().elapsed().as_nanos() ^ (rand_u64() & 0xffff_ffff) as u128
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("MIC_KEEP_TEST_DIRS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// A non-cryptographic random number (seeding test data and names).
-pub fn rand_u64() -> u64 {
-    let mut b = [0u8; 8];
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut b)
-        .unwrap();
-    u64::from_ne_bytes(b)
-}
-
-/// Polls `f` until it returns `Some` or `timeout` passes.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The block backend of a card.
@@ -194,20 +103,6 @@ pub struct CardOptions {
 /// The guest CID of the test card (card 0: CID 3, `docs/vsock.md`).
 pub const VSOCK_CID: u32 = 3;
 
-/// rust-vmm's vhost-device-vsock (`MIC_VSOCK`, else build/vsock, installed
-/// by scripts/build-vsock).
-pub fn vsock_backend() -> PathBuf {
-    let p = std::env::var_os("MIC_VSOCK")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("build/vsock/bin/vhost-device-vsock"));
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/build-vsock",
-        p.display()
-    );
-    p
-}
-
 impl Default for CardOptions {
     fn default() -> Self {
         CardOptions {
@@ -226,121 +121,15 @@ impl Default for CardOptions {
 pub struct Card {
     /// Working directory (sockets, logs).
     pub dir: TempDir,
-    backends: Vec<Child>,
-    blk: Option<Child>,
-    vsock: Option<Child>,
-    bridge: Option<Child>,
-    qemu: Option<Child>,
+    backends: Vec<Process>,
+    blk: Option<Process>,
+    vsock: Option<Process>,
+    bridge: Option<Process>,
+    qemu: Option<Process>,
     shell: Option<Shell>,
     /// The pty's slave in [`ConsoleMode::Pty`].
     pty: Option<std::fs::File>,
     options: CardOptions,
-}
-
-/// A shell on a console: types commands and reads their output.
-pub struct Shell {
-    writer: Box<dyn Write + Send>,
-    output: Arc<Mutex<Vec<u8>>>,
-    marker: u32,
-}
-
-impl Shell {
-    /// Starts collecting what `reader` yields; commands go to `writer`.
-    pub fn new(mut reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>) -> Shell {
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let out = output.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                out.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Shell {
-            writer,
-            output,
-            marker: 0,
-        }
-    }
-
-    /// Everything read so far.
-    pub fn output(&self) -> String {
-        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
-    }
-
-    /// Types `text`.
-    pub fn type_text(&mut self, text: &str) {
-        self.writer.write_all(text.as_bytes()).unwrap();
-    }
-
-    /// Waits until the shell answers: what is typed before it reads is
-    /// lost, so this types until it does (the typed line shows
-    /// `$((40 + 2))`; only the shell prints 42), looking for the answer for
-    /// up to 2 s after each try.
-    pub fn wait_ready(&mut self) {
-        wait_for(Duration::from_secs(90), "the console shell", || {
-            self.type_text("echo READY-$((40 + 2))\n");
-            let tried = Instant::now();
-            while tried.elapsed() < Duration::from_secs(2) {
-                if self.output().contains("READY-42") {
-                    return Some(());
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            None
-        });
-    }
-
-    /// Runs a shell command; returns its output and exit code.
-    pub fn run_status(&mut self, cmd: &str, timeout: Duration) -> (String, i32) {
-        self.marker += 1;
-        let n = self.marker;
-        // The marker number is computed by the shell, so the echo of the
-        // command line itself never matches.
-        let begin = format!("<<B{}>>", 1000 + n);
-        let end = format!("<<E{}>>", 1000 + n);
-        let start = self.output.lock().unwrap().len();
-        self.type_text(&format!(
-            "echo '<<'B$((1000+{n}))'>>'; {cmd}; echo '<<'E$((1000+{n}))'>>' $?\n"
-        ));
-        let text = wait_for(timeout, &format!("`{cmd}` on the card"), || {
-            let out = self.output.lock().unwrap();
-            let s = String::from_utf8_lossy(&out[start..]).into_owned();
-            let b = s.find(&begin)?;
-            let e = s[b..].find(&end)? + b;
-            let rest = &s[e + end.len()..];
-            rest.contains('\n')
-                .then(|| (s[b + begin.len()..e].to_string(), rest.to_string()))
-        });
-        let code = text
-            .1
-            .split_whitespace()
-            .next()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(-1);
-        (
-            text.0.replace('\r', "").trim_matches('\n').to_string(),
-            code,
-        )
-    }
-
-    /// Runs a command that must succeed; returns its output.
-    pub fn run(&mut self, cmd: &str, timeout: Duration) -> String {
-        let (out, code) = self.run_status(cmd, timeout);
-        assert_eq!(code, 0, "`{cmd}` failed on the card: {out}");
-        out
-    }
-}
-
-fn spawn(cmd: &mut Command, log: &Path) -> Child {
-    let f = std::fs::File::create(log).unwrap();
-    cmd.stdin(Stdio::null())
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"))
 }
 
 fn wait_socket(p: &Path, what: &str) {
@@ -373,7 +162,7 @@ impl Card {
 
     /// Path of a file in the card's working directory.
     pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.0.join(name)
+        self.dir.join(name)
     }
 
     fn blk_command(&self) -> Option<Command> {
@@ -407,13 +196,12 @@ impl Card {
     /// socket once `down_for` has passed.
     pub fn restart_blk(&mut self, down_for: Duration) {
         if let Some(mut b) = self.blk.take() {
-            let _ = b.kill();
-            let _ = b.wait();
+            b.kill();
         }
         std::thread::sleep(down_for);
         let mut cmd = self.blk_command().expect("a block backend");
         let log = self.path("blk-restarted.log");
-        self.blk = Some(spawn(&mut cmd, &log));
+        self.blk = Some(Process::spawn(&mut cmd, &log));
     }
 
     /// vhost-device-vsock's host-side UNIX socket (its `uds-path`).
@@ -430,15 +218,14 @@ impl Card {
         let mut cmd = Command::new(vsock_backend());
         cmd.args(["--vm", &arg]).env("RUST_LOG", "info");
         let log = self.path(log);
-        self.vsock = Some(spawn(&mut cmd, &log));
+        self.vsock = Some(Process::spawn(&mut cmd, &log));
     }
 
     /// Kills vhost-device-vsock hard (SIGKILL) and starts a new one on the
     /// same sockets.
     pub fn restart_vsock(&mut self) {
         if let Some(mut v) = self.vsock.take() {
-            let _ = v.kill();
-            let _ = v.wait();
+            v.kill();
         }
         let _ = std::fs::remove_file(self.path("vsock.sock"));
         self.start_vsock("vsock-restarted.log");
@@ -446,13 +233,13 @@ impl Card {
     }
 
     fn start_backends(&mut self) {
-        let d = self.dir.0.clone();
+        let d = self.dir.path().to_path_buf();
         let s = |n: &str| d.join(n).to_str().unwrap().to_string();
         let console: &[&str] = match self.options.console {
             ConsoleMode::Unix => &["--unix", &s("con.sock")],
             ConsoleMode::Pty => &["--pty", "--no-multiport"],
         };
-        self.backends.push(spawn(
+        self.backends.push(Process::spawn(
             Command::new(bin("mic-console"))
                 .args(["--socket-path", &s("console.sock")])
                 .args(console)
@@ -462,18 +249,18 @@ impl Card {
         ));
         if let Some(mut cmd) = self.blk_command() {
             let log = d.join("blk.log");
-            self.blk = Some(spawn(&mut cmd, &log));
+            self.blk = Some(Process::spawn(&mut cmd, &log));
         }
         match &self.options.net {
             Net::None => {}
-            Net::Stream(peer) => self.backends.push(spawn(
+            Net::Stream(peer) => self.backends.push(Process::spawn(
                 Command::new(bin("mic-net"))
                     .args(["--socket-path", &s("net.sock"), "--stream"])
                     .arg(format!("unix:{}", peer.display()))
                     .env("RUST_LOG", "info"),
                 &d.join("mic-net.log"),
             )),
-            Net::Tap { name, netns } => self.backends.push(spawn(
+            Net::Tap { name, netns } => self.backends.push(Process::spawn(
                 Command::new("ip")
                     .args(["netns", "exec", netns])
                     .arg(bin("mic-net"))
@@ -498,7 +285,7 @@ impl Card {
 
     /// Starts QEMU with the card (the bridge may come later).
     pub fn start_qemu(&mut self) {
-        let d = &self.dir.0;
+        let d = self.dir.path();
         let mem = self.options.memory_mib;
         let append = format!(
             "mic.expect={} {}",
@@ -531,13 +318,13 @@ impl Card {
         .arg(format!("file:{}", d.join("serial.log").display()))
         .args(["-display", "none", "-monitor", "none"]);
         let _ = std::fs::remove_file(d.join("dev.sock"));
-        self.qemu = Some(spawn(&mut cmd, &d.join("qemu.log")));
+        self.qemu = Some(Process::spawn(&mut cmd, &d.join("qemu.log")));
         wait_socket(&d.join("dev.sock"), "QEMU's device socket");
     }
 
     /// Starts (or restarts) the bridge.
     pub fn start_bridge(&mut self) {
-        let d = self.dir.0.clone();
+        let d = self.dir.path().to_path_buf();
         let mut cmd = Command::new(bin("vop-bridge"));
         cmd.arg("--device-socket")
             .arg(d.join("dev.sock"))
@@ -556,15 +343,14 @@ impl Card {
         }
         cmd.env("RUST_LOG", "info");
         let log = d.join(format!("bridge-{}.log", rand_u64() % 100000));
-        self.bridge = Some(spawn(&mut cmd, &log));
+        self.bridge = Some(Process::spawn(&mut cmd, &log));
         wait_socket(&d.join("ctl.sock"), "the bridge's control socket");
     }
 
     /// Kills the bridge (SIGKILL: no clean-up of any kind).
     pub fn kill_bridge(&mut self) {
         if let Some(mut b) = self.bridge.take() {
-            let _ = b.kill();
-            let _ = b.wait();
+            b.kill();
         }
         let _ = std::fs::remove_file(self.path("ctl.sock"));
     }
@@ -680,24 +466,21 @@ impl Card {
     /// Waits for QEMU to exit on its own.
     pub fn wait_qemu_exit(&mut self, timeout: Duration) {
         let q = self.qemu.as_mut().expect("qemu running");
-        wait_for(timeout, "QEMU to exit", || {
-            q.try_wait().unwrap().map(|_| ())
-        });
+        wait_for(timeout, "QEMU to exit", || (!q.alive()).then_some(()));
         self.qemu = None;
     }
 
     /// Kills QEMU hard (SIGKILL), as a power cut would.
     pub fn kill_qemu(&mut self) {
         if let Some(mut q) = self.qemu.take() {
-            let _ = q.kill();
-            let _ = q.wait();
+            q.kill();
         }
     }
 
     /// Everything the bridge logged (all of its runs).
     pub fn bridge_log(&self) -> String {
         let mut all = String::new();
-        for e in std::fs::read_dir(&self.dir.0).unwrap().flatten() {
+        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
             let n = e.file_name().to_string_lossy().to_string();
             if n.starts_with("bridge-") {
                 all += &std::fs::read_to_string(e.path()).unwrap_or_default();
@@ -711,21 +494,10 @@ impl Drop for Card {
     fn drop(&mut self) {
         self.kill_qemu();
         self.kill_bridge();
-        self.backends.extend(self.blk.take());
-        self.backends.extend(self.vsock.take());
-        for b in &mut self.backends {
-            // SIGTERM first so daemons remove their sockets and taps.
-            // SAFETY: plain kill(2) on our child's pid.
-            unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
-        }
-        for b in &mut self.backends {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline && b.try_wait().ok().flatten().is_none() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = b.kill();
-            let _ = b.wait();
-        }
+        // SIGTERM (then SIGKILL) so daemons remove their sockets and taps.
+        self.blk.take();
+        self.vsock.take();
+        self.backends.clear();
         if std::thread::panicking() {
             eprintln!("--- serial ---\n{}", tail(&self.serial(), 60));
             eprintln!("--- bridge ---\n{}", tail(&self.bridge_log(), 40));
@@ -752,57 +524,4 @@ fn open_raw(path: &Path) -> std::fs::File {
         assert_eq!(libc::tcsetattr(tty.as_raw_fd(), libc::TCSANOW, &t), 0);
     }
     tty
-}
-
-/// The last `n` lines of `s`.
-pub fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<_> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// sha256 of a file's first `len` bytes (all of it for `None`), via the
-/// system's sha256sum.
-pub fn sha256_file(path: &Path, len: Option<u64>) -> String {
-    let script = match len {
-        Some(l) => format!("head -c {l} '{}' | sha256sum", path.display()),
-        None => format!("sha256sum < '{}'", path.display()),
-    };
-    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// sha256 of `len` bytes at `offset` of a file.
-pub fn sha256_range(path: &Path, offset: u64, len: u64) -> String {
-    let mut f = std::fs::File::open(path).unwrap();
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).unwrap();
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact(&mut buf).unwrap();
-    let tmp = std::env::temp_dir().join(format!("mic-range-{}", rand_u64()));
-    std::fs::write(&tmp, &buf).unwrap();
-    let s = sha256_file(&tmp, None);
-    std::fs::remove_file(&tmp).unwrap();
-    s
-}
-
-/// The first word of the last line of `out` that looks like a sha256 sum.
-pub fn sum_in(out: &str) -> String {
-    out.lines()
-        .rev()
-        .filter_map(|l| l.split_whitespace().next())
-        .find(|w| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit()))
-        .unwrap_or_else(|| panic!("no sha256 in {out:?}"))
-        .to_string()
-}
-
-/// Creates a sparse image file of `size` bytes.
-pub fn image(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    let f = std::fs::File::create(&p).unwrap();
-    f.set_len(size).unwrap();
-    p
 }

@@ -12,19 +12,13 @@
 //! `VHOST_USER_PROTOCOL_F_BACKEND_REQ` and sets up the backend request
 //! channel ([`BackendRequests`]), on which it counts config-change
 //! notifications.
-//!
-//! [`Daemon`] spawns a backend binary and waits until its socket accepts
-//! connections; it kills the process on drop.
-
-#![deny(missing_docs)]
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,7 +90,7 @@ impl GuestMem {
     /// Create `size` bytes of guest memory backed by a memfd.
     pub fn new(size: u64) -> Result<Arc<GuestMem>> {
         // SAFETY: memfd_create with a valid NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"vu-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(c"mic-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error().into());
         }
@@ -804,221 +798,9 @@ impl TestFrontend {
     }
 }
 
-/// A backend daemon process spawned for a test; killed on drop.
-pub struct Daemon {
-    /// The child process.
-    pub child: Child,
-    /// Its socket path.
-    pub socket: PathBuf,
-}
-
-impl Daemon {
-    /// Spawn `bin` with `args` and wait (up to 10 s) until `socket` accepts
-    /// connections. Fails early if the process exits first.
-    ///
-    /// Waiting uses a connect() probe; backends treat the probe as a frontend
-    /// that disconnects at once.
-    pub fn spawn(bin: &Path, args: &[&str], socket: &Path) -> Result<Daemon> {
-        let child = Command::new(bin).args(args).stdin(Stdio::null()).spawn()?;
-        let mut d = Daemon {
-            child,
-            socket: socket.to_path_buf(),
-        };
-        d.wait_ready(Duration::from_secs(10))?;
-        Ok(d)
-    }
-
-    /// [`Daemon::spawn`] with the daemon's log (stderr) written to
-    /// `stderr` (see [`log_lines`]).
-    pub fn spawn_logged(bin: &Path, args: &[&str], socket: &Path, stderr: &Path) -> Result<Daemon> {
-        let child = Command::new(bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stderr(File::create(stderr)?)
-            .spawn()?;
-        let mut d = Daemon {
-            child,
-            socket: socket.to_path_buf(),
-        };
-        d.wait_ready(Duration::from_secs(10))?;
-        Ok(d)
-    }
-
-    /// Wait until the socket file exists and is listening.
-    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.socket.exists() && UnixStream::connect(&self.socket).is_ok() {
-                return Ok(());
-            }
-            if let Some(st) = self.child.try_wait()? {
-                return Err(Error::Io(io::Error::other(format!(
-                    "daemon exited before its socket was ready: {st}"
-                ))));
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::Timeout("the daemon socket"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Whether the process is still running.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Send a signal and wait (up to `timeout`) for the process to exit.
-    pub fn signal_and_wait(&mut self, sig: i32, timeout: Duration) -> Result<ExitStatus> {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-        wait_exit(&mut self.child, timeout)
-    }
-}
-
-/// CPU time (user + system, in clock ticks) a process has used so far,
-/// from `/proc/PID/stat` (fields 14 and 15, see proc(5)). Tests compare two
-/// readings to tell a busy loop from a sleeping daemon.
-pub fn cpu_ticks(pid: u32) -> io::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/PID/stat");
-    // The command name (field 2) may contain spaces: start after its ')'.
-    let after = stat
-        .rfind(')')
-        .and_then(|i| stat.get(i + 2..))
-        .ok_or_else(bad)?;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let field =
-        |i: usize| -> io::Result<u64> { f.get(i).and_then(|v| v.parse().ok()).ok_or_else(bad) };
-    Ok(field(11)? + field(12)?)
-}
-
-/// Most CPU ticks (1/100 s) a daemon with nothing to do may use in one
-/// second. A spinning worker uses 100, and still well over 20 on a loaded
-/// two-core machine; an idle daemon uses 0 or 1.
-pub const IDLE_TICKS: u64 = 10;
-
-/// CPU ticks process `pid` uses in the next second.
-pub fn ticks_in_one_second(pid: u32) -> u64 {
-    let t0 = cpu_ticks(pid).unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    let used = cpu_ticks(pid).unwrap() - t0;
-    eprintln!("process {pid} used {used} ticks in 1 s");
-    used
-}
-
-/// Path of a binary built in the same target directory as the running test
-/// or tool (`target/<profile>/<name>`), e.g. another workspace daemon.
-/// Build it first (`cargo build -p <crate>`); integration tests of the
-/// binary's own crate should prefer `env!("CARGO_BIN_EXE_<name>")`.
-pub fn workspace_bin(name: &str) -> io::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let mut dir = exe.parent();
-    while let Some(d) = dir {
-        let candidate = d.join(name);
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-        // Stop at the profile directory (tests live in <profile>/deps).
-        if d.file_name().is_some_and(|n| n != "deps") {
-            break;
-        }
-        dir = d.parent();
-    }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{name} not found next to {}", exe.display()),
-    ))
-}
-
-/// Wait for a child to exit, with a timeout.
-pub fn wait_exit(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(st) = child.try_wait()? {
-            return Ok(st);
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::Timeout("process exit"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A unique scratch directory under the system temp dir, removed on drop
-/// (`vmm-sys-util`'s `TempDir`, named after the test).
-pub struct TempDir(vmm_sys_util::tempdir::TempDir);
-
-impl TempDir {
-    /// Create `$TMPDIR/<prefix>-<pid>-XXXXXX` (`mkdtemp`, mode 0700).
-    pub fn new(prefix: &str) -> io::Result<TempDir> {
-        let p = std::env::temp_dir().join(format!("{prefix}-{}-", std::process::id()));
-        vmm_sys_util::tempdir::TempDir::new_with_prefix(p)
-            .map(TempDir)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
-    }
-
-    /// The directory path.
-    pub fn path(&self) -> &Path {
-        self.0.as_path()
-    }
-}
-
 /// Guest addresses at or beyond the end of guest memory, for negative tests.
 pub fn outside(mem: &GuestMem) -> u64 {
     mem.size() + 0x1000
-}
-
-/// How many lines a daemon's log file (see [`Daemon::spawn_logged`]) has
-/// so far. Tests compare two counts to check that repeated actions leave a
-/// bounded number of lines.
-pub fn log_lines(path: &Path) -> io::Result<usize> {
-    Ok(std::fs::read(path)?.split(|b| *b == b'\n').count() - 1)
-}
-
-/// Peers that connect to a daemon's socket and stall, each at a different
-/// point, for the shutdown and bounded-resource tests: a name and the bytes
-/// the peer sends before it stops. The first three never complete a
-/// message; the last sends a whole `SET_VRING_ENABLE` (which the daemons'
-/// relay holds back until `SET_FEATURES`) and then nothing.
-pub const STALLED_PEERS: [(&str, &[u8]); 4] = [
-    ("silent", &[]),
-    ("half a header", &[1, 0, 0, 0, 1]),
-    // GET_FEATURES announcing an 8-byte body that never comes.
-    (
-        "header without its body",
-        &[1, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0],
-    ),
-    (
-        "early enable",
-        &[18, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
-    ),
-];
-
-/// Connects to `socket`, sends `prelude` (see [`STALLED_PEERS`]) and
-/// returns the connection, which then stays silent.
-pub fn stalled_peer(socket: &Path, prelude: &[u8]) -> io::Result<UnixStream> {
-    let mut s = UnixStream::connect(socket)?;
-    io::Write::write_all(&mut s, prelude)?;
-    Ok(s)
-}
-
-/// Connects a peer stalled as in `prelude` to the daemon, gives the daemon
-/// 200 ms to take it, then sends SIGTERM and waits up to one second for
-/// the process to exit.
-pub fn sigterm_with_stalled_peer(d: &mut Daemon, prelude: &[u8]) -> Result<ExitStatus> {
-    let _peer = stalled_peer(&d.socket, prelude)?;
-    std::thread::sleep(Duration::from_millis(200));
-    d.signal_and_wait(libc::SIGTERM, Duration::from_secs(1))
 }
 
 #[cfg(test)]

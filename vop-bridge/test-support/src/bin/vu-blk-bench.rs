@@ -1,5 +1,5 @@
 //! `vu-blk-bench`: drive any vhost-user-blk backend socket through the
-//! vu-test frontend and report IOPS, MB/s and latency percentiles.
+//! test frontend (mic-test-support) and report IOPS, MB/s and latency percentiles.
 //!
 //! Workloads (one queue): 4 KiB random read/write at queue depth 1 and 32,
 //! 128 KiB sequential read/write at queue depth 4 (configurable).
@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use vu_test::{Desc, FrontendOptions, TestFrontend, VirtQueue};
+use mic_test_support::{Desc, FrontendOptions, TestFrontend, VirtQueue};
 
 #[derive(Parser, Debug)]
-#[command(about = "vhost-user-blk benchmark over the vu-test frontend")]
+#[command(about = "vhost-user-blk benchmark over the test frontend (mic-test-support)")]
 struct Args {
     /// vhost-user-blk socket of the backend to measure.
     #[arg(long)]

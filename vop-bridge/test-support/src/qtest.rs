@@ -1,17 +1,18 @@
-//! Helpers for tests that drive the real QEMU with the `mic-x100` device
-//! through QEMU's qtest protocol (no guest code runs: the test plays the card
+//! Driving the real QEMU with the `mic-x100` device through QEMU's qtest
+//! protocol (no guest code runs: the test plays the card
 //! OS through PCI config space and memory accesses) and the real host side
 //! (`vop_bridge::device_protocol`) over the device socket.
-
-#![allow(dead_code)]
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::paths::qemu;
+use crate::process::Process;
+use crate::temp::TempDir;
 
 /// Guest RAM of the test machines.
 pub const RAM_SIZE: u64 = 64 << 20;
@@ -26,60 +27,19 @@ pub const BAR2_ADDR: u64 = 0xc000_0000;
 /// Guest RAM where MSI-X messages of vector v land (4 bytes per vector).
 pub const MSI_SINK: u64 = 0x0030_0000;
 
-/// Path of the QEMU binary under test: `$MIC_QEMU`, else
-/// `build/qemu/bin/qemu-system-x86_64` in the workspace. Panics (failing the
-/// test) when it is missing.
-pub fn qemu_binary() -> PathBuf {
-    let path = match std::env::var_os("MIC_QEMU") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join("build/qemu/bin/qemu-system-x86_64"),
-    };
-    if !path.is_file() {
-        panic!(
-            "QEMU with the mic-x100 device not found at {}: run scripts/build-qemu \
-             (or set MIC_QEMU to its last output line)",
-            path.display()
-        );
-    }
-    path
-}
-
-/// A private directory for sockets, removed on drop.
-pub struct TestDir(PathBuf);
-
-impl TestDir {
-    pub fn new(tag: &str) -> TestDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "mic-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TestDir(p)
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The QEMU command line pieces the tests use.
 pub struct QemuArgs {
+    /// A QMP socket (`qmp.sock`, see [`Qemu::qmp`]).
     pub qmp: bool,
+    /// Guest RAM from a shareable memfd backend (the device needs it).
     pub shared_ram: bool,
+    /// That memfd backend with `share=off` (a start-up error case).
     pub ram_share_off: bool,
+    /// The `-device` argument (the mic-x100 device and its properties).
     pub device: Option<String>,
+    /// The device socket chardev `mic0` (`mic.sock`).
     pub chardev: bool,
+    /// More arguments.
     pub extra: Vec<String>,
 }
 
@@ -99,7 +59,7 @@ impl Default for QemuArgs {
 }
 
 impl QemuArgs {
-    fn build(&self, dir: &TestDir) -> Vec<String> {
+    fn build(&self, dir: &TempDir) -> Vec<String> {
         let mut a: Vec<String> = [
             "-machine",
             "q35",
@@ -129,14 +89,14 @@ impl QemuArgs {
             a.push("-chardev".into());
             a.push(format!(
                 "socket,id=mic0,path={},server=on,wait=off",
-                dir.path("mic.sock").display()
+                dir.join("mic.sock").display()
             ));
         }
         if self.qmp {
             a.push("-qmp".into());
             a.push(format!(
                 "unix:{},server=on,wait=off",
-                dir.path("qmp.sock").display()
+                dir.join("qmp.sock").display()
             ));
         }
         if let Some(d) = &self.device {
@@ -151,8 +111,8 @@ impl QemuArgs {
 /// Runs QEMU with `args` (and no qtest) and waits for it to exit on its own;
 /// returns its exit status and stderr. Used for start-up errors.
 pub fn run_qemu_expecting_exit(args: &QemuArgs, timeout: Duration) -> (ExitStatus, String) {
-    let dir = TestDir::new("exit");
-    let mut cmd = Command::new(qemu_binary());
+    let dir = TempDir::new("exit");
+    let mut cmd = Command::new(qemu());
     cmd.args(args.build(&dir))
         .args(["-accel", "qtest", "-S"])
         .stdin(Stdio::null())
@@ -182,11 +142,12 @@ pub fn run_qemu_expecting_exit(args: &QemuArgs, timeout: Duration) -> (ExitStatu
 
 /// A running QEMU driven through qtest.
 pub struct Qemu {
-    child: Child,
+    process: Process,
     qtest: BufReader<UnixStream>,
     qtest_w: UnixStream,
     stderr_path: PathBuf,
-    pub dir: TestDir,
+    /// Its directory: sockets and stderr.
+    pub dir: TempDir,
 }
 
 impl Qemu {
@@ -195,13 +156,14 @@ impl Qemu {
         Qemu::start_with(&QemuArgs::default())
     }
 
+    /// Starts QEMU with `args`, connected to the test through qtest.
     pub fn start_with(args: &QemuArgs) -> Qemu {
-        let dir = TestDir::new("qtest");
-        let qtest_path = dir.path("qtest.sock");
+        let dir = TempDir::new("qtest");
+        let qtest_path = dir.join("qtest.sock");
         let listener = UnixListener::bind(&qtest_path).unwrap();
         listener.set_nonblocking(true).unwrap();
-        let stderr_path = dir.path("stderr");
-        let mut cmd = Command::new(qemu_binary());
+        let stderr_path = dir.join("stderr");
+        let mut cmd = Command::new(qemu());
         cmd.args(args.build(&dir))
             .args(["-accel", "qtest", "-qtest"])
             .arg(format!("unix:{}", qtest_path.display()))
@@ -234,7 +196,7 @@ impl Qemu {
             .unwrap();
         let qtest_w = stream.try_clone().unwrap();
         Qemu {
-            child,
+            process: Process::from_child(child),
             qtest: BufReader::new(stream),
             qtest_w,
             stderr_path,
@@ -244,14 +206,15 @@ impl Qemu {
 
     /// QEMU's process id (for its `/proc` entries).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Path of the device socket QEMU listens on.
     pub fn device_socket(&self) -> PathBuf {
-        self.dir.path("mic.sock")
+        self.dir.join("mic.sock")
     }
 
+    /// What QEMU wrote on stderr so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
@@ -290,36 +253,47 @@ impl Qemu {
         u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap()
     }
 
+    /// qtest `outl`.
     pub fn outl(&mut self, port: u16, v: u32) {
         self.cmd(&format!("outl {port:#x} {v:#x}"));
     }
+    /// qtest `outb`.
     pub fn outb(&mut self, port: u16, v: u8) {
         self.cmd(&format!("outb {port:#x} {v:#x}"));
     }
+    /// qtest `inl`.
     pub fn inl(&mut self, port: u16) -> u32 {
         self.value(&format!("inl {port:#x}")) as u32
     }
+    /// qtest `readl`.
     pub fn readl(&mut self, addr: u64) -> u32 {
         self.value(&format!("readl {addr:#x}")) as u32
     }
+    /// qtest `readw`.
     pub fn readw(&mut self, addr: u64) -> u16 {
         self.value(&format!("readw {addr:#x}")) as u16
     }
+    /// qtest `readb`.
     pub fn readb(&mut self, addr: u64) -> u8 {
         self.value(&format!("readb {addr:#x}")) as u8
     }
+    /// qtest `readq`.
     pub fn readq(&mut self, addr: u64) -> u64 {
         self.value(&format!("readq {addr:#x}"))
     }
+    /// qtest `writel`.
     pub fn writel(&mut self, addr: u64, v: u32) {
         self.cmd(&format!("writel {addr:#x} {v:#x}"));
     }
+    /// qtest `writew`.
     pub fn writew(&mut self, addr: u64, v: u16) {
         self.cmd(&format!("writew {addr:#x} {v:#x}"));
     }
+    /// qtest `writeb`.
     pub fn writeb(&mut self, addr: u64, v: u8) {
         self.cmd(&format!("writeb {addr:#x} {v:#x}"));
     }
+    /// qtest `writeq`.
     pub fn writeq(&mut self, addr: u64, v: u64) {
         self.cmd(&format!("writeq {addr:#x} {v:#x}"));
     }
@@ -354,7 +328,7 @@ impl Qemu {
 
     /// Connects to QEMU's QMP socket (started with `QemuArgs::qmp`).
     pub fn qmp(&self) -> Qmp {
-        let s = UnixStream::connect(self.dir.path("qmp.sock")).expect("QMP socket");
+        let s = UnixStream::connect(self.dir.join("qmp.sock")).expect("QMP socket");
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut q = Qmp {
             w: s.try_clone().unwrap(),
@@ -367,52 +341,50 @@ impl Qemu {
 
     /// Waits for QEMU to exit on its own.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "QEMU did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.process.wait_exit(timeout).expect("QEMU did not exit")
     }
 
     /// Sends SIGTERM and waits for QEMU to exit.
     pub fn terminate(&mut self) -> ExitStatus {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap()
+        self.process
+            .signal_and_wait(libc::SIGTERM, Duration::from_secs(30))
+            .expect("QEMU did not exit after SIGTERM")
     }
 }
 
 impl Drop for Qemu {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // At once: a test may have left QEMU unable to handle SIGTERM.
+        self.process.kill();
     }
 }
 
 // ---------------------------------------------------------------------------
 // PCI through the legacy config mechanism (0xcf8/0xcfc) on bus 0.
 
+/// The `0xcf8` address of config register `off` of device `dev` on bus 0.
 pub fn cfg_addr(dev: u8, off: u8) -> u32 {
     0x8000_0000 | (u32::from(dev) << 11) | u32::from(off & 0xfc)
 }
 
+/// Reads a 32-bit config register.
 pub fn cfg_read32(q: &mut Qemu, dev: u8, off: u8) -> u32 {
     q.outl(0xcf8, cfg_addr(dev, off));
     q.inl(0xcfc)
 }
 
+/// Writes a 32-bit config register.
 pub fn cfg_write32(q: &mut Qemu, dev: u8, off: u8, v: u32) {
     q.outl(0xcf8, cfg_addr(dev, off));
     q.outl(0xcfc, v);
 }
 
+/// Reads a 16-bit config register.
 pub fn cfg_read16(q: &mut Qemu, dev: u8, off: u8) -> u16 {
     (cfg_read32(q, dev, off) >> ((off & 2) * 8)) as u16
 }
 
+/// Writes a 16-bit config register.
 pub fn cfg_write16(q: &mut Qemu, dev: u8, off: u8, v: u16) {
     let old = cfg_read32(q, dev, off);
     let shift = u32::from(off & 2) * 8;
@@ -459,22 +431,28 @@ pub fn find_cap(q: &mut Qemu, dev: u8, id: u8) -> Option<u8> {
     None
 }
 
+/// The MSI-X capability id.
 pub const PCI_CAP_ID_MSIX: u8 = 0x11;
 
-/// The card as the card OS sees it: BARs assigned, memory and bus
-/// mastering enabled, MSI-X table located.
-pub struct Card {
+/// The card as the card OS sees it over qtest: BARs assigned, memory and
+/// bus mastering enabled, MSI-X table located.
+pub struct PciCard {
+    /// Device number on bus 0.
     pub dev: u8,
+    /// Offset of the MSI-X capability.
     pub msix_cap: u8,
+    /// Guest address of the MSI-X table.
     pub table: u64,
+    /// Guest address of the pending-bit array.
     pub pba: u64,
+    /// Number of MSI-X vectors.
     pub vectors: u32,
 }
 
-impl Card {
+impl PciCard {
     /// Finds the device, programs the BARs and enables memory decoding and
     /// bus mastering.
-    pub fn setup(q: &mut Qemu) -> Card {
+    pub fn setup(q: &mut Qemu) -> PciCard {
         let dev = find_device(q, 0x8086, 0x2250).expect("mic-x100 not found on bus 0");
         cfg_write32(q, dev, 0x10, BAR0_ADDR as u32);
         cfg_write32(q, dev, 0x18, BAR2_ADDR as u32);
@@ -489,7 +467,7 @@ impl Card {
         let p = cfg_read32(q, dev, msix_cap + 8);
         assert_eq!(t & 7, 4, "MSI-X table not in BAR4");
         assert_eq!(p & 7, 4, "MSI-X PBA not in BAR4");
-        Card {
+        PciCard {
             dev,
             msix_cap,
             table: BAR4_ADDR + u64::from(t & !7),
@@ -498,6 +476,7 @@ impl Card {
         }
     }
 
+    /// Guest address of register `off` in BAR0.
     pub fn reg(&self, off: u32) -> u64 {
         BAR0_ADDR + u64::from(off)
     }
@@ -517,10 +496,12 @@ impl Card {
         cfg_write16(q, self.dev, self.msix_cap + 2, (ctrl | 0x8000) & !0x4000);
     }
 
+    /// Masks or unmasks vector `v`.
     pub fn mask_vector(&self, q: &mut Qemu, v: u32, masked: bool) {
         q.writel(self.table + 16 * u64::from(v) + 12, u32::from(masked));
     }
 
+    /// Whether vector `v`'s pending bit is set.
     pub fn pending(&self, q: &mut Qemu, v: u32) -> bool {
         q.readl(self.pba + 4 * u64::from(v / 32)) & (1 << (v % 32)) != 0
     }
@@ -541,6 +522,7 @@ impl Card {
     }
 }
 
+/// The MSI data the tests program for vector `v`.
 pub fn msi_data(v: u32) -> u32 {
     0xda7a_0000 | v
 }
