@@ -39,6 +39,8 @@ mic_hash_files() {
 # older link or a directory left by earlier versions of the build scripts.
 mic_cache_link() {
     local link=$1 target=$2
+    # Every use counts for mic_cache_prune, not only the first.
+    touch "$target" 2>/dev/null || true
     if [ -L "$link" ] && [ "$(readlink "$link")" = "$target" ]; then
         return 0
     fi
@@ -63,7 +65,8 @@ mic_cache_lock() {
 }
 
 # mic_cache_prune DIR KEEP: removes all but the KEEP most recently used
-# complete entries of DIR (an entry counts as used when its link is made).
+# complete entries of DIR (an entry counts as used whenever a clone's
+# scripts/setup links it, so clones in use keep theirs).
 mic_cache_prune() {
     local dir=$1 keep=$2 e
     [ -d "$dir" ] || return 0

@@ -37,6 +37,8 @@ pub enum ControlRequest {
     Shutdown,
     /// List the devices.
     Devices,
+    /// The bridge's recent events, oldest first (`bridge/history.rs`).
+    History,
     /// Hot-add a device served by the backend at a socket.
     Add(DeviceKind, PathBuf),
     /// Hot-remove a device.
@@ -51,6 +53,7 @@ impl ControlRequest {
             ["status"] => ControlRequest::Status,
             ["shutdown"] => ControlRequest::Shutdown,
             ["devices"] => ControlRequest::Devices,
+            ["history"] => ControlRequest::History,
             ["add", kind, socket] => {
                 let kind = match *kind {
                     "console" => DeviceKind::Console,

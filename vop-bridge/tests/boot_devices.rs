@@ -17,8 +17,12 @@ fn card_boots_online_and_console_answers() {
     assert_eq!(st, "state=online shutdown_status=nop");
     // The console really is the virtio console: the card says so.
     assert_eq!(card.run("tty", CMD), "/dev/hvc0");
-    let log = card.bridge_log();
-    assert!(log.contains("device 0 (console) started"), "{log}");
+    let devices = card.devices();
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    assert!(
+        devices[0].starts_with("0 console ") && devices[0].ends_with(" running reconnects=0"),
+        "{devices:?}"
+    );
 }
 
 #[test]

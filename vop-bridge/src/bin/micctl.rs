@@ -113,6 +113,13 @@ enum Cmd {
         /// The card (not with a bridge socket).
         card: Option<String>,
     },
+    /// A card's bridge's recent events, oldest first: attached (page
+    /// adopted or published), detached, state changes, backends lost and
+    /// back, devices removed.
+    History {
+        /// The card (not with a bridge socket).
+        card: Option<String>,
+    },
     /// Hot-add a device: [CARD] console|blk|net|vsock SOCKET.
     Add {
         /// [CARD] TYPE SOCKET.
@@ -220,6 +227,10 @@ fn micd_request(cmd: &Cmd) -> Option<Request> {
         Cmd::Devices { card: Some(card) } => Request::Bridge {
             card: card.clone(),
             line: "devices".into(),
+        },
+        Cmd::History { card: Some(card) } => Request::Bridge {
+            card: card.clone(),
+            line: "history".into(),
         },
         Cmd::Add { args } if args.len() == 3 => Request::Bridge {
             card: args[0].clone(),
@@ -473,6 +484,7 @@ fn bridge(socket: &Path, cmd: &Cmd) -> i32 {
         Cmd::Status { cards, .. } if cards.is_empty() => one("status"),
         Cmd::Shutdown { cards } if cards.is_empty() => one("shutdown"),
         Cmd::Devices { card: None } => one("devices"),
+        Cmd::History { card: None } => one("history"),
         Cmd::Add { args } if args.len() == 2 => one(&format!("add {} {}", args[0], args[1])),
         Cmd::Remove { args } if args.len() == 1 => one(&format!("remove {}", args[0])),
         Cmd::Wait { args, timeout } if args.len() == 1 => {
@@ -497,7 +509,7 @@ fn bridge(socket: &Path, cmd: &Cmd) -> i32 {
             2,
             &format!(
                 "{} is not micd's socket, and a bridge takes: status, shutdown, devices, \
-                 add TYPE SOCKET, remove INDEX, wait STATE",
+                 history, add TYPE SOCKET, remove INDEX, wait STATE",
                 socket.display()
             ),
         ),

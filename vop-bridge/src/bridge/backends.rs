@@ -7,6 +7,7 @@ use log::{debug, error, info, warn};
 
 use super::attached::Attached;
 use super::device::DeviceEvent;
+use super::Event;
 use super::{Bridge, Report};
 use crate::backend::Backend;
 use crate::event_loop::EventLoop;
@@ -24,6 +25,7 @@ impl Bridge {
             d.cfg.socket.display()
         );
         let was_running = d.state.running();
+        self.history.push(Event::BackendLost(i));
         let actions = self.devices[i].state.apply(DeviceEvent::BackendLost);
         self.perform_logged(ev, a, i, &actions);
         // Whatever the state said, the socket is dead: stop watching it.
@@ -50,10 +52,13 @@ impl Bridge {
             Ok(Some(cfg)) => {
                 if let (Some(slot), Some(a)) = (d.state.slot(), a) {
                     match a.config_changed(slot, &cfg) {
-                        Ok(()) => info!(
-                            "device {i} ({}): config change passed to the card",
-                            d.name()
-                        ),
+                        Ok(()) => {
+                            info!(
+                                "device {i} ({}): config change passed to the card",
+                                d.name()
+                            );
+                            self.history.push(Event::ConfigChanged(i));
+                        }
                         Err(e) => error!("config change of device {i}: {}", Report(&e)),
                     }
                     d.last_config = cfg;
@@ -80,6 +85,8 @@ impl Bridge {
                     d.cfg.socket.display()
                 );
                 self.devices[i].backend = Some(b);
+                self.devices[i].reconnects += 1;
+                self.history.push(Event::BackendBack(i));
                 if let Err(e) = self.watch_backend(ev, i) {
                     error!("{}", Report(&e));
                 }

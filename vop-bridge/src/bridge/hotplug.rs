@@ -8,6 +8,7 @@ use log::{error, info, warn};
 use super::attached::Attached;
 use super::device::{DeviceState, RemoveRefused};
 use super::requests::ControlError;
+use super::Event;
 use super::{Bridge, Device, Report};
 use crate::backend::Backend;
 use crate::config::{DeviceConfig, DeviceKind};
@@ -47,6 +48,7 @@ impl Bridge {
             wiring: None,
             last_config: spec.config,
             state,
+            reconnects: 0,
         });
         self.watch_backend(ev, i)?;
         a.notify_config()?;
@@ -86,5 +88,6 @@ impl Bridge {
             error!("marking device {i} removed: {}", Report(&e));
         }
         info!("device {i} ({}) removed", self.devices[i].name());
+        self.history.push(Event::Removed { index: i, acked });
     }
 }

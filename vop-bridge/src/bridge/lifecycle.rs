@@ -9,6 +9,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::attached::Attached;
 use super::device::DeviceEvent;
+use super::Event;
 use super::{Bridge, BridgeError, Detached, Ended, Report};
 use crate::abi::{self, CardState};
 use crate::backend::Backend;
@@ -99,6 +100,7 @@ impl Bridge {
                 false,
             ),
         };
+        self.history.push(Event::Attached { adopted });
         let mut a = Attached {
             link,
             att,
@@ -192,6 +194,8 @@ impl Bridge {
     /// Moves the card's state and logs the change.
     pub(super) fn set_state(&mut self, input: CardInput) {
         if let Some(s) = self.card.apply(input) {
+            self.history
+                .push(Event::State(s, self.card.shutdown_status()));
             crate::limited!(
                 self.state_lines,
                 ("card state", 0),
@@ -296,6 +300,7 @@ impl Bridge {
             return Ok(Flow::Stop);
         }
         info!("device detached; waiting for it to come back");
+        self.history.push(Event::Detached);
         if let Err(e) = self.reconnect_backends(ev) {
             error!("reconnecting backends: {}", Report(&e));
         }

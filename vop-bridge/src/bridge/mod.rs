@@ -22,6 +22,7 @@ mod attached;
 mod backends;
 pub mod device;
 mod error;
+mod history;
 mod hotplug;
 mod lifecycle;
 mod messages;
@@ -47,6 +48,7 @@ use crate::log_limit::LogLimiter;
 use attached::Attached;
 use device::{DeviceAction, DeviceEvent, DeviceState};
 pub use error::{BridgeError, Report};
+use history::{Event, History};
 use wiring::Wiring;
 
 /// How often the tick timer fires (also how often a detached bridge tries
@@ -66,6 +68,8 @@ struct Device {
     wiring: Option<Wiring>,
     last_config: Vec<u8>,
     state: DeviceState,
+    /// Times its backend came back after going away (`devices` shows it).
+    reconnects: u32,
 }
 
 impl Device {
@@ -108,6 +112,8 @@ pub struct Bridge {
     card_lines: LogLimiter,
     /// Card state changes (a real boot makes a handful in a few seconds).
     state_lines: LogLimiter,
+    /// Recent events, for `history`.
+    history: History,
 }
 
 impl Bridge {
@@ -125,6 +131,7 @@ impl Bridge {
                 backend: Some(backend),
                 wiring: None,
                 state: DeviceState::new(true),
+                reconnects: 0,
             });
         }
         let control = match &cfg.control_socket {
@@ -157,6 +164,7 @@ impl Bridge {
             detached,
             card_lines: LogLimiter::default(),
             state_lines: LogLimiter::new(STATE_LINES, crate::log_limit::WINDOW),
+            history: History::default(),
         })
     }
 

@@ -127,6 +127,7 @@ impl Bridge {
         match (req, a) {
             (ControlRequest::Status, _) => Ok(self.status_line()),
             (ControlRequest::Devices, _) => Ok(self.device_list()),
+            (ControlRequest::History, _) => Ok(self.history.lines()),
             (_, None) => Err(ControlError::NotAttached),
             (ControlRequest::Shutdown, Some(a)) => {
                 a.request_shutdown()?;
@@ -145,7 +146,9 @@ impl Bridge {
         }
     }
 
-    /// `devices`: `<index> <type> <socket> <running|stopped|removing>`.
+    /// `devices`: `<index> <type> <socket> <running|stopped|removing>
+    /// reconnects=<n>`, `n` being how many times the device's backend came
+    /// back after going away.
     fn device_list(&self) -> String {
         let lines: Vec<String> = self
             .devices
@@ -154,9 +157,10 @@ impl Bridge {
             .filter_map(|(i, d)| {
                 let state = d.state.describe()?;
                 Some(format!(
-                    "{i} {} {} {state}",
+                    "{i} {} {} {state} reconnects={}",
                     d.name(),
-                    d.cfg.socket.display()
+                    d.cfg.socket.display(),
+                    d.reconnects
                 ))
             })
             .collect();

@@ -410,6 +410,33 @@ impl Card {
         vop_bridge::control::request(&self.path("ctl.sock"), "status").ok()
     }
 
+    /// The bridge's device list, a line per device (`<index> <type>
+    /// <socket> <running|stopped|removing> reconnects=<n>`).
+    pub fn devices(&self) -> Vec<String> {
+        vop_bridge::control::request(&self.path("ctl.sock"), "devices")
+            .map(|l| l.lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    /// The bridge's recent events, oldest first (`history` on its control
+    /// socket: `attached adopted`, `state resetting nop`, `backend 1 lost`,
+    /// ...).
+    pub fn history(&self) -> Vec<String> {
+        vop_bridge::control::request(&self.path("ctl.sock"), "history")
+            .map(|l| l.lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the bridge's history has `event`, or an event that
+    /// starts with `event` and a space (`state resetting` matches `state
+    /// resetting restart`); returns the history.
+    pub fn wait_event(&self, event: &str, timeout: Duration) -> Vec<String> {
+        wait_for(timeout, &format!("the bridge's event `{event}`"), || {
+            let h = self.history();
+            h.iter().any(|e| event_is(e, event)).then_some(h)
+        })
+    }
+
     /// Waits until the bridge reports `state` (e.g. "online").
     pub fn wait_state(&self, state: &str, timeout: Duration) -> String {
         let want = format!("state={state} ");
@@ -504,6 +531,12 @@ impl Drop for Card {
             eprintln!("--- console ---\n{}", tail(&self.console_output(), 40));
         }
     }
+}
+
+/// Whether history line `line` is `event`, or `event` with more words.
+pub fn event_is(line: &str, event: &str) -> bool {
+    line.strip_prefix(event)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '))
 }
 
 /// Opens a pty's slave (without making it the controlling terminal) in raw
