@@ -689,6 +689,100 @@ fn restarted_micd_adopts_running_cards() {
     drop(con);
 }
 
+/// One QMP command on a card's QMP socket (`micN/qmp.sock`); returns the
+/// `return` line.
+fn qmp(sock: &Path, command: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut lines = BufReader::new(s.try_clone().unwrap()).lines();
+    let greeting = lines.next().unwrap().unwrap();
+    assert!(greeting.contains("\"QMP\""), "{greeting}");
+    let mut answer = |s: &mut UnixStream, line: String| {
+        s.write_all(format!("{line}\n").as_bytes()).unwrap();
+        // Events may come first; the answer is the `return` (or `error`).
+        loop {
+            let l = lines.next().unwrap().unwrap();
+            if l.contains("\"return\"") || l.contains("\"error\"") {
+                return l;
+            }
+        }
+    };
+    answer(&mut s, r#"{"execute":"qmp_capabilities"}"#.into());
+    answer(&mut s, format!(r#"{{"execute":"{command}"}}"#))
+}
+
+/// A card beating every 500 ms, watched with a 4 s timeout.
+const BEATING_CARD: &str = "[mic0]\nmemory = 512\nnet = \"none\"\ndisk = []\nvsock = false\n\
+     cmdline = \"mic_x100_vop.heartbeat_ms=500\"\nheartbeat_timeout = 4\n";
+
+#[test]
+fn heartbeat_catches_a_frozen_card_and_spares_a_beating_one() {
+    let timeout = Duration::from_secs(4);
+    let m = Micd::start(BEATING_CARD);
+    m.wait_state(&["mic0"], "online");
+    let qmp_sock = m.state().join("mic0/qmp.sock");
+    let c = m.wait_card("mic0", "its first beats", Duration::from_secs(30), |c| {
+        c.heartbeat.count.is_some_and(|n| n >= 2)
+    });
+    assert_eq!(c.heartbeat.period_ms, Some(500));
+    assert_eq!((c.heartbeat.enabled, c.heartbeat.timeout_s), (true, 4));
+    let first_count = c.heartbeat.count.unwrap();
+
+    // A card that keeps beating is never declared crashed: four timeouts
+    // long, it stays online in the same boot, its last beat always recent.
+    let until = std::time::Instant::now() + 4 * timeout;
+    while std::time::Instant::now() < until {
+        let c = m.card("mic0");
+        assert_eq!(
+            (c.state.as_str(), c.last_shutdown_status.as_str(), c.boots),
+            ("online", "nop", 1)
+        );
+        let age = c.heartbeat.age_ms.expect("a beat");
+        assert!(age < 4000, "last beat {age} ms ago");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let beats = m.card("mic0").heartbeat.count.unwrap() - first_count;
+    assert!(beats >= 16, "{beats} beats in 16 s");
+
+    // With the heartbeat off, a frozen card is reported silent but left
+    // alone; it beats again when it runs again.
+    m.ok(&["config", "mic0", "heartbeat=off"]);
+    assert!(qmp(&qmp_sock, "stop").contains("return"));
+    assert!(qmp(&qmp_sock, "query-status").contains("\"running\": false"));
+    let c = m.wait_card("mic0", "a silent card", Duration::from_secs(30), |c| {
+        c.heartbeat.age_ms.is_some_and(|a| a > 6000)
+    });
+    assert_eq!((c.state.as_str(), c.boots), ("online", 1));
+    assert!(!c.heartbeat.enabled);
+    assert!(qmp(&qmp_sock, "cont").contains("return"));
+    m.wait_card("mic0", "beats again", Duration::from_secs(30), |c| {
+        c.heartbeat.age_ms.is_some_and(|a| a < 2000)
+    });
+
+    // With it on, a frozen card is crashed after the timeout, reset, and
+    // booted again under the reboot policy.
+    m.ok(&["config", "mic0", "heartbeat=on"]);
+    let qemu_pid = m.card("mic0").qemu_pid;
+    assert!(qmp(&qmp_sock, "stop").contains("return"));
+    let frozen = std::time::Instant::now();
+    let c = m.wait_card("mic0", "crashed", Duration::from_secs(60), |c| {
+        c.last_shutdown_status == "crashed"
+    });
+    let after = frozen.elapsed();
+    assert!(after >= timeout, "declared crashed after {after:?}");
+    assert!(c.state != "online" || c.boots == 2, "{c:?}");
+    let c = m.wait_card("mic0", "online again", BOOT_TIMEOUT, |c| {
+        c.boots == 2 && c.state == "online"
+    });
+    assert_eq!(c.last_shutdown_status, "crashed");
+    assert_ne!(c.qemu_pid, qemu_pid);
+    let c = m.wait_card("mic0", "beating again", Duration::from_secs(30), |c| {
+        c.heartbeat.count.is_some()
+    });
+    assert!(c.heartbeat.age_ms.unwrap() < 4000);
+}
+
 #[test]
 fn micctl_still_drives_a_single_bridge() {
     // A bridge with no card yet: `-s` names its control socket.
