@@ -1146,11 +1146,18 @@ static void vop_remove(struct pci_dev *pdev)
 
 	cancel_delayed_work_sync(&card->poll_work);
 	cancel_work_sync(&card->ctrl_work);
+	cancel_delayed_work_sync(&card->beat_work);
 
 	mutex_lock(&card->lock);
 	vop_remove_all(card, VOP_REMOVE_LOCAL);
-	if (card->page)
+	if (card->page) {
+		struct mic_heartbeat *hb = card->page + MIC_HEARTBEAT_OFFSET;
+
 		WRITE_ONCE(((struct mic_bootparam *)card->page)->h2c_config_db, -1);
+		/* an unloaded driver is not a hung card: back to "no beat yet" */
+		if (le32_to_cpu(READ_ONCE(hb->magic)) == MIC_HEARTBEAT_MAGIC)
+			WRITE_ONCE(hb->count, 0);
+	}
 	vop_set_page(card, NULL);
 	mutex_unlock(&card->lock);
 }
