@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use mic_test_support::{bin, sha256_range, sum_in, tail, wait_for, Shell, TempDir, BOOT_TIMEOUT};
+use mic_test_support::{
+    bin, sha256_range, sum_in, tail, wait_for, Qmp, Shell, TempDir, BOOT_TIMEOUT,
+};
 use vop_bridge::micd::protocol::CardStatus;
 
 const MIB: u64 = 1 << 20;
@@ -689,29 +691,6 @@ fn restarted_micd_adopts_running_cards() {
     drop(con);
 }
 
-/// One QMP command on a card's QMP socket (`micN/qmp.sock`); returns the
-/// `return` line.
-fn qmp(sock: &Path, command: &str) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut lines = BufReader::new(s.try_clone().unwrap()).lines();
-    let greeting = lines.next().unwrap().unwrap();
-    assert!(greeting.contains("\"QMP\""), "{greeting}");
-    let mut answer = |s: &mut UnixStream, line: String| {
-        s.write_all(format!("{line}\n").as_bytes()).unwrap();
-        // Events may come first; the answer is the `return` (or `error`).
-        loop {
-            let l = lines.next().unwrap().unwrap();
-            if l.contains("\"return\"") || l.contains("\"error\"") {
-                return l;
-            }
-        }
-    };
-    answer(&mut s, r#"{"execute":"qmp_capabilities"}"#.into());
-    answer(&mut s, format!(r#"{{"execute":"{command}"}}"#))
-}
-
 /// A card beating every 500 ms, watched with a 4 s timeout.
 const BEATING_CARD: &str = "[mic0]\nmemory = 512\nnet = \"none\"\ndisk = []\nvsock = false\n\
      cmdline = \"mic_x100_vop.heartbeat_ms=500\"\nheartbeat_timeout = 4\n";
@@ -721,7 +700,7 @@ fn heartbeat_catches_a_frozen_card_and_spares_a_beating_one() {
     let timeout = Duration::from_secs(4);
     let m = Micd::start(BEATING_CARD);
     m.wait_state(&["mic0"], "online");
-    let qmp_sock = m.state().join("mic0/qmp.sock");
+    let qmp = || Qmp::connect(&m.state().join("mic0/qmp.sock"));
     let c = m.wait_card("mic0", "its first beats", Duration::from_secs(30), |c| {
         c.heartbeat.count.is_some_and(|n| n >= 2)
     });
@@ -773,14 +752,16 @@ fn heartbeat_catches_a_frozen_card_and_spares_a_beating_one() {
     // With the heartbeat off, a frozen card is reported silent but left
     // alone; it beats again when it runs again.
     m.ok(&["config", "mic0", "heartbeat=off"]);
-    assert!(qmp(&qmp_sock, "stop").contains("return"));
-    assert!(qmp(&qmp_sock, "query-status").contains("\"running\": false"));
+    let mut q = qmp();
+    q.execute("stop");
+    assert!(q.execute("query-status").contains("\"running\": false"));
     let c = m.wait_card("mic0", "a silent card", Duration::from_secs(30), |c| {
         c.heartbeat.age_ms.is_some_and(|a| a > 6000)
     });
     assert_eq!((c.state.as_str(), c.boots), ("online", 1));
     assert!(!c.heartbeat.enabled);
-    assert!(qmp(&qmp_sock, "cont").contains("return"));
+    q.execute("cont");
+    drop(q);
     m.wait_card("mic0", "beats again", Duration::from_secs(30), |c| {
         c.heartbeat.age_ms.is_some_and(|a| a < 2000)
     });
@@ -789,7 +770,7 @@ fn heartbeat_catches_a_frozen_card_and_spares_a_beating_one() {
     // booted again under the reboot policy.
     m.ok(&["config", "mic0", "heartbeat=on"]);
     let qemu_pid = m.card("mic0").qemu_pid;
-    assert!(qmp(&qmp_sock, "stop").contains("return"));
+    qmp().execute("stop");
     let frozen = std::time::Instant::now();
     let c = m.wait_card("mic0", "crashed", Duration::from_secs(60), |c| {
         c.last_shutdown_status == "crashed"
