@@ -31,6 +31,7 @@
 #include <linux/pci.h>
 #include <linux/reboot.h>
 #include <linux/slab.h>
+#include <linux/spinlock.h>
 #include <linux/version.h>
 #include <linux/virtio.h>
 #include <linux/virtio_config.h>
@@ -51,6 +52,11 @@ static unsigned int reset_timeout_ms = 10000;
 module_param(reset_timeout_ms, uint, 0644);
 MODULE_PARM_DESC(reset_timeout_ms,
 		 "how long a device reset waits for the host's host_ack");
+
+static unsigned int heartbeat_ms = 1000;
+module_param(heartbeat_ms, uint, 0444);
+MODULE_PARM_DESC(heartbeat_ms,
+		 "beat period in milliseconds, when the host's device page has a heartbeat block (0: no heartbeat)");
 
 struct vop_card;
 
@@ -95,7 +101,7 @@ struct vop_card {
 
 	struct mutex lock;		/* page, devices, vectors */
 	u64 page_off;			/* 0: no page accepted */
-	void *page;
+	void *page;			/* set under lock and beat_lock */
 	u64 rejected_off;		/* last offset refused (log once) */
 	struct list_head vdevs;
 	DECLARE_BITMAP(vectors_used, MIC_NUM_VECTORS);
@@ -109,6 +115,15 @@ struct vop_card {
 
 	struct notifier_block reboot_nb;
 	struct notifier_block panic_nb;
+
+	/*
+	 * The heartbeat (docs/vop-abi.md 5.6).  Its own lock, held for a few
+	 * stores, so that a control path waiting on the host does not hold
+	 * the beat back: only a card that no longer runs its timers misses it.
+	 */
+	spinlock_t beat_lock;		/* page, for the beat */
+	struct delayed_work beat_work;
+	u32 beats;
 };
 
 #define to_vop_vdev(vd) container_of(vd, struct vop_vdev, vdev)
@@ -748,6 +763,45 @@ next:
 	 */
 }
 
+/* the page the card uses, for the control path and for the beat */
+static void vop_set_page(struct vop_card *card, void *page)
+{
+	lockdep_assert_held(&card->lock);
+	spin_lock(&card->beat_lock);
+	card->page = page;
+	spin_unlock(&card->beat_lock);
+}
+
+/*
+ * One beat (docs/vop-abi.md 5.6): a new count in the heartbeat block of the
+ * page, if the host offers one there.  The host watches the count change;
+ * a card that stops running its timers (a hang, interrupts off, a frozen
+ * machine) stops changing it.
+ */
+static void vop_beat_work(struct work_struct *work)
+{
+	struct vop_card *card = container_of(to_delayed_work(work),
+					     struct vop_card, beat_work);
+	struct mic_heartbeat *hb;
+
+	if (READ_ONCE(card->stopping))
+		return;
+	spin_lock(&card->beat_lock);
+	if (card->page) {
+		hb = card->page + MIC_HEARTBEAT_OFFSET;
+		if (le32_to_cpu(READ_ONCE(hb->magic)) == MIC_HEARTBEAT_MAGIC) {
+			WRITE_ONCE(hb->period_ms, cpu_to_le32(heartbeat_ms));
+			/* a count of 0 means "no beat yet" to the host */
+			if (!++card->beats)
+				card->beats = 1;
+			WRITE_ONCE(hb->count, cpu_to_le32(card->beats));
+		}
+	}
+	spin_unlock(&card->beat_lock);
+	queue_delayed_work(system_wq, &card->beat_work,
+			   msecs_to_jiffies(heartbeat_ms));
+}
+
 /* look at the scratchpads */
 static void vop_check_page(struct vop_card *card)
 {
@@ -786,7 +840,7 @@ static void vop_check_page(struct vop_card *card)
 			 card->page_off, off);
 		/* the old page and its rings may be reused by now */
 		vop_remove_all(card, VOP_REMOVE_DETACHED);
-		card->page = NULL;
+		vop_set_page(card, NULL);
 		card->page_off = 0;
 	}
 
@@ -810,7 +864,7 @@ static void vop_check_page(struct vop_card *card)
 	rmb();
 
 	card->rejected_off = 0;
-	card->page = bp;
+	vop_set_page(card, bp);
 	card->page_off = off;
 	dev_info(dev, "device page at aperture offset 0x%llx, node %u\n",
 		 off, READ_ONCE(bp->node_id));
@@ -825,6 +879,9 @@ static void vop_check_page(struct vop_card *card)
 		vop_wreg(card, MIC_REG_SHUTDOWN_STATUS, MIC_STATUS_NOP);
 		vop_wreg(card, MIC_REG_CARD_STATE, MIC_STATE_ONLINE);
 		dev_info(dev, "card online\n");
+		/* the first beat on a new page comes now, not a period later */
+		if (heartbeat_ms)
+			mod_delayed_work(system_wq, &card->beat_work, 0);
 	}
 }
 
@@ -929,6 +986,14 @@ static void vop_unregister_panic_notifier(void *nb)
 	atomic_notifier_chain_unregister(&panic_notifier_list, nb);
 }
 
+static void vop_stop_beat(void *data)
+{
+	struct vop_card *card = data;
+
+	WRITE_ONCE(card->stopping, true);
+	cancel_delayed_work_sync(&card->beat_work);
+}
+
 /*
  * Everything probe sets up is device-managed (pcim_*, devm_*) and released
  * in reverse order after vop_remove(), or when probe fails.
@@ -950,6 +1015,8 @@ static int vop_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	INIT_LIST_HEAD(&card->vdevs);
 	INIT_WORK(&card->ctrl_work, vop_ctrl_work);
 	INIT_DELAYED_WORK(&card->poll_work, vop_poll_work);
+	spin_lock_init(&card->beat_lock);
+	INIT_DELAYED_WORK(&card->beat_work, vop_beat_work);
 	pci_set_drvdata(pdev, card);
 
 	err = pcim_enable_device(pdev);
@@ -1048,10 +1115,18 @@ static int vop_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		 MIC_VERSION_MINOR(abi), ap_size >> 10, card->nvec,
 		 card->num_doorbells);
 
+	/* stopped before the mappings it writes through are released */
+	err = devm_add_action_or_reset(dev, vop_stop_beat, card);
+	if (err)
+		return err;
+
 	queue_work(card->wq, &card->ctrl_work);
 	if (poll_ms)
 		queue_delayed_work(card->wq, &card->poll_work,
 				   msecs_to_jiffies(poll_ms));
+	if (heartbeat_ms)
+		queue_delayed_work(system_wq, &card->beat_work,
+				   msecs_to_jiffies(heartbeat_ms));
 	return 0;
 }
 
@@ -1071,12 +1146,19 @@ static void vop_remove(struct pci_dev *pdev)
 
 	cancel_delayed_work_sync(&card->poll_work);
 	cancel_work_sync(&card->ctrl_work);
+	cancel_delayed_work_sync(&card->beat_work);
 
 	mutex_lock(&card->lock);
 	vop_remove_all(card, VOP_REMOVE_LOCAL);
-	if (card->page)
+	if (card->page) {
+		struct mic_heartbeat *hb = card->page + MIC_HEARTBEAT_OFFSET;
+
 		WRITE_ONCE(((struct mic_bootparam *)card->page)->h2c_config_db, -1);
-	card->page = NULL;
+		/* an unloaded driver is not a hung card: back to "no beat yet" */
+		if (le32_to_cpu(READ_ONCE(hb->magic)) == MIC_HEARTBEAT_MAGIC)
+			WRITE_ONCE(hb->count, 0);
+	}
+	vop_set_page(card, NULL);
 	mutex_unlock(&card->lock);
 }
 

@@ -78,7 +78,7 @@ typedef uint64_t __le64;
 
 #define MIC_REGS_MAGIC		0x5843494d	/* "MICX" */
 #define MIC_ABI_VERSION_MAJOR	1
-#define MIC_ABI_VERSION_MINOR	0
+#define MIC_ABI_VERSION_MINOR	1	/* 1: the heartbeat block (5.6) */
 #define MIC_ABI_VERSION		((MIC_ABI_VERSION_MAJOR << 16) | MIC_ABI_VERSION_MINOR)
 #define MIC_FAMILY_X100		100
 
@@ -203,11 +203,30 @@ struct mic_vring_info {
 	__le32 magic;
 } MIC_PACKED;
 
+/*
+ * 5.6 (ABI 1.1): the heartbeat block, the last 16 bytes of the device page.
+ * The host zeroes it and writes MIC_HEARTBEAT_MAGIC into it when it builds
+ * the page, and keeps its descriptors before it.  A card that finds the
+ * magic writes its beat period, then a new count every period.  Cards and
+ * hosts of ABI 1.0 neither write nor read it.  The magic's low byte is 0, so
+ * a descriptor scan that reaches the block sees the end of the list.
+ */
+#define MIC_HEARTBEAT_OFFSET	(MIC_DP_SIZE - 16)
+#define MIC_HEARTBEAT_MAGIC	0x54424800	/* "\0HBT" */
+
+struct mic_heartbeat {
+	__le32 magic;		/* host: MIC_HEARTBEAT_MAGIC */
+	__le32 period_ms;	/* card: its beat period */
+	__le32 count;		/* card: beats so far; 0 = none yet */
+	__le32 pad;
+} MIC_PACKED;
+
 MIC_STATIC_ASSERT(sizeof(struct mic_bootparam) == 24);
 MIC_STATIC_ASSERT(sizeof(struct mic_device_desc) == 8);
 MIC_STATIC_ASSERT(sizeof(struct mic_vqconfig) == 24);
 MIC_STATIC_ASSERT(sizeof(struct mic_device_ctrl) == 16);
 MIC_STATIC_ASSERT(sizeof(struct mic_vring_info) == 8);
+MIC_STATIC_ASSERT(sizeof(struct mic_heartbeat) == 16);
 
 /* bytes of a descriptor before its control block (upstream mic_desc_size) */
 static inline unsigned int mic_desc_size(unsigned int num_vq,

@@ -64,8 +64,8 @@ pub mod reg {
 
     /// Value of the `MAGIC` register ("MICX").
     pub const MAGIC_VALUE: u32 = 0x5843_494d;
-    /// ABI version this crate implements (1.0).
-    pub const ABI_VERSION_VALUE: u32 = 0x0001_0000;
+    /// ABI version this crate implements (1.1: 1.0 and the heartbeat block).
+    pub const ABI_VERSION_VALUE: u32 = 0x0001_0001;
     /// Value of the `FAMILY` register for an X100.
     pub const FAMILY_X100: u32 = 100;
     /// Stepping A0.
@@ -270,6 +270,12 @@ pub const CONFIG_CHANGE_CONFIG: u8 = 2;
 pub const TYPE_REMOVED: i8 = -1;
 /// `type` that ends the descriptor list.
 pub const TYPE_END: i8 = 0;
+/// Page offset of the heartbeat block (ABI 1.1, `docs/vop-abi.md` 5.6):
+/// the page's last 16 bytes; descriptors end before it.
+pub const HEARTBEAT_OFFSET: usize = DP_SIZE - 16;
+/// [`Heartbeat::magic`] of a page that offers the heartbeat ("\0HBT"; its
+/// low byte is 0, so a descriptor scan that reaches it sees the list end).
+pub const HEARTBEAT_MAGIC: u32 = 0x5442_4800;
 
 /// `mic_bootparam`: the head of the device page (upstream 4.4+ layout).
 #[repr(C)]
@@ -359,9 +365,25 @@ pub struct VringInfo {
     pub magic: u32,
 }
 
+/// `mic_heartbeat`: the heartbeat block at [`HEARTBEAT_OFFSET`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Heartbeat {
+    /// Host: [`HEARTBEAT_MAGIC`] when the page offers the heartbeat.
+    pub magic: u32,
+    /// Card: its beat period in milliseconds.
+    pub period_ms: u32,
+    /// Card: beats so far; 0 until the first.
+    pub count: u32,
+    /// Padding.
+    pub pad: u32,
+}
+
 // SAFETY: plain-old-data structs of integers with no implicit padding; every
 // bit pattern is a valid value.
 unsafe impl ByteValued for BootParam {}
+// SAFETY: as above.
+unsafe impl ByteValued for Heartbeat {}
 // SAFETY: as above.
 unsafe impl ByteValued for DeviceDesc {}
 // SAFETY: as above.
@@ -546,6 +568,17 @@ mod tests {
         assert_eq!(offset_of!(BootParam, c2h_scif_db), 7);
         assert_eq!(offset_of!(BootParam, scif_host_dma_addr), 8);
         assert_eq!(offset_of!(BootParam, scif_card_dma_addr), 16);
+    }
+
+    #[test]
+    fn heartbeat_block_fills_the_end_of_the_page() {
+        assert_eq!(size_of::<Heartbeat>(), 16);
+        assert_eq!(offset_of!(Heartbeat, magic), 0);
+        assert_eq!(offset_of!(Heartbeat, period_ms), 4);
+        assert_eq!(offset_of!(Heartbeat, count), 8);
+        assert_eq!(HEARTBEAT_OFFSET + size_of::<Heartbeat>(), DP_SIZE);
+        // A scan that reaches the block reads its first byte as a type: the end.
+        assert_eq!(HEARTBEAT_MAGIC.to_le_bytes()[0] as i8, TYPE_END);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `status` | `state=<state> shutdown_status=<status>` |
+//! | `heartbeat` | `heartbeat=<count> age_ms=<ms> period_ms=<ms>`, or `heartbeat=none` before the card's first beat ([`crate::heartbeat`]) |
 //! | `shutdown` | the same, after asking the card to power off |
 //! | `devices` | one line per device: `<index> <type> <socket> <running|stopped|removing>` |
 //! | `add <console\|blk\|net> <socket>` | `added device <index>` (hot add) |
@@ -33,6 +34,8 @@ use crate::config::DeviceKind;
 pub enum ControlRequest {
     /// Report the card's state.
     Status,
+    /// Report the card's last heartbeat.
+    Heartbeat,
     /// Ask the card to shut down.
     Shutdown,
     /// List the devices.
@@ -51,6 +54,7 @@ impl ControlRequest {
         let words: Vec<&str> = line.split_whitespace().collect();
         Some(match words.as_slice() {
             ["status"] => ControlRequest::Status,
+            ["heartbeat"] => ControlRequest::Heartbeat,
             ["shutdown"] => ControlRequest::Shutdown,
             ["devices"] => ControlRequest::Devices,
             ["history"] => ControlRequest::History,
@@ -188,7 +192,7 @@ impl std::fmt::Debug for ControlConn {
 
 /// The answer to a line that is no request.
 const UNKNOWN_REQUEST: &str =
-    "error: unknown request (status, shutdown, devices, add TYPE SOCKET, remove INDEX)\n";
+    "error: unknown request (status, heartbeat, shutdown, devices, add TYPE SOCKET, remove INDEX)\n";
 
 impl ControlServer {
     /// Listens on `path`, replacing a stale socket file but never a live one.
@@ -297,6 +301,10 @@ mod tests {
             Some(ControlRequest::Shutdown)
         );
         assert_eq!(ControlRequest::parse("reboot"), None);
+        assert_eq!(
+            ControlRequest::parse("heartbeat"),
+            Some(ControlRequest::Heartbeat)
+        );
         assert_eq!(
             ControlRequest::parse("add blk /run/b.sock"),
             Some(ControlRequest::Add(DeviceKind::Blk, "/run/b.sock".into()))

@@ -6,6 +6,7 @@
 //! - [`page`]: building and adopting the device page in the aperture.
 //! - [`backend`]: one device's vhost-user backend.
 //! - [`card`]: the card lifecycle.
+//! - [`heartbeat`]: the card's heartbeat as the host follows it.
 //! - [`bridge`]: one card's bridge tying them together, split by job.
 //! - [`event_loop`]: the one wait loop and its [`event_loop::Token`]s.
 //! - [`signals`]: the process's stop signals as a descriptor.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod control;
 pub mod device_protocol;
 pub mod event_loop;
+pub mod heartbeat;
 pub mod log_limit;
 pub mod micd;
 pub mod page;

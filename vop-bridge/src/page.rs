@@ -11,7 +11,11 @@ use std::sync::atomic::{fence, Ordering};
 
 use log::warn;
 
-use crate::abi::{self, BootParam, DescLayout, DeviceCtrl, DeviceDesc, VqConfig, VringInfo};
+use vm_memory::Bytes;
+
+use crate::abi::{
+    self, BootParam, DescLayout, DeviceCtrl, DeviceDesc, Heartbeat, VqConfig, VringInfo,
+};
 use crate::device_protocol::{Aperture, ProtocolError};
 
 /// Errors building or adopting a device page.
@@ -83,6 +87,15 @@ impl Ring {
     }
 }
 
+/// What the card last wrote into the heartbeat block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Beat {
+    /// Beats so far; 0 before the first.
+    pub count: u32,
+    /// The card's beat period in milliseconds.
+    pub period_ms: u32,
+}
+
 /// A device descriptor the host wrote, as the host remembers it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slot {
@@ -121,6 +134,14 @@ impl DevicePage {
                 magic: abi::MIC_MAGIC,
                 h2c_config_db: -1,
                 node_id,
+                ..Default::default()
+            },
+        )?;
+        // The heartbeat block (ABI 1.1): offered, no beat yet.
+        aperture.write_obj(
+            offset + abi::HEARTBEAT_OFFSET as u64,
+            Heartbeat {
+                magic: abi::HEARTBEAT_MAGIC,
                 ..Default::default()
             },
         )?;
@@ -167,8 +188,9 @@ impl DevicePage {
         // New descriptors go at the end of the list: removed slots keep their
         // bytes (`type = -1`) because descriptor sizes differ.
         let desc_offset = self.list_end;
-        // A terminating zero byte must fit after the descriptor.
-        if desc_offset + layout.total_size() + 1 > abi::DP_SIZE {
+        // Descriptors end before the heartbeat block, whose first byte (0)
+        // terminates a full list.
+        if desc_offset + layout.total_size() > abi::HEARTBEAT_OFFSET {
             return Err(PageError::NoRoom("device page"));
         }
 
@@ -332,6 +354,30 @@ impl DevicePage {
             page.list_end = at;
         }
         Ok(page)
+    }
+
+    /// The card's last beat in the page's heartbeat block
+    /// (`docs/vop-abi.md` 5.6): `None` when the page offers no heartbeat
+    /// (a page an ABI 1.0 host built and this bridge adopted).
+    pub fn heartbeat(&self, aperture: &Aperture) -> Result<Option<Beat>, PageError> {
+        let block = aperture.slice(
+            self.offset + abi::HEARTBEAT_OFFSET as u64,
+            std::mem::size_of::<Heartbeat>(),
+        )?;
+        // Each field is one aligned 32-bit load: the card writes them with
+        // single stores while the host reads.
+        let load = |field: usize| {
+            block
+                .load::<u32>(field, Ordering::Acquire)
+                .map_err(|e| PageError::Aperture(ProtocolError::Map(e.to_string())))
+        };
+        if load(std::mem::offset_of!(Heartbeat, magic))? != abi::HEARTBEAT_MAGIC {
+            return Ok(None);
+        }
+        Ok(Some(Beat {
+            count: load(std::mem::offset_of!(Heartbeat, count))?,
+            period_ms: load(std::mem::offset_of!(Heartbeat, period_ms))?,
+        }))
     }
 
     fn slot(&self, index: usize) -> &Slot {
@@ -664,6 +710,58 @@ mod tests {
         ));
         s.queue_sizes = vec![256];
         assert!(page.add(&ap, &s).is_ok());
+    }
+
+    #[test]
+    fn the_heartbeat_block_is_offered_and_read() {
+        let ap = aperture(1 << 20);
+        let page = DevicePage::build(&ap, 0x1000, 1).unwrap();
+        let hb: Heartbeat = ap.read_obj(0x1000 + 4080).unwrap();
+        assert_eq!((hb.magic, hb.period_ms, hb.count), (0x5442_4800, 0, 0));
+        assert_eq!(
+            page.heartbeat(&ap).unwrap(),
+            Some(Beat {
+                count: 0,
+                period_ms: 0
+            })
+        );
+        // The card's writes, as the driver makes them.
+        ap.write_obj(0x1000 + 4084, 500u32).unwrap();
+        ap.write_obj(0x1000 + 4088, 7u32).unwrap();
+        assert_eq!(
+            page.heartbeat(&ap).unwrap(),
+            Some(Beat {
+                count: 7,
+                period_ms: 500
+            })
+        );
+        // A page without the block (an ABI 1.0 host's, adopted): no heartbeat.
+        ap.write_obj(0x1000 + 4080, 0u32).unwrap();
+        let adopted = DevicePage::adopt(&ap, 0x1000).unwrap();
+        assert_eq!(adopted.heartbeat(&ap).unwrap(), None);
+    }
+
+    #[test]
+    fn descriptors_end_before_the_heartbeat_block() {
+        let ap = aperture(8 << 20);
+        let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
+        // Large descriptors: 16 queues of 1 entry, 255 bytes of config.
+        let big = DeviceSpec {
+            device_type: 3,
+            queue_sizes: vec![1; 16],
+            features: 0,
+            config: vec![0; 255],
+        };
+        let mut n = 0;
+        while page.add(&ap, &big).is_ok() {
+            n += 1;
+        }
+        let total = page.slots()[0].as_ref().unwrap().layout.total_size();
+        let end = page.slots().last().unwrap().as_ref().unwrap().desc_offset + total;
+        assert_eq!(n, (4080 - 24) / total);
+        assert!(end <= 4080 && end + total > 4080);
+        let hb: Heartbeat = ap.read_obj(0x1000 + 4080).unwrap();
+        assert_eq!(hb.magic, abi::HEARTBEAT_MAGIC);
     }
 
     #[test]

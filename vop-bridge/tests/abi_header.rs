@@ -19,8 +19,8 @@ use std::process::Command;
 
 use vmm_sys_util::tempdir::TempDir;
 use vop_bridge::abi::{
-    self, reg, BootParam, CardState, DescLayout, DeviceCtrl, DeviceDesc, ShutdownStatus, VqConfig,
-    VringInfo,
+    self, reg, BootParam, CardState, DescLayout, DeviceCtrl, DeviceDesc, Heartbeat, ShutdownStatus,
+    VqConfig, VringInfo,
 };
 use vop_bridge::device_protocol::{self as dp, event, msg, wire};
 
@@ -260,6 +260,8 @@ fn rust_constants() -> BTreeMap<&'static str, i128> {
         ("MIC_MIN_FEATURE_LEN", v(abi::MIN_FEATURE_LEN.into())),
         ("MIC_MAX_FEATURE_LEN", v(abi::MAX_FEATURE_LEN.into())),
         ("MIC_HOST_FEATURE_LEN", v(abi::FEATURE_LEN.into())),
+        ("MIC_HEARTBEAT_OFFSET", v(abi::HEARTBEAT_OFFSET as i128)),
+        ("MIC_HEARTBEAT_MAGIC", v(abi::HEARTBEAT_MAGIC.into())),
         // docs/device-protocol.md
         ("MIC_PROTO_VERSION_MAJOR", v((dp::VERSION >> 16).into())),
         ("MIC_PROTO_VERSION_MINOR", v((dp::VERSION & 0xffff).into())),
@@ -315,6 +317,15 @@ fn rust_structs() -> BTreeMap<&'static str, Mirror> {
                 c2h_scif_db => c2h_scif_db,
                 scif_host_dma_addr => scif_host_dma_addr,
                 scif_card_dma_addr => scif_card_dma_addr,
+            }),
+        ),
+        (
+            "mic_heartbeat",
+            mirror!(Heartbeat {
+                magic => magic,
+                period_ms => period_ms,
+                count => count,
+                pad => pad,
             }),
         ),
         (

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use mic_test_support::{bin, sha256_range, sum_in, tail, wait_for, Shell, TempDir, BOOT_TIMEOUT};
+use mic_test_support::{
+    bin, sha256_range, sum_in, tail, wait_for, Qmp, Shell, TempDir, BOOT_TIMEOUT,
+};
 use vop_bridge::micd::protocol::CardStatus;
 
 const MIB: u64 = 1 << 20;
@@ -687,6 +689,109 @@ fn restarted_micd_adopts_running_cards() {
     m.wait_state(&["mic1"], "ready");
     assert_eq!(m.card("mic1").shutdown_status, "poweroff");
     drop(con);
+}
+
+/// A card beating every 500 ms, watched with a 4 s timeout.
+const BEATING_CARD: &str = "[mic0]\nmemory = 512\nnet = \"none\"\ndisk = []\nvsock = false\n\
+     cmdline = \"mic_x100_vop.heartbeat_ms=500\"\nheartbeat_timeout = 4\n";
+
+#[test]
+fn heartbeat_catches_a_frozen_card_and_spares_a_beating_one() {
+    let timeout = Duration::from_secs(4);
+    let m = Micd::start(BEATING_CARD);
+    m.wait_state(&["mic0"], "online");
+    let qmp = || Qmp::connect(&m.state().join("mic0/qmp.sock"));
+    let c = m.wait_card("mic0", "its first beats", Duration::from_secs(30), |c| {
+        c.heartbeat.count.is_some_and(|n| n >= 2)
+    });
+    assert_eq!(c.heartbeat.period_ms, Some(500));
+    assert_eq!((c.heartbeat.enabled, c.heartbeat.timeout_s), (true, 4));
+    let first_count = c.heartbeat.count.unwrap();
+
+    // A card that keeps beating is never declared crashed: four timeouts
+    // long, it stays online in the same boot, its last beat always recent.
+    let until = std::time::Instant::now() + 4 * timeout;
+    while std::time::Instant::now() < until {
+        let c = m.card("mic0");
+        assert_eq!(
+            (c.state.as_str(), c.last_shutdown_status.as_str(), c.boots),
+            ("online", "nop", 1)
+        );
+        let age = c.heartbeat.age_ms.expect("a beat");
+        assert!(age < 4000, "last beat {age} ms ago");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let beats = m.card("mic0").heartbeat.count.unwrap() - first_count;
+    assert!(beats >= 16, "{beats} beats in 16 s");
+
+    // Unloading the card driver for longer than the timeout is no hang: the
+    // driver sets the count back to "no beat yet", and beats again when
+    // loaded.
+    let mut con = m.console("mic0");
+    con.type_text(
+        "(sleep 1; rmmod mic_x100_vop; sleep 6; modprobe mic_x100_vop) >/dev/null 2>&1 &\n",
+    );
+    drop(con);
+    m.wait_card(
+        "mic0",
+        "no beat while unloaded",
+        Duration::from_secs(30),
+        |c| c.heartbeat.count.is_none(),
+    );
+    let c = m.wait_card(
+        "mic0",
+        "beats after the reload",
+        Duration::from_secs(60),
+        |c| c.heartbeat.age_ms.is_some_and(|a| a < 2000),
+    );
+    assert_eq!(
+        (c.state.as_str(), c.last_shutdown_status.as_str(), c.boots),
+        ("online", "nop", 1)
+    );
+
+    // With the heartbeat off, a frozen card is reported silent but left
+    // alone; it beats again when it runs again.
+    m.ok(&["config", "mic0", "heartbeat=off"]);
+    let mut q = qmp();
+    q.execute("stop");
+    assert!(q.execute("query-status").contains("\"running\": false"));
+    let c = m.wait_card("mic0", "a silent card", Duration::from_secs(30), |c| {
+        c.heartbeat.age_ms.is_some_and(|a| a > 6000)
+    });
+    assert_eq!((c.state.as_str(), c.boots), ("online", 1));
+    assert!(!c.heartbeat.enabled);
+    q.execute("cont");
+    drop(q);
+    m.wait_card("mic0", "beats again", Duration::from_secs(30), |c| {
+        c.heartbeat.age_ms.is_some_and(|a| a < 2000)
+    });
+
+    // With it on, a frozen card is crashed after the timeout, reset, and
+    // booted again under the reboot policy.
+    m.ok(&["config", "mic0", "heartbeat=on"]);
+    let qemu_pid = m.card("mic0").qemu_pid;
+    qmp().execute("stop");
+    let frozen = std::time::Instant::now();
+    let c = m.wait_card("mic0", "crashed", Duration::from_secs(60), |c| {
+        c.last_shutdown_status == "crashed"
+    });
+    // The timeout runs from the last beat, up to a period (and a sample)
+    // before the machine stopped.
+    let after = frozen.elapsed();
+    assert!(
+        after >= timeout - Duration::from_secs(1),
+        "declared crashed after {after:?}"
+    );
+    assert!(c.state != "online" || c.boots == 2, "{c:?}");
+    let c = m.wait_card("mic0", "online again", BOOT_TIMEOUT, |c| {
+        c.boots == 2 && c.state == "online"
+    });
+    assert_eq!(c.last_shutdown_status, "crashed");
+    assert_ne!(c.qemu_pid, qemu_pid);
+    let c = m.wait_card("mic0", "beating again", Duration::from_secs(30), |c| {
+        c.heartbeat.count.is_some()
+    });
+    assert!(c.heartbeat.age_ms.unwrap() < 4000);
 }
 
 #[test]

@@ -83,8 +83,8 @@ enum Cmd {
         timeout: u64,
     },
     /// Change a card's settings (memory, cpus, firmware, ramdisk, bios,
-    /// cmdline, accel while ready; autoboot, policy, shutdown_timeout at any
-    /// time).
+    /// cmdline, accel while ready; autoboot, policy, shutdown_timeout,
+    /// heartbeat, heartbeat_timeout at any time).
     Config {
         /// The card.
         card: String,
@@ -471,6 +471,18 @@ fn print_card(c: &CardStatus) {
             println!("  network {ip}, host {host} ({})", c.network.mode)
         }
         _ => println!("  network none"),
+    }
+    let hb = &c.heartbeat;
+    let timeout = if hb.enabled {
+        format!("timeout {} s", hb.timeout_s)
+    } else {
+        "not watched".to_string()
+    };
+    match (hb.count, hb.age_ms, hb.period_ms) {
+        (Some(n), Some(age), Some(period)) => {
+            println!("  heartbeat {n}, {age} ms ago, every {period} ms ({timeout})")
+        }
+        _ => println!("  heartbeat none yet ({timeout})"),
     }
     if let Some(e) = &c.last_error {
         println!("  last error: {e}");

@@ -43,6 +43,7 @@ use crate::card::CardTracker;
 use crate::config::{BridgeConfig, DeviceConfig};
 use crate::control::{ControlClient, ControlServer};
 use crate::event_loop::{EventLoop, Flow, Token};
+use crate::heartbeat::HeartbeatMonitor;
 use crate::log_limit::LogLimiter;
 
 use attached::Attached;
@@ -114,6 +115,8 @@ pub struct Bridge {
     state_lines: LogLimiter,
     /// Recent events, for `history`.
     history: History,
+    /// The card's heartbeat, sampled on every tick.
+    heartbeat: HeartbeatMonitor,
 }
 
 impl Bridge {
@@ -165,6 +168,7 @@ impl Bridge {
             card_lines: LogLimiter::default(),
             state_lines: LogLimiter::new(STATE_LINES, crate::log_limit::WINDOW),
             history: History::default(),
+            heartbeat: HeartbeatMonitor::default(),
         })
     }
 
@@ -271,6 +275,7 @@ impl Bridge {
             debug!("tick: {e}");
         }
         let now = Instant::now();
+        self.sample_heartbeat(now);
         self.expire_clients(ev, now);
         let mut flow = Flow::Continue;
         if self.attached.is_none() && now >= self.detached.retry_at {
@@ -283,6 +288,19 @@ impl Bridge {
             self.attached = a;
         }
         Ok(flow)
+    }
+
+    /// Reads the page's heartbeat block (`docs/vop-abi.md` 5.6): straight
+    /// from the aperture, so a card whose machine stopped cannot hide it.
+    fn sample_heartbeat(&mut self, now: Instant) {
+        let beat = self.attached.as_ref().and_then(|a| {
+            a.page
+                .heartbeat(&a.att.aperture)
+                .map_err(|e| debug!("heartbeat block: {e}"))
+                .ok()
+                .flatten()
+        });
+        self.heartbeat.sample(beat, now);
     }
 
     /// Once a second: finish removals and acknowledged config changes,

@@ -126,6 +126,7 @@ impl Bridge {
     ) -> Result<String, ControlError> {
         match (req, a) {
             (ControlRequest::Status, _) => Ok(self.status_line()),
+            (ControlRequest::Heartbeat, _) => Ok(self.heartbeat.report(Instant::now()).to_string()),
             (ControlRequest::Devices, _) => Ok(self.device_list()),
             (ControlRequest::History, _) => Ok(self.history.lines()),
             (_, None) => Err(ControlError::NotAttached),

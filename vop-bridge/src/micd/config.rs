@@ -119,6 +119,12 @@ pub struct CardConfig {
     /// Seconds a card may stay `shutting_down` before micd resets it
     /// (mpssd waited 60 s).
     pub shutdown_timeout: u64,
+    /// Declare the card crashed when its heartbeat stops (COSM's
+    /// `heartbeat_enable`, default on).
+    pub heartbeat: bool,
+    /// Seconds without a beat after which the card counts as crashed
+    /// (COSM: 40 s for a 30 s beat; ours beats every second).
+    pub heartbeat_timeout: u64,
 }
 
 impl Default for CardConfig {
@@ -141,12 +147,14 @@ impl Default for CardConfig {
             policy: Policy::default(),
             accel: "tcg".into(),
             shutdown_timeout: 60,
+            heartbeat: true,
+            heartbeat_timeout: 30,
         }
     }
 }
 
 /// Keys `micctl config` may set, and whether the card must be `ready`.
-pub const SETTABLE: [(&str, bool); 10] = [
+pub const SETTABLE: [(&str, bool); 12] = [
     ("memory", true),
     ("cpus", true),
     ("firmware", true),
@@ -157,6 +165,8 @@ pub const SETTABLE: [(&str, bool); 10] = [
     ("autoboot", false),
     ("policy", false),
     ("shutdown_timeout", false),
+    ("heartbeat", false),
+    ("heartbeat_timeout", false),
 ];
 
 /// A configuration that cannot be used.
@@ -211,6 +221,11 @@ impl CardConfig {
                 "shutdown_timeout must be at least 1 s".into(),
             ));
         }
+        if self.heartbeat_timeout == 0 {
+            return Err(ConfigError::Invalid(
+                "heartbeat_timeout must be at least 1 s".into(),
+            ));
+        }
         if self.disks.len() > 4 {
             return Err(ConfigError::Invalid(format!(
                 "{} disks; at most 4",
@@ -250,12 +265,13 @@ impl CardConfig {
             "shutdown_timeout" => {
                 self.shutdown_timeout = value.parse().map_err(|_| bad("not a number of seconds"))?
             }
-            "autoboot" => {
-                self.autoboot = match value {
-                    "1" | "true" | "yes" | "on" => true,
-                    "0" | "false" | "no" | "off" => false,
-                    _ => return Err(bad("not a boolean")),
-                }
+            "heartbeat_timeout" => {
+                self.heartbeat_timeout =
+                    value.parse().map_err(|_| bad("not a number of seconds"))?
+            }
+            "autoboot" => self.autoboot = parse_bool(value).ok_or_else(|| bad("not a boolean"))?,
+            "heartbeat" => {
+                self.heartbeat = parse_bool(value).ok_or_else(|| bad("not a boolean"))?
             }
             "policy" => {
                 self.policy = Policy::parse(value).ok_or_else(|| bad("not reboot or stay-down"))?
@@ -266,6 +282,14 @@ impl CardConfig {
             }
         }
         Ok(())
+    }
+}
+
+fn parse_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
     }
 }
 
@@ -451,6 +475,31 @@ socket = "/run/ch/net.sock"
         assert_eq!((c.cpus, c.shutdown_timeout), (1, 5));
         assert!(c.set("colour", "red").is_err());
         assert!(needs_ready("memory") && !needs_ready("policy"));
+    }
+
+    #[test]
+    fn heartbeat_settings() {
+        let d = CardConfig::default();
+        assert_eq!((d.heartbeat, d.heartbeat_timeout), (true, 30));
+        let c = MicdConfig::from_toml(
+            "[mic0]\nheartbeat = false\nheartbeat_timeout = 5\n",
+            Path::new("m"),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.cards[&0].heartbeat, c.cards[&0].heartbeat_timeout),
+            (false, 5)
+        );
+        let p = Path::new("m");
+        assert!(MicdConfig::from_toml("[mic0]\nheartbeat_timeout = 0\n", p).is_err());
+        let mut c = CardConfig::default();
+        c.set("heartbeat", "off").unwrap();
+        c.set("heartbeat_timeout", "8").unwrap();
+        assert_eq!((c.heartbeat, c.heartbeat_timeout), (false, 8));
+        assert!(c.set("heartbeat", "maybe").is_err());
+        assert!(c.set("heartbeat_timeout", "0").is_err());
+        assert_eq!(c.heartbeat_timeout, 8);
+        assert!(!needs_ready("heartbeat") && !needs_ready("heartbeat_timeout"));
     }
 
     #[test]

@@ -82,8 +82,8 @@ pub enum Input {
     StopFailed,
     /// The card stayed `shutting_down` for too long.
     ShutdownTimedOut,
-    /// The card's heartbeat was not heard for the timeout (the host side
-    /// of a heartbeat; the card driver does not send one yet).
+    /// The card's heartbeat was not heard for the timeout
+    /// ([`super::heartbeat::HeartbeatCheck`]).
     HeartbeatMissed,
 }
 

@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: the TOML file, one table per card;
 //! - [`lifecycle`]: the per-card state machine, pure;
+//! - [`heartbeat`]: when a silent card counts as crashed, pure;
 //! - [`launch`]: what runs for a card, as command lines;
 //! - [`process`]: starting, adopting and stopping one process;
 //! - [`running`]: a running card's processes, together;
@@ -17,6 +18,7 @@
 
 pub mod config;
 pub mod console;
+pub mod heartbeat;
 pub mod launch;
 pub mod layout;
 pub mod lifecycle;

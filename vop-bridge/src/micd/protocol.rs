@@ -124,6 +124,22 @@ pub struct NetStatus {
     pub host_ip: Option<String>,
 }
 
+/// A card's heartbeat (`docs/micd.md` sections 4 and 8).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatStatus {
+    /// Whether micd declares the card crashed when its heartbeat stops.
+    pub enabled: bool,
+    /// Seconds without a beat before that.
+    pub timeout_s: u64,
+    /// The card's beat count; null before the first beat of this boot.
+    pub count: Option<u32>,
+    /// Milliseconds since the host saw the count change; null before the
+    /// first beat.
+    pub age_ms: Option<u64>,
+    /// The card's beat period in milliseconds; null before the first beat.
+    pub period_ms: Option<u32>,
+}
+
 /// One card as micd sees it. Field names and meanings are stable
 /// (`docs/micd.md`, "Status JSON"); fields may be added.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +197,9 @@ pub struct CardStatus {
     pub vsock_socket: Option<String>,
     /// The last thing that went wrong starting or stopping the card.
     pub last_error: Option<String>,
+    /// The heartbeat.
+    #[serde(default)]
+    pub heartbeat: HeartbeatStatus,
 }
 
 /// micd's answer.

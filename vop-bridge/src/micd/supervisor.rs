@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use log::{error, info, warn};
 
 use super::config::{needs_ready, CardConfig};
+use super::heartbeat::HeartbeatCheck;
 use super::launch::{vsock_cid, CardPlan, Tools};
 use super::layout::CardDir;
 use super::lifecycle::{
@@ -25,6 +26,7 @@ use super::protocol::{CardStatus, DeviceStatus, NetStatus};
 use super::record::Record;
 use super::running::RunningCard;
 use crate::control::request_timeout;
+use crate::heartbeat::HeartbeatReport;
 
 /// How often the supervisor looks at the card.
 const POLL: Duration = Duration::from_millis(200);
@@ -148,6 +150,8 @@ struct Supervisor {
     booted_at: Option<u64>,
     shutdown_pending: bool,
     last_report: Option<(CardState, ShutdownStatus)>,
+    /// The card's heartbeat as its bridge last reported it (this boot).
+    heartbeat: Option<HeartbeatReport>,
     last_error: Option<String>,
     /// The autoboot decided while starting, performed once the thread runs.
     pending_boot: Vec<Action>,
@@ -176,6 +180,7 @@ impl Supervisor {
             booted_at: None,
             shutdown_pending: false,
             last_report: None,
+            heartbeat: None,
             last_error: None,
             pending_boot: Vec::new(),
             status: Arc::default(),
@@ -375,6 +380,7 @@ impl Supervisor {
         self.booted_at = Some(now_unix());
         self.last_error = None;
         self.last_report = None;
+        self.heartbeat = None;
         self.shutdown_pending = false;
         self.save_record();
         let (card, r) = RunningCard::start(self.make_plan());
@@ -386,6 +392,7 @@ impl Supervisor {
     /// away.
     fn stop_all(&mut self) -> bool {
         self.shutdown_pending = false;
+        self.heartbeat = None;
         match self.running.as_mut().map(RunningCard::stop) {
             Some(false) => false,
             _ => {
@@ -441,6 +448,7 @@ impl Supervisor {
             self.last_report = Some(r);
             self.apply(Input::Reported(r.0, r.1));
         }
+        self.check_heartbeat();
         if self.machine.state() == CardState::ShuttingDown {
             if self.shutdown_pending {
                 self.shutdown_pending = !self.request_shutdown();
@@ -448,6 +456,34 @@ impl Supervisor {
             if self.entered.elapsed() > Duration::from_secs(self.cfg.shutdown_timeout) {
                 self.apply(Input::ShutdownTimedOut);
             }
+        }
+    }
+
+    fn heartbeat_check(&self) -> HeartbeatCheck {
+        HeartbeatCheck {
+            enabled: self.cfg.heartbeat,
+            timeout: Duration::from_secs(self.cfg.heartbeat_timeout),
+        }
+    }
+
+    /// Asks the bridge for the card's heartbeat; a card that stopped
+    /// beating is crashed (`docs/micd.md` section 4).
+    fn check_heartbeat(&mut self) {
+        if !self.machine.is_running() {
+            return;
+        }
+        self.heartbeat = request_timeout(&self.dir.bridge_socket(), "heartbeat", BRIDGE_TIMEOUT)
+            .ok()
+            .and_then(|l| HeartbeatReport::parse(&l));
+        let check = self.heartbeat_check();
+        if check.missed(self.machine.state(), self.heartbeat.as_ref()) {
+            warn!(
+                "{}: no heartbeat for {} s ({}): the card hangs",
+                self.name,
+                check.timeout.as_secs(),
+                self.heartbeat.map_or(String::new(), |h| h.to_string())
+            );
+            self.apply(Input::HeartbeatMissed);
         }
     }
 
@@ -532,6 +568,7 @@ impl Supervisor {
             vsock_socket: (running && self.cfg.vsock)
                 .then(|| self.dir.vsock_uds().display().to_string()),
             last_error: self.last_error.clone(),
+            heartbeat: self.heartbeat_check().status(self.heartbeat.as_ref()),
         }
     }
 

@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -328,15 +328,7 @@ impl Qemu {
 
     /// Connects to QEMU's QMP socket (started with `QemuArgs::qmp`).
     pub fn qmp(&self) -> Qmp {
-        let s = UnixStream::connect(self.dir.join("qmp.sock")).expect("QMP socket");
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut q = Qmp {
-            w: s.try_clone().unwrap(),
-            r: BufReader::new(s),
-        };
-        q.line(); // greeting
-        q.execute("qmp_capabilities");
-        q
+        Qmp::connect(&self.dir.join("qmp.sock"))
     }
 
     /// Waits for QEMU to exit on its own.
@@ -534,6 +526,20 @@ pub struct Qmp {
 }
 
 impl Qmp {
+    /// Connects to a QMP socket (a QEMU of ours, or one micd started:
+    /// `micN/qmp.sock`) and leaves capabilities negotiation.
+    pub fn connect(socket: &Path) -> Qmp {
+        let s = UnixStream::connect(socket).expect("QMP socket");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut q = Qmp {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        };
+        q.line(); // greeting
+        q.execute("qmp_capabilities");
+        q
+    }
+
     fn line(&mut self) -> String {
         let mut l = String::new();
         self.r.read_line(&mut l).expect("QMP read");
