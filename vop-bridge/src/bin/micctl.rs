@@ -84,7 +84,7 @@ enum Cmd {
     },
     /// Change a card's settings (memory, cpus, firmware, ramdisk, bios,
     /// cmdline, accel while ready; autoboot, policy, shutdown_timeout,
-    /// heartbeat, heartbeat_timeout at any time).
+    /// heartbeat, heartbeat_timeout, agent at any time).
     Config {
         /// The card.
         card: String,

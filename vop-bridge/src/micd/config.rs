@@ -96,6 +96,10 @@ pub struct CardConfig {
     /// virtio-vsock (`vhost-device-vsock`, CID = node + 2 = N + 3 for micN;
     /// `docs/vsock.md`), which the card agent (`micctl exec`, `cp`) uses.
     pub vsock: bool,
+    /// With `vsock`: the card is `online` only once its agent answers, as
+    /// COSM waited for the card's SCIF client to connect back; `false`
+    /// takes the driver's word (a ramdisk without the agent).
+    pub agent: bool,
     /// Disks (`[[micN.disk]]`); one default disk unless set.
     #[serde(rename = "disk")]
     pub disks: Vec<DiskConfig>,
@@ -138,6 +142,7 @@ impl Default for CardConfig {
             cmdline: String::new(),
             console: true,
             vsock: true,
+            agent: true,
             disks: vec![DiskConfig::default()],
             net: NetMode::default(),
             link: true,
@@ -154,7 +159,7 @@ impl Default for CardConfig {
 }
 
 /// Keys `micctl config` may set, and whether the card must be `ready`.
-pub const SETTABLE: [(&str, bool); 12] = [
+pub const SETTABLE: [(&str, bool); 13] = [
     ("memory", true),
     ("cpus", true),
     ("firmware", true),
@@ -167,6 +172,7 @@ pub const SETTABLE: [(&str, bool); 12] = [
     ("shutdown_timeout", false),
     ("heartbeat", false),
     ("heartbeat_timeout", false),
+    ("agent", false),
 ];
 
 /// A configuration that cannot be used.
@@ -273,6 +279,7 @@ impl CardConfig {
             "heartbeat" => {
                 self.heartbeat = parse_bool(value).ok_or_else(|| bad("not a boolean"))?
             }
+            "agent" => self.agent = parse_bool(value).ok_or_else(|| bad("not a boolean"))?,
             "policy" => {
                 self.policy = Policy::parse(value).ok_or_else(|| bad("not reboot or stay-down"))?
             }

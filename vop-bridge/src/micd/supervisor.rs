@@ -25,6 +25,7 @@ use super::lifecycle::{
 use super::protocol::{CardStatus, DeviceStatus, NetStatus};
 use super::record::Record;
 use super::running::RunningCard;
+use crate::agent_client::AgentClient;
 use crate::control::request_timeout;
 use crate::heartbeat::HeartbeatReport;
 
@@ -151,6 +152,8 @@ struct Supervisor {
     shutdown_pending: bool,
     last_report: Option<(CardState, ShutdownStatus)>,
     /// The card's heartbeat as its bridge last reported it (this boot).
+    /// The card's agent answered during this boot (`online` waits for it).
+    agent_answered: bool,
     heartbeat: Option<HeartbeatReport>,
     last_error: Option<String>,
     /// The autoboot decided while starting, performed once the thread runs.
@@ -183,6 +186,7 @@ impl Supervisor {
             heartbeat: None,
             last_error: None,
             pending_boot: Vec::new(),
+            agent_answered: false,
             status: Arc::default(),
         };
         if let Err(e) = super::layout::private_dir(s.dir.dir()) {
@@ -377,6 +381,7 @@ impl Supervisor {
     fn start(&mut self) -> Result<(), String> {
         self.stop_all();
         self.boots += 1;
+        self.agent_answered = false;
         self.booted_at = Some(now_unix());
         self.last_error = None;
         self.last_report = None;
@@ -446,7 +451,9 @@ impl Supervisor {
         }
         if let Some(r) = self.bridge_status() {
             self.last_report = Some(r);
-            self.apply(Input::Reported(r.0, r.1));
+            if self.online_allowed(r.0) {
+                self.apply(Input::Reported(r.0, r.1));
+            }
         }
         self.check_heartbeat();
         if self.machine.state() == CardState::ShuttingDown {
@@ -456,6 +463,27 @@ impl Supervisor {
             if self.entered.elapsed() > Duration::from_secs(self.cfg.shutdown_timeout) {
                 self.apply(Input::ShutdownTimedOut);
             }
+        }
+    }
+
+    /// Whether a report of `state` may go to the lifecycle now: a booting
+    /// card is `online` once its agent answers too, as COSM's was once the
+    /// card's SCIF client connected back (`docs/micd.md`, "Lifecycle").
+    fn online_allowed(&mut self, state: CardState) -> bool {
+        if state != CardState::Online
+            || self.agent_answered
+            || !(self.cfg.vsock && self.cfg.agent)
+            || self.machine.state() != CardState::Booting
+        {
+            return true;
+        }
+        match AgentClient::connect(&self.dir.vsock_uds()) {
+            Ok(_) => {
+                info!("{}: the card's agent answers", self.name);
+                self.agent_answered = true;
+                true
+            }
+            Err(_) => false,
         }
     }
 
