@@ -1,246 +1,12 @@
-//! The VOP ABI of the emulated X100 card as Rust types: the BAR0 register map,
-//! doorbell values, card states and the device page layout.
-//!
-//! `docs/vop-abi.md` is the specification. The code's definition is the C
-//! header `guest-images/driver/mic_x100_vop.h`, shared by the card driver and
-//! the QEMU device; this module mirrors it, and `tests/abi_header.rs` compiles
-//! the header and fails when a constant, struct size or field offset here
-//! differs from it. Virtio's own constants come from `virtio-bindings`.
+//! The device page: its constants, the upstream structs it is made of,
+//! the split-ring arithmetic and feature bitmaps (`docs/vop-abi.md`
+//! sections 4 and 5).
 
-use std::fmt;
 use std::mem::size_of;
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use virtio_bindings::virtio_config;
 use vm_memory::ByteValued;
-
-/// PCI vendor id of the card (Intel).
-pub const PCI_VENDOR_ID: u16 = 0x8086;
-/// PCI device id of the card (an X100 id).
-pub const PCI_DEVICE_ID: u16 = 0x2250;
-/// PCI class code (co-processor).
-pub const PCI_CLASS: u16 = 0x0b40;
-/// BAR holding the registers.
-pub const BAR_REGS: u8 = 0;
-/// BAR holding the aperture (host memory shared with the card).
-pub const BAR_APERTURE: u8 = 2;
-/// BAR holding the MSI-X table and PBA.
-pub const BAR_MSIX: u8 = 4;
-/// Size of the register BAR.
-pub const REGS_SIZE: u64 = 4096;
-
-/// Offsets and values of the BAR0 registers.
-pub mod reg {
-    /// `MAGIC`: reads [`MAGIC_VALUE`].
-    pub const MAGIC: u32 = 0x000;
-    /// `ABI_VERSION`: `major << 16 | minor`.
-    pub const ABI_VERSION: u32 = 0x004;
-    /// `FAMILY`: reads [`FAMILY_X100`].
-    pub const FAMILY: u32 = 0x008;
-    /// `STEPPING`: the card's stepping.
-    pub const STEPPING: u32 = 0x00c;
-    /// `NODE_ID`: the card's node id.
-    pub const NODE_ID: u32 = 0x010;
-    /// `NUM_SPADS`: number of scratchpads.
-    pub const NUM_SPADS: u32 = 0x014;
-    /// `NUM_DOORBELLS`: number of card-to-host doorbells.
-    pub const NUM_DOORBELLS: u32 = 0x018;
-    /// `NUM_VECTORS`: number of MSI-X vectors.
-    pub const NUM_VECTORS: u32 = 0x01c;
-    /// `APERTURE_SIZE_LO`: aperture size, low half.
-    pub const APERTURE_SIZE_LO: u32 = 0x020;
-    /// `APERTURE_SIZE_HI`: aperture size, high half.
-    pub const APERTURE_SIZE_HI: u32 = 0x024;
-    /// `CARD_STATE`: what the card says of itself.
-    pub const CARD_STATE: u32 = 0x040;
-    /// `SHUTDOWN_STATUS`: why the card stops.
-    pub const SHUTDOWN_STATUS: u32 = 0x044;
-    /// `HOST_REQUEST`: a request from the host to the card.
-    pub const HOST_REQUEST: u32 = 0x048;
-    /// First scratchpad; scratchpad `i` is at `SPAD_BASE + 4 * i`.
-    pub const SPAD_BASE: u32 = 0x100;
-    /// First doorbell; doorbell `n` is at `DOORBELL_BASE + 4 * n`.
-    pub const DOORBELL_BASE: u32 = 0x200;
-
-    /// Value of the `MAGIC` register ("MICX").
-    pub const MAGIC_VALUE: u32 = 0x5843_494d;
-    /// ABI version this crate implements (1.1: 1.0 and the heartbeat block).
-    pub const ABI_VERSION_VALUE: u32 = 0x0001_0001;
-    /// Value of the `FAMILY` register for an X100.
-    pub const FAMILY_X100: u32 = 100;
-    /// Stepping A0.
-    pub const STEPPING_A0: u32 = 0x00;
-    /// Stepping B0.
-    pub const STEPPING_B0: u32 = 0x10;
-    /// Stepping B1.
-    pub const STEPPING_B1: u32 = 0x11;
-    /// Stepping C0, the default.
-    pub const STEPPING_C0: u32 = 0x20;
-    /// `HOST_REQUEST` value: no request.
-    pub const HOST_REQUEST_NONE: u32 = 0;
-    /// `HOST_REQUEST` value asking the card to shut down.
-    pub const HOST_REQUEST_SHUTDOWN: u32 = 1;
-
-    /// Offset of scratchpad `i`.
-    pub const fn spad(i: u32) -> u32 {
-        SPAD_BASE + 4 * i
-    }
-
-    /// Offset of doorbell `n`.
-    pub const fn doorbell(n: u32) -> u32 {
-        DOORBELL_BASE + 4 * n
-    }
-
-    /// Whether `offset` is a register both card and host may write.
-    pub fn is_writable(offset: u32) -> bool {
-        matches!(offset, CARD_STATE | SHUTDOWN_STATUS | HOST_REQUEST)
-            || (SPAD_BASE..SPAD_BASE + 4 * super::NUM_SPADS).contains(&offset)
-                && offset.is_multiple_of(4)
-    }
-}
-
-/// Number of scratchpads.
-pub const NUM_SPADS: u32 = 16;
-/// Number of card-to-host doorbells.
-pub const NUM_DOORBELLS: u32 = 32;
-/// Number of MSI-X vectors (host-to-card doorbells).
-pub const NUM_VECTORS: u32 = 32;
-/// Scratchpad holding the device page offset, low half (upstream `MIC_DPLO_SPAD`).
-pub const SPAD_DP_LO: u32 = 14;
-/// Scratchpad holding the device page offset, high half (upstream `MIC_DPHI_SPAD`).
-pub const SPAD_DP_HI: u32 = 15;
-/// MSI-X vector reserved for control: page published, host request.
-pub const CONTROL_VECTOR: u32 = 0;
-
-/// Doorbell value meaning "re-read this device's status, control block and config".
-pub const DOORBELL_CONTROL: u32 = 0x8000_0000;
-/// Largest doorbell value that is a kick (the virtqueue index).
-pub const DOORBELL_KICK_MAX: u32 = 0xffff;
-
-/// What a value written to a card-to-host doorbell means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DoorbellValue {
-    /// Virtqueue `index` of the doorbell's device has new buffers.
-    Kick(u16),
-    /// Re-read status, control block and config space.
-    Control,
-    /// A reserved value: logged and ignored.
-    Reserved(u32),
-}
-
-impl From<u32> for DoorbellValue {
-    fn from(value: u32) -> Self {
-        match value {
-            0..=DOORBELL_KICK_MAX => DoorbellValue::Kick(value as u16),
-            DOORBELL_CONTROL => DoorbellValue::Control,
-            other => DoorbellValue::Reserved(other),
-        }
-    }
-}
-
-/// Card state as the host tracks it (upstream `MIC_READY` .. `MIC_RESET_FAILED`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
-pub enum CardState {
-    /// Powered, not running.
-    Ready = 0,
-    /// Running, not yet online.
-    Booting = 1,
-    /// The card's driver is up.
-    Online = 2,
-    /// The card is halting, powering off, restarting or crashed.
-    ShuttingDown = 3,
-    /// The card was reset; the host rebuilds the device page.
-    Resetting = 4,
-    /// The device page could not be rebuilt after a reset.
-    ResetFailed = 5,
-}
-
-impl CardState {
-    /// Name as shown to users (upstream sysfs `state` spelling).
-    pub fn name(self) -> &'static str {
-        match self {
-            CardState::Ready => "ready",
-            CardState::Booting => "booting",
-            CardState::Online => "online",
-            CardState::ShuttingDown => "shutting_down",
-            CardState::Resetting => "resetting",
-            CardState::ResetFailed => "reset_failed",
-        }
-    }
-}
-
-impl TryFrom<u32> for CardState {
-    type Error = u32;
-
-    fn try_from(value: u32) -> Result<Self, u32> {
-        Ok(match value {
-            0 => CardState::Ready,
-            1 => CardState::Booting,
-            2 => CardState::Online,
-            3 => CardState::ShuttingDown,
-            4 => CardState::Resetting,
-            5 => CardState::ResetFailed,
-            other => return Err(other),
-        })
-    }
-}
-
-impl fmt::Display for CardState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// Why the card stopped (upstream `MIC_NOP` .. `MIC_RESTART`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
-pub enum ShutdownStatus {
-    /// Nothing to report.
-    Nop = 0,
-    /// The card panicked.
-    Crashed = 1,
-    /// The card halted.
-    Halted = 2,
-    /// The card powered off.
-    PowerOff = 3,
-    /// The card is rebooting.
-    Restart = 4,
-}
-
-impl ShutdownStatus {
-    /// Name as shown to users (upstream sysfs `shutdown_status` spelling).
-    pub fn name(self) -> &'static str {
-        match self {
-            ShutdownStatus::Nop => "nop",
-            ShutdownStatus::Crashed => "crashed",
-            ShutdownStatus::Halted => "halted",
-            ShutdownStatus::PowerOff => "poweroff",
-            ShutdownStatus::Restart => "restart",
-        }
-    }
-}
-
-impl TryFrom<u32> for ShutdownStatus {
-    type Error = u32;
-
-    fn try_from(value: u32) -> Result<Self, u32> {
-        Ok(match value {
-            0 => ShutdownStatus::Nop,
-            1 => ShutdownStatus::Crashed,
-            2 => ShutdownStatus::Halted,
-            3 => ShutdownStatus::PowerOff,
-            4 => ShutdownStatus::Restart,
-            other => return Err(other),
-        })
-    }
-}
-
-impl fmt::Display for ShutdownStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// Device page magic (upstream `MIC_MAGIC`).
 pub const MIC_MAGIC: u32 = 0xc0ff_ee00;
@@ -557,7 +323,6 @@ pub const UNSUPPORTED_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES
 mod tests {
     use super::*;
     use std::mem::offset_of;
-
     #[test]
     fn bootparam_layout_matches_upstream() {
         assert_eq!(size_of::<BootParam>(), 24);
@@ -620,20 +385,6 @@ mod tests {
     }
 
     #[test]
-    fn register_offsets_match_spec() {
-        assert_eq!(reg::MAGIC_VALUE.to_le_bytes(), *b"MICX");
-        assert_eq!(reg::spad(SPAD_DP_LO), 0x138);
-        assert_eq!(reg::spad(SPAD_DP_HI), 0x13c);
-        assert_eq!(reg::doorbell(31), 0x27c);
-        assert!(reg::is_writable(reg::CARD_STATE));
-        assert!(reg::is_writable(reg::spad(15)));
-        assert!(!reg::is_writable(reg::spad(16)));
-        assert!(!reg::is_writable(reg::spad(1) + 2));
-        assert!(!reg::is_writable(reg::MAGIC));
-        assert!(!reg::is_writable(reg::doorbell(0)));
-    }
-
-    #[test]
     fn desc_sizes_match_upstream_formula() {
         // Upstream console: 2 vqs, 4-byte features, no config.
         let l = DescLayout {
@@ -679,17 +430,6 @@ mod tests {
     }
 
     #[test]
-    fn doorbell_values() {
-        assert_eq!(DoorbellValue::from(3), DoorbellValue::Kick(3));
-        assert_eq!(DoorbellValue::from(0xffff), DoorbellValue::Kick(0xffff));
-        assert_eq!(DoorbellValue::from(0x8000_0000), DoorbellValue::Control);
-        assert_eq!(
-            DoorbellValue::from(0x1_0000),
-            DoorbellValue::Reserved(0x1_0000)
-        );
-    }
-
-    #[test]
     fn feature_bitmaps_round_trip() {
         let f = (1u64 << 32) | (1 << 29) | 0x5;
         let b = features_to_bytes(f, 8);
@@ -705,18 +445,5 @@ mod tests {
             .filter(|b| UNSUPPORTED_FEATURES & (1 << b) != 0)
             .collect();
         assert_eq!(bits, vec![30, 33, 34, 36, 37, 38, 40]);
-    }
-
-    #[test]
-    fn states_round_trip() {
-        for v in 0..6 {
-            assert_eq!(CardState::try_from(v).unwrap() as u32, v);
-        }
-        assert!(CardState::try_from(6).is_err());
-        assert_eq!(CardState::ShuttingDown.name(), "shutting_down");
-        for v in 0..5 {
-            assert_eq!(ShutdownStatus::try_from(v).unwrap() as u32, v);
-        }
-        assert_eq!(ShutdownStatus::PowerOff.to_string(), "poweroff");
     }
 }
