@@ -18,6 +18,11 @@ use crate::abi::{
 };
 use crate::device_protocol::{Aperture, ProtocolError};
 
+mod adopt;
+mod fields;
+
+pub use fields::{check_unused_fields, ctrl_field, unused_fields, UnusedFields};
+
 /// Errors building or adopting a device page.
 #[derive(Debug, thiserror::Error)]
 pub enum PageError {
@@ -266,96 +271,6 @@ impl DevicePage {
         Ok(())
     }
 
-    /// Adopts a page the card already uses (a host side reattaching): checks
-    /// it thoroughly and remembers its structure. Rings stay as they are.
-    pub fn adopt(aperture: &Aperture, offset: u64) -> Result<Self, PageError> {
-        let invalid = |why: String| PageError::Invalid { offset, why };
-        // The card writes SPAD14/15 at will: the sum must not wrap.
-        let page_end = offset.checked_add(abi::DP_SIZE as u64);
-        if !offset.is_multiple_of(8) || page_end.is_none_or(|e| e > aperture.size()) {
-            return Err(invalid("page outside the aperture".into()));
-        }
-        let bp: BootParam = aperture.read_obj(offset)?;
-        if bp.magic != abi::MIC_MAGIC {
-            return Err(invalid(format!("magic {:#x}", bp.magic)));
-        }
-        let mut page = DevicePage {
-            offset,
-            slots: Vec::new(),
-            list_end: std::mem::size_of::<BootParam>(),
-            ring_top: offset + abi::DP_SIZE as u64,
-            aperture_size: aperture.size(),
-        };
-        let mut at = std::mem::size_of::<BootParam>();
-        while at + std::mem::size_of::<DeviceDesc>() <= abi::DP_SIZE {
-            let d: DeviceDesc = aperture.read_obj(offset + at as u64)?;
-            if d.type_ == abi::TYPE_END {
-                break;
-            }
-            let layout = DescLayout {
-                num_vq: d.num_vq,
-                feature_len: d.feature_len,
-                config_len: d.config_len,
-            };
-            layout
-                .check_limits()
-                .map_err(|e| invalid(format!("descriptor at {at}: {e}")))?;
-            if at + layout.total_size() > abi::DP_SIZE {
-                return Err(invalid(abi::LayoutError::PastPage(at).to_string()));
-            }
-            if d.type_ == abi::TYPE_REMOVED {
-                page.slots.push(None);
-                at += layout.total_size();
-                page.list_end = at;
-                continue;
-            }
-            let base = offset + at as u64;
-            let ctrl: DeviceCtrl = aperture.read_obj(base + layout.ctrl() as u64)?;
-            if ctrl.c2h_vdev_db < 0 || ctrl.c2h_vdev_db as u32 >= abi::NUM_DOORBELLS {
-                return Err(invalid(format!("doorbell {} at {at}", ctrl.c2h_vdev_db)));
-            }
-            // One doorbell per device (docs/vop-abi.md 4): a second owner
-            // would take the first one's kicks.
-            if page.used_doorbells().any(|d| d as i8 == ctrl.c2h_vdev_db) {
-                return Err(invalid(format!(
-                    "doorbell {} at {at} belongs to an earlier device",
-                    ctrl.c2h_vdev_db
-                )));
-            }
-            let mut rings = Vec::new();
-            for i in 0..layout.num_vq as usize {
-                let vq: VqConfig = aperture.read_obj(base + layout.vqconfig(i) as u64)?;
-                abi::check_ring_size(vq.num).map_err(|e| invalid(e.to_string()))?;
-                let r = Ring {
-                    offset: vq.address,
-                    num: vq.num,
-                };
-                let end = r.offset.checked_add(abi::ring_alloc_size(r.num));
-                if !r.offset.is_multiple_of(4096)
-                    || r.offset < offset + abi::DP_SIZE as u64
-                    || end.is_none_or(|e| e > aperture.size())
-                {
-                    return Err(invalid(format!(
-                        "ring {i} of descriptor {at} at {:#x}",
-                        r.offset
-                    )));
-                }
-                page.ring_top = page.ring_top.max(end.unwrap());
-                rings.push(r);
-            }
-            page.slots.push(Some(Slot {
-                desc_offset: at,
-                device_type: d.type_ as u8,
-                layout,
-                rings,
-                c2h_db: ctrl.c2h_vdev_db as u8,
-            }));
-            at += layout.total_size();
-            page.list_end = at;
-        }
-        Ok(page)
-    }
-
     /// The card's last beat in the page's heartbeat block
     /// (`docs/vop-abi.md` 5.6): `None` when the page offers no heartbeat
     /// (a page an ABI 1.0 host built and this bridge adopted).
@@ -387,104 +302,6 @@ impl DevicePage {
     fn field(&self, index: usize, off: usize) -> u64 {
         self.offset + (self.slot(index).desc_offset + off) as u64
     }
-
-    /// `h2c_config_db` as the card set it (`None` while -1 or out of range).
-    pub fn h2c_config_db(&self, aperture: &Aperture) -> Result<Option<u32>, PageError> {
-        let v: i8 = aperture.read_obj(self.offset + 4)?;
-        Ok((v >= 0 && (v as u32) < abi::NUM_VECTORS).then_some(v as u32))
-    }
-
-    /// The device status the card wrote.
-    pub fn status(&self, aperture: &Aperture, index: usize) -> Result<u8, PageError> {
-        Ok(aperture.read_obj(self.field(index, DescLayout::STATUS))?)
-    }
-
-    /// Writes the device status (the host does so only on reset).
-    pub fn set_status(&self, aperture: &Aperture, index: usize, v: u8) -> Result<(), PageError> {
-        Ok(aperture.write_obj(self.field(index, DescLayout::STATUS), v)?)
-    }
-
-    /// Features the card acked.
-    pub fn acked_features(&self, aperture: &Aperture, index: usize) -> Result<u64, PageError> {
-        let l = self.slot(index).layout;
-        let mut b = vec![0u8; l.feature_len as usize];
-        aperture.read(self.field(index, l.acked_features()), &mut b)?;
-        Ok(abi::features_from_bytes(&b))
-    }
-
-    /// The config space as it is in the page.
-    pub fn config(&self, aperture: &Aperture, index: usize) -> Result<Vec<u8>, PageError> {
-        let l = self.slot(index).layout;
-        let mut b = vec![0u8; l.config_len as usize];
-        aperture.read(self.field(index, l.config()), &mut b)?;
-        Ok(b)
-    }
-
-    /// Writes config space bytes (a config change from the backend).
-    pub fn write_config(
-        &self,
-        aperture: &Aperture,
-        index: usize,
-        data: &[u8],
-    ) -> Result<(), PageError> {
-        let l = self.slot(index).layout;
-        let n = data.len().min(l.config_len as usize);
-        Ok(aperture.write(self.field(index, l.config()), &data[..n])?)
-    }
-
-    /// The control block.
-    pub fn ctrl(&self, aperture: &Aperture, index: usize) -> Result<DeviceCtrl, PageError> {
-        let l = self.slot(index).layout;
-        Ok(aperture.read_obj(self.field(index, l.ctrl()))?)
-    }
-
-    /// Writes one byte of the control block (`field` is its offset in it).
-    pub fn set_ctrl_byte(
-        &self,
-        aperture: &Aperture,
-        index: usize,
-        field: usize,
-        v: u8,
-    ) -> Result<(), PageError> {
-        let l = self.slot(index).layout;
-        Ok(aperture.write_obj(self.field(index, l.ctrl() + field), v)?)
-    }
-
-    /// The card's MSI-X vector for a device (`None` while unset or out of range).
-    pub fn h2c_vdev_db(&self, aperture: &Aperture, index: usize) -> Result<Option<u32>, PageError> {
-        let v = self.ctrl(aperture, index)?.h2c_vdev_db;
-        Ok((v >= 0 && (v as u32) < abi::NUM_VECTORS).then_some(v as u32))
-    }
-
-    /// Zeroes a device's rings and rewrites their trailers (device reset).
-    pub fn reset_rings(&self, aperture: &Aperture, index: usize) -> Result<(), PageError> {
-        let s = self.slot(index);
-        for (i, r) in s.rings.iter().enumerate() {
-            init_ring(aperture, r, s.device_type, i as u16)?;
-        }
-        Ok(())
-    }
-
-    /// The used index of a ring (where a restarted backend resumes).
-    pub fn used_idx(&self, aperture: &Aperture, index: usize, q: usize) -> Result<u16, PageError> {
-        let r = self.slot(index).rings[q];
-        Ok(aperture.read_obj(r.used() + 2)?)
-    }
-}
-
-/// Offsets of control-block bytes, for [`DevicePage::set_ctrl_byte`].
-pub mod ctrl_field {
-    use crate::abi::DeviceCtrl;
-    use std::mem::offset_of;
-
-    /// `config_change`.
-    pub const CONFIG_CHANGE: usize = offset_of!(DeviceCtrl, config_change);
-    /// `vdev_reset`.
-    pub const VDEV_RESET: usize = offset_of!(DeviceCtrl, vdev_reset);
-    /// `guest_ack`.
-    pub const GUEST_ACK: usize = offset_of!(DeviceCtrl, guest_ack);
-    /// `host_ack`.
-    pub const HOST_ACK: usize = offset_of!(DeviceCtrl, host_ack);
 }
 
 fn init_ring(aperture: &Aperture, r: &Ring, device_type: u8, vq: u16) -> Result<(), PageError> {
@@ -499,54 +316,14 @@ fn init_ring(aperture: &Aperture, r: &Ring, device_type: u8, vq: u16) -> Result<
     Ok(())
 }
 
-/// Fields the ABI says must stay zero that the card set anyway.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct UnusedFields {
-    /// `used_address_updated` in the control block.
-    pub used_address_updated: bool,
-    /// Queues whose `used_address` is not zero.
-    pub used_address: Vec<usize>,
-}
-
-/// Reads the fields of a device the ABI says must stay zero.
-pub fn unused_fields(aperture: &Aperture, page: &DevicePage, index: usize) -> UnusedFields {
-    let s = page.slot(index);
-    let mut found = UnusedFields::default();
-    if let Ok(ctrl) = page.ctrl(aperture, index) {
-        found.used_address_updated = ctrl.used_address_updated != 0;
-    }
-    let base = page.offset + s.desc_offset as u64;
-    for i in 0..s.rings.len() {
-        if let Ok(vq) = aperture.read_obj::<VqConfig>(base + s.layout.vqconfig(i) as u64) {
-            if vq.used_address != 0 {
-                found.used_address.push(i);
-            }
-        }
-    }
-    found
-}
-
-/// Logs the fields of a control block that the ABI says must stay zero
-/// (every time: the bridge goes through [`unused_fields`] and a rate limit).
-pub fn check_unused_fields(aperture: &Aperture, page: &DevicePage, index: usize) {
-    let found = unused_fields(aperture, page, index);
-    if found.used_address_updated {
-        warn!(
-            "device {index}: card set used_address_updated; ignored (rings stay in the aperture)"
-        );
-    }
-    for i in found.used_address {
-        warn!("device {index} queue {i}: card wrote used_address; ignored");
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::fs::File;
     use std::os::fd::FromRawFd;
 
-    fn aperture(size: u64) -> Aperture {
+    /// A zeroed aperture of `size` bytes.
+    pub(super) fn aperture(size: u64) -> Aperture {
         // SAFETY: memfd_create with a valid name; we own the returned fd.
         let fd = unsafe { libc::memfd_create(c"test-aperture".as_ptr(), 0) };
         assert!(fd >= 0);
@@ -556,7 +333,8 @@ mod tests {
         Aperture::map(f, size).unwrap()
     }
 
-    fn blk_spec() -> DeviceSpec {
+    /// A virtio-blk device with one queue.
+    pub(super) fn blk_spec() -> DeviceSpec {
         DeviceSpec {
             device_type: 2,
             queue_sizes: vec![256],
@@ -615,85 +393,6 @@ mod tests {
             r.offset,
             0x2000 + abi::ring_alloc_size(256) + abi::ring_alloc_size(128)
         );
-    }
-
-    #[test]
-    fn adopt_recovers_the_structure() {
-        let ap = aperture(1 << 20);
-        let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
-        page.add(&ap, &blk_spec()).unwrap();
-        let adopted = DevicePage::adopt(&ap, 0x1000).unwrap();
-        assert_eq!(adopted.slots(), page.slots());
-        assert_eq!(adopted.ring_top, page.ring_top);
-    }
-
-    #[test]
-    fn adopt_rejects_malformed_pages() {
-        let ap = aperture(1 << 20);
-        let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
-        page.add(&ap, &blk_spec()).unwrap();
-        // Ring pointing outside the aperture.
-        ap.write_obj(0x1000 + 32, 0xffff_0000u64).unwrap();
-        assert!(DevicePage::adopt(&ap, 0x1000).is_err());
-        ap.write_obj(0x1000 + 32, 0x2000u64).unwrap();
-        assert!(DevicePage::adopt(&ap, 0x1000).is_ok());
-        // Too many queues.
-        ap.write_obj(0x1000 + 25, 200u8).unwrap();
-        assert!(DevicePage::adopt(&ap, 0x1000).is_err());
-        ap.write_obj(0x1000 + 25, 1u8).unwrap();
-        // Bad magic.
-        ap.write_obj(0x1000, 0u32).unwrap();
-        assert!(DevicePage::adopt(&ap, 0x1000).is_err());
-        // Page outside the aperture.
-        assert!(DevicePage::adopt(&ap, (1 << 20) - 8).is_err());
-        // An offset whose end wraps around (SPAD14/15 are the card's to write).
-        assert!(matches!(
-            DevicePage::adopt(&ap, u64::MAX - 7),
-            Err(PageError::Invalid { .. })
-        ));
-    }
-
-    #[test]
-    fn adopt_rejects_two_devices_on_one_doorbell() {
-        let ap = aperture(1 << 20);
-        let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
-        page.add(&ap, &blk_spec()).unwrap();
-        let j = page.add(&ap, &blk_spec()).unwrap();
-        assert!(DevicePage::adopt(&ap, 0x1000).is_ok());
-        // The card points the second device at the first one's doorbell.
-        let s = page.slots()[j].clone().unwrap();
-        let db = 0x1000
-            + (s.desc_offset + s.layout.ctrl() + std::mem::offset_of!(DeviceCtrl, c2h_vdev_db))
-                as u64;
-        assert_eq!(ap.read_obj::<u8>(db).unwrap(), 1);
-        ap.write_obj(db, 0u8).unwrap();
-        match DevicePage::adopt(&ap, 0x1000) {
-            Err(PageError::Invalid { why, .. }) => assert!(why.contains("doorbell 0")),
-            other => panic!(
-                "adopted a page with a shared doorbell: {:?}",
-                other.map(|p| p.slots)
-            ),
-        }
-    }
-
-    #[test]
-    fn card_fields_are_read_from_computed_offsets() {
-        let ap = aperture(1 << 20);
-        let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
-        page.add(&ap, &blk_spec()).unwrap();
-        // The card acks features, sets status and its vector.
-        ap.write(0x1000 + 24 + 8 + 24 + 8, &[0, 0, 0, 0x20, 1, 0, 0, 0])
-            .unwrap();
-        ap.write_obj(0x1000 + 24 + 4, 0x0fu8).unwrap();
-        ap.write_obj(0x1000 + 24 + 112 + 14, 5i8).unwrap();
-        assert_eq!(page.acked_features(&ap, 0).unwrap(), 1 << 32 | 1 << 29);
-        assert_eq!(page.status(&ap, 0).unwrap(), 0x0f);
-        assert_eq!(page.h2c_vdev_db(&ap, 0).unwrap(), Some(5));
-        ap.write_obj(0x1000 + 24 + 112 + 14, 77i8).unwrap();
-        assert_eq!(page.h2c_vdev_db(&ap, 0).unwrap(), None);
-        // A card that rewrites num_vq cannot change what the host uses.
-        ap.write_obj(0x1000 + 25, 16u8).unwrap();
-        assert_eq!(page.slots()[0].as_ref().unwrap().rings.len(), 1);
     }
 
     #[test]
