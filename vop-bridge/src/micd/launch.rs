@@ -425,6 +425,14 @@ mod tests {
         }
     }
 
+    /// The plan's devices as (kind, backend) pairs, in page order.
+    fn devices(p: &CardPlan) -> Vec<(&'static str, &str)> {
+        p.devices
+            .iter()
+            .map(|d| (d.kind, d.backend.as_str()))
+            .collect()
+    }
+
     fn has(args: &[OsString], seq: &[&str]) -> bool {
         let seq: Vec<OsString> = os(seq);
         args.windows(seq.len()).any(|w| w == seq.as_slice())
@@ -550,10 +558,7 @@ mod tests {
         };
         let p = CardPlan::new("mic0", 0, &cfg, &dir, &tools(), "c", false);
         assert_eq!(
-            p.devices
-                .iter()
-                .map(|d| (d.kind, d.backend.as_str()))
-                .collect::<Vec<_>>(),
+            devices(&p),
             [
                 ("console", "console"),
                 ("vsock", "vsock"),
@@ -595,10 +600,7 @@ mod tests {
             ]
         ));
         assert_eq!(
-            p.devices
-                .iter()
-                .map(|d| (d.kind, d.backend.as_str()))
-                .collect::<Vec<_>>(),
+            devices(&p),
             [
                 ("console", "console"),
                 ("blk", "blk0"),
