@@ -37,7 +37,7 @@ fn pty_resize_reaches_the_card() {
         console: ConsoleMode::Pty,
         ..Default::default()
     });
-    assert_eq!(card.run("tty", CMD), "/dev/hvc0");
+    assert_eq!(card.console_run("tty", CMD), "/dev/hvc0");
     let devices = card.devices();
     assert!(
         devices[0].starts_with("0 console ") && devices[0].contains(" running "),

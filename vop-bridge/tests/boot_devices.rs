@@ -16,11 +16,22 @@ fn card_boots_online_and_console_answers() {
     let st = card.status().unwrap();
     assert_eq!(st, "state=online shutdown_status=nop");
     // The console really is the virtio console: the card says so.
-    assert_eq!(card.run("tty", CMD), "/dev/hvc0");
+    assert_eq!(card.console_run("tty", CMD), "/dev/hvc0");
+    // The console, and vsock for the card agent (the harness's default).
     let devices = card.devices();
-    assert_eq!(devices.len(), 1, "{devices:?}");
-    assert!(
-        devices[0].starts_with("0 console ") && devices[0].ends_with(" running reconnects=0"),
+    let kinds: Vec<_> = devices
+        .iter()
+        .map(|l| {
+            let w: Vec<_> = l.split_whitespace().collect();
+            (w[0], w[1], w[3], w[4])
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("0", "console", "running", "reconnects=0"),
+            ("1", "vsock", "running", "reconnects=0")
+        ],
         "{devices:?}"
     );
 }

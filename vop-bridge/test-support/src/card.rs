@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use vop_bridge::agent_client::AgentClient;
+
 use crate::data::{rand_u64, tail};
 use crate::paths::{bin, card_dir, qemu, vsock_backend};
 use crate::process::Process;
@@ -96,7 +98,9 @@ pub struct CardOptions {
     /// Devices that make the card print its `online` marker.
     pub expect: &'static str,
     /// A virtio-vsock device served by `vhost-device-vsock` (guest CID
-    /// [`VSOCK_CID`], host socket [`Card::vsock_uds`]).
+    /// [`VSOCK_CID`], host socket [`Card::vsock_uds`]). With it (the
+    /// default) [`Card::run`] goes through the card agent; without it,
+    /// through the console.
     pub vsock: bool,
 }
 
@@ -112,7 +116,7 @@ impl Default for CardOptions {
             memory_mib: 512,
             cmdline: String::new(),
             expect: "console",
-            vsock: false,
+            vsock: true,
         }
     }
 }
@@ -127,6 +131,8 @@ pub struct Card {
     bridge: Option<Process>,
     qemu: Option<Process>,
     shell: Option<Shell>,
+    /// The console's shell has answered once.
+    shell_ready: bool,
     /// The pty's slave in [`ConsoleMode::Pty`].
     pty: Option<std::fs::File>,
     options: CardOptions,
@@ -149,6 +155,7 @@ impl Card {
             bridge: None,
             qemu: None,
             shell: None,
+            shell_ready: false,
             pty: None,
             options,
         };
@@ -445,19 +452,34 @@ impl Card {
         })
     }
 
-    /// Waits for the card to be online with a shell on its console.
+    /// Waits for the card to be online: the bridge says so, the card
+    /// printed its marker, and its agent answers (or, without vsock, the
+    /// shell on its console does).
     pub fn wait_online(&mut self) {
         self.wait_state("online", BOOT_TIMEOUT);
         wait_for(BOOT_TIMEOUT, "the card's online marker", || {
             self.serial().contains("mic-card: online").then_some(())
         });
-        self.wait_shell();
+        if self.options.vsock {
+            self.wait_agent();
+        } else {
+            self.wait_shell();
+        }
+    }
+
+    /// Waits until the card agent answers on vsock.
+    pub fn wait_agent(&self) {
+        let uds = self.vsock_uds();
+        wait_for(BOOT_TIMEOUT, "the card agent", || {
+            AgentClient::connect(&uds).ok().map(drop)
+        });
     }
 
     /// Waits until the shell on the card's console answers (it may start
     /// after the online marker): [`Shell::wait_ready`].
     pub fn wait_shell(&mut self) {
         self.shell().wait_ready();
+        self.shell_ready = true;
     }
 
     /// Everything the card printed on its serial port.
@@ -469,25 +491,67 @@ impl Card {
         self.shell.as_mut().expect("console attached")
     }
 
+    /// The console's shell, once it answers.
+    fn console(&mut self) -> &mut Shell {
+        if !self.shell_ready {
+            self.wait_shell();
+        }
+        self.shell()
+    }
+
     /// Everything read from the virtio console so far.
     pub fn console_output(&self) -> String {
         self.shell.as_ref().map(Shell::output).unwrap_or_default()
     }
 
-    /// Types `text` on the card's console.
+    /// Types `text` on the card's console, once its shell answers.
     pub fn type_text(&mut self, text: &str) {
-        self.shell().type_text(text);
+        self.console().type_text(text);
     }
 
-    /// Runs a shell command on the card's console; returns its output and
-    /// exit code.
+    /// Runs a shell command on the card, through the agent (with vsock) or
+    /// the console; returns its output (stdout, then stderr, trimmed of
+    /// surrounding newlines) and exit code.
     pub fn run_status(&mut self, cmd: &str, timeout: Duration) -> (String, i32) {
-        self.shell().run_status(cmd, timeout)
+        if !self.options.vsock {
+            return self.console_run_status(cmd, timeout);
+        }
+        let uds = self.vsock_uds();
+        let cmd = cmd.to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let what = cmd.clone();
+        std::thread::spawn(move || {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let r = AgentClient::connect_when_up(&uds, Duration::from_secs(10))
+                .and_then(|c| c.exec(&["sh", "-c", &cmd], std::io::empty(), &mut out, &mut err));
+            let _ = tx.send(r.map(|e| (out, err, e.shell_status())));
+        });
+        let (mut out, err, code) = match rx.recv_timeout(timeout) {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => panic!("`{what}` through the card agent: {e}"),
+            Err(_) => panic!("timed out waiting for `{what}` on the card"),
+        };
+        out.extend_from_slice(&err);
+        let text = String::from_utf8_lossy(&out).replace('\r', "");
+        (text.trim_matches('\n').to_string(), code)
     }
 
     /// Runs a command that must succeed; returns its output.
     pub fn run(&mut self, cmd: &str, timeout: Duration) -> String {
-        self.shell().run(cmd, timeout)
+        let (out, code) = self.run_status(cmd, timeout);
+        assert_eq!(code, 0, "`{cmd}` failed on the card: {out}");
+        out
+    }
+
+    /// Runs a shell command typed on the card's console; returns its
+    /// output and exit code (for tests about the console itself).
+    pub fn console_run_status(&mut self, cmd: &str, timeout: Duration) -> (String, i32) {
+        self.console().run_status(cmd, timeout)
+    }
+
+    /// [`Card::console_run_status`] for a command that must succeed.
+    pub fn console_run(&mut self, cmd: &str, timeout: Duration) -> String {
+        self.console().run(cmd, timeout)
     }
 
     /// Waits for QEMU to exit on its own.
