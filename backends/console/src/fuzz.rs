@@ -28,7 +28,7 @@ const MAX_CTRL: usize = 64;
 ///   either sent or still queued.
 ///
 /// Input: option byte (bits 0-1: the path; bits 2-3: the piece size for
-/// the transmitq; bits 4-7: control messages queued), a length (`u16`: the
+/// the transmitq, 1, 7, 4096 bytes or the daemon's 64 KiB; bits 4-7: control messages queued), a length (`u16`: the
 /// host input for the receiveq), then the ring.
 pub fn console(data: &[u8]) {
     let mut input = Input::new(data);
@@ -39,8 +39,16 @@ pub fn console(data: &[u8]) {
     let guard = RingGuard::new(usize::from(opts & 3));
     match opts & 3 {
         0 => {
+            // The daemon's sizes, and small ones for the piece boundaries
+            // (with a chain limit to match, so that one input does not
+            // take a million pieces).
             let piece = [1, 7, 4096, TX_CHUNK][usize::from(opts >> 2 & 3)];
-            drain_out_pieces(&mut q, &mem, &guard, piece, TX_MAX_CHAIN, |b, _| {
+            let max = if piece == TX_CHUNK {
+                TX_MAX_CHAIN
+            } else {
+                64 * piece
+            };
+            drain_out_pieces(&mut q, &mem, &guard, piece, max, |b, _| {
                 if let Some(b) = b {
                     assert!(b.len() <= piece, "a piece over {piece} bytes");
                 }
