@@ -25,6 +25,8 @@ pub mod config;
 pub mod control;
 pub mod device_protocol;
 pub mod event_loop;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod heartbeat;
 pub mod log_limit;
 pub mod micd;

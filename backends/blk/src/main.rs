@@ -5,12 +5,6 @@
 //! as one line on stderr with a non-zero exit status, before the socket is
 //! created.
 
-mod backend;
-mod config;
-mod disk;
-mod pool;
-mod request;
-
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -18,9 +12,9 @@ use clap::Parser;
 use log::info;
 use mic_backend_common::{init_logging, open_endpoint, serve};
 
-use backend::{BlkBackend, BlkParams};
-use config::{BlkConfig, Cli};
-use disk::Disk;
+use mic_blk::backend::{BlkBackend, BlkParams};
+use mic_blk::config::{BlkConfig, Cli};
+use mic_blk::disk::Disk;
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("mic-blk: {msg}");

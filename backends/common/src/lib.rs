@@ -31,6 +31,8 @@
 
 #![deny(missing_docs)]
 
+#[doc(hidden)]
+pub mod fuzz;
 pub mod guest;
 pub mod ratelimit;
 mod relay;

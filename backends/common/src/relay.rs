@@ -234,7 +234,7 @@ pub(crate) const MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Frontend to backend: forwards messages, holding back early enables.
 /// With `first_message`, a frontend that sends nothing for that long after
 /// connecting is disconnected.
-fn pump_requests(
+pub(crate) fn pump_requests(
     front: UnixStream,
     front_w: Arc<Mutex<UnixStream>>,
     back: UnixStream,

@@ -12,17 +12,9 @@ use mic_backend_common::{
     exit_status, init_logging, open_endpoint, parse_cli, serve_persistent, SocketArgs,
 };
 
-mod backend;
-mod config;
-mod control;
-mod host;
-mod logfile;
-mod rxq;
-mod txq;
-
-use backend::ConsoleBackend;
-use config::ConsoleConfig;
-use host::Host;
+use mic_console::backend::ConsoleBackend;
+use mic_console::config::ConsoleConfig;
+use mic_console::host::Host;
 
 const NAME: &str = "mic-console";
 

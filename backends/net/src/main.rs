@@ -12,15 +12,9 @@ use mic_backend_common::{
     exit_status, init_logging, open_endpoint, parse_cli, serve_persistent, SocketArgs,
 };
 
-mod backend;
-mod config;
-mod rxq;
-mod stream;
-mod tap;
-mod txq;
-
-use backend::{HostPort, NetBackend};
-use config::{format_mac, NetConfig, NetTransport};
+use mic_net::backend::{HostPort, NetBackend};
+use mic_net::config::{format_mac, NetConfig, NetTransport};
+use mic_net::{stream, tap};
 
 const NAME: &str = "mic-net";
 
