@@ -9,6 +9,7 @@
 //! - [`running`]: a running card's processes, together;
 //! - [`layout`]: the state directory;
 //! - [`network`]: the address plan;
+//! - [`overlay`]: the user's files appended to the card's initramfs;
 //! - [`record`]: what a new micd needs to adopt a running card;
 //! - [`supervisor`]: one thread per card that ties them together;
 //! - [`protocol`], [`server`]: the control socket;
@@ -20,6 +21,7 @@ pub mod launch;
 pub mod layout;
 pub mod lifecycle;
 pub mod network;
+pub mod overlay;
 pub mod process;
 pub mod protocol;
 pub mod record;
