@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mic_agent::protocol::{
-    read_message, write_message, ErrorCode, Message, ProtocolError, MAX_PAYLOAD, VERSION,
+    read_message, write_message, ErrorCode, Message, ProtocolError, MAX_PAYLOAD, MIN_VERSION,
+    VERSION,
 };
 pub use mic_agent::protocol::{ExitKind, AGENT_PORT};
 
@@ -62,6 +63,15 @@ pub enum AgentError {
     /// The socket failed outside a frame.
     #[error("i/o")]
     Io(#[from] io::Error),
+    /// The request needs a newer agent protocol than the card's agent
+    /// speaks (an older card image).
+    #[error("the card agent speaks protocol version {agent}; this needs {needed}")]
+    Version {
+        /// What the connection speaks.
+        agent: u16,
+        /// What the request needs.
+        needed: u16,
+    },
 }
 
 fn unexpected(m: Message) -> AgentError {
@@ -102,6 +112,8 @@ pub fn connect_port(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
 /// A connection to the agent, past its hello; good for one request.
 pub struct AgentClient {
     stream: UnixStream,
+    /// The protocol version the agent answered with.
+    version: u16,
 }
 
 impl AgentClient {
@@ -130,26 +142,63 @@ impl AgentClient {
         let mut stream = connect_port(uds, port)?;
         stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
         write_message(&mut stream, &Message::Hello(VERSION))?;
-        match read_message(&mut stream)? {
-            Message::Hello(v) if v == VERSION => {}
+        let version = match read_message(&mut stream)? {
+            Message::Hello(v) if (MIN_VERSION..=VERSION).contains(&v) => v,
             m => return Err(unexpected(m)),
-        }
+        };
         stream.set_read_timeout(None)?;
-        Ok(AgentClient { stream })
+        Ok(AgentClient { stream, version })
+    }
+
+    /// The protocol version this connection speaks.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// Runs `argv` on the card: `stdin` is sent (and then its end) while
     /// its stdout and stderr go to `stdout` and `stderr`. Returns how the
     /// command ended.
     pub fn exec(
-        mut self,
+        self,
         argv: &[impl AsRef<[u8]>],
-        mut stdin: impl Read + Send + 'static,
+        stdin: impl Read + Send + 'static,
         stdout: &mut dyn Write,
         stderr: &mut dyn Write,
     ) -> Result<ExitKind, AgentError> {
         let argv = argv.iter().map(|a| a.as_ref().to_vec()).collect();
-        write_message(&mut self.stream, &Message::Exec(argv))?;
+        self.run(Message::Exec(argv), stdin, stdout, stderr)
+    }
+
+    /// Runs `argv` on a pseudo-terminal in the card of `rows` x `cols`
+    /// (0: unknown): `stdin` goes to the terminal (its end becomes Ctrl-D),
+    /// and what the command writes to it, stdout and stderr alike, to
+    /// `stdout`. Needs protocol version 2.
+    pub fn exec_tty(
+        self,
+        argv: &[impl AsRef<[u8]>],
+        (rows, cols): (u16, u16),
+        stdin: impl Read + Send + 'static,
+        stdout: &mut dyn Write,
+    ) -> Result<ExitKind, AgentError> {
+        if self.version < 2 {
+            return Err(AgentError::Version {
+                agent: self.version,
+                needed: 2,
+            });
+        }
+        let argv = argv.iter().map(|a| a.as_ref().to_vec()).collect();
+        let req = Message::ExecPty { rows, cols, argv };
+        self.run(req, stdin, stdout, &mut io::sink())
+    }
+
+    fn run(
+        mut self,
+        request: Message,
+        mut stdin: impl Read + Send + 'static,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<ExitKind, AgentError> {
+        write_message(&mut self.stream, &request)?;
         let mut tx = self.stream.try_clone()?;
         // stdin on a thread of its own: a command may print before it reads.
         // When it ends early (the command is done) the thread is left to
@@ -339,6 +388,26 @@ mod tests {
             .unwrap();
         assert_eq!((out.as_slice(), err.as_slice()), (&b"ABC"[..], &b"e\n"[..]));
         assert_eq!(exit.shell_status(), 3);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn exec_tty_runs_on_a_terminal() {
+        let d = scratch("tty");
+        let uds = fake_backend(&d);
+        let client = AgentClient::connect(&uds).unwrap();
+        assert_eq!(client.version(), VERSION);
+        let mut out = Vec::new();
+        let exit = client
+            .exec_tty(
+                &["sh", "-c", "test -t 0 && stty size && exit 7"],
+                (25, 90),
+                io::empty(),
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(exit.shell_status(), 7);
+        assert_eq!(out, b"25 90\r\n");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -134,6 +134,90 @@ fn exec_returns_status_streams_stdin_and_binary_output() {
     assert_eq!(missing.status.code(), Some(255));
 }
 
+/// `micctl exec -t`: the command runs on a pseudo-terminal in the card and
+/// its status still comes back.
+#[test]
+fn exec_t_gives_the_command_a_terminal() {
+    let card = vsock_card();
+    let tty = micctl(&card, &["exec", "-t", "--", "tty"], vec![]);
+    assert_eq!(tty.status.code(), Some(0));
+    let name = String::from_utf8_lossy(&tty.stdout).into_owned();
+    let n = name
+        .trim_end()
+        .strip_prefix("/dev/pts/")
+        .unwrap_or_else(|| panic!("not a pty: {name:?}"));
+    assert!(n.parse::<u32>().is_ok(), "{name:?}");
+    let on_tty = |args: &[&str]| micctl(&card, args, vec![]).status.code();
+    assert_eq!(
+        on_tty(&["exec", "-t", "--", "sh", "-c", "test -t 0"]),
+        Some(0)
+    );
+    // Without -t, stdin is a pipe.
+    assert_eq!(on_tty(&["exec", "--", "sh", "-c", "test -t 0"]), Some(1));
+    assert_eq!(on_tty(&["exec", "-t", "--", "sh", "-c", "exit 3"]), Some(3));
+    assert_eq!(
+        on_tty(&["exec", "-t", "--", "sh", "-c", "kill -9 $$"]),
+        Some(137)
+    );
+    // Input goes through the card's terminal, and its end is Ctrl-D.
+    let typed = micctl(
+        &card,
+        &["exec", "-t", "--", "sh", "-c", "read l; echo got:$l"],
+        b"abc\n".to_vec(),
+    );
+    assert_eq!(typed.status.code(), Some(0));
+    let out = String::from_utf8_lossy(&typed.stdout).into_owned();
+    assert!(out.contains("got:abc\r\n"), "{out:?}");
+
+    // From a terminal: its size reaches the card, it is raw while the
+    // command runs and as it was afterwards.
+    let (master, slave) = host_pty(31, 97);
+    let before = termios_of(&slave);
+    let out = Command::new(mic_test_support::bin("micctl"))
+        .arg("-s")
+        .arg(card.vsock_uds())
+        .args(["exec", "-t", "--", "stty", "size"])
+        .stdin(slave.try_clone().unwrap())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "31 97\r\n");
+    let after = termios_of(&slave);
+    assert_eq!(
+        (after.c_iflag, after.c_oflag, after.c_lflag),
+        (before.c_iflag, before.c_oflag, before.c_lflag)
+    );
+    drop(master);
+}
+
+/// A pty pair on the host of this window size (master, slave).
+fn host_pty(rows: u16, cols: u16) -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut s) = (-1, -1);
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two fds; the name and termios pointers may be
+    // null, `ws` outlives the call.
+    let r = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+    assert_eq!(r, 0);
+    // SAFETY: two fresh fds nothing else owns.
+    unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
+}
+
+fn termios_of(tty: &std::fs::File) -> libc::termios {
+    use std::os::fd::AsRawFd;
+    // SAFETY: termios is plain data; tcgetattr fills it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid fd and pointer.
+    assert_eq!(unsafe { libc::tcgetattr(tty.as_raw_fd(), &mut t) }, 0);
+    t
+}
+
 #[test]
 fn cp_round_trips_64_mib_with_its_mode() {
     let card = vsock_card();

@@ -144,3 +144,71 @@ fn run_card_boots_the_bzimage_and_waits_only_for_attached_devices() {
     let err = read(&dir.join("run-card.err"));
     assert!(status.success(), "run-card failed: {err}");
 }
+
+/// `--overlay DIR`: the directory's files are in the card, its
+/// `/etc/mic/rc.d/` script ran at boot, and the agent reads both.
+#[test]
+fn run_card_adds_an_overlay_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("run-card-overlay");
+    let overlay = dir.join("overlay");
+    std::fs::create_dir_all(overlay.join("etc/mic/rc.d")).unwrap();
+    std::fs::create_dir_all(overlay.join("opt/user")).unwrap();
+    std::fs::write(overlay.join("opt/user/data"), "user data 42\n").unwrap();
+    let script = overlay.join("etc/mic/rc.d/10-mark");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho rc.d-ran-$((6*7)) >/run/overlay-mark\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let overlay_arg = overlay.to_str().unwrap().to_string();
+    let (mut child, work) = start_run_card(&dir, &["--net", "none", "--overlay", &overlay_arg]);
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    let serial = work.join("mic0/serial.log");
+    wait_for(BOOT_TIMEOUT, "the card to come online", || {
+        read(&serial).contains("mic-card: online ").then_some(())
+    });
+    assert!(
+        read(&serial).contains("mic-card: rc.d 10-mark exit 0"),
+        "{}",
+        read(&serial)
+    );
+    let out = Command::new(mic_test_support::bin("micctl"))
+        .arg("-s")
+        .arg(work.join("micd.sock"))
+        .args([
+            "exec",
+            "mic0",
+            "--",
+            "cat",
+            "/opt/user/data",
+            "/run/overlay-mark",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "user data 42\nrc.d-ran-42\n"
+    );
+    // The image's own files are still there.
+    let out = Command::new(mic_test_support::bin("micctl"))
+        .arg("-s")
+        .arg(work.join("micd.sock"))
+        .args(["exec", "mic0", "--", "test", "-x", "/sbin/mic-agent"])
+        .status()
+        .unwrap();
+    assert!(out.success());
+    // Through the agent, not the console (its shell may still be starting);
+    // the agent goes down with the card, so its status is not the point.
+    let _ = Command::new(mic_test_support::bin("micctl"))
+        .arg("-s")
+        .arg(work.join("micd.sock"))
+        .args(["exec", "mic0", "--", "poweroff"])
+        .status();
+    let status = wait_for(Duration::from_secs(120), "run-card to end", || {
+        child.try_wait().unwrap()
+    });
+    assert!(status.success(), "{}", read(&dir.join("run-card.err")));
+}

@@ -15,8 +15,14 @@
 
 use std::io::{self, Read, Write};
 
-/// The protocol version this build speaks (sent in [`Message::Hello`]).
-pub const VERSION: u16 = 1;
+/// The newest protocol version this build speaks (the host sends it in
+/// [`Message::Hello`]). Version 2 added [`Message::ExecPty`].
+pub const VERSION: u16 = 2;
+
+/// The oldest version this build still speaks: the agent answers a host's
+/// `Hello(v)` for any `v` from here to [`VERSION`], and the connection then
+/// speaks `v` (`docs/vsock.md`, "Versions").
+pub const MIN_VERSION: u16 = 1;
 
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 5252;
@@ -56,6 +62,8 @@ pub enum Kind {
     Ok = 10,
     /// Agent: a file's mode and size, before its bytes.
     FileInfo = 11,
+    /// Host (version 2): run a command on a pseudo-terminal.
+    ExecPty = 12,
     /// Either side: the request failed; the connection ends.
     Error = 15,
 }
@@ -74,6 +82,7 @@ impl Kind {
             9 => Kind::Data,
             10 => Kind::Ok,
             11 => Kind::FileInfo,
+            12 => Kind::ExecPty,
             15 => Kind::Error,
             _ => return None,
         })
@@ -166,6 +175,16 @@ pub enum Message {
     },
     /// Failure (payload: le16 code, UTF-8 text).
     Error(ErrorCode, String),
+    /// Command and arguments to run on a pseudo-terminal of this window
+    /// size (payload: le16 rows, le16 columns, then [`Message::Exec`]'s).
+    ExecPty {
+        /// Window rows (0: unknown).
+        rows: u16,
+        /// Window columns (0: unknown).
+        cols: u16,
+        /// Command and arguments.
+        argv: Vec<Vec<u8>>,
+    },
 }
 
 /// Why a frame could not be read or written.
@@ -209,6 +228,32 @@ fn le_u64(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
+/// An argv as [`Message::Exec`] carries it: le32 count, then per argument
+/// le32 length and bytes.
+fn encode_argv(argv: &[Vec<u8>]) -> Vec<u8> {
+    let mut p = (argv.len() as u32).to_le_bytes().to_vec();
+    for a in argv {
+        p.extend_from_slice(&(a.len() as u32).to_le_bytes());
+        p.extend_from_slice(a);
+    }
+    p
+}
+
+/// The argv of [`encode_argv`]; `None` unless it fills `p` exactly and has
+/// a non-empty program name.
+fn decode_argv(p: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let n = le_u32(p, 0)? as usize;
+    let mut at = 4;
+    let mut argv = Vec::new();
+    for _ in 0..n {
+        let len = le_u32(p, at)? as usize;
+        at += 4;
+        argv.push(p.get(at..at.checked_add(len)?)?.to_vec());
+        at += len;
+    }
+    (at == p.len() && argv.first().is_some_and(|a| !a.is_empty())).then_some(argv)
+}
+
 impl Message {
     /// Its kind.
     pub fn kind(&self) -> Kind {
@@ -225,6 +270,7 @@ impl Message {
             Message::Ok => Kind::Ok,
             Message::FileInfo { .. } => Kind::FileInfo,
             Message::Error(..) => Kind::Error,
+            Message::ExecPty { .. } => Kind::ExecPty,
         }
     }
 
@@ -232,12 +278,11 @@ impl Message {
     pub fn payload(&self) -> Vec<u8> {
         match self {
             Message::Hello(v) => v.to_le_bytes().to_vec(),
-            Message::Exec(argv) => {
-                let mut p = (argv.len() as u32).to_le_bytes().to_vec();
-                for a in argv {
-                    p.extend_from_slice(&(a.len() as u32).to_le_bytes());
-                    p.extend_from_slice(a);
-                }
+            Message::Exec(argv) => encode_argv(argv),
+            Message::ExecPty { rows, cols, argv } => {
+                let mut p = rows.to_le_bytes().to_vec();
+                p.extend_from_slice(&cols.to_le_bytes());
+                p.extend(encode_argv(argv));
                 p
             }
             Message::Stdin(d) | Message::Stdout(d) | Message::Stderr(d) | Message::Data(d) => {
@@ -286,22 +331,12 @@ impl Message {
                 exact(2)?;
                 Message::Hello(le_u16(p, 0).ok_or_else(bad)?)
             }
-            Kind::Exec => {
-                let n = le_u32(p, 0).ok_or_else(bad)? as usize;
-                let mut at = 4;
-                let mut argv = Vec::new();
-                for _ in 0..n {
-                    let len = le_u32(p, at).ok_or_else(bad)? as usize;
-                    at += 4;
-                    let a = p.get(at..at.checked_add(len).ok_or_else(bad)?);
-                    argv.push(a.ok_or_else(bad)?.to_vec());
-                    at += len;
-                }
-                if at != p.len() || argv.is_empty() || argv[0].is_empty() {
-                    return Err(bad());
-                }
-                Message::Exec(argv)
-            }
+            Kind::Exec => Message::Exec(decode_argv(p).ok_or_else(bad)?),
+            Kind::ExecPty => Message::ExecPty {
+                rows: le_u16(p, 0).ok_or_else(bad)?,
+                cols: le_u16(p, 2).ok_or_else(bad)?,
+                argv: p.get(4..).and_then(decode_argv).ok_or_else(bad)?,
+            },
             Kind::Stdin => Message::Stdin(p.to_vec()),
             Kind::Stdout => Message::Stdout(p.to_vec()),
             Kind::Stderr => Message::Stderr(p.to_vec()),
@@ -442,6 +477,25 @@ mod tests {
             size: 1 << 40,
         });
         round_trip(Message::Error(ErrorCode::Io, "no such file".into()));
+        round_trip(Message::ExecPty {
+            rows: 24,
+            cols: 80,
+            argv: vec![b"tty".to_vec()],
+        });
+    }
+
+    #[test]
+    fn exec_pty_layout() {
+        let f = Message::ExecPty {
+            rows: 0x0102,
+            cols: 0x0304,
+            argv: vec![b"sh".to_vec()],
+        }
+        .encode();
+        assert_eq!(
+            f,
+            [b'M', b'A', 12, 0, 14, 0, 0, 0, 2, 1, 4, 3, 1, 0, 0, 0, 2, 0, 0, 0, b's', b'h']
+        );
     }
 
     #[test]
@@ -483,6 +537,8 @@ mod tests {
         assert!(Message::decode(Kind::Exec, &[0, 0, 0, 0]).is_err());
         assert!(Message::decode(Kind::Exec, &[1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).is_err());
         assert!(Message::decode(Kind::Exit, &[2, 0, 0, 0, 0, 0, 0, 0]).is_err());
+        assert!(Message::decode(Kind::ExecPty, &[24, 0, 80]).is_err());
+        assert!(Message::decode(Kind::ExecPty, &[24, 0, 80, 0, 0, 0, 0, 0]).is_err());
         assert!(Message::decode(Kind::Put, &[0, 0, 1, 0, b'/']).is_err());
         assert!(Message::decode(Kind::Put, &[0xa4, 1, 0, 0]).is_err());
         assert!(Message::decode(Kind::Get, &[]).is_err());

@@ -13,8 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use crate::protocol::{
-    read_message, write_message, ErrorCode, ExitKind, Message, ProtocolError, MAX_PAYLOAD, VERSION,
+    read_message, write_message, ErrorCode, ExitKind, Message, ProtocolError, MAX_PAYLOAD,
+    MIN_VERSION, VERSION,
 };
+use crate::pty::{MasterReader, Pty};
 
 /// A connection the agent serves (a vsock stream on the card, a UNIX
 /// stream in the unit tests).
@@ -85,13 +87,19 @@ fn refuse<C: Conn>(conn: &mut C, code: ErrorCode, text: String) -> SessionError 
 }
 
 fn serve_inner<C: Conn>(conn: &mut C) -> Result<(), SessionError> {
-    match read_message(conn)? {
-        Message::Hello(v) if v == VERSION => write_message(conn, &Message::Hello(VERSION))?,
+    // The host's version, if this agent speaks it, is the connection's.
+    let version = match read_message(conn)? {
+        Message::Hello(v) if (MIN_VERSION..=VERSION).contains(&v) => {
+            write_message(conn, &Message::Hello(v))?;
+            v
+        }
         Message::Hello(v) => {
             return Err(refuse(
                 conn,
                 ErrorCode::Version,
-                format!("version {v} is not supported; this agent speaks {VERSION}"),
+                format!(
+                    "version {v} is not supported; this agent speaks {MIN_VERSION} to {VERSION}"
+                ),
             ))
         }
         m => {
@@ -101,9 +109,12 @@ fn serve_inner<C: Conn>(conn: &mut C) -> Result<(), SessionError> {
                 format!("{:?} before Hello", m.kind()),
             ))
         }
-    }
+    };
     match read_message(conn)? {
-        Message::Exec(argv) => exec(conn, argv),
+        Message::Exec(argv) => exec(conn, argv, None),
+        Message::ExecPty { rows, cols, argv } if version >= 2 => {
+            exec(conn, argv, Some((rows, cols)))
+        }
         Message::Put { mode, path } => put(conn, mode, &path),
         Message::Get(path) => get(conn, &path),
         m => Err(refuse(
@@ -163,27 +174,86 @@ impl Drop for Reaper {
     }
 }
 
-fn exec<C: Conn>(conn: &mut C, argv: Vec<Vec<u8>>) -> Result<(), SessionError> {
+/// A started command and the ends the agent relays.
+struct Started {
+    child: Child,
+    /// Where the host's input goes.
+    stdin: Option<Box<dyn Write + Send>>,
+    /// The command's output (with a pty: the master, stdout and stderr
+    /// together).
+    stdout: Option<Box<dyn Read + Send>>,
+    /// Its stderr (none with a pty).
+    stderr: Option<Box<dyn Read + Send>>,
+    /// What the end of the host's input becomes: closing the pipe, or with
+    /// a pty this byte (VEOF, Ctrl-D), which ends input at a line's start.
+    eof: Option<u8>,
+}
+
+/// Ctrl-D: the default VEOF character.
+const VEOF_BYTE: u8 = 0x04;
+
+/// Starts `argv` with pipes, or on a pty of `pty`'s window size.
+fn start(argv: &[&std::ffi::OsStr], pty: Option<(u16, u16)>) -> io::Result<Started> {
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]);
+    let Some((rows, cols)) = pty else {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stdin = child
+            .stdin
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Write + Send>);
+        let stdout = child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>);
+        let stderr = child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>);
+        return Ok(Started {
+            child,
+            stdin,
+            stdout,
+            stderr,
+            eof: None,
+        });
+    };
+    let (child, master) = Pty::open(rows, cols)?.spawn(cmd)?;
+    Ok(Started {
+        child,
+        stdin: Some(Box::new(master.try_clone()?)),
+        stdout: Some(Box::new(MasterReader(master))),
+        stderr: None,
+        eof: Some(VEOF_BYTE),
+    })
+}
+
+fn exec<C: Conn>(
+    conn: &mut C,
+    argv: Vec<Vec<u8>>,
+    pty: Option<(u16, u16)>,
+) -> Result<(), SessionError> {
     let args: Vec<&std::ffi::OsStr> = argv
         .iter()
         .map(|a| std::ffi::OsStr::from_bytes(a))
         .collect();
-    let spawned = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(c) => c,
+    let Started {
+        child,
+        mut stdin,
+        mut stdout,
+        mut stderr,
+        eof,
+    } = match start(&args, pty) {
+        Ok(s) => s,
         Err(e) => {
             let what = format!("running {}", args[0].to_string_lossy());
             return Err(io_err(what)(e));
         }
     };
-    let mut stdin = child.stdin.take();
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
     let pid = child.id() as libc::pid_t;
     let mut reaper = Reaper(Some(child));
     // Set (under the lock) once the child is about to be reaped; until then
@@ -196,7 +266,7 @@ fn exec<C: Conn>(conn: &mut C, argv: Vec<Vec<u8>>) -> Result<(), SessionError> {
     // The host's frames: stdin bytes, then its end. Anything else, or the
     // host going away, ends the command (the Reaper kills it).
     let input = std::thread::spawn(move || -> Result<(), SessionError> {
-        let r = exec_input(&mut reader, &mut stdin);
+        let r = exec_input(&mut reader, &mut stdin, eof);
         let reaping = reaping2.lock().unwrap_or_else(|p| p.into_inner());
         if !*reaping {
             // SAFETY: kill(2) on our own child, not yet reaped (see `reaping`).
@@ -248,11 +318,17 @@ fn exec<C: Conn>(conn: &mut C, argv: Vec<Vec<u8>>) -> Result<(), SessionError> {
 /// when the host goes away or sends anything else.
 fn exec_input<C: Conn>(
     reader: &mut C,
-    stdin: &mut Option<std::process::ChildStdin>,
+    stdin: &mut Option<Box<dyn Write + Send>>,
+    eof: Option<u8>,
 ) -> Result<(), SessionError> {
     loop {
         match read_message(reader)? {
-            Message::Stdin(d) if d.is_empty() => *stdin = None,
+            Message::Stdin(d) if d.is_empty() => match (eof, stdin.as_mut()) {
+                (Some(b), Some(s)) => {
+                    let _ = s.write_all(&[b]);
+                }
+                _ => *stdin = None,
+            },
             Message::Stdin(d) => {
                 if let Some(s) = stdin {
                     // A command that closed its stdin just loses input.
@@ -534,5 +610,70 @@ mod tests {
             Message::Error(ErrorCode::Unexpected, _)
         ));
         assert!(t.join().unwrap().is_err());
+    }
+
+    /// Runs a request on a connection that said `Hello(version)`; returns
+    /// stdout, and the exit or the error that ended it.
+    fn exec_pty_as(version: u16, argv: &[&str], stdin: &[u8]) -> (Vec<u8>, Message) {
+        let (mut s, t) = start();
+        write_message(&mut s, &Message::Hello(version)).unwrap();
+        assert_eq!(read_message(&mut s).unwrap(), Message::Hello(version));
+        let argv = argv.iter().map(|a| a.as_bytes().to_vec()).collect();
+        let req = Message::ExecPty {
+            rows: 40,
+            cols: 132,
+            argv,
+        };
+        write_message(&mut s, &req).unwrap();
+        // The agent may have refused the request and closed already.
+        let _ = write_message(&mut s, &Message::Stdin(stdin.to_vec()));
+        let _ = write_message(&mut s, &Message::Stdin(vec![]));
+        let mut out = Vec::new();
+        let end = loop {
+            match read_message(&mut s).unwrap() {
+                Message::Stdout(d) => out.extend(d),
+                m => break m,
+            }
+        };
+        let _ = t.join().unwrap();
+        (out, end)
+    }
+
+    #[test]
+    fn exec_pty_runs_on_a_terminal_and_returns_the_status() {
+        let (out, end) = exec_pty_as(
+            VERSION,
+            &[
+                "sh",
+                "-c",
+                "tty; stty size; test -t 0 && read l && echo got:$l; exit 5",
+            ],
+            b"line\n",
+        );
+        assert_eq!(end, Message::Exit(ExitKind::Exited(5)));
+        let out = String::from_utf8(out).unwrap();
+        // The terminal echoes the input, anywhere among the output lines.
+        let lines: Vec<_> = out.lines().map(str::trim_end).collect();
+        assert!(lines.iter().any(|l| l.starts_with("/dev/pts/")), "{out:?}");
+        assert!(lines.contains(&"40 132"), "{out:?}");
+        assert!(lines.contains(&"line"), "{out:?}");
+        assert!(lines.contains(&"got:line"), "{out:?}");
+        // The end of the host's input is Ctrl-D: cat sees the end.
+        let (out, end) = exec_pty_as(VERSION, &["cat"], b"");
+        assert_eq!(end, Message::Exit(ExitKind::Exited(0)));
+        assert_eq!(out, b"");
+    }
+
+    #[test]
+    fn version_1_is_still_spoken_without_exec_pty() {
+        assert_eq!(MIN_VERSION, 1);
+        let (out, _, exit) = run(&["echo", "v2"], b"");
+        assert_eq!((out.as_slice(), exit), (&b"v2\n"[..], ExitKind::Exited(0)));
+        let (out, end) = exec_pty_as(1, &["tty"], b"");
+        assert!(out.is_empty());
+        assert!(
+            matches!(end, Message::Error(ErrorCode::Unexpected, _)),
+            "{end:?}"
+        );
     }
 }

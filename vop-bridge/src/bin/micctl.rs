@@ -83,7 +83,7 @@ enum Cmd {
         timeout: u64,
     },
     /// Change a card's settings (memory, cpus, firmware, ramdisk, bios,
-    /// cmdline, accel while ready; autoboot, policy, shutdown_timeout,
+    /// cmdline, overlay, accel while ready; autoboot, policy, shutdown_timeout,
     /// heartbeat, heartbeat_timeout, agent at any time).
     Config {
         /// The card.
@@ -457,6 +457,9 @@ fn print_card(c: &CardStatus) {
     println!("  memory {} MiB, {} cpu(s)", c.memory, c.cpus);
     println!("  firmware {}", c.firmware);
     println!("  ramdisk  {}", c.ramdisk);
+    if let Some(o) = &c.overlay {
+        println!("  overlay  {o}");
+    }
     println!("  cmdline  {}", c.cmdline);
     for d in &c.devices {
         let pid = d.pid.map_or("-".to_string(), |p| p.to_string());

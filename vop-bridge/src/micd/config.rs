@@ -91,6 +91,9 @@ pub struct CardConfig {
     /// Kernel command line added after the image's `cmdline` and micd's
     /// own parameters.
     pub cmdline: String,
+    /// The user's files added to the initramfs at each boot: a directory or
+    /// a cpio archive (`overlay.rs`; `docs/micd.md`, "Overlays").
+    pub overlay: Option<PathBuf>,
     /// A virtio console (`mic-console`).
     pub console: bool,
     /// virtio-vsock (`vhost-device-vsock`, CID = node + 2 = N + 3 for micN;
@@ -140,6 +143,7 @@ impl Default for CardConfig {
             ramdisk: None,
             bios: None,
             cmdline: String::new(),
+            overlay: None,
             console: true,
             vsock: true,
             agent: true,
@@ -159,13 +163,14 @@ impl Default for CardConfig {
 }
 
 /// Keys `micctl config` may set, and whether the card must be `ready`.
-pub const SETTABLE: [(&str, bool); 13] = [
+pub const SETTABLE: [(&str, bool); 14] = [
     ("memory", true),
     ("cpus", true),
     ("firmware", true),
     ("ramdisk", true),
     ("bios", true),
     ("cmdline", true),
+    ("overlay", true),
     ("accel", true),
     ("autoboot", false),
     ("policy", false),
@@ -267,6 +272,7 @@ impl CardConfig {
             "ramdisk" => self.ramdisk = path(value),
             "bios" => self.bios = Some(PathBuf::from(value)),
             "cmdline" => self.cmdline = value.into(),
+            "overlay" => self.overlay = path(value),
             "accel" => self.accel = value.into(),
             "shutdown_timeout" => {
                 self.shutdown_timeout = value.parse().map_err(|_| bad("not a number of seconds"))?
@@ -373,6 +379,7 @@ mod tests {
 [mic0]
 memory = 512
 cmdline = "loglevel=4"
+overlay = "/ci/overlay.cpio"
 policy = "stay-down"
 net = "none"
 
@@ -391,6 +398,7 @@ size_mib = 64
         assert_eq!(m0.policy, Policy::StayDown);
         assert_eq!(m0.net, NetMode::None);
         assert_eq!(m0.disks.len(), 1);
+        assert_eq!(m0.overlay.as_deref(), Some(Path::new("/ci/overlay.cpio")));
         let m1 = &c.cards[&1];
         assert!(!m1.autoboot);
         assert_eq!(m1.memory, 1024);
@@ -477,6 +485,11 @@ socket = "/run/ch/net.sock"
         assert_eq!(c.firmware.as_deref(), Some(Path::new("/k")));
         c.set("firmware", "").unwrap();
         assert_eq!(c.firmware, None);
+        c.set("overlay", "/ci/overlay").unwrap();
+        assert_eq!(c.overlay.as_deref(), Some(Path::new("/ci/overlay")));
+        assert!(needs_ready("overlay"));
+        c.set("overlay", "").unwrap();
+        assert_eq!(c.overlay, None);
         assert!(c.set("memory", "lots").is_err());
         assert!(c.set("cpus", "0").is_err());
         assert_eq!((c.cpus, c.shutdown_timeout), (1, 5));

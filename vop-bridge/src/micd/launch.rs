@@ -82,6 +82,15 @@ pub struct DevicePlan {
 /// The backend name of a device whose backend the user runs.
 pub const EXTERNAL: &str = "external";
 
+/// A card's initramfs with the user's overlay appended (`overlay.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverlayPlan {
+    /// The overlay: a directory or a cpio archive.
+    pub source: PathBuf,
+    /// The combined initramfs QEMU boots.
+    pub initrd: PathBuf,
+}
+
 /// Everything one boot of a card runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CardPlan {
@@ -99,8 +108,11 @@ pub struct CardPlan {
     pub disks: Vec<(PathBuf, u64)>,
     /// The kernel.
     pub firmware: PathBuf,
-    /// The initramfs.
+    /// The image's initramfs.
     pub ramdisk: PathBuf,
+    /// With an overlay: the overlay and the initramfs QEMU boots instead,
+    /// [`CardPlan::ramdisk`] with the overlay appended (written at start).
+    pub overlay: Option<OverlayPlan>,
     /// The whole kernel command line.
     pub cmdline: String,
     /// The card's network, if it has one.
@@ -352,8 +364,12 @@ impl CardPlan {
         }
         q.push("-kernel".into());
         q.push(path_arg(&firmware));
+        let overlay = cfg.overlay.clone().map(|source| OverlayPlan {
+            source,
+            initrd: dir.overlay_initrd(),
+        });
         q.push("-initrd".into());
-        q.push(path_arg(&ramdisk));
+        q.push(path_arg(overlay.as_ref().map_or(&ramdisk, |o| &o.initrd)));
         q.push("-append".into());
         q.push(cmdline.clone().into());
         q.push("-chardev".into());
@@ -399,6 +415,7 @@ impl CardPlan {
             disks,
             firmware,
             ramdisk,
+            overlay,
             cmdline,
             net,
             device_socket: dir.device_socket(),
@@ -468,6 +485,8 @@ mod tests {
              mic.ip=172.31.2.1/24 mic.host=172.31.2.254"
         );
         assert_eq!(p.firmware, Path::new("/img/vmlinux"));
+        assert_eq!(p.overlay, None);
+        assert!(has(&p.qemu.args, &["-initrd", "/img/initrd.img"]));
         assert_eq!(p.disks, [(PathBuf::from("/s/mic1/disk0.img"), 1024)]);
         let q = &p.qemu.args;
         assert!(has(q, &["-no-reboot"]));
@@ -529,6 +548,7 @@ mod tests {
         assert_eq!(p.disks[1], (PathBuf::from("/d.img"), 8));
         assert!(!has(&p.qemu.args, &["-bios"]));
         assert!(has(&p.qemu.args, &["-kernel", "/k/bzImage"]));
+        assert!(has(&p.qemu.args, &["-initrd", "/img/initrd.img"]));
         assert_eq!(
             p.devices.iter().map(|d| d.kind).collect::<Vec<_>>(),
             ["console", "blk", "blk", "vsock"]
@@ -612,6 +632,30 @@ mod tests {
         assert!(p.cmdline.ends_with(" mic.link=02:6d:69:63:00:01"));
         // The hub's socket is not the card's to remove.
         assert!(!p.all_sockets().contains(&dir.link_socket()));
+    }
+
+    #[test]
+    fn overlay_boots_the_combined_initramfs() {
+        let dir = CardDir::new(Path::new("/s"), "mic2");
+        let cfg = CardConfig {
+            overlay: Some("/ci/tests".into()),
+            ramdisk: Some("/r/initrd.img".into()),
+            ..Default::default()
+        };
+        let p = CardPlan::new("mic2", 2, &cfg, &dir, &tools(), "c", false);
+        assert_eq!(p.ramdisk, Path::new("/r/initrd.img"));
+        assert_eq!(
+            p.overlay,
+            Some(OverlayPlan {
+                source: "/ci/tests".into(),
+                initrd: "/s/mic2/initrd-overlay.img".into(),
+            })
+        );
+        assert!(has(
+            &p.qemu.args,
+            &["-initrd", "/s/mic2/initrd-overlay.img"]
+        ));
+        assert!(!has(&p.qemu.args, &["-initrd", "/r/initrd.img"]));
     }
 
     #[test]

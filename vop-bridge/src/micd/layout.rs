@@ -78,6 +78,12 @@ impl CardDir {
         self.file("qmp.sock")
     }
 
+    /// The initramfs a card with an overlay boots: the image's with the
+    /// overlay appended, written at each boot (`overlay.rs`).
+    pub fn overlay_initrd(&self) -> PathBuf {
+        self.file("initrd-overlay.img")
+    }
+
     /// The bridge's control socket.
     pub fn bridge_socket(&self) -> PathBuf {
         self.file("bridge.sock")

@@ -11,6 +11,7 @@
 //! - [`layout`]: the state directory;
 //! - [`network`]: the address plan;
 //! - [`link`]: the card-to-card link for cards on passt;
+//! - [`overlay`]: the user's files appended to the card's initramfs;
 //! - [`record`]: what a new micd needs to adopt a running card;
 //! - [`supervisor`]: one thread per card that ties them together;
 //! - [`protocol`], [`server`]: the control socket;
@@ -24,6 +25,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod link;
 pub mod network;
+pub mod overlay;
 pub mod process;
 pub mod protocol;
 pub mod record;

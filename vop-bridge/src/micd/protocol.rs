@@ -172,8 +172,10 @@ pub struct CardStatus {
     pub cpus: u32,
     /// The kernel.
     pub firmware: String,
-    /// The initramfs.
+    /// The image's initramfs.
     pub ramdisk: String,
+    /// The overlay appended to it, if any (`docs/micd.md`, "Overlays").
+    pub overlay: Option<String>,
     /// The whole kernel command line of the (next) boot.
     pub cmdline: String,
     /// Devices in page order.

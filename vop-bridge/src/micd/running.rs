@@ -11,6 +11,7 @@ use log::{error, warn};
 
 use super::launch::CardPlan;
 use super::layout::private_socket;
+use super::overlay::{assemble, OverlayError};
 use super::process::{remove_stale, Proc, ProcError, ProcSpec};
 
 /// How long a process's socket may take to appear.
@@ -32,6 +33,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The initramfs with the card's overlay could not be made.
+    #[error("cannot add the overlay to the initramfs")]
+    Overlay(#[source] OverlayError),
     /// A process could not be started.
     #[error("{name}")]
     Spawn {
@@ -94,7 +98,8 @@ fn spawn(spec: &ProcSpec) -> Result<Proc, StartError> {
 }
 
 impl RunningCard {
-    /// Starts the card: creates missing disk images, then the backends,
+    /// Starts the card: creates missing disk images and the initramfs with
+    /// the overlay (anew at each boot, so changes to the overlay count), then the backends,
     /// QEMU and the bridge, each once the one before has its socket. On
     /// failure what did start is returned too, for the caller to stop.
     pub fn start(plan: CardPlan) -> (Self, Result<(), StartError>) {
@@ -127,6 +132,9 @@ impl RunningCard {
             if !s.metadata().is_ok_and(|m| m.file_type().is_socket()) {
                 return Err(StartError::NoExternalSocket(s.clone()));
             }
+        }
+        if let Some(o) = &plan.overlay {
+            assemble(&plan.ramdisk, &o.source, &o.initrd).map_err(StartError::Overlay)?;
         }
         plan.all_sockets().iter().for_each(|s| remove_stale(s));
         for (spec, sock) in plan.backends.iter().zip(&plan.backend_sockets) {
@@ -328,6 +336,33 @@ mod tests {
         assert!(card.stop());
         assert!(!card.machine_alive());
         assert!(RunningCard::adopt(plan).is_none());
+        std::fs::remove_dir_all(&state).unwrap();
+    }
+
+    #[test]
+    fn the_overlay_is_appended_at_start_and_a_missing_one_starts_nothing() {
+        let state = tmp("o");
+        let mut plan = fake_plan(&state, false);
+        std::fs::write(&plan.ramdisk, b"base").unwrap();
+        let overlay = state.join("overlay");
+        std::fs::create_dir_all(&overlay).unwrap();
+        std::fs::write(overlay.join("hello"), b"hi").unwrap();
+        plan.overlay = Some(crate::micd::launch::OverlayPlan {
+            source: overlay.clone(),
+            initrd: state.join("mic0/initrd-overlay.img"),
+        });
+        let (mut card, r) = RunningCard::start(plan.clone());
+        r.unwrap();
+        let initrd = std::fs::read(state.join("mic0/initrd-overlay.img")).unwrap();
+        assert_eq!(&initrd[..4], b"base");
+        assert_eq!(&initrd[512..518], b"070701");
+        assert!(card.stop());
+
+        std::fs::remove_dir_all(&overlay).unwrap();
+        let (mut card, r) = RunningCard::start(plan);
+        assert!(matches!(r, Err(StartError::Overlay(_))));
+        assert_eq!((card.qemu_pid(), card.backend("console")), (None, None));
+        assert!(card.stop());
         std::fs::remove_dir_all(&state).unwrap();
     }
 

@@ -579,6 +579,10 @@ impl Supervisor {
             cpus: self.cfg.cpus,
             firmware: plan.firmware.display().to_string(),
             ramdisk: plan.ramdisk.display().to_string(),
+            overlay: plan
+                .overlay
+                .as_ref()
+                .map(|o| o.source.display().to_string()),
             cmdline: plan.cmdline.clone(),
             devices,
             network: NetStatus {

@@ -8,9 +8,16 @@ use clap::Args;
 
 use vop_bridge::agent_client::{copy_from_card, copy_to_card, AgentClient};
 
-/// `micctl exec [CARD] -- CMD ARGS...`
+#[path = "tty.rs"]
+mod tty;
+
+/// `micctl exec [-t] [CARD] -- CMD ARGS...`
 #[derive(Args)]
 pub struct ExecArgs {
+    /// Run the command on a pseudo-terminal in the card (stdout and stderr
+    /// both come through it); this terminal is raw meanwhile.
+    #[arg(short = 't', long = "tty")]
+    tty: bool,
     /// The card (through micd); without it, `-s` names the card's vsock
     /// socket.
     pub card: Option<String>,
@@ -59,14 +66,30 @@ impl CpArgs {
 pub fn exec(socket: &Path, a: ExecArgs) -> ! {
     let client =
         AgentClient::connect_when_up(socket, AGENT_START_WAIT).unwrap_or_else(|e| fail("exec", &e));
-    let status = client
-        .exec(
+    let status = if a.tty {
+        use std::io::IsTerminal;
+        use std::os::fd::AsRawFd;
+        let stdin = std::io::stdin();
+        let fd = stdin.as_raw_fd();
+        let size = tty::window_size(if stdin.is_terminal() { fd } else { 1 });
+        // Raw only when stdin is a terminal; restored (drop) before exit.
+        let raw = stdin
+            .is_terminal()
+            .then(|| tty::RawTerminal::new(fd))
+            .transpose()
+            .unwrap_or_else(|e| fail("exec -t", &e));
+        let r = client.exec_tty(&a.argv, size, stdin, &mut std::io::stdout().lock());
+        drop(raw);
+        r
+    } else {
+        client.exec(
             &a.argv,
             std::io::stdin(),
             &mut std::io::stdout().lock(),
             &mut std::io::stderr().lock(),
         )
-        .unwrap_or_else(|e| fail("exec", &e));
+    };
+    let status = status.unwrap_or_else(|e| fail("exec", &e));
     std::process::exit(status.shell_status())
 }
 
