@@ -488,3 +488,62 @@ fn sigterm_during_a_stalled_card_reset_ends_the_bridge_within_a_second() {
     );
     assert!(took < Duration::from_secs(1), "exit took {took:?}");
 }
+
+/// Lines of the bridge's log per doorbell for one condition: the doorbell
+/// number follows `prefix` in each line.
+fn lines_per_doorbell(log: &str, prefix: &str) -> std::collections::BTreeMap<u32, u32> {
+    let mut counts = std::collections::BTreeMap::new();
+    for line in log.lines() {
+        if let Some((_, rest)) = line.split_once(prefix) {
+            let n: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            *counts.entry(n.parse().unwrap()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn a_card_flooding_doorbells_gets_a_budget_of_log_lines() {
+    use vop_bridge::log_limit::{BURST, WINDOW};
+    let mut rig = ResetRig::start();
+    status_is_prompt(&rig.ctl);
+    // Every doorbell, many times, with a value that is neither a kick nor
+    // control: unowned doorbells and the console's own one log a warning
+    // each time, as far as the limiter lets them.
+    let rounds = 40;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        for n in 0..abi::NUM_DOORBELLS {
+            rig.q.writel(rig.card.reg(reg::doorbell(n)), 0x1234_5678);
+        }
+    }
+    let took = start.elapsed();
+    // The bridge has read everything once it answers after the flood.
+    std::thread::sleep(Duration::from_millis(500));
+    status_is_prompt(&rig.ctl);
+    assert!(rig.bridge.running(), "{}", rig.bridge.log());
+    // Windows the flood touched (one, unless the machine was very slow).
+    let windows = 1 + (took.as_millis() / WINDOW.as_millis()) as u32;
+    let log = rig.bridge.log();
+    let unowned = lines_per_doorbell(&log, "card rang doorbell ");
+    // Every doorbell but the console's was logged, none beyond its budget.
+    assert_eq!(
+        unowned.len() as u32,
+        abi::NUM_DOORBELLS - 1,
+        "{unowned:?}\n{log}"
+    );
+    for (db, n) in &unowned {
+        assert!(
+            (1..=BURST * windows).contains(n),
+            "doorbell {db}: {n} lines for {rounds} rings over {took:?}"
+        );
+    }
+    let reserved_lines = log
+        .lines()
+        .filter(|l| l.contains("reserved doorbell value"))
+        .count() as u32;
+    assert!(
+        (1..=BURST * windows).contains(&reserved_lines),
+        "{reserved_lines} reserved-value lines for {rounds} rings over {took:?}"
+    );
+}
