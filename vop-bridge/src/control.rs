@@ -9,6 +9,7 @@
 //! | `devices` | one line per device: `<index> <type> <socket> <running|stopped|removing>` |
 //! | `add <console\|blk\|net> <socket>` | `added device <index>` (hot add) |
 //! | `remove <index>` | `removing device <index>` (hot removal; the card acknowledges) |
+//! | `config <index>` | the device's config space as its backend reports it now (vhost-user `GET_CONFIG`), in hex |
 //!
 //! Failures answer `error: <why>`.
 //!
@@ -46,6 +47,8 @@ pub enum ControlRequest {
     Add(DeviceKind, PathBuf),
     /// Hot-remove a device.
     Remove(usize),
+    /// Read a device's config space from its backend.
+    Config(usize),
 }
 
 impl ControlRequest {
@@ -69,6 +72,7 @@ impl ControlRequest {
                 ControlRequest::Add(kind, PathBuf::from(socket))
             }
             ["remove", index] => ControlRequest::Remove(index.parse().ok()?),
+            ["config", index] => ControlRequest::Config(index.parse().ok()?),
             _ => return None,
         })
     }
@@ -192,7 +196,8 @@ impl std::fmt::Debug for ControlConn {
 
 /// The answer to a line that is no request.
 const UNKNOWN_REQUEST: &str =
-    "error: unknown request (status, heartbeat, shutdown, devices, add TYPE SOCKET, remove INDEX)\n";
+    "error: unknown request (status, heartbeat, shutdown, devices, history, add TYPE SOCKET, remove INDEX, \
+     config INDEX)\n";
 
 impl ControlServer {
     /// Listens on `path`, replacing a stale socket file but never a live one.
@@ -319,6 +324,11 @@ mod tests {
             Some(ControlRequest::Remove(2))
         );
         assert_eq!(ControlRequest::parse("remove x"), None);
+        assert_eq!(
+            ControlRequest::parse("config 1"),
+            Some(ControlRequest::Config(1))
+        );
+        assert_eq!(ControlRequest::parse("config"), None);
     }
 
     fn pair() -> (ControlClient, UnixStream) {

@@ -4,7 +4,7 @@
 use std::io::{Seek, SeekFrom, Write};
 use std::time::Duration;
 
-use mic_test_support::{image, sha256_range, sum_in, Blk, Card, CardOptions};
+use mic_test_support::{image, sha256_range, sum_in, wait_for, Blk, Card, CardOptions};
 
 const MIB: u64 = 1 << 20;
 const CMD: Duration = Duration::from_secs(120);
@@ -118,4 +118,74 @@ fn third_party_backend_serves_the_disk() {
         CMD,
     );
     assert_eq!(sum_in(&out), sha256_range(&img, 8 * MIB, 16 * MIB));
+}
+
+/// The `wce` byte of `struct virtio_blk_config` (virtio 1.2 5.2.4,
+/// `writeback`; 1 = write-back cache, 0 = write-through).
+const BLK_WCE: usize = 32;
+
+/// The block device's config space as its backend reports it now, through
+/// the bridge's `config` request (the device is index 1: console first).
+fn backend_wce(card: &Card) -> u8 {
+    let hex = vop_bridge::control::request(&card.path("ctl.sock"), "config 1").unwrap();
+    assert!(!hex.starts_with("error"), "{hex}");
+    u8::from_str_radix(&hex[2 * BLK_WCE..2 * BLK_WCE + 2], 16).unwrap()
+}
+
+#[test]
+fn write_through_chosen_by_the_card_survives_a_backend_restart() {
+    let tmp = mic_test_support::TempDir::new("wce");
+    let img = image(tmp.path(), "disk.img", 32 * MIB);
+    let mut card = Card::boot(CardOptions {
+        blk: Blk::MicBlk(img.clone()),
+        expect: "console,blk",
+        ..Default::default()
+    });
+    // mic-blk starts with its write cache on; the card turns it off through
+    // virtio-blk's cache_type attribute (a config write of `wce`).
+    assert_eq!(card.run("cat /sys/block/vda/cache_type", CMD), "write back");
+    assert_eq!(backend_wce(&card), 1);
+    card.run("echo 'write through' > /sys/block/vda/cache_type", CMD);
+    assert_eq!(
+        card.run("cat /sys/block/vda/cache_type", CMD),
+        "write through"
+    );
+    assert_eq!(
+        backend_wce(&card),
+        0,
+        "the card's choice did not reach mic-blk"
+    );
+
+    // A new mic-blk starts in writeback; the bridge tells it the card's
+    // choice before its rings run.
+    card.restart_blk(Duration::from_millis(500));
+    let ctl = card.path("ctl.sock");
+    wait_for(Duration::from_secs(60), "mic-blk to be back", || {
+        let devices = vop_bridge::control::request(&ctl, "devices").ok()?;
+        let blk = devices.lines().find(|l| l.starts_with("1 "))?.to_owned();
+        (blk.ends_with("running") && backend_wce_ready(&card)).then_some(())
+    });
+    assert_eq!(
+        backend_wce(&card),
+        0,
+        "the restarted mic-blk runs writeback"
+    );
+    assert_eq!(
+        card.run("cat /sys/block/vda/cache_type", CMD),
+        "write through"
+    );
+
+    // The disk works on the new backend.
+    let out = card.run(
+        "dd if=/dev/urandom of=/tmp/w bs=1M count=4 2>/dev/null && sha256sum /tmp/w && \
+         dd if=/tmp/w of=/dev/vda bs=1M seek=8 oflag=direct 2>/dev/null",
+        CMD,
+    );
+    assert_eq!(sha256_range(&img, 8 * MIB, 4 * MIB), sum_in(&out));
+}
+
+/// Whether the bridge can read the block backend's config (it is connected).
+fn backend_wce_ready(card: &Card) -> bool {
+    vop_bridge::control::request(&card.path("ctl.sock"), "config 1")
+        .is_ok_and(|a| a.len() >= 2 * (BLK_WCE + 1) && !a.starts_with("error"))
 }

@@ -1,7 +1,8 @@
 //! The bridge against peers and a card that misbehave (`docs/architecture.md`,
 //! "Bounded waits" and "Reattaching"): a backend that never answers, control
 //! clients that trickle or never end their line, a stop signal while a peer
-//! stalls, and device-page pointers the card broke. Each test runs the real
+//! stalls, device-page pointers the card broke, a card flooding doorbells
+//! and a card that puts two devices on one MSI-X vector. Each test runs the real
 //! `vop-bridge` binary; the card is QEMU under qtest where one is needed.
 
 use std::io::{Read, Write};
@@ -485,4 +486,289 @@ fn sigterm_during_a_stalled_card_reset_ends_the_bridge_within_a_second() {
         rig.bridge.log()
     );
     assert!(took < Duration::from_secs(1), "exit took {took:?}");
+}
+
+/// Lines of the bridge's log per doorbell for one condition: the doorbell
+/// number follows `prefix` in each line.
+fn lines_per_doorbell(log: &str, prefix: &str) -> std::collections::BTreeMap<u32, u32> {
+    let mut counts = std::collections::BTreeMap::new();
+    for line in log.lines() {
+        if let Some((_, rest)) = line.split_once(prefix) {
+            let n: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            *counts.entry(n.parse().unwrap()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn a_card_flooding_doorbells_gets_a_budget_of_log_lines() {
+    use vop_bridge::log_limit::{BURST, WINDOW};
+    let mut rig = ResetRig::start();
+    status_is_prompt(&rig.ctl);
+    // Every doorbell, many times, with a value that is neither a kick nor
+    // control: unowned doorbells and the console's own one log a warning
+    // each time, as far as the limiter lets them.
+    let rounds = 40;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        for n in 0..abi::NUM_DOORBELLS {
+            rig.q.writel(rig.card.reg(reg::doorbell(n)), 0x1234_5678);
+        }
+    }
+    let took = start.elapsed();
+    // The bridge has read everything once it answers after the flood.
+    std::thread::sleep(Duration::from_millis(500));
+    status_is_prompt(&rig.ctl);
+    assert!(rig.bridge.running(), "{}", rig.bridge.log());
+    // Windows the flood touched (one, unless the machine was very slow).
+    let windows = 1 + (took.as_millis() / WINDOW.as_millis()) as u32;
+    let log = rig.bridge.log();
+    let unowned = lines_per_doorbell(&log, "card rang doorbell ");
+    // Every doorbell but the console's was logged, none beyond its budget.
+    assert_eq!(
+        unowned.len() as u32,
+        abi::NUM_DOORBELLS - 1,
+        "{unowned:?}\n{log}"
+    );
+    for (db, n) in &unowned {
+        assert!(
+            (1..=BURST * windows).contains(n),
+            "doorbell {db}: {n} lines for {rounds} rings over {took:?}"
+        );
+    }
+    let reserved_lines = log
+        .lines()
+        .filter(|l| l.contains("reserved doorbell value"))
+        .count() as u32;
+    assert!(
+        (1..=BURST * windows).contains(&reserved_lines),
+        "{reserved_lines} reserved-value lines for {rounds} rings over {took:?}"
+    );
+}
+
+/// One device slot of the page as a stand-in card driver sees it.
+struct StandinSlot {
+    /// Guest-physical address of the descriptor.
+    desc: u64,
+    layout: abi::DescLayout,
+}
+
+impl StandinSlot {
+    fn ctrl(&self, field: u64) -> u64 {
+        self.desc + self.layout.ctrl() as u64 + field
+    }
+
+    /// Guest-physical address of queue `q`'s ring, and its size.
+    fn ring(&self, q: &mut Qemu, vq: usize) -> (u64, u16) {
+        let vqc = self.desc + self.layout.vqconfig(vq) as u64;
+        (BAR2_ADDR + q.readq(vqc), q.readw(vqc + 16))
+    }
+
+    /// The used index of queue `vq`.
+    fn used_idx(&self, q: &mut Qemu, vq: usize) -> u16 {
+        let (ring, num) = self.ring(q, vq);
+        q.readw(ring + abi::vring_used_offset(num, abi::RING_ALIGN) + 2)
+    }
+}
+
+// `mic_device_ctrl` fields (docs/vop-abi.md 5.2).
+const CTRL_CONFIG_CHANGE: u64 = 8;
+const CTRL_GUEST_ACK: u64 = 10;
+const CTRL_C2H_DB: u64 = 13;
+const CTRL_H2C_DB: u64 = 14;
+
+/// Plays the card driver (docs/vop-abi.md 7.1, 7.2) for every device in the
+/// published page, putting all of them on MSI-X `vector`: something our
+/// driver never does, but a card may. Returns the slots once every device
+/// runs.
+fn start_devices_on_one_vector(q: &mut Qemu, card: &PciCard, vector: u8) -> Vec<StandinSlot> {
+    use virtio_bindings::virtio_config::*;
+    let lo = q.poll_readl(
+        card.reg(reg::spad(abi::SPAD_DP_LO)),
+        Duration::from_secs(15),
+        |v| v != 0,
+    );
+    let page = BAR2_ADDR + u64::from(lo);
+    assert_eq!(q.readl(page), abi::MIC_MAGIC);
+    q.writeb(page + 4, abi::CONTROL_VECTOR as u8); // h2c_config_db
+    let mut slots = Vec::new();
+    let mut off = std::mem::size_of::<abi::BootParam>() as u64;
+    while q.readb(page + off) != 0 {
+        let layout = abi::DescLayout {
+            num_vq: q.readb(page + off + 1),
+            feature_len: q.readb(page + off + 2),
+            config_len: q.readb(page + off + 3),
+        };
+        let s = StandinSlot {
+            desc: page + off,
+            layout,
+        };
+        q.writeb(s.ctrl(CTRL_H2C_DB), vector);
+        off += layout.total_size() as u64;
+        slots.push(s);
+    }
+    q.writel(card.reg(reg::SHUTDOWN_STATUS), 0);
+    q.writel(card.reg(reg::CARD_STATE), 2);
+    for s in &slots {
+        let db = card.reg(reg::doorbell(u32::from(q.readb(s.ctrl(CTRL_C2H_DB)))));
+        let status = s.desc + abi::DescLayout::STATUS as u64;
+        // Accept VERSION_1 only (byte 4 of the bitmap holds bits 32-39).
+        let host = q.readb(s.desc + s.layout.host_features() as u64 + 4);
+        let acked = s.desc + s.layout.acked_features() as u64;
+        q.writeb(acked + 4, host & (1 << (VIRTIO_F_VERSION_1 - 32)));
+        for st in [
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE
+                | VIRTIO_CONFIG_S_DRIVER
+                | VIRTIO_CONFIG_S_FEATURES_OK
+                | VIRTIO_CONFIG_S_DRIVER_OK,
+        ] {
+            q.writeb(status, st as u8);
+            q.writel(db, abi::DOORBELL_CONTROL);
+        }
+    }
+    slots
+}
+
+/// Posts `count` device-writable buffers of 256 bytes at `buf` on queue `vq`
+/// and kicks it.
+fn post_rx(q: &mut Qemu, card: &PciCard, s: &StandinSlot, vq: usize, buf: u64, count: u16) {
+    let (ring, num) = s.ring(q, vq);
+    let avail = ring + 16 * u64::from(num);
+    for i in 0..count {
+        let d = ring + 16 * u64::from(i);
+        q.writeq(d, buf + 256 * u64::from(i));
+        q.writel(d + 8, 256);
+        q.writew(
+            d + 12,
+            virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16,
+        );
+        q.writew(d + 14, 0);
+        q.writew(avail + 4 + 2 * u64::from(i), i);
+    }
+    q.writew(avail + 2, count);
+    let db = u32::from(q.readb(s.ctrl(CTRL_C2H_DB)));
+    q.writel(card.reg(reg::doorbell(db)), vq as u32);
+}
+
+/// A mic-console serving a console socket, with its host side on `unix`.
+fn console_backend(dir: &TempDir, name: &str) -> (Child, PathBuf, PathBuf) {
+    let sock = dir.join(format!("{name}.sock"));
+    let unix = dir.join(format!("{name}-host.sock"));
+    let child = Command::new(bridge_bin().with_file_name("mic-console"))
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--unix")
+        .arg(&unix)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+        .spawn()
+        .expect("spawn mic-console");
+    wait_until(Duration::from_secs(10), "mic-console's socket", || {
+        sock.exists() && unix.exists()
+    });
+    (child, sock, unix)
+}
+
+/// Waits until `vector` fired (its MSI-X message reached the sink).
+fn fired(q: &mut Qemu, card: &PciCard, vector: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if card.take_fired(q).contains(&vector) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn removing_one_device_keeps_the_interrupts_of_another_on_its_vector() {
+    const VECTOR: u8 = 5;
+    let mut q = Qemu::start();
+    let card = PciCard::setup(&mut q);
+    card.enable_msix(&mut q);
+    let dir = TempDir::new("shared-vector");
+    let (mut con_a, sock_a, host_a) = console_backend(&dir, "a");
+    let (mut con_b, sock_b, host_b) = console_backend(&dir, "b");
+    let ctl = dir.join("ctl.sock");
+    let dev = q.device_socket();
+    let mut b = Bridge::start(
+        &dir,
+        &[
+            os("--device-socket"),
+            dev.as_os_str(),
+            os("--control-socket"),
+            ctl.as_os_str(),
+            os("--console"),
+            sock_a.as_os_str(),
+            os("--console"),
+            sock_b.as_os_str(),
+        ],
+    );
+    let slots = start_devices_on_one_vector(&mut q, &card, VECTOR);
+    assert_eq!(slots.len(), 2, "{}", b.log());
+    wait_until(Duration::from_secs(15), "both devices running", || {
+        control::request(&ctl, "devices")
+            .is_ok_and(|d| d.lines().filter(|l| l.ends_with(" running")).count() == 2)
+    });
+    // Receive buffers: one on console A, two on console B.
+    post_rx(&mut q, &card, &slots[0], 0, 0x20_0000, 1);
+    post_rx(&mut q, &card, &slots[1], 0, 0x21_0000, 2);
+    let mut a_in = UnixStream::connect(&host_a).unwrap();
+    let mut b_in = UnixStream::connect(&host_b).unwrap();
+    let _ = card.take_fired(&mut q);
+
+    // Both devices interrupt on the shared vector.
+    a_in.write_all(b"to-a").unwrap();
+    assert!(
+        fired(&mut q, &card, VECTOR.into(), Duration::from_secs(10)),
+        "{}",
+        b.log()
+    );
+    assert_eq!(slots[0].used_idx(&mut q, 0), 1);
+    assert_eq!(q.read(0x20_0000, 4), b"to-a");
+    b_in.write_all(b"to-b1").unwrap();
+    assert!(
+        fired(&mut q, &card, VECTOR.into(), Duration::from_secs(10)),
+        "{}",
+        b.log()
+    );
+    assert_eq!(slots[1].used_idx(&mut q, 0), 1);
+
+    // Hot removal of A (docs/vop-abi.md 7.5): the card gives back its
+    // vector use and acknowledges; the bridge unwires A.
+    let answer = control::request(&ctl, "remove 0").unwrap();
+    assert_eq!(answer, "removing device 0");
+    wait_until(Duration::from_secs(10), "the removal request", || {
+        q.readb(slots[0].ctrl(CTRL_CONFIG_CHANGE)) == abi::CONFIG_CHANGE_REMOVE
+    });
+    q.writeb(slots[0].ctrl(CTRL_H2C_DB), 0xff);
+    q.writeb(slots[0].ctrl(CTRL_GUEST_ACK), 1);
+    wait_until(Duration::from_secs(20), "device 0 removed", || {
+        q.readb(slots[0].desc) == abi::TYPE_REMOVED as u8
+    });
+    let _ = card.take_fired(&mut q);
+
+    // B's data still comes with its interrupt.
+    b_in.write_all(b"to-b2").unwrap();
+    wait_until(Duration::from_secs(10), "B's second buffer used", || {
+        slots[1].used_idx(&mut q, 0) == 2
+    });
+    assert_eq!(q.read(0x21_0100, 5), b"to-b2");
+    assert!(
+        fired(&mut q, &card, VECTOR.into(), Duration::from_secs(5)),
+        "device B's interrupt was lost with device A's removal: {}",
+        b.log()
+    );
+    assert!(b.running());
+    for c in [&mut con_a, &mut con_b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }

@@ -383,6 +383,16 @@ impl Backend {
         }
     }
 
+    /// The config space as the backend reports it now (`GET_CONFIG`), not
+    /// the bridge's copy; `None` when the backend has no config space to
+    /// ask for (no `CONFIG` protocol feature).
+    pub fn fetch_config(&mut self) -> Result<Option<Vec<u8>>, BackendError> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Ok(None);
+        }
+        self.read_config().map(Some)
+    }
+
     /// Forwards config bytes the card wrote.
     pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), BackendError> {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {

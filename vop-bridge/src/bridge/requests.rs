@@ -30,6 +30,12 @@ pub enum ControlError {
     /// The device has no slot in the page.
     #[error("device {0} is not in the device page")]
     NotPlaced(usize),
+    /// The device's backend is not connected.
+    #[error("device {0} has no backend connected")]
+    NoBackend(usize),
+    /// The device's backend does not share its config space.
+    #[error("device {0}'s backend has no config space to read")]
+    NoConfig(usize),
     /// The backend could not be used.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -129,6 +135,7 @@ impl Bridge {
             (ControlRequest::Heartbeat, _) => Ok(self.heartbeat.report(Instant::now()).to_string()),
             (ControlRequest::Devices, _) => Ok(self.device_list()),
             (ControlRequest::History, _) => Ok(self.history.lines()),
+            (ControlRequest::Config(i), _) => self.backend_config(i),
             (_, None) => Err(ControlError::NotAttached),
             (ControlRequest::Shutdown, Some(a)) => {
                 a.request_shutdown()?;
@@ -145,6 +152,15 @@ impl Bridge {
                 Ok(format!("removing device {i}"))
             }
         }
+    }
+
+    /// `config <index>`: the backend's config space, asked for now, in hex
+    /// (what a restarted backend runs with, e.g. mic-blk's write cache).
+    fn backend_config(&mut self, i: usize) -> Result<String, ControlError> {
+        let device = self.devices.get_mut(i).ok_or(ControlError::NoDevice(i))?;
+        let backend = device.backend.as_mut().ok_or(ControlError::NoBackend(i))?;
+        let config = backend.fetch_config()?.ok_or(ControlError::NoConfig(i))?;
+        Ok(config.iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// `devices`: `<index> <type> <socket> <running|stopped|removing>
