@@ -163,7 +163,7 @@ fn write_through_chosen_by_the_card_survives_a_backend_restart() {
     wait_for(Duration::from_secs(60), "mic-blk to be back", || {
         let devices = vop_bridge::control::request(&ctl, "devices").ok()?;
         let blk = devices.lines().find(|l| l.starts_with("1 "))?.to_owned();
-        (blk.ends_with("running") && backend_wce_ready(&card)).then_some(())
+        (blk.ends_with(" running reconnects=1") && backend_wce_ready(&card)).then_some(())
     });
     assert_eq!(
         backend_wce(&card),

@@ -192,7 +192,7 @@ fn hot_add_and_removal_of_a_disk() {
     let ctl = card.path("ctl.sock");
     let reply =
         vop_bridge::control::request(&ctl, &format!("add blk {}", sock2.display())).unwrap();
-    assert_eq!(reply, "added device 2");
+    assert_eq!(reply, "added device 3");
     mic_test_support::wait_for(Duration::from_secs(120), "vdb on the card", || {
         let (out, _) = card.run_status("cat /sys/block/vdb/size", CMD);
         (out == (16 * MIB / 512).to_string()).then_some(())
@@ -206,21 +206,22 @@ fn hot_add_and_removal_of_a_disk() {
     let list = vop_bridge::control::request(&ctl, "devices").unwrap();
     assert!(
         list.lines()
-            .any(|l| l.starts_with("2 blk ") && l.contains(" running ")),
+            .any(|l| l.starts_with("3 blk ") && l.contains(" running ")),
         "{list}"
     );
 
-    // Remove it again: the card lets go, the bridge marks the slot removed.
+    // Remove it again (device 3: after the console, the disk and vsock):
+    // the card lets go, the bridge marks the slot removed.
     assert_eq!(
-        vop_bridge::control::request(&ctl, "remove 2").unwrap(),
-        "removing device 2"
+        vop_bridge::control::request(&ctl, "remove 3").unwrap(),
+        "removing device 3"
     );
     // The card let go in time (`acked`), not the bridge's deadline.
-    card.wait_event("removed 2 acked", Duration::from_secs(60));
+    card.wait_event("removed 3 acked", Duration::from_secs(60));
     let (_, code) = card.run_status("test -e /sys/block/vdb", CMD);
     assert_ne!(code, 0, "vdb is still there");
     let list = vop_bridge::control::request(&ctl, "devices").unwrap();
-    assert!(!list.contains("\n2 "), "{list}");
+    assert!(!list.contains("\n3 "), "{list}");
     // The first disk is untouched and still works.
     disk_works(&mut card, &img, 5);
     let _ = blk2.kill();

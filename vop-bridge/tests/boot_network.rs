@@ -494,11 +494,14 @@ fn check_host_to_card(card: &mut Card, ns: &Netns) {
     let host_sum = sha256(&data);
     let port = 5002;
 
-    // The card's nc writes its exit status to /tmp/nc.rc when done.
+    // The card's nc writes its exit status to /tmp/nc.rc when done. The
+    // background job holds none of the command's output open, so the
+    // agent's exec returns at once.
     card.run(
         &format!(
             "rm -f /tmp/in /tmp/nc.rc; \
-             (nc -l -p {port} </dev/null >/tmp/in 2>/tmp/nc.err; echo $? >/tmp/nc.rc) & \
+             (nc -l -p {port} </dev/null >/tmp/in 2>/tmp/nc.err; echo $? >/tmp/nc.rc) \
+             </dev/null >/dev/null 2>&1 & \
              echo listening"
         ),
         CMD,
