@@ -1061,3 +1061,38 @@ fn a_backend_the_user_runs_serves_a_card_device() {
         .contains("nobody-listens.sock"));
     assert_eq!(c.qemu_pid, None);
 }
+
+#[test]
+fn a_card_that_fails_before_online_is_booted_again_ever_more_slowly() {
+    // A ramdisk that is no archive: the kernel panics at every boot, and
+    // panic=-1 ends the machine, long before the card could be online.
+    let own = TempDir::new("micd-bad-ramdisk");
+    let bad = own.join("not-a-cpio.img");
+    std::fs::write(&bad, vec![0u8; 4096]).unwrap();
+    let m = Micd::start(&format!(
+        "[mic0]\nmemory = 256\nnet = \"none\"\ndisk = []\nvsock = false\n\
+         ramdisk = \"{}\"\n",
+        bad.display()
+    ));
+    let t0 = std::time::Instant::now();
+    // While it waits, micd says how long, and the card stays booting.
+    let c = m.wait_card("mic0", "a wait before the next boot", BOOT_TIMEOUT, |c| {
+        c.next_boot_in_s.is_some()
+    });
+    assert_eq!(c.state, "booting");
+    assert!(c.failed_boots >= 1);
+    let c = m.wait_card("mic0", "three failed boots", BOOT_TIMEOUT, |c| {
+        c.failed_boots >= 3
+    });
+    // 1 s and then 2 s of waiting at the least between the boots.
+    assert!(t0.elapsed() >= Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert_eq!(c.last_shutdown_status, "crashed");
+    // A reset ends it: ready, and no boot follows.
+    m.ok(&["reset", "mic0"]);
+    m.wait_state(&["mic0"], "ready");
+    let boots = m.card("mic0").boots;
+    std::thread::sleep(Duration::from_secs(5));
+    let c = m.card("mic0");
+    assert_eq!((c.state.as_str(), c.boots), ("ready", boots));
+    assert_eq!(c.next_boot_in_s, None);
+}

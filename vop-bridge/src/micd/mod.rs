@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: the TOML file, one table per card;
 //! - [`lifecycle`]: the per-card state machine, pure;
+//! - [`backoff`]: the wait before booting again a card that fails early;
 //! - [`heartbeat`]: when a silent card counts as crashed, pure;
 //! - [`launch`]: what runs for a card, as command lines;
 //! - [`process`]: starting, adopting and stopping one process;
@@ -17,6 +18,7 @@
 //! - [`protocol`], [`server`]: the control socket;
 //! - [`console`]: a terminal on a card's console (`micctl console`).
 
+pub mod backoff;
 pub mod config;
 pub mod console;
 pub mod heartbeat;

@@ -164,6 +164,13 @@ pub struct CardStatus {
     pub node: u16,
     /// Boots micd started since it first saw the card.
     pub boots: u64,
+    /// Boots in a row that ended before the card came online; micd waits
+    /// longer before each next one (`backoff.rs`).
+    #[serde(default)]
+    pub failed_boots: u32,
+    /// Seconds until micd boots the card again, while it waits.
+    #[serde(default)]
+    pub next_boot_in_s: Option<u64>,
     /// Seconds since the current boot started (0 while ready).
     pub uptime_s: u64,
     /// Card memory, MiB.

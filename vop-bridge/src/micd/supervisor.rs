@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{error, info, warn};
 
+use super::backoff::BootBackoff;
 use super::config::{needs_ready, CardConfig};
 use super::heartbeat::HeartbeatCheck;
 use super::launch::{vsock_cid, CardPlan, Tools};
@@ -151,10 +152,18 @@ struct Supervisor {
     booted_at: Option<u64>,
     shutdown_pending: bool,
     last_report: Option<(CardState, ShutdownStatus)>,
-    /// The card's heartbeat as its bridge last reported it (this boot).
     /// The card's agent answered during this boot (`online` waits for it).
     agent_answered: bool,
+    /// The card's heartbeat as its bridge last reported it (this boot).
     heartbeat: Option<HeartbeatReport>,
+    /// Boots that ended before online, and the wait before the next.
+    backoff: BootBackoff,
+    /// A boot on the policy's behalf waits until then (`backoff.rs`).
+    start_at: Option<Instant>,
+    /// The card came online during this boot.
+    reached_online: bool,
+    /// The next start is one the user asked for: it does not wait.
+    user_boot: bool,
     last_error: Option<String>,
     /// The autoboot decided while starting, performed once the thread runs.
     pending_boot: Vec<Action>,
@@ -187,6 +196,10 @@ impl Supervisor {
             last_error: None,
             pending_boot: Vec::new(),
             agent_answered: false,
+            backoff: BootBackoff::default(),
+            start_at: None,
+            reached_online: false,
+            user_boot: false,
             status: Arc::default(),
         };
         if let Err(e) = super::layout::private_dir(s.dir.dir()) {
@@ -275,6 +288,7 @@ impl Supervisor {
                 }
                 Ok(actions) => {
                     info!("{}: {}", self.name, op.name());
+                    self.user_boot = op == Op::Boot;
                     self.entered = Instant::now();
                     self.save_record();
                     self.publish();
@@ -341,6 +355,10 @@ impl Supervisor {
             return;
         }
         self.entered = Instant::now();
+        if state == CardState::Online {
+            self.reached_online = true;
+            self.backoff.online();
+        }
         info!(
             "{}: {state} ({})",
             self.name,
@@ -351,6 +369,7 @@ impl Supervisor {
 
     fn perform(&mut self, action: Action) -> Option<Input> {
         match action {
+            Action::StartCard if self.must_wait() => None,
             Action::StartCard => match self.start() {
                 Ok(()) => None,
                 Err(e) => {
@@ -372,6 +391,38 @@ impl Supervisor {
         }
     }
 
+    /// Whether this start waits (`backoff.rs`): the last boot, which did
+    /// not come online, ended, and the user did not ask for this one.
+    fn must_wait(&mut self) -> bool {
+        let user = std::mem::take(&mut self.user_boot);
+        if user || self.boots == 0 || self.reached_online {
+            return false;
+        }
+        let wait = self.backoff.failed();
+        self.start_at = Some(Instant::now() + wait);
+        warn!(
+            "{}: {} boot(s) in a row ended before the card came online; booting again in {} s",
+            self.name,
+            self.backoff.failures(),
+            wait.as_secs()
+        );
+        true
+    }
+
+    /// Starts a boot that waited, once its time has come.
+    fn start_when_due(&mut self) {
+        match self.start_at {
+            Some(at) if Instant::now() >= at => {}
+            _ => return,
+        }
+        self.start_at = None;
+        if let Err(e) = self.start() {
+            error!("{}: cannot start the card: {e}", self.name);
+            self.last_error = Some(e);
+            self.apply(Input::StartFailed);
+        }
+    }
+
     fn request_shutdown(&self) -> bool {
         let sock = self.dir.bridge_socket();
         matches!(request_timeout(&sock, "shutdown", BRIDGE_TIMEOUT), Ok(a) if !a.starts_with("error"))
@@ -382,6 +433,7 @@ impl Supervisor {
         self.stop_all();
         self.boots += 1;
         self.agent_answered = false;
+        self.reached_online = false;
         self.booted_at = Some(now_unix());
         self.last_error = None;
         self.last_report = None;
@@ -397,6 +449,7 @@ impl Supervisor {
     /// away.
     fn stop_all(&mut self) -> bool {
         self.shutdown_pending = false;
+        self.start_at = None;
         self.heartbeat = None;
         match self.running.as_mut().map(RunningCard::stop) {
             Some(false) => false,
@@ -431,6 +484,10 @@ impl Supervisor {
     /// Follows a running card: its machine, its helpers, its bridge.
     fn supervise(&mut self) {
         if !self.machine.is_running() {
+            return;
+        }
+        if self.start_at.is_some() {
+            self.start_when_due();
             return;
         }
         if !self
@@ -574,6 +631,10 @@ impl Supervisor {
             stepping: "C0".into(),
             node: self.index + 1,
             boots: self.boots,
+            failed_boots: self.backoff.failures(),
+            next_boot_in_s: self
+                .start_at
+                .map(|t| t.saturating_duration_since(Instant::now()).as_secs()),
             uptime_s,
             memory: self.cfg.memory,
             cpus: self.cfg.cpus,
