@@ -171,7 +171,7 @@ fn exec_t_gives_the_command_a_terminal() {
 
     // From a terminal: its size reaches the card, it is raw while the
     // command runs and as it was afterwards.
-    let (master, slave) = host_pty(31, 97);
+    let (master, slave) = mic_backend_common::terminal::open_pty(31, 97).unwrap();
     let before = termios_of(&slave);
     let out = Command::new(mic_test_support::bin("micctl"))
         .arg("-s")
@@ -189,24 +189,6 @@ fn exec_t_gives_the_command_a_terminal() {
         (before.c_iflag, before.c_oflag, before.c_lflag)
     );
     drop(master);
-}
-
-/// A pty pair on the host of this window size (master, slave).
-fn host_pty(rows: u16, cols: u16) -> (std::fs::File, std::fs::File) {
-    use std::os::fd::FromRawFd;
-    let (mut m, mut s) = (-1, -1);
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: openpty writes two fds; the name and termios pointers may be
-    // null, `ws` outlives the call.
-    let r = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
-    assert_eq!(r, 0);
-    // SAFETY: two fresh fds nothing else owns.
-    unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
 }
 
 fn termios_of(tty: &std::fs::File) -> libc::termios {

@@ -37,6 +37,7 @@ pub mod guest;
 pub mod ratelimit;
 mod relay;
 pub mod ring;
+pub mod terminal;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod worker;

@@ -56,27 +56,6 @@ fn set_nonblocking(fd: RawFd) -> io::Result<libc::c_int> {
     Ok(flags)
 }
 
-/// Puts a terminal in raw mode (`cfmakeraw`); returns the previous
-/// settings. Not `vmm_sys_util::terminal::Terminal::set_raw_mode`: that only
-/// clears `ICANON | ECHO | ISIG`, and a console passthrough also needs no
-/// output processing, no `IXON` flow control and 8-bit characters.
-fn make_raw(fd: RawFd) -> io::Result<libc::termios> {
-    // SAFETY: termios is plain data; tcgetattr fills it.
-    let mut t: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and termios pointer.
-    if unsafe { libc::tcgetattr(fd, &mut t) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let saved = t;
-    // SAFETY: valid termios pointer.
-    unsafe { libc::cfmakeraw(&mut t) };
-    // SAFETY: valid fd and termios pointer.
-    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(saved)
-}
-
 /// Terminal size (cols, rows) of a tty, if it has one.
 fn winsize(fd: RawFd) -> Option<(u16, u16)> {
     // SAFETY: winsize is plain data.
@@ -123,7 +102,7 @@ impl Pty {
             .write(true)
             .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
             .open(&path)?;
-        make_raw(slave.as_raw_fd())?;
+        mic_backend_common::terminal::make_raw(slave.as_raw_fd())?;
         set_nonblocking(fd)?;
         Ok(Pty {
             master,
@@ -208,7 +187,7 @@ impl Host {
                 let fd = libc::STDIN_FILENO;
                 // SAFETY: isatty on a fd number.
                 let saved_termios = if unsafe { libc::isatty(fd) } == 1 {
-                    Some(make_raw(fd)?)
+                    Some(mic_backend_common::terminal::make_raw(fd)?)
                 } else {
                     None
                 };

@@ -323,13 +323,12 @@ const FOLLOW_DOWN: Duration = Duration::from_secs(3);
 /// Relays this terminal to the card's console until Ctrl-]; with `follow`,
 /// across the card's reboots until it stays down.
 fn console(socket: &Path, card: &str, follow: bool, first: &Response) -> i32 {
+    use mic_backend_common::terminal::RawTerminal;
     use std::io::IsTerminal;
-    use vmm_sys_util::terminal::Terminal;
 
     let tty = std::io::stdin().is_terminal();
-    if tty {
-        let _ = std::io::stdin().lock().set_raw_mode();
-    }
+    // Raw until this function returns, then exactly as it was.
+    let _raw = tty.then(|| RawTerminal::new(libc::STDIN_FILENO).ok());
     let code = if follow {
         follow_console(socket, card, first)
     } else {
@@ -353,9 +352,6 @@ fn console(socket: &Path, card: &str, follow: bool, first: &Response) -> i32 {
             None => 1,
         }
     };
-    if tty {
-        let _ = std::io::stdin().lock().set_canon_mode();
-    }
     code
 }
 

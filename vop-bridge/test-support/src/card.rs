@@ -612,13 +612,7 @@ fn open_raw(path: &Path) -> std::fs::File {
         .custom_flags(libc::O_NOCTTY)
         .open(path)
         .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    // SAFETY: termios calls on a tty we opened, with a zeroed struct filled
-    // by tcgetattr.
-    unsafe {
-        let mut t: libc::termios = std::mem::zeroed();
-        assert_eq!(libc::tcgetattr(tty.as_raw_fd(), &mut t), 0);
-        libc::cfmakeraw(&mut t);
-        assert_eq!(libc::tcsetattr(tty.as_raw_fd(), libc::TCSANOW, &t), 0);
-    }
+    mic_backend_common::terminal::make_raw(tty.as_raw_fd())
+        .unwrap_or_else(|e| panic!("raw mode on {}: {e}", path.display()));
     tty
 }

@@ -6,10 +6,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use mic_backend_common::terminal::{window_size, RawTerminal};
 use vop_bridge::agent_client::{copy_from_card, copy_to_card, AgentClient};
-
-#[path = "tty.rs"]
-mod tty;
 
 /// `micctl exec [-t] [CARD] -- CMD ARGS...`
 #[derive(Args)]
@@ -71,11 +69,11 @@ pub fn exec(socket: &Path, a: ExecArgs) -> ! {
         use std::os::fd::AsRawFd;
         let stdin = std::io::stdin();
         let fd = stdin.as_raw_fd();
-        let size = tty::window_size(if stdin.is_terminal() { fd } else { 1 });
+        let size = window_size(if stdin.is_terminal() { fd } else { 1 });
         // Raw only when stdin is a terminal; restored (drop) before exit.
         let raw = stdin
             .is_terminal()
-            .then(|| tty::RawTerminal::new(fd))
+            .then(|| RawTerminal::new(fd))
             .transpose()
             .unwrap_or_else(|e| fail("exec -t", &e));
         let r = client.exec_tty(&a.argv, size, stdin, &mut std::io::stdout().lock());
