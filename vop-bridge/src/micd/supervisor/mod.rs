@@ -3,8 +3,14 @@
 //! bridge that died, and follows the card through its bridge's control
 //! socket (every call with a timeout, so a hung card never hangs micd).
 //!
-//! Other threads reach it through a [`CardHandle`]: commands over a
-//! channel, the status as a published snapshot.
+//! Other threads reach it through a [`CardHandle`] (`handle.rs`): commands
+//! over a channel, the status as a published snapshot (`status.rs`).
+
+mod handle;
+mod status;
+
+use handle::Command;
+pub use handle::{CardHandle, CommandError};
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -34,108 +40,6 @@ use crate::heartbeat::HeartbeatReport;
 const POLL: Duration = Duration::from_millis(200);
 /// Longest wait for one answer from the card's bridge.
 const BRIDGE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Why a command was not carried out.
-#[derive(Debug, thiserror::Error)]
-pub enum CommandError {
-    /// The state does not allow it.
-    #[error(transparent)]
-    Refused(#[from] Refused),
-    /// A setting is not valid.
-    #[error("{0}")]
-    Invalid(String),
-    /// A setting that may change only while the card is `ready`.
-    #[error("{0}")]
-    NotReady(String),
-    /// The supervisor did not answer in time.
-    #[error("the card's supervisor did not answer")]
-    NoAnswer,
-}
-
-enum Command {
-    Op(Op, Sender<Result<(), CommandError>>),
-    Config(Vec<String>, Sender<Result<(), CommandError>>),
-}
-
-/// How other threads reach one card's supervisor.
-pub struct CardHandle {
-    name: String,
-    dir: CardDir,
-    tx: Mutex<Sender<Command>>,
-    status: Arc<Mutex<CardStatus>>,
-}
-
-impl CardHandle {
-    /// Starts the supervisor of card `index`: adopts the card if it is
-    /// still running from an earlier micd, else boots it if `autoboot`.
-    /// `linked`: the card is on micd's card-to-card link (`link.rs`).
-    pub fn start(
-        index: u16,
-        cfg: CardConfig,
-        state_dir: &Path,
-        tools: Tools,
-        linked: bool,
-    ) -> std::io::Result<Self> {
-        let name = format!("mic{index}");
-        let dir = CardDir::new(state_dir, &name);
-        let mut sup = Supervisor::new(index, cfg, dir.clone(), tools, linked);
-        let status = Arc::new(Mutex::new(sup.snapshot()));
-        sup.status = status.clone();
-        let (tx, rx) = channel();
-        std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || sup.run(rx))?;
-        Ok(CardHandle {
-            name,
-            dir,
-            tx: Mutex::new(tx),
-            status,
-        })
-    }
-
-    /// The card's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The card's directory.
-    pub fn dir(&self) -> &CardDir {
-        &self.dir
-    }
-
-    /// The last published status.
-    pub fn status(&self) -> CardStatus {
-        self.status
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_else(|e| e.into_inner().clone())
-    }
-
-    fn send(
-        &self,
-        make: impl FnOnce(Sender<Result<(), CommandError>>) -> Command,
-        timeout: Duration,
-    ) -> Result<(), CommandError> {
-        let (tx, rx) = channel();
-        self.tx
-            .lock()
-            .map_err(|_| CommandError::NoAnswer)?
-            .send(make(tx))
-            .map_err(|_| CommandError::NoAnswer)?;
-        rx.recv_timeout(timeout)
-            .map_err(|_| CommandError::NoAnswer)?
-    }
-
-    /// Boots, shuts down or resets the card.
-    pub fn op(&self, op: Op, timeout: Duration) -> Result<(), CommandError> {
-        self.send(|tx| Command::Op(op, tx), timeout)
-    }
-
-    /// Applies `key=value` settings.
-    pub fn config(&self, settings: Vec<String>, timeout: Duration) -> Result<(), CommandError> {
-        self.send(|tx| Command::Config(settings, tx), timeout)
-    }
-}
 
 struct Supervisor {
     name: String,
@@ -569,107 +473,6 @@ impl Supervisor {
                 self.heartbeat.map_or(String::new(), |h| h.to_string())
             );
             self.apply(Input::HeartbeatMissed);
-        }
-    }
-
-    fn save_record(&self) {
-        let r = Record {
-            config: self.cfg.clone(),
-            boots: self.boots,
-            booted_at: self.booted_at,
-            last_shutdown_status: self.machine.last_shutdown_status().name().into(),
-        };
-        if let Err(e) = r.save(&self.dir.record()) {
-            warn!(
-                "{}: cannot write {}: {e}",
-                self.name,
-                self.dir.record().display()
-            );
-        }
-    }
-
-    fn snapshot(&self) -> CardStatus {
-        let plan = match &self.running {
-            Some(c) => c.plan().clone(),
-            None => self.make_plan(),
-        };
-        let running = self.machine.is_running();
-        let pid_of = |name: &str| self.running.as_ref().and_then(|c| c.backend(name));
-        let bridge = self.running.as_ref().and_then(RunningCard::bridge);
-        let devices = plan
-            .devices
-            .iter()
-            .map(|d| {
-                let pr = pid_of(&d.backend);
-                let image = (d.kind == "blk")
-                    .then(|| d.backend.trim_start_matches("blk").parse::<usize>().ok())
-                    .flatten()
-                    .and_then(|n| plan.disks.get(n))
-                    .map(|(img, _)| img.display().to_string());
-                DeviceStatus {
-                    kind: d.kind.into(),
-                    backend: d.backend.clone(),
-                    socket: d.socket.display().to_string(),
-                    pid: pr.map(|p| p.0),
-                    restarts: pr.map_or(0, |p| p.1),
-                    image,
-                }
-            })
-            .collect();
-        let uptime_s = match (running, self.booted_at) {
-            (true, Some(t)) => now_unix().saturating_sub(t),
-            _ => 0,
-        };
-        CardStatus {
-            name: self.name.clone(),
-            state: self.machine.state().name().into(),
-            shutdown_status: self.machine.shutdown_status().name().into(),
-            last_shutdown_status: self.machine.last_shutdown_status().name().into(),
-            policy: self.machine.policy().name().into(),
-            autoboot: self.cfg.autoboot,
-            family: "x100".into(),
-            stepping: "C0".into(),
-            node: self.index + 1,
-            boots: self.boots,
-            failed_boots: self.backoff.failures(),
-            next_boot_in_s: self
-                .start_at
-                .map(|t| t.saturating_duration_since(Instant::now()).as_secs()),
-            uptime_s,
-            memory: self.cfg.memory,
-            cpus: self.cfg.cpus,
-            firmware: plan.firmware.display().to_string(),
-            ramdisk: plan.ramdisk.display().to_string(),
-            overlay: plan
-                .overlay
-                .as_ref()
-                .map(|o| o.source.display().to_string()),
-            cmdline: plan.cmdline.clone(),
-            devices,
-            network: NetStatus {
-                mode: self.cfg.net.name().into(),
-                card_ip: plan.net.map(|n| n.card_cidr()),
-                host_ip: plan.net.map(|n| n.host.to_string()),
-            },
-            qemu_pid: self.running.as_ref().and_then(RunningCard::qemu_pid),
-            bridge_pid: bridge.map(|b| b.0),
-            bridge_restarts: bridge.map_or(0, |b| b.1),
-            dir: self.dir.dir().display().to_string(),
-            console_socket: (running && self.cfg.console)
-                .then(|| self.dir.console_socket().display().to_string()),
-            vsock_cid: self.cfg.vsock.then(|| vsock_cid(self.index)),
-            vsock_socket: (running && self.cfg.vsock)
-                .then(|| self.dir.vsock_uds().display().to_string()),
-            last_error: self.last_error.clone(),
-            heartbeat: self.heartbeat_check().status(self.heartbeat.as_ref()),
-        }
-    }
-
-    fn publish(&self) {
-        let s = self.snapshot();
-        match self.status.lock() {
-            Ok(mut g) => *g = s,
-            Err(e) => *e.into_inner() = s,
         }
     }
 }
