@@ -39,11 +39,13 @@ pub struct Cli {
     /// Socket options shared by all backends.
     #[command(flatten)]
     pub socket: SocketArgs,
-    /// Raw disk image (regular file or block device).
-    #[arg(long, value_name = "FILE")]
+    /// Raw disk image (regular file or block device). `--blk-file` is the
+    /// name vhost-user.rst gives it.
+    #[arg(long, value_name = "FILE", visible_alias = "blk-file")]
     pub image: PathBuf,
     /// Expose the disk read-only (VIRTIO_BLK_F_RO); writes fail with IOERR.
-    #[arg(long)]
+    /// `--read-only` is the name vhost-user.rst gives it.
+    #[arg(long, visible_alias = "read-only")]
     pub readonly: bool,
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
@@ -104,14 +106,15 @@ pub enum ConfigError {
     /// Empty path argument.
     #[error("{0} must not be empty")]
     EmptyPath(&'static str),
+    /// `--socket-path`/`--fd` unusable (see `SocketArgs::validate`).
+    #[error("{0}")]
+    Socket(&'static str),
 }
 
 impl BlkConfig {
     /// Validate a parsed command line.
     pub fn from_cli(cli: Cli) -> Result<BlkConfig, ConfigError> {
-        if cli.socket.socket_path.as_os_str().is_empty() {
-            return Err(ConfigError::EmptyPath("--socket-path"));
-        }
+        cli.socket.validate().map_err(ConfigError::Socket)?;
         if cli.image.as_os_str().is_empty() {
             return Err(ConfigError::EmptyPath("--image"));
         }
@@ -198,7 +201,7 @@ mod tests {
     #[test]
     fn minimal_defaults() {
         let c = parse(&["--socket-path", "/tmp/s", "--image", "/tmp/img"]).unwrap();
-        assert_eq!(c.socket.socket_path, PathBuf::from("/tmp/s"));
+        assert_eq!(c.socket.socket_path, Some(PathBuf::from("/tmp/s")));
         assert!(!c.socket.client);
         assert_eq!(c.image, PathBuf::from("/tmp/img"));
         assert!(!c.readonly && !c.direct);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use log::info;
+use mic_backend_common::capabilities::{self, BackendType, Capabilities};
 use mic_backend_common::{init_logging, open_endpoint, serve};
 
 use mic_blk::backend::{BlkBackend, BlkParams};
@@ -21,7 +22,17 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// `--print-capabilities`: both features vhost-user.json defines for
+/// `block`, the options `--read-only` and `--blk-file` (aliases of
+/// `--readonly` and `--image`).
+fn capabilities() -> Capabilities {
+    Capabilities::new(BackendType::Block, &["read-only", "blk-file"])
+}
+
 fn main() -> ExitCode {
+    if let Some(code) = capabilities::print_if_requested("mic-blk", &capabilities()) {
+        return code;
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

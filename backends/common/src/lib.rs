@@ -26,11 +26,17 @@
 //! `relay`) so that frontends that enable rings before `SET_FEATURES`, as
 //! QEMU's vhost-user net client does, are served; see that module.
 //!
+//! The vhost-user backend program conventions (QEMU
+//! `docs/interop/vhost-user.rst`, "Backend program conventions") are
+//! shared too: `--print-capabilities` ([`capabilities`]), and `--socket-path`
+//! or `--fd` ([`SocketArgs`], [`Endpoint`]).
+//!
 //! [`guest`] has guest-memory and virtqueue helpers for the devices, and
 //! [`ring`] the guard every device takes its chains through.
 
 #![deny(missing_docs)]
 
+pub mod capabilities;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod guest;
@@ -89,22 +95,44 @@ pub enum Error {
     /// The control-channel relay could not be set up.
     #[error("cannot relay the vhost-user connection: {0}")]
     Relay(#[source] io::Error),
+    /// `--fd N` is not an inherited, listening UNIX stream socket.
+    #[error("--fd {0}: {1}")]
+    Fd(RawFd, #[source] io::Error),
+    /// Neither or both of `--socket-path` and `--fd` were given.
+    #[error("{0}")]
+    Args(&'static str),
 }
 
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Command line arguments every backend daemon shares.
+/// Command line arguments every backend daemon shares: where frontends come
+/// from (QEMU `docs/interop/vhost-user.rst`, "Backend program conventions":
+/// `--socket-path` or `--fd`, never both) and `--print-capabilities`.
 ///
 /// Flatten it into the daemon's own clap parser with `#[command(flatten)]`.
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct SocketArgs {
-    /// Path of the vhost-user UNIX socket.
-    #[arg(long, value_name = "PATH")]
-    pub socket_path: PathBuf,
+    /// Path of the vhost-user UNIX socket (listened on, or connected to
+    /// with --client).
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "fd",
+        conflicts_with = "fd"
+    )]
+    pub socket_path: Option<PathBuf>,
+    /// Serve on an inherited, already listening UNIX socket: file
+    /// descriptor N (instead of --socket-path).
+    #[arg(long, value_name = "N", conflicts_with = "client")]
+    pub fd: Option<RawFd>,
     /// Connect to a listening frontend at --socket-path instead of listening.
     #[arg(long)]
     pub client: bool,
+    /// Print the backend's capabilities as JSON (QEMU's vhost-user.json)
+    /// and exit; all other options are ignored.
+    #[arg(long)]
+    pub print_capabilities: bool,
 }
 
 /// Prints `NAME: error: MSG` on stderr; returns the failure exit code.
@@ -161,8 +189,31 @@ impl SocketArgs {
     /// The options for `socket_path`, in client mode if `client`.
     pub fn new(socket_path: &Path, client: bool) -> SocketArgs {
         SocketArgs {
-            socket_path: socket_path.to_path_buf(),
+            socket_path: Some(socket_path.to_path_buf()),
+            fd: None,
             client,
+            print_capabilities: false,
+        }
+    }
+
+    /// The options for an inherited listening socket, descriptor `fd`.
+    pub fn inherited(fd: RawFd) -> SocketArgs {
+        SocketArgs {
+            socket_path: None,
+            fd: Some(fd),
+            client: false,
+            print_capabilities: false,
+        }
+    }
+
+    /// Checks what clap's rules cannot: the socket path is not empty.
+    pub fn validate(&self) -> std::result::Result<(), &'static str> {
+        match (&self.socket_path, self.fd) {
+            (Some(p), None) if p.as_os_str().is_empty() => Err("--socket-path must not be empty"),
+            (Some(_), None) => Ok(()),
+            (None, Some(_)) if self.client => Err("--client needs --socket-path, not --fd"),
+            (None, Some(_)) => Ok(()),
+            _ => Err("exactly one of --socket-path and --fd is needed"),
         }
     }
 }
@@ -234,8 +285,9 @@ impl log::Log for LimitedLogger {
     }
 }
 
-/// Where frontends come from: a listening socket (default) or a socket to
-/// connect to (`--client`).
+/// Where frontends come from: a listening socket (default), a listening
+/// socket inherited from the parent (`--fd`), or a socket to connect to
+/// (`--client`).
 pub enum Endpoint {
     /// Listening socket bound at `path` (mode 0600).
     Listen {
@@ -246,6 +298,13 @@ pub enum Endpoint {
         /// Device and inode of the socket we created, to avoid removing
         /// a socket somebody else created after us.
         ident: (u64, u64),
+    },
+    /// A listening socket the daemon was started with (`--fd N`): the
+    /// parent created, bound and will remove it; the daemon only accepts
+    /// on it, as on its own.
+    Inherited {
+        /// The inherited listener, reused for every frontend.
+        listener: Listener,
     },
     /// Connect to a frontend listening at `path`, reconnecting after each
     /// disconnect.
@@ -261,14 +320,38 @@ impl Endpoint {
     /// In listen mode: a path that a live daemon accepts connections on is an
     /// error ([`Error::SocketInUse`]); a stale socket file (connect() refused)
     /// is replaced; a path that is not a socket is never removed
-    /// ([`Error::NotASocket`]). The new socket has mode 0600.
+    /// ([`Error::NotASocket`]). The new socket has mode 0600. With `--fd`
+    /// see [`Endpoint::inherited`].
     pub fn new(args: &SocketArgs) -> Result<Endpoint> {
-        if args.client {
-            return Ok(Endpoint::Connect {
-                path: args.socket_path.clone(),
-            });
+        args.validate().map_err(Error::Args)?;
+        match (&args.socket_path, args.fd) {
+            (None, Some(fd)) => Self::inherited(fd),
+            (Some(path), _) if args.client => Ok(Endpoint::Connect { path: path.clone() }),
+            (Some(path), _) => Self::listen(path),
+            (None, None) => Err(Error::Args(
+                "exactly one of --socket-path and --fd is needed",
+            )),
         }
-        Self::listen(&args.socket_path)
+    }
+
+    /// Takes over the listening socket inherited as descriptor `fd`
+    /// (`--fd`, vhost-user.rst "Backend program conventions"). It must be
+    /// an open UNIX stream socket that `listen()` was called on; anything
+    /// else is refused ([`Error::Fd`]) without closing it. The descriptor is
+    /// marked close-on-exec and closed when the endpoint is dropped; the
+    /// socket file, if any, is left to whoever bound it.
+    ///
+    /// Call it at most once per descriptor: the endpoint owns `fd`.
+    pub fn inherited(fd: RawFd) -> Result<Endpoint> {
+        check_listening_unix(fd).map_err(|e| Error::Fd(fd, e))?;
+        // SAFETY: `fd` is open (checked above) and an inherited descriptor
+        // that nothing else in this process uses; the listener takes it
+        // over, as documented.
+        let listener = unsafe { UnixListener::from_raw_fd(fd) };
+        info!("listening on inherited descriptor {fd}");
+        Ok(Endpoint::Inherited {
+            listener: Listener::from(listener),
+        })
     }
 
     /// Bind a listening socket at `path`; see [`Endpoint::new`].
@@ -310,6 +393,67 @@ impl Endpoint {
             ident: (meta.dev(), meta.ino()),
         })
     }
+}
+
+/// Reads an `int` socket option of `fd`.
+fn sockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `val` and `len` are valid for writes and `len` is `val`'s size;
+    // getsockopt only writes within them. A bad `fd` is an error return.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(val)
+}
+
+/// Checks that `fd` is an open, listening UNIX stream socket and marks it
+/// close-on-exec. The error says which of those it is not.
+fn check_listening_unix(fd: RawFd) -> io::Result<()> {
+    let refuse = |what: &str| {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            what.to_string(),
+        ))
+    };
+    if fd < 0 {
+        return refuse("not a file descriptor");
+    }
+    // SAFETY: F_GETFD only reads the descriptor's flags; a bad `fd` fails.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("not an open file descriptor ({e})"),
+        ));
+    }
+    match sockopt_int(fd, libc::SO_DOMAIN) {
+        Ok(libc::AF_UNIX) => {}
+        Ok(_) => return refuse("not a UNIX socket"),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => return refuse("not a socket"),
+        Err(e) => return Err(e),
+    }
+    if sockopt_int(fd, libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return refuse("not a stream socket");
+    }
+    if sockopt_int(fd, libc::SO_ACCEPTCONN)? == 0 {
+        return refuse("not a listening socket");
+    }
+    // SAFETY: F_SETFD only changes the descriptor's flags.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for Endpoint {
@@ -610,7 +754,7 @@ fn next_frontend(endpoint: &Endpoint, shutdown: &Shutdown) -> Option<UnixStream>
             return None;
         }
         match endpoint {
-            Endpoint::Listen { listener, .. } => {
+            Endpoint::Listen { listener, .. } | Endpoint::Inherited { listener } => {
                 match poll_in(&[shutdown.fd(), listener.as_raw_fd()], -1) {
                     Some(0) => return None,
                     Some(_) => {}
@@ -708,7 +852,9 @@ where
         // silent peer cannot hold the socket); one we connected to is the
         // one we were told to serve, and may take its time.
         let first_message = match endpoint {
-            Endpoint::Listen { .. } => Some(relay::FIRST_MESSAGE_TIMEOUT),
+            Endpoint::Listen { .. } | Endpoint::Inherited { .. } => {
+                Some(relay::FIRST_MESSAGE_TIMEOUT)
+            }
             Endpoint::Connect { .. } => None,
         };
         let relay = Relay::start(
@@ -770,7 +916,7 @@ mod tests {
     #[test]
     fn socket_args_parse() {
         let c = Cli::try_parse_from(["x", "--socket-path", "/tmp/s", "--client"]).unwrap();
-        assert_eq!(c.socket.socket_path, PathBuf::from("/tmp/s"));
+        assert_eq!(c.socket.socket_path, Some(PathBuf::from("/tmp/s")));
         assert!(c.socket.client);
         assert!(Cli::try_parse_from(["x"]).is_err());
     }
@@ -796,6 +942,85 @@ mod tests {
         fs::write(&p, b"data").unwrap();
         assert!(matches!(Endpoint::listen(&p), Err(Error::NotASocket(_))));
         assert_eq!(fs::read(&p).unwrap(), b"data");
+    }
+
+    #[test]
+    fn socket_args_path_or_fd() {
+        let c = Cli::try_parse_from(["x", "--fd", "3"]).unwrap();
+        assert_eq!(c.socket, SocketArgs::inherited(3));
+        assert!(c.socket.validate().is_ok());
+        assert!(Cli::try_parse_from(["x", "--fd", "3", "--socket-path", "/s"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--fd", "3", "--client"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--fd", "x"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--socket-path", ""]).is_err());
+        assert!(SocketArgs::new(Path::new(""), false).validate().is_err());
+        let none = SocketArgs {
+            socket_path: None,
+            fd: None,
+            client: false,
+            print_capabilities: false,
+        };
+        assert!(matches!(Endpoint::new(&none), Err(Error::Args(_))));
+    }
+
+    fn cloexec(fd: RawFd) -> bool {
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        assert!(flags >= 0);
+        flags & libc::FD_CLOEXEC != 0
+    }
+
+    fn clear_cloexec(fd: RawFd) {
+        // SAFETY: F_SETFD only changes the descriptor's flags.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    }
+
+    #[test]
+    fn inherited_listener_is_served_and_cloexec() {
+        let d = tmpdir("inherited");
+        let p = d.as_path().join("s.sock");
+        let fd = UnixListener::bind(&p).unwrap().into_raw_fd();
+        clear_cloexec(fd);
+        let ep = Endpoint::new(&SocketArgs::inherited(fd)).unwrap();
+        assert!(matches!(ep, Endpoint::Inherited { .. }));
+        assert!(cloexec(fd));
+        let _client = UnixStream::connect(&p).unwrap();
+        let shutdown = Shutdown::new().unwrap();
+        assert!(next_frontend(&ep, &shutdown).is_some());
+        drop(ep);
+        assert!(p.exists(), "an inherited socket's file is left alone");
+        // SAFETY: F_GETFD only reads flags; the endpoint closed `fd`.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_GETFD) }, -1);
+    }
+
+    #[test]
+    fn inherited_refuses_what_is_not_a_listening_unix_socket() {
+        let d = tmpdir("refuse");
+        let file = fs::File::create(d.as_path().join("f")).unwrap();
+        let (a, _b) = UnixStream::pair().unwrap();
+        let dgram = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let cases = [
+            (file.as_raw_fd(), "not a socket"),
+            (a.as_raw_fd(), "not a listening socket"),
+            (dgram.as_raw_fd(), "not a stream socket"),
+            (tcp.as_raw_fd(), "not a UNIX socket"),
+            (-1, "not a file descriptor"),
+            (1_000_000, "not an open file descriptor"),
+        ];
+        for (fd, why) in cases {
+            match Endpoint::inherited(fd) {
+                Err(Error::Fd(n, e)) => {
+                    assert_eq!(n, fd);
+                    assert!(e.to_string().starts_with(why), "{fd}: {e}");
+                }
+                Err(e) => panic!("{fd}: unexpected error {e}"),
+                Ok(_) => panic!("{fd}: accepted"),
+            }
+        }
+        // Refused descriptors stay open and usable.
+        assert!(file.metadata().is_ok());
+        assert!(tcp.local_addr().is_ok());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use mic_backend_common::SocketArgs;
 
 use crate::logfile::MIN_MAX_SIZE;
 
@@ -17,13 +18,10 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
     about = "vhost-user virtio-console backend for the MIC X100 card (pty, unix socket or stdio)"
 )]
 pub struct ConsoleArgs {
-    /// vhost-user socket path.
-    #[arg(long, value_name = "PATH")]
-    pub socket_path: PathBuf,
-
-    /// Connect to the socket (frontend listens) instead of listening on it.
-    #[arg(long)]
-    pub client: bool,
+    /// vhost-user socket options shared by all backends (--socket-path or
+    /// --fd, --client, --print-capabilities).
+    #[command(flatten)]
+    pub socket: SocketArgs,
 
     /// Put the console on a new pseudo-terminal (its path is printed on stdout).
     #[arg(long, conflicts_with_all = ["unix", "stdio"], required_unless_present_any = ["unix", "stdio"])]
@@ -69,10 +67,8 @@ pub enum ConsoleTarget {
 /// Validated configuration of `mic-console`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsoleConfig {
-    /// vhost-user socket path.
-    pub socket_path: PathBuf,
-    /// Connect to the vhost-user socket instead of listening.
-    pub client: bool,
+    /// vhost-user socket options.
+    pub socket: SocketArgs,
     /// Host side of the console.
     pub target: ConsoleTarget,
     /// Optional log file.
@@ -97,6 +93,9 @@ pub enum ConfigError {
     /// A log size limit too small to be useful.
     #[error("--log-max-size {0} is below the minimum of {MIN_MAX_SIZE} bytes")]
     LogMaxSize(u64),
+    /// `--socket-path`/`--fd` unusable (see `SocketArgs::validate`).
+    #[error("{0}")]
+    Socket(&'static str),
 }
 
 /// Parses a size: a number of bytes, optionally followed by `K`, `M` or `G`
@@ -118,11 +117,12 @@ fn parse_size(s: &str) -> Result<u64, String> {
 impl ConsoleConfig {
     /// Validates the raw arguments.
     pub fn from_args(a: ConsoleArgs) -> Result<Self, ConfigError> {
+        a.socket.validate().map_err(ConfigError::Socket)?;
         if a.queue_size < 2 || !a.queue_size.is_power_of_two() {
             return Err(ConfigError::QueueSize(a.queue_size));
         }
         let target = if let Some(p) = a.unix {
-            if p == a.socket_path {
+            if a.socket.socket_path.as_ref() == Some(&p) {
                 return Err(ConfigError::SamePath);
             }
             ConsoleTarget::Unix(p)
@@ -137,8 +137,7 @@ impl ConsoleConfig {
             n => Some(n),
         };
         Ok(ConsoleConfig {
-            socket_path: a.socket_path,
-            client: a.client,
+            socket: a.socket,
             target,
             log: a.log,
             log_max_size,
@@ -180,7 +179,7 @@ mod tests {
         assert!(!c.multiport);
         let c = parse(&["--socket-path", "/s", "--stdio", "--client"]).unwrap();
         assert_eq!(c.target, ConsoleTarget::Stdio);
-        assert!(c.client);
+        assert!(c.socket.client);
     }
 
     #[test]

@@ -8,9 +8,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use log::info;
-use mic_backend_common::{
-    exit_status, init_logging, open_endpoint, parse_cli, serve_persistent, SocketArgs,
-};
+use mic_backend_common::capabilities::{self, BackendType, Capabilities};
+use mic_backend_common::{exit_status, init_logging, open_endpoint, parse_cli, serve_persistent};
 
 use mic_console::backend::ConsoleBackend;
 use mic_console::config::ConsoleConfig;
@@ -22,7 +21,16 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     mic_backend_common::fail(NAME, msg)
 }
 
+/// `--print-capabilities`: vhost-user.json defines no features for
+/// `console`.
+fn capabilities() -> Capabilities {
+    Capabilities::new(BackendType::Console, &[])
+}
+
 fn main() -> ExitCode {
+    if let Some(code) = capabilities::print_if_requested(NAME, &capabilities()) {
+        return code;
+    }
     init_logging();
     let cfg = match parse_cli(NAME, ConsoleConfig::from_args) {
         Ok(c) => c,
@@ -38,7 +46,7 @@ fn main() -> ExitCode {
         let _ = out.flush();
     }
     let backend = Arc::new(ConsoleBackend::new(host, cfg.multiport, cfg.queue_size));
-    let (shutdown, endpoint) = match open_endpoint(&SocketArgs::new(&cfg.socket_path, cfg.client)) {
+    let (shutdown, endpoint) = match open_endpoint(&cfg.socket) {
         Ok(x) => x,
         Err(e) => {
             backend.host().restore();

@@ -810,3 +810,53 @@ fn repeated_control_messages_are_bounded_in_log_and_memory() {
     }
     assert_eq!(got, 32);
 }
+
+/// `--print-capabilities` against QEMU's vhost-user.json: type `console`,
+/// which has no features (so no `features` member), other options ignored.
+#[test]
+fn capabilities_follow_the_schema() {
+    use mic_test_support::conventions::{check_capabilities, print_capabilities};
+    let caps = check_capabilities(&print_capabilities(Path::new(BIN), &[])).unwrap();
+    assert_eq!(caps.kind, "console");
+    assert!(caps.features.is_empty());
+    let again = print_capabilities(Path::new(BIN), &["--pty", "--stdio", "--bogus"]);
+    assert_eq!(check_capabilities(&again).unwrap(), caps);
+}
+
+/// Served through `--fd`: a listening socket the test bound and passed as
+/// descriptor 6; bytes both ways and the log.
+#[test]
+fn served_through_an_inherited_socket() {
+    use mic_test_support::conventions::spawn_with_fd;
+    let dir = TempDir::new("console-fd");
+    let sock = dir.join("con.sock");
+    let csock = dir.join("console");
+    let log = dir.join("console.log");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let args = [
+        "--unix",
+        csock.to_str().unwrap(),
+        "--log",
+        log.to_str().unwrap(),
+    ];
+    let mut d = spawn_with_fd(Path::new(BIN), &args, &listener, 6, &dir.join("stderr"));
+    let mut fe = connect(&sock, 0, 2);
+    card_write(&mut fe, 1, b"from the card");
+    let mut c = attach(&csock);
+    c.write_all(b"to the card").unwrap();
+    assert_eq!(card_read(&mut fe, 0, 11), b"to the card");
+    let deadline = Instant::now() + T;
+    while std::fs::read(&log).unwrap() != b"from the card" {
+        assert!(Instant::now() < deadline, "the log never got the output");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(fe);
+    let st = d.signal_and_wait(libc::SIGTERM, T).unwrap();
+    assert!(st.success(), "{st}");
+}
+
+#[test]
+fn installed_descriptor() {
+    let d = mic_test_support::conventions::install_and_check(Path::new(BIN));
+    assert_eq!(d.kind, "console");
+}

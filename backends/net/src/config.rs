@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use mic_backend_common::SocketArgs;
 
 /// Largest number of queue pairs accepted on the command line.
 pub const MAX_QUEUE_PAIRS: u16 = 16;
@@ -23,13 +24,10 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
     about = "vhost-user virtio-net backend for the MIC X100 card (tap or stream transport)"
 )]
 pub struct NetArgs {
-    /// vhost-user socket path.
-    #[arg(long, value_name = "PATH")]
-    pub socket_path: PathBuf,
-
-    /// Connect to the socket (frontend listens) instead of listening on it.
-    #[arg(long)]
-    pub client: bool,
+    /// vhost-user socket options shared by all backends (--socket-path or
+    /// --fd, --client, --print-capabilities).
+    #[command(flatten)]
+    pub socket: SocketArgs,
 
     /// Tap device to attach to: an existing tap or a new one with this name (e.g. mic0).
     #[arg(
@@ -119,10 +117,8 @@ pub enum NetTransport {
 /// Validated configuration of `mic-net`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
-    /// vhost-user socket path.
-    pub socket_path: PathBuf,
-    /// Connect to the vhost-user socket instead of listening.
-    pub client: bool,
+    /// vhost-user socket options.
+    pub socket: SocketArgs,
     /// Host side transport.
     pub transport: NetTransport,
     /// MAC address in config space.
@@ -168,6 +164,9 @@ pub enum ConfigError {
     /// Queue size not a power of two in range.
     #[error("invalid queue size {0} (power of two, 2..={MAX_QUEUE_SIZE})")]
     QueueSize(u16),
+    /// `--socket-path`/`--fd` unusable (see `SocketArgs::validate`).
+    #[error("{0}")]
+    Socket(&'static str),
 }
 
 /// Parses `xx:xx:xx:xx:xx:xx`.
@@ -271,6 +270,7 @@ pub fn random_mac() -> [u8; 6] {
 impl NetConfig {
     /// Validates the raw arguments.
     pub fn from_args(args: NetArgs) -> Result<Self, ConfigError> {
+        args.socket.validate().map_err(ConfigError::Socket)?;
         let mac = match &args.mac {
             Some(m) => parse_mac(m)?,
             None => random_mac(),
@@ -313,8 +313,7 @@ impl NetConfig {
             _ => unreachable!("clap enforces --tap xor --stream"),
         };
         Ok(NetConfig {
-            socket_path: args.socket_path,
-            client: args.client,
+            socket: args.socket,
             transport,
             mac,
             mtu: args.mtu,
@@ -436,7 +435,7 @@ mod tests {
             }
         );
         assert_eq!(c.mtu, 1500);
-        assert!(!c.client);
+        assert!(!c.socket.client);
     }
 
     #[test]

@@ -8,9 +8,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use log::info;
-use mic_backend_common::{
-    exit_status, init_logging, open_endpoint, parse_cli, serve_persistent, SocketArgs,
-};
+use mic_backend_common::capabilities::{self, BackendType, Capabilities};
+use mic_backend_common::{exit_status, init_logging, open_endpoint, parse_cli, serve_persistent};
 
 use mic_net::backend::{HostPort, NetBackend};
 use mic_net::config::{format_mac, NetConfig, NetTransport};
@@ -51,7 +50,15 @@ fn open_ports(cfg: &NetConfig) -> std::io::Result<Vec<HostPort>> {
     }
 }
 
+/// `--print-capabilities`: vhost-user.json defines no features for `net`.
+fn capabilities() -> Capabilities {
+    Capabilities::new(BackendType::Net, &[])
+}
+
 fn main() -> ExitCode {
+    if let Some(code) = capabilities::print_if_requested(NAME, &capabilities()) {
+        return code;
+    }
     init_logging();
     let cfg = match parse_cli(NAME, NetConfig::from_args) {
         Ok(c) => c,
@@ -67,7 +74,7 @@ fn main() -> ExitCode {
         Ok(b) => Arc::new(b),
         Err(e) => return fail(e),
     };
-    let (shutdown, endpoint) = match open_endpoint(&SocketArgs::new(&cfg.socket_path, cfg.client)) {
+    let (shutdown, endpoint) = match open_endpoint(&cfg.socket) {
         Ok(x) => x,
         Err(e) => return fail(e),
     };

@@ -1313,3 +1313,49 @@ fn kicks_on_broken_rings_do_not_log_per_kick() {
     );
     assert!(s.daemon.alive());
 }
+
+/// `--print-capabilities` against QEMU's vhost-user.json: type `net`,
+/// which has no features (so no `features` member), other options ignored.
+#[test]
+fn capabilities_follow_the_schema() {
+    use mic_test_support::conventions::{check_capabilities, print_capabilities};
+    let caps = check_capabilities(&print_capabilities(Path::new(BIN), &[])).unwrap();
+    assert_eq!(caps.kind, "net");
+    assert!(caps.features.is_empty());
+    let again = print_capabilities(Path::new(BIN), &["--tap", "x", "--stream", "bogus"]);
+    assert_eq!(check_capabilities(&again).unwrap(), caps);
+}
+
+/// Served through `--fd`: a listening socket the test bound and passed as
+/// descriptor 5; frames both ways in stream mode.
+#[test]
+fn served_through_an_inherited_socket() {
+    use mic_test_support::conventions::spawn_with_fd;
+    let dir = TempDir::new("net-fd");
+    let sock = dir.join("net.sock");
+    let peer_path = dir.join("peer.sock");
+    let mut peer = Peer::new(&peer_path);
+    let stream = format!("unix:{}", peer_path.display());
+    let listener = UnixListener::bind(&sock).unwrap();
+    let args = ["--stream", &stream, "--mac", "52:54:00:00:00:02"];
+    let mut p = spawn_with_fd(Path::new(BIN), &args, &listener, 5, &dir.join("stderr"));
+    peer.accept();
+    let mut fe = connect(&sock, u64::MAX, 2);
+    let mut bufs = Pool::new();
+    post_rx(&mut fe.queues[0], 1, 2048, &mut bufs);
+    let f = frame(100, 1);
+    peer.send(&f);
+    assert_eq!(recv_rx(&mut fe, 0, &mut bufs).0, f, "RX frame content");
+    let f2 = frame(300, 2);
+    send_tx(&mut fe, 1, &f2);
+    assert_eq!(peer.recv(), f2, "TX frame content");
+    drop(fe);
+    let st = p.signal_and_wait(libc::SIGTERM, T).unwrap();
+    assert!(st.success(), "{st}");
+}
+
+#[test]
+fn installed_descriptor() {
+    let d = mic_test_support::conventions::install_and_check(Path::new(BIN));
+    assert_eq!(d.kind, "net");
+}

@@ -13,6 +13,8 @@
 //! - [`card`]: one card booted with the real QEMU, card OS, backends and
 //!   bridge;
 //! - [`qtest`]: QEMU driven through qtest, the test playing the card OS;
+//! - [`conventions`]: the vhost-user backend program conventions
+//!   (`--print-capabilities`, `--fd`, descriptor files);
 //! - [`frontend`]: a vhost-user frontend that drives a backend's
 //!   virtqueues itself;
 //! - [`peers`]: peers that connect to a daemon and stall.
@@ -23,6 +25,7 @@
 #![deny(missing_docs)]
 
 pub mod card;
+pub mod conventions;
 pub mod data;
 pub mod frontend;
 pub mod paths;
