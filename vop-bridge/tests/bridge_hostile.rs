@@ -43,6 +43,20 @@ impl Bridge {
         Bridge { child, log }
     }
 
+    /// Starts a bridge on device socket `dev` with its control socket at
+    /// `ctl.sock` in `dir`, and `more` arguments.
+    fn with_control(dir: &TempDir, dev: &Path, more: &[&std::ffi::OsStr]) -> (Bridge, PathBuf) {
+        let ctl = dir.join("ctl.sock");
+        let mut args = vec![
+            os("--device-socket"),
+            dev.as_os_str(),
+            os("--control-socket"),
+            ctl.as_os_str(),
+        ];
+        args.extend_from_slice(more);
+        (Bridge::start(dir, &args), ctl)
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -208,17 +222,8 @@ fn sigterm_ends_a_waiting_bridge_within_a_second() {
 
 /// A bridge with no devices and no device yet: only its control socket.
 fn control_only_bridge(dir: &TempDir) -> (Bridge, PathBuf) {
-    let ctl = dir.join("ctl.sock");
     let dev = dir.join("dev.sock");
-    let b = Bridge::start(
-        dir,
-        &[
-            os("--device-socket"),
-            dev.as_os_str(),
-            os("--control-socket"),
-            ctl.as_os_str(),
-        ],
-    );
+    let (b, ctl) = Bridge::with_control(dir, &dev, &[]);
     wait_until(Duration::from_secs(10), "the control socket", || {
         ctl.exists()
     });
@@ -309,17 +314,8 @@ fn broken_page_is_replaced(offset: u64, expect: u64) {
     q.writel(card.reg(reg::spad(abi::SPAD_DP_LO)), offset as u32);
     q.writel(card.reg(reg::spad(abi::SPAD_DP_HI)), (offset >> 32) as u32);
     let dir = TempDir::new("broken-page");
-    let ctl = dir.join("ctl.sock");
     let dev = q.device_socket();
-    let mut b = Bridge::start(
-        &dir,
-        &[
-            os("--device-socket"),
-            dev.as_os_str(),
-            os("--control-socket"),
-            ctl.as_os_str(),
-        ],
-    );
+    let (mut b, ctl) = Bridge::with_control(&dir, &dev, &[]);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let lo = q.readl(card.reg(reg::spad(abi::SPAD_DP_LO)));
@@ -397,19 +393,8 @@ impl ResetRig {
         wait_until(Duration::from_secs(10), "mic-console's socket", || {
             sock.exists()
         });
-        let ctl = dir.join("ctl.sock");
         let dev = q.device_socket();
-        let bridge = Bridge::start(
-            &dir,
-            &[
-                os("--device-socket"),
-                dev.as_os_str(),
-                os("--control-socket"),
-                ctl.as_os_str(),
-                os("--console"),
-                sock.as_os_str(),
-            ],
-        );
+        let (bridge, ctl) = Bridge::with_control(&dir, &dev, &[os("--console"), sock.as_os_str()]);
         let mut rig = ResetRig {
             q,
             card,
@@ -696,15 +681,11 @@ fn removing_one_device_keeps_the_interrupts_of_another_on_its_vector() {
     let dir = TempDir::new("shared-vector");
     let (mut con_a, sock_a, host_a) = console_backend(&dir, "a");
     let (mut con_b, sock_b, host_b) = console_backend(&dir, "b");
-    let ctl = dir.join("ctl.sock");
     let dev = q.device_socket();
-    let mut b = Bridge::start(
+    let (mut b, ctl) = Bridge::with_control(
         &dir,
+        &dev,
         &[
-            os("--device-socket"),
-            dev.as_os_str(),
-            os("--control-socket"),
-            ctl.as_os_str(),
             os("--console"),
             sock_a.as_os_str(),
             os("--console"),
