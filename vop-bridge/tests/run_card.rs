@@ -101,8 +101,10 @@ fn run_card_boots_takes_console_input_and_ends_on_poweroff() {
         err.contains("card state: ready (shutdown status poweroff)"),
         "{err}"
     );
-    // mic1 was shut down with the session: no QEMU of either card is left.
-    for pid in qemus {
+    // mic1 was shut down with the session: no QEMU of either card is left,
+    // nor the link's hub.
+    let hub: u64 = read(&work.join("link.pid")).trim().parse().unwrap();
+    for pid in qemus.into_iter().chain([hub]) {
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "QEMU {pid} still runs"

@@ -398,6 +398,9 @@ fn follow_console(socket: &Path, card: &str, first: &Response) -> i32 {
     let tty = std::io::stdin().is_terminal();
     let mut status = first.cards.first().cloned();
     let mut down_since: Option<Instant> = None;
+    // micd busy (starting its shared processes, a loaded machine): ask
+    // again for a while before giving up.
+    let mut unanswered_since: Option<Instant> = None;
     loop {
         let Some(c) = status.take() else {
             return 1;
@@ -424,8 +427,18 @@ fn follow_console(socket: &Path, card: &str, first: &Response) -> i32 {
             cards: vec![card.to_string()],
         };
         match call(socket, &req, ANSWER_TIMEOUT) {
-            Ok(r) if r.ok => status = r.cards.into_iter().next(),
+            Ok(r) if r.ok => {
+                unanswered_since = None;
+                status = r.cards.into_iter().next();
+            }
             Ok(r) => return errors(&r).max(1),
+            Err(_)
+                if unanswered_since.get_or_insert_with(Instant::now).elapsed()
+                    < FOLLOW_DOWN * 10 =>
+            {
+                status = Some(c);
+                down_since = None;
+            }
             // micd went away: nothing more will come.
             Err(_) => return 1,
         }
