@@ -199,20 +199,27 @@ const UNKNOWN_REQUEST: &str =
     "error: unknown request (status, heartbeat, shutdown, devices, history, add TYPE SOCKET, remove INDEX, \
      config INDEX)\n";
 
+/// Listens on `path` without blocking, replacing a stale socket file but
+/// never one a live `owner` (a bridge, micd) still serves.
+pub fn bind_control(path: &Path, owner: &str) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running {owner}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
 impl ControlServer {
     /// Listens on `path`, replacing a stale socket file but never a live one.
     pub fn bind(path: &Path) -> std::io::Result<Self> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("{} is in use by a running bridge", path.display()),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
-        listener.set_nonblocking(true)?;
+        let listener = bind_control(path, "bridge")?;
         Ok(ControlServer {
             listener,
             path: path.into(),

@@ -17,15 +17,13 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::{error, info};
 
 use super::layout::{private_dir, private_socket, CardDir};
-use super::process::{remove_stale, ProcError, ProcSpec};
-
-/// How long the hub gets to create its sockets.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+use super::process::{remove_stale, Proc, ProcError, ProcSpec};
+use super::running::{wait_socket, StartError};
 
 /// How often micd looks whether the hub still runs.
 const WATCH_PERIOD: Duration = Duration::from_secs(1);
@@ -45,9 +43,10 @@ pub enum LinkError {
     /// The hub's QEMU could not be started.
     #[error("the card-to-card link")]
     Spawn(#[source] ProcError),
-    /// The hub did not create its sockets in time (see `link.log`).
-    #[error("the card-to-card link did not create {0} (see link.log)")]
-    NoSocket(PathBuf),
+    /// The hub exited or did not create its sockets in time (see
+    /// `link.log`).
+    #[error("the card-to-card link")]
+    Socket(#[source] StartError),
     /// The watcher thread could not be started.
     #[error("cannot start the link's watcher")]
     Thread(#[source] std::io::Error),
@@ -129,7 +128,7 @@ pub fn run(qemu: &Path, state_dir: &Path, cards: &[u16]) -> Result<(), LinkError
             spec.spawn().map_err(LinkError::Spawn)?
         }
     };
-    wait_sockets(&socks)?;
+    wait_sockets(&socks, &mut proc)?;
     info!(
         "card-to-card link: QEMU hub (pid {}) for {} cards",
         proc.pid(),
@@ -144,7 +143,7 @@ pub fn run(qemu: &Path, state_dir: &Path, cards: &[u16]) -> Result<(), LinkError
             }
             socks.iter().for_each(|s| remove_stale(s));
             match proc.respawn().map_err(LinkError::Spawn) {
-                Ok(()) => match wait_sockets(&socks) {
+                Ok(()) => match wait_sockets(&socks, &mut proc) {
                     Ok(()) => info!("card-to-card link restarted (pid {})", proc.pid()),
                     Err(e) => error!("{}", super::report(&e)),
                 },
@@ -155,15 +154,11 @@ pub fn run(qemu: &Path, state_dir: &Path, cards: &[u16]) -> Result<(), LinkError
     Ok(())
 }
 
-fn wait_sockets(socks: &[PathBuf]) -> Result<(), LinkError> {
-    let deadline = Instant::now() + START_TIMEOUT;
+/// Waits for the hub's sockets as for a card's processes' (`running.rs`),
+/// and makes them the owner's alone.
+fn wait_sockets(socks: &[PathBuf], proc: &mut Proc) -> Result<(), LinkError> {
     for s in socks {
-        while !s.exists() {
-            if Instant::now() > deadline {
-                return Err(LinkError::NoSocket(s.clone()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_socket(s, proc).map_err(LinkError::Socket)?;
         let _ = private_socket(s);
     }
     Ok(())

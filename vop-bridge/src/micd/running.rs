@@ -72,7 +72,8 @@ pub struct RunningCard {
     bridge: Option<Proc>,
 }
 
-fn wait_socket(path: &Path, proc: &mut Proc) -> Result<(), StartError> {
+/// Waits until `proc` creates `path`, failing early if it exits.
+pub(super) fn wait_socket(path: &Path, proc: &mut Proc) -> Result<(), StartError> {
     let deadline = Instant::now() + SOCKET_TIMEOUT;
     while !path.exists() {
         let name = proc.spec().name.clone();

@@ -193,18 +193,8 @@ impl ControlSocket {
     /// Listens on `path` (mode 0600), replacing a stale socket but never a
     /// live micd's.
     pub fn bind(path: &Path) -> std::io::Result<Self> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("{} is in use by a running micd", path.display()),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
+        let listener = crate::control::bind_control(path, "micd")?;
         private_socket(path)?;
-        listener.set_nonblocking(true)?;
         Ok(ControlSocket {
             listener,
             path: path.into(),
