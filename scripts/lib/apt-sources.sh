@@ -37,7 +37,9 @@ mic_apt_sources_ensure() {
 # dpkg-query for all of them: nothing else runs when none is missing.
 mic_apt_install_missing() {
     local missing=() p installed
-    installed=" $(dpkg-query -W -f='${Package}:${Status}\n' "$@" 2>/dev/null |
+    # dpkg-query fails for a package dpkg has never seen: that only means
+    # it is missing.
+    installed=" $({ dpkg-query -W -f='${Package}:${Status}\n' "$@" 2>/dev/null || true; } |
         sed -n 's/:install ok installed$//p' | tr '\n' ' ') "
     for p in "$@"; do
         case "$installed" in *" $p "*) ;; *) missing+=("$p") ;; esac
