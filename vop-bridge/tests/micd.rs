@@ -14,6 +14,7 @@ use std::time::Duration;
 use mic_test_support::{
     bin, sha256_range, sum_in, tail, wait_for, Qmp, Shell, TempDir, BOOT_TIMEOUT,
 };
+use vop_bridge::micd::launch::VSOCK_GROUP;
 use vop_bridge::micd::protocol::CardStatus;
 
 const MIB: u64 = 1 << 20;
@@ -383,7 +384,8 @@ fn two_cards_come_online_and_follow_the_lifecycle() {
         .iter()
         .map(|d| (d.kind.as_str(), d.backend.as_str()))
         .collect();
-    // Two cards on passt: the second network device is the card-to-card link.
+    // Two cards on passt: the second network device is the card-to-card
+    // link; two cards with vsock: the vsock group serves both.
     assert_eq!(
         kinds,
         [
@@ -391,7 +393,7 @@ fn two_cards_come_online_and_follow_the_lifecycle() {
             ("blk", "blk0"),
             ("net", "net"),
             ("net", "link"),
-            ("vsock", "vsock")
+            ("vsock", VSOCK_GROUP)
         ]
     );
     // Each card's agent answers by card name through micd; micN is CID N + 3.
@@ -954,6 +956,94 @@ fn cards_on_passt_reach_each_other_over_the_link() {
     );
 }
 
+#[test]
+fn cards_reach_each_other_by_vsock_cid() {
+    let m = Micd::start(
+        "[mic0]\nmemory = 512\ndisk = []\nnet = \"none\"\n\
+         [mic1]\nmemory = 512\ndisk = []\nnet = \"none\"\n",
+    );
+    m.wait_state(&["mic0", "mic1"], "online");
+    // Both cards' vsock devices are served by the group's one process.
+    for name in ["mic0", "mic1"] {
+        let c = m.card(name);
+        let vsock: Vec<_> = c.devices.iter().filter(|d| d.kind == "vsock").collect();
+        assert_eq!(vsock.len(), 1, "{name}: {:?}", c.devices);
+        assert_eq!(vsock[0].backend, VSOCK_GROUP, "{name}");
+    }
+    exchange_8_mib_each_way_over_vsock(&m);
+
+    // The group's process dies; micd starts it again, the bridges
+    // reconnect, and the cards reach each other (and the agents) again.
+    let pidfile = m.state().join("vsock-group.pid");
+    let group: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the pid of the process micd started.
+    unsafe { libc::kill(group, libc::SIGKILL) };
+    wait_for(Duration::from_secs(30), "a new vsock group", || {
+        let now = std::fs::read_to_string(&pidfile).ok()?;
+        (now.trim().parse::<i32>().ok()? != group).then_some(())
+    });
+    wait_for(Duration::from_secs(60), "the agents again", || {
+        ["mic0", "mic1"]
+            .iter()
+            .all(|c| m.micctl(&["exec", c, "--", "true"]).status.success())
+            .then_some(())
+    });
+    exchange_8_mib_each_way_over_vsock(&m);
+}
+
+/// mic1 listens on vsock port 7000 and mic0 connects to it at CID 4; each
+/// sends the other 8 MiB at once: the same checksums on both sides.
+fn exchange_8_mib_each_way_over_vsock(m: &Micd) {
+    let sent1 = m.ok(&[
+        "exec",
+        "mic1",
+        "--",
+        "sh",
+        "-c",
+        "rm -f /tmp/got /tmp/rc; head -c 8388608 /dev/urandom >/tmp/out && sha256sum /tmp/out; \
+         (timeout 300 mic-agent listen 7000 </tmp/out >/tmp/got; echo $? >/tmp/rc) \
+             </dev/null >/dev/null 2>&1 &",
+    ]);
+    // The listener binds at once, but not before exec returns: mic0 tries
+    // again while the port is refused.
+    let mic0 = m.ok(&[
+        "exec",
+        "mic0",
+        "--",
+        "sh",
+        "-c",
+        "head -c 8388608 /dev/urandom >/tmp/out && sha256sum /tmp/out >&2; i=0; \
+         until timeout 300 mic-agent connect 4 7000 </tmp/out >/tmp/got 2>/dev/null; do \
+             i=$((i+1)); [ $i -lt 50 ] || exit 9; sleep 0.2; done; \
+         wc -c </tmp/got; sha256sum </tmp/got",
+    ]);
+    let got1 = m.ok(&[
+        "exec",
+        "mic1",
+        "--",
+        "sh",
+        "-c",
+        "while [ ! -s /tmp/rc ]; do sleep 0.2; done; cat /tmp/rc; wc -c </tmp/got; \
+         sha256sum </tmp/got",
+    ]);
+    let lines: Vec<&str> = got1.lines().map(str::trim).collect();
+    assert_eq!(lines[..2], ["0", &*(8 * MIB).to_string()], "{got1}");
+    assert_eq!(
+        mic0.lines().next().map(str::trim),
+        Some(&*(8 * MIB).to_string())
+    );
+    // mic0 received what mic1 sent.
+    assert_eq!(sum_in(&mic0), sum_in(&sent1));
+    // mic1 received what mic0 sent: its checksum went to stderr, which
+    // `ok` does not return, so compare through a second read.
+    let sent0 = m.ok(&["exec", "mic0", "--", "sha256sum", "/tmp/out"]);
+    assert_eq!(sum_in(&got1), sum_in(&sent0));
+}
+
 /// mic0 pings mic1 and back, then sends it 16 MiB: the same checksum on
 /// both sides.
 fn ping_and_send_16_mib(m: &Micd) {
@@ -1031,7 +1121,7 @@ fn a_backend_the_user_runs_serves_a_card_device() {
         kinds,
         [
             ("console", "console", true),
-            ("vsock", "vsock", true),
+            ("vsock", VSOCK_GROUP, true),
             ("blk", "external", false)
         ]
     );

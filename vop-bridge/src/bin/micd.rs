@@ -15,12 +15,12 @@ use vmm_sys_util::epoll::EventSet;
 
 use vop_bridge::event_loop::{EventHandler, EventLoop, EventLoopError, Flow, Token};
 use vop_bridge::micd::config::{MicdConfig, NetMode};
-use vop_bridge::micd::launch::Tools;
+use vop_bridge::micd::launch::{Shared, Tools};
 use vop_bridge::micd::layout::{control_socket, default_state_dir, private_dir};
-use vop_bridge::micd::link;
 use vop_bridge::micd::report;
 use vop_bridge::micd::server::{Cards, ControlSocket};
 use vop_bridge::micd::supervisor::CardHandle;
+use vop_bridge::micd::{link, vsock_group};
 use vop_bridge::signals::StopSignals;
 
 #[derive(Parser)]
@@ -108,21 +108,27 @@ fn run(cli: Cli) -> Result<(), String> {
         tools.image_dir.display()
     );
     // Cards on passt have no path to each other but this link.
-    let linked: Vec<u16> = cfg
-        .cards
-        .iter()
-        .filter(|(_, c)| c.net == NetMode::Passt && c.link)
-        .map(|(i, _)| *i)
-        .collect();
-    let linked = if linked.len() >= 2 {
-        linked
-    } else {
-        Vec::new()
-    };
+    let linked = at_least_two(
+        cfg.cards
+            .iter()
+            .filter(|(_, c)| c.net == NetMode::Passt && c.link)
+            .map(|(i, _)| *i),
+    );
     link::run(&tools.qemu, &state_dir, &linked).map_err(|e| report(&e))?;
+    let grouped = at_least_two(
+        cfg.cards
+            .iter()
+            .filter(|(_, c)| c.vsock && c.vsock_peers)
+            .map(|(i, _)| *i),
+    );
+    vsock_group::run(&tools.vsock, &state_dir, &grouped).map_err(|e| report(&e))?;
     let mut handles = BTreeMap::new();
     for (i, c) in cfg.cards {
-        let h = CardHandle::start(i, c, &state_dir, tools.clone(), linked.contains(&i))
+        let shared = Shared {
+            link: linked.contains(&i),
+            vsock_group: grouped.contains(&i),
+        };
+        let h = CardHandle::start(i, c, &state_dir, tools.clone(), shared)
             .map_err(|e| format!("mic{i}: cannot start its supervisor: {e}"))?;
         handles.insert(i, h);
     }
@@ -147,5 +153,16 @@ fn main() {
         error!("{e}");
         eprintln!("micd: {e}");
         std::process::exit(1);
+    }
+}
+
+/// The cards of a group of several (`link.rs`, `vsock_group.rs`): none
+/// unless there are at least two.
+fn at_least_two(cards: impl Iterator<Item = u16>) -> Vec<u16> {
+    let cards: Vec<u16> = cards.collect();
+    if cards.len() >= 2 {
+        cards
+    } else {
+        Vec::new()
     }
 }

@@ -103,6 +103,9 @@ pub struct CardConfig {
     /// COSM waited for the card's SCIF client to connect back; `false`
     /// takes the driver's word (a ramdisk without the agent).
     pub agent: bool,
+    /// With `vsock`: reach the other cards that have it set by their CIDs,
+    /// in micd's vsock group (`vsock_group.rs`).
+    pub vsock_peers: bool,
     /// Disks (`[[micN.disk]]`); one default disk unless set.
     #[serde(rename = "disk")]
     pub disks: Vec<DiskConfig>,
@@ -150,6 +153,7 @@ impl Default for CardConfig {
             disks: vec![DiskConfig::default()],
             net: NetMode::default(),
             link: true,
+            vsock_peers: true,
             external: Vec::new(),
             qemu_args: Vec::new(),
             autoboot: true,

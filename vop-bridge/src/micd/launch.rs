@@ -128,6 +128,21 @@ pub struct CardPlan {
     pub external_sockets: Vec<PathBuf>,
 }
 
+/// What a card shares with other cards: processes micd runs for several
+/// cards at once (`shared.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shared {
+    /// On the card-to-card link (`link.rs`): a second network device on
+    /// the hub.
+    pub link: bool,
+    /// In the vsock group (`vsock_group.rs`): the card's vsock device is
+    /// served by the group's process instead of one of its own.
+    pub vsock_group: bool,
+}
+
+/// The backend name of a vsock device served by the vsock group.
+pub const VSOCK_GROUP: &str = "vsock-group";
+
 /// The vsock CID of card `index` (micN): N + 3, SCIF node N + 1 plus two
 /// (CIDs 0 to 2 are reserved; `docs/vsock.md`).
 pub fn vsock_cid(index: u16) -> u32 {
@@ -155,8 +170,7 @@ fn path_arg(p: &Path) -> OsString {
 
 impl CardPlan {
     /// Plans card `index` (`name`) with `cfg`; `base_cmdline` is the card
-    /// image's `cmdline` file; `linked`: the card is on micd's card-to-card
-    /// link (`link.rs`).
+    /// image's `cmdline` file; `shared`: what it shares with other cards.
     pub fn new(
         name: &str,
         index: u16,
@@ -164,7 +178,7 @@ impl CardPlan {
         dir: &CardDir,
         tools: &Tools,
         base_cmdline: &str,
-        linked: bool,
+        shared: Shared,
     ) -> Self {
         let proc = |pname: &str, program: PathBuf, args: Vec<OsString>| ProcSpec {
             name: pname.into(),
@@ -251,7 +265,7 @@ impl CardPlan {
             });
             expect.push("net");
         }
-        let link_mac = linked.then(|| link_mac(index));
+        let link_mac = shared.link.then(|| link_mac(index));
         if let Some(mac) = &link_mac {
             let sock = dir.vhost_socket("link");
             let mut stream = OsString::from("unix:");
@@ -273,6 +287,7 @@ impl CardPlan {
             });
         }
         let mut external_sockets = Vec::new();
+        let mut other_sockets = vec![dir.qmp_socket(), dir.console_socket()];
         let vsock_at = devices.len();
         for d in &cfg.external {
             let kind = d.kind.name();
@@ -286,7 +301,21 @@ impl CardPlan {
                 expect.push(kind);
             }
         }
-        if cfg.vsock {
+        if cfg.vsock && shared.vsock_group {
+            // The group's process serves the card; its socket is there
+            // before the card starts, as a user's backend's is.
+            let sock = dir.vhost_socket("vsock");
+            external_sockets.push(sock.clone());
+            devices.insert(
+                vsock_at,
+                DevicePlan {
+                    kind: "vsock",
+                    backend: VSOCK_GROUP.into(),
+                    socket: sock,
+                },
+            );
+        } else if cfg.vsock {
+            other_sockets.push(dir.vsock_uds());
             let sock = dir.vhost_socket("vsock");
             let vm = format!(
                 "guest-cid={},socket={},uds-path={}",
@@ -420,7 +449,7 @@ impl CardPlan {
             net,
             device_socket: dir.device_socket(),
             bridge_socket: dir.bridge_socket(),
-            other_sockets: vec![dir.qmp_socket(), dir.console_socket(), dir.vsock_uds()],
+            other_sockets,
             external_sockets,
         }
     }
@@ -465,7 +494,7 @@ mod tests {
             &dir,
             &tools(),
             "console=ttyS0\n",
-            false,
+            Shared::default(),
         );
         let names: Vec<_> = p.backends.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["console", "blk0", "passt", "net", "vsock"]);
@@ -540,7 +569,7 @@ mod tests {
             cmdline: " loglevel=4 ".into(),
             ..Default::default()
         };
-        let p = CardPlan::new("mic0", 0, &cfg, &dir, &tools(), "c", false);
+        let p = CardPlan::new("mic0", 0, &cfg, &dir, &tools(), "c", Shared::default());
         assert_eq!(p.net, None);
         assert!(p
             .cmdline
@@ -576,7 +605,7 @@ mod tests {
             qemu_args: vec!["-d".into(), "guest_errors".into()],
             ..Default::default()
         };
-        let p = CardPlan::new("mic0", 0, &cfg, &dir, &tools(), "c", false);
+        let p = CardPlan::new("mic0", 0, &cfg, &dir, &tools(), "c", Shared::default());
         assert_eq!(
             devices(&p),
             [
@@ -603,10 +632,23 @@ mod tests {
         assert!(p.qemu.args.ends_with(&os(&["-d", "guest_errors"])));
     }
 
+    const LINKED: Shared = Shared {
+        link: true,
+        vsock_group: false,
+    };
+
     #[test]
     fn a_linked_card_has_a_second_network_device_on_the_hub() {
         let dir = CardDir::new(Path::new("/s"), "mic1");
-        let p = CardPlan::new("mic1", 1, &CardConfig::default(), &dir, &tools(), "c", true);
+        let p = CardPlan::new(
+            "mic1",
+            1,
+            &CardConfig::default(),
+            &dir,
+            &tools(),
+            "c",
+            LINKED,
+        );
         let link = p.backends.iter().find(|b| b.name == "link").unwrap();
         assert!(has(
             &link.args,
@@ -635,6 +677,47 @@ mod tests {
     }
 
     #[test]
+    fn a_card_in_the_vsock_group_runs_no_vsock_backend_of_its_own() {
+        let dir = CardDir::new(Path::new("/s"), "mic1");
+        let grouped = Shared {
+            link: false,
+            vsock_group: true,
+        };
+        let p = CardPlan::new(
+            "mic1",
+            1,
+            &CardConfig::default(),
+            &dir,
+            &tools(),
+            "c",
+            grouped,
+        );
+        assert!(p.backends.iter().all(|b| b.name != "vsock"));
+        assert_eq!(
+            devices(&p),
+            [
+                ("console", "console"),
+                ("blk", "blk0"),
+                ("net", "net"),
+                ("vsock", VSOCK_GROUP)
+            ]
+        );
+        // The group's sockets are awaited before the card starts and are
+        // not the card's to remove.
+        let sock = dir.vhost_socket("vsock");
+        assert!(p.external_sockets.contains(&sock));
+        assert!(!p.all_sockets().contains(&sock));
+        assert!(!p.all_sockets().contains(&dir.vsock_uds()));
+        // Without vsock, no device at all.
+        let cfg = CardConfig {
+            vsock: false,
+            ..CardConfig::default()
+        };
+        let p = CardPlan::new("mic1", 1, &cfg, &dir, &tools(), "c", grouped);
+        assert!(devices(&p).iter().all(|d| d.0 != "vsock"));
+    }
+
+    #[test]
     fn overlay_boots_the_combined_initramfs() {
         let dir = CardDir::new(Path::new("/s"), "mic2");
         let cfg = CardConfig {
@@ -642,7 +725,7 @@ mod tests {
             ramdisk: Some("/r/initrd.img".into()),
             ..Default::default()
         };
-        let p = CardPlan::new("mic2", 2, &cfg, &dir, &tools(), "c", false);
+        let p = CardPlan::new("mic2", 2, &cfg, &dir, &tools(), "c", Shared::default());
         assert_eq!(p.ramdisk, Path::new("/r/initrd.img"));
         assert_eq!(
             p.overlay,
@@ -665,7 +748,7 @@ mod tests {
             net: NetMode::Tap,
             ..Default::default()
         };
-        let p = CardPlan::new("mic3", 3, &cfg, &dir, &tools(), "c", false);
+        let p = CardPlan::new("mic3", 3, &cfg, &dir, &tools(), "c", Shared::default());
         let net = p.backends.iter().find(|b| b.name == "net").unwrap();
         assert!(has(
             &net.args,

@@ -17,40 +17,10 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use log::{error, info};
-
-use super::layout::{private_dir, private_socket, CardDir};
-use super::process::{remove_stale, Proc, ProcError, ProcSpec};
-use super::running::{wait_socket, StartError};
-
-/// How often micd looks whether the hub still runs.
-const WATCH_PERIOD: Duration = Duration::from_secs(1);
-
-/// The hub could not be started.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    /// A card directory could not be created.
-    #[error("cannot create {path}")]
-    Dir {
-        /// The directory.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The hub's QEMU could not be started.
-    #[error("the card-to-card link")]
-    Spawn(#[source] ProcError),
-    /// The hub exited or did not create its sockets in time (see
-    /// `link.log`).
-    #[error("the card-to-card link")]
-    Socket(#[source] StartError),
-    /// The watcher thread could not be started.
-    #[error("cannot start the link's watcher")]
-    Thread(#[source] std::io::Error),
-}
+use super::layout::CardDir;
+use super::process::ProcSpec;
+use super::shared::{keep_running, SharedError};
 
 /// The MAC of card `index`'s link interface: locally administered, and
 /// distinct from `mic-net`'s random `52:54:00:...` ones.
@@ -102,66 +72,13 @@ pub fn hub(qemu: &Path, state_dir: &Path, cards: &[u16]) -> Option<ProcSpec> {
 }
 
 /// Starts the hub for `cards`, or adopts the one an earlier micd left
-/// running, and keeps it running: a thread starts it again when it dies
-/// (each card's `mic-net` reconnects by itself). The hub outlives micd,
-/// as the cards do.
-pub fn run(qemu: &Path, state_dir: &Path, cards: &[u16]) -> Result<(), LinkError> {
-    let Some(spec) = hub(qemu, state_dir, cards) else {
-        return Ok(());
-    };
-    let socks = sockets(state_dir, cards);
-    for s in &socks {
-        if let Some(dir) = s.parent() {
-            private_dir(dir).map_err(|source| LinkError::Dir {
-                path: dir.into(),
-                source,
-            })?;
-        }
+/// running, and keeps it running (`shared.rs`; each card's `mic-net`
+/// reconnects by itself).
+pub fn run(qemu: &Path, state_dir: &Path, cards: &[u16]) -> Result<(), SharedError> {
+    match hub(qemu, state_dir, cards) {
+        Some(spec) => keep_running("the card-to-card link", spec, sockets(state_dir, cards)),
+        None => Ok(()),
     }
-    let mut proc = match spec.adopt() {
-        Some(p) if socks.iter().all(|s| s.exists()) => p,
-        adopted => {
-            if let Some(mut p) = adopted {
-                p.stop(Duration::from_secs(1));
-            }
-            socks.iter().for_each(|s| remove_stale(s));
-            spec.spawn().map_err(LinkError::Spawn)?
-        }
-    };
-    wait_sockets(&socks, &mut proc)?;
-    info!(
-        "card-to-card link: QEMU hub (pid {}) for {} cards",
-        proc.pid(),
-        cards.len()
-    );
-    std::thread::Builder::new()
-        .name("link".into())
-        .spawn(move || loop {
-            std::thread::sleep(WATCH_PERIOD);
-            if proc.alive() {
-                continue;
-            }
-            socks.iter().for_each(|s| remove_stale(s));
-            match proc.respawn().map_err(LinkError::Spawn) {
-                Ok(()) => match wait_sockets(&socks, &mut proc) {
-                    Ok(()) => info!("card-to-card link restarted (pid {})", proc.pid()),
-                    Err(e) => error!("{}", super::report(&e)),
-                },
-                Err(e) => error!("{}", super::report(&e)),
-            }
-        })
-        .map_err(LinkError::Thread)?;
-    Ok(())
-}
-
-/// Waits for the hub's sockets as for a card's processes' (`running.rs`),
-/// and makes them the owner's alone.
-fn wait_sockets(socks: &[PathBuf], proc: &mut Proc) -> Result<(), LinkError> {
-    for s in socks {
-        wait_socket(s, proc).map_err(LinkError::Socket)?;
-        let _ = private_socket(s);
-    }
-    Ok(())
 }
 
 /// Every card's link socket, which the hub creates.

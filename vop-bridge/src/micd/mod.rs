@@ -12,6 +12,9 @@
 //! - [`layout`]: the state directory;
 //! - [`network`]: the address plan;
 //! - [`link`]: the card-to-card link for cards on passt;
+//! - [`vsock_group`]: one vsock backend for the cards that reach each
+//!   other by CID;
+//! - [`shared`]: starting and watching a process several cards use;
 //! - [`overlay`]: the user's files appended to the card's initramfs;
 //! - [`record`]: what a new micd needs to adopt a running card;
 //! - [`supervisor`]: one thread per card that ties them together;
@@ -33,7 +36,9 @@ pub mod protocol;
 pub mod record;
 pub mod running;
 pub mod server;
+pub mod shared;
 pub mod supervisor;
+pub mod vsock_group;
 
 /// An error with its causes, one after the other (`a: b: c`).
 pub fn report(e: &dyn std::error::Error) -> String {

@@ -16,6 +16,9 @@ use super::process::{remove_stale, Proc, ProcError, ProcSpec};
 
 /// How long a process's socket may take to appear.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a socket that a backend outside the card's processes creates
+/// may be missing at the card's start.
+const EXTERNAL_SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long QEMU gets to exit after SIGTERM before SIGKILL.
 const QEMU_GRACE: Duration = Duration::from_secs(10);
 /// How long a backend or the bridge gets after SIGTERM.
@@ -129,9 +132,15 @@ impl RunningCard {
                 f.set_len(mib << 20).map_err(image)?;
             }
         }
+        // A backend serving several cards, or one the user restarts, may be
+        // listening again only a moment after the card's last boot let go.
+        let deadline = Instant::now() + EXTERNAL_SOCKET_TIMEOUT;
         for s in &plan.external_sockets {
-            if !s.metadata().is_ok_and(|m| m.file_type().is_socket()) {
-                return Err(StartError::NoExternalSocket(s.clone()));
+            while !s.metadata().is_ok_and(|m| m.file_type().is_socket()) {
+                if Instant::now() > deadline {
+                    return Err(StartError::NoExternalSocket(s.clone()));
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
         if let Some(o) = &plan.overlay {
@@ -268,7 +277,7 @@ impl RunningCard {
 mod tests {
     use super::*;
     use crate::micd::config::{CardConfig, NetMode};
-    use crate::micd::launch::Tools;
+    use crate::micd::launch::{Shared, Tools};
     use crate::micd::layout::CardDir;
 
     /// A plan for a card with a console and no network whose programs are
@@ -288,7 +297,7 @@ mod tests {
         };
         let dir = CardDir::new(state, "mic0");
         std::fs::create_dir_all(dir.dir()).unwrap();
-        let mut plan = CardPlan::new("mic0", 0, &cfg, &dir, &tools, "", false);
+        let mut plan = CardPlan::new("mic0", 0, &cfg, &dir, &tools, "", Shared::default());
         let fake = |spec: &mut ProcSpec, sock: &PathBuf, exits: bool| {
             let script = if exits {
                 "exit 3".to_string()

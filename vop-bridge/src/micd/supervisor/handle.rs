@@ -36,17 +36,17 @@ pub struct CardHandle {
 impl CardHandle {
     /// Starts the supervisor of card `index`: adopts the card if it is
     /// still running from an earlier micd, else boots it if `autoboot`.
-    /// `linked`: the card is on micd's card-to-card link (`link.rs`).
+    /// `shared`: what the card shares with other cards.
     pub fn start(
         index: u16,
         cfg: CardConfig,
         state_dir: &Path,
         tools: Tools,
-        linked: bool,
+        shared: Shared,
     ) -> std::io::Result<Self> {
         let name = format!("mic{index}");
         let dir = CardDir::new(state_dir, &name);
-        let mut sup = Supervisor::new(index, cfg, dir.clone(), tools, linked);
+        let mut sup = Supervisor::new(index, cfg, dir.clone(), tools, shared);
         let status = Arc::new(Mutex::new(sup.snapshot()));
         sup.status = status.clone();
         let (tx, rx) = channel();

@@ -23,7 +23,7 @@ use log::{error, info, warn};
 use super::backoff::BootBackoff;
 use super::config::{needs_ready, CardConfig};
 use super::heartbeat::HeartbeatCheck;
-use super::launch::{vsock_cid, CardPlan, Tools};
+use super::launch::{vsock_cid, CardPlan, Shared, Tools};
 use super::layout::CardDir;
 use super::lifecycle::{
     parse_bridge_status, parse_status, Action, CardState, Input, Lifecycle, Op, Refused,
@@ -44,8 +44,8 @@ const BRIDGE_TIMEOUT: Duration = Duration::from_secs(2);
 struct Supervisor {
     name: String,
     index: u16,
-    /// On micd's card-to-card link.
-    linked: bool,
+    /// What the card shares with other cards.
+    shared: Shared,
     cfg: CardConfig,
     dir: CardDir,
     tools: Tools,
@@ -81,11 +81,11 @@ fn now_unix() -> u64 {
 }
 
 impl Supervisor {
-    fn new(index: u16, cfg: CardConfig, dir: CardDir, tools: Tools, linked: bool) -> Self {
+    fn new(index: u16, cfg: CardConfig, dir: CardDir, tools: Tools, shared: Shared) -> Self {
         let mut s = Supervisor {
             name: format!("mic{index}"),
             index,
-            linked,
+            shared,
             machine: Lifecycle::new(cfg.policy),
             cfg,
             dir,
@@ -123,7 +123,7 @@ impl Supervisor {
             &self.dir,
             &self.tools,
             &base,
-            self.linked,
+            self.shared,
         )
     }
 
@@ -513,7 +513,7 @@ mod tests {
             autoboot: false,
             ..Default::default()
         };
-        let h = CardHandle::start(3, cfg, &dir, tools, false).unwrap();
+        let h = CardHandle::start(3, cfg, &dir, tools, Shared::default()).unwrap();
         let s = h.status();
         assert_eq!(
             (s.name.as_str(), s.state.as_str(), s.node, s.boots),

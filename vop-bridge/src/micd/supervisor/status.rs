@@ -2,6 +2,8 @@
 //! publishes, and the record a new micd adopts the card from.
 
 use super::*;
+use crate::micd::launch::VSOCK_GROUP;
+use crate::micd::vsock_group;
 
 impl Supervisor {
     pub(super) fn save_record(&self) {
@@ -32,7 +34,16 @@ impl Supervisor {
             .devices
             .iter()
             .map(|d| {
-                let pr = pid_of(&d.backend);
+                let pr = match d.backend.as_str() {
+                    // Shown while the card runs, as its own processes are.
+                    VSOCK_GROUP => self
+                        .running
+                        .as_ref()
+                        .and(self.dir.dir().parent())
+                        .and_then(|state| vsock_group::pid(&self.tools.vsock, state))
+                        .map(|pid| (pid, 0)),
+                    name => pid_of(name),
+                };
                 let image = (d.kind == "blk")
                     .then(|| d.backend.trim_start_matches("blk").parse::<usize>().ok())
                     .flatten()
