@@ -7,7 +7,8 @@ use virtio_bindings::virtio_net;
 pub(super) const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::CONFIG)
-    .union(VhostUserProtocolFeatures::BACKEND_REQ);
+    .union(VhostUserProtocolFeatures::BACKEND_REQ)
+    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
 
 /// virtio-net features that need a control virtqueue, which vhost-user leaves
 /// to the frontend; the bridge keeps out of the data path, so it offers none.

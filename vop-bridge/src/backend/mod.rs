@@ -36,11 +36,13 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 mod device_config;
 mod error;
 mod features;
+mod inflight;
 
 pub use device_config::ConfigChangeFlag;
 use device_config::{card_config_to_replay, config_len};
 pub use error::{BackendError, Step};
 use features::{bit, NET_CTRL_FEATURES, VIRTIO_CONSOLE_F_MULTIPORT, WANTED_PROTOCOL};
+pub use inflight::InflightRegion;
 
 /// Where one ring is and which eventfds serve it.
 pub struct RingSetup<'a> {

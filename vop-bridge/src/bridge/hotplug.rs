@@ -46,6 +46,7 @@ impl Bridge {
             queue_size,
             backend: Some(backend),
             wiring: None,
+            inflight: None,
             last_config: spec.config,
             state,
             reconnects: 0,

@@ -38,7 +38,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::abi::{CardState, ShutdownStatus};
-use crate::backend::Backend;
+use crate::backend::{Backend, InflightRegion};
 use crate::card::CardTracker;
 use crate::config::{BridgeConfig, DeviceConfig};
 use crate::control::{ControlClient, ControlServer};
@@ -67,6 +67,9 @@ struct Device {
     queue_size: u16,
     backend: Option<Backend>,
     wiring: Option<Wiring>,
+    /// The backend's in-flight region, kept across its restarts for this
+    /// life of the device (`backend/inflight.rs`).
+    inflight: Option<InflightRegion>,
     last_config: Vec<u8>,
     state: DeviceState,
     /// Times its backend came back after going away (`devices` shows it).
@@ -133,6 +136,7 @@ impl Bridge {
                 last_config: backend.config().to_vec(),
                 backend: Some(backend),
                 wiring: None,
+                inflight: None,
                 state: DeviceState::new(true),
                 reconnects: 0,
             });

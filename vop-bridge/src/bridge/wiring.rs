@@ -105,7 +105,8 @@ impl Bridge {
             .h2c_vdev_db(ap, slot_index)?
             .ok_or(BridgeError::NoVector(i))?;
         let base = a.aperture_hva().ok_or(BridgeError::ApertureUnmapped)?;
-        let Some(backend) = self.devices[i].backend.as_mut() else {
+        let dev = &mut self.devices[i];
+        let Some(backend) = dev.backend.as_mut() else {
             debug!("device {i}: backend not connected; will start when it returns");
             return Ok(false);
         };
@@ -132,6 +133,12 @@ impl Bridge {
         // it learns the card's choices before its rings run.
         let page_config = a.page.config(ap, slot_index)?;
         backend.replay_card_config(acked, &page_config)?;
+        // The in-flight region lives as long as the device's rings do: a
+        // resume (backend restart, reattach) hands the kept one over, a
+        // fresh start after the card reset the device asks for a new one.
+        let kept = if resume { dev.inflight.take() } else { None };
+        let queue_size = slot.rings.iter().map(|r| r.num).max().unwrap_or(0);
+        dev.inflight = backend.share_inflight(kept, slot.rings.len() as u16, queue_size)?;
         backend.start(acked, &regions, &setups)?;
         for q in 0..slot.rings.len() {
             a.link.send(&HostMessage::SetDoorbellFd {
