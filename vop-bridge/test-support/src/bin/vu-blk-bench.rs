@@ -5,6 +5,11 @@
 //! 128 KiB sequential read/write at queue depth 4 (configurable).
 //! Output: a header line, then one tab-separated line per workload:
 //! `name  iops  MB/s  p50_us  p99_us`.
+//!
+//! With `--raw FILE` instead of `--socket`, the same workloads run as a
+//! single-thread `pread`/`pwrite` loop on the file itself, one request at a
+//! time whatever the workload's depth: the limit of the machine that any
+//! backend serving that file pays on top of (`scripts/bench-blk`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -16,8 +21,11 @@ use mic_test_support::{Desc, FrontendOptions, TestFrontend, VirtQueue};
 #[command(about = "vhost-user-blk benchmark over the test frontend (mic-test-support)")]
 struct Args {
     /// vhost-user-blk socket of the backend to measure.
+    #[arg(long, required_unless_present = "raw", conflicts_with = "raw")]
+    socket: Option<PathBuf>,
+    /// Measure `pread`/`pwrite` on this file instead of a backend.
     #[arg(long)]
-    socket: PathBuf,
+    raw: Option<PathBuf>,
     /// Seconds per workload.
     #[arg(long, default_value_t = 5.0)]
     runtime: f64,
@@ -159,10 +167,87 @@ fn run(q: &mut VirtQueue, capacity: u64, w: &Workload, runtime: Duration) -> (f6
     )
 }
 
+/// One workload as a single-thread `pread`/`pwrite` loop on `file`.
+fn run_raw(
+    file: &std::fs::File,
+    capacity: u64,
+    w: &Workload,
+    runtime: Duration,
+) -> (f64, f64, f64, f64) {
+    use std::os::unix::fs::FileExt;
+    let blocks = capacity / w.bs;
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut seq = 0u64;
+    let mut buf = vec![0x5au8; w.bs as usize];
+    let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
+    let start = Instant::now();
+    let deadline = start + runtime;
+    let mut ops = 0u64;
+    loop {
+        let block = if w.random {
+            rng.next() % blocks
+        } else {
+            let b = seq % blocks;
+            seq += 1;
+            b
+        };
+        let t = Instant::now();
+        if w.write {
+            file.write_all_at(&buf, block * w.bs).expect("pwrite");
+        } else {
+            file.read_exact_at(&mut buf, block * w.bs).expect("pread");
+        }
+        let now = Instant::now();
+        lat.push(now.duration_since(t).as_micros() as u32);
+        ops += 1;
+        if now >= deadline {
+            break;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64;
+    (
+        ops as f64 / elapsed,
+        (ops * w.bs) as f64 / elapsed / 1e6,
+        pct(0.50),
+        pct(0.99),
+    )
+}
+
 fn main() {
     let args = Args::parse();
+    let workloads = workloads(args.seq_depth);
+    println!("workload\tiops\tMB/s\tp50_us\tp99_us");
+    let selected = || {
+        workloads.iter().filter(|w| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| w.name.contains(o.as_str()))
+        })
+    };
+    let runtime = Duration::from_secs_f64(args.runtime);
+    let report = |w: &Workload, (iops, mbs, p50, p99): (f64, f64, f64, f64)| {
+        println!(
+            "{}\t{:.0}\t{:.1}\t{:.0}\t{:.0}",
+            w.name, iops, mbs, p50, p99
+        );
+    };
+    if let Some(path) = &args.raw {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("open the file");
+        let capacity = file.metadata().expect("the file's size").len();
+        for w in selected() {
+            report(w, run_raw(&file, capacity, w, runtime));
+        }
+        return;
+    }
+    let socket = args.socket.as_ref().expect("--socket or --raw");
     let mut f = TestFrontend::connect_with(
-        &args.socket,
+        socket,
         FrontendOptions {
             num_queues: 1,
             queue_size: args.queue_size,
@@ -178,8 +263,15 @@ fn main() {
         capacity >> 20,
         f.acked_features
     );
-    let sd = args.seq_depth;
-    let workloads = [
+    let q = &mut f.queues[0];
+    for w in selected() {
+        report(w, run(q, capacity, w, runtime));
+    }
+}
+
+/// The workloads, in the order they run; `sd` is the sequential depth.
+fn workloads(sd: usize) -> [Workload; 6] {
+    [
         Workload {
             name: "randread-4k-qd1",
             write: false,
@@ -222,19 +314,5 @@ fn main() {
             bs: 128 << 10,
             depth: sd,
         },
-    ];
-    println!("workload\tiops\tMB/s\tp50_us\tp99_us");
-    let q = &mut f.queues[0];
-    for w in &workloads {
-        if let Some(o) = &args.only {
-            if !w.name.contains(o.as_str()) {
-                continue;
-            }
-        }
-        let (iops, mbs, p50, p99) = run(q, capacity, w, Duration::from_secs_f64(args.runtime));
-        println!(
-            "{}\t{:.0}\t{:.1}\t{:.0}\t{:.0}",
-            w.name, iops, mbs, p50, p99
-        );
-    }
+    ]
 }
