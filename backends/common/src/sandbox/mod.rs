@@ -5,8 +5,9 @@
 //!
 //! 1. Landlock ([`landlock`]): file access only below the paths of its
 //!    [`Policy`], TCP only to its ports; best effort, the ABI applied is
-//!    logged.
-//! 2. Capabilities ([`caps`]): every set emptied.
+//!    logged ([`Report`]).
+//! 2. Capabilities ([`caps`]): every set emptied (a policy may keep one
+//!    the daemon needs).
 //! 3. The process is made non-dumpable (`PR_SET_DUMPABLE` 0: no core file,
 //!    no `ptrace` by other processes of the same user).
 //! 4. seccomp ([`seccomp`]): only the system calls of its policy; any other
@@ -35,6 +36,7 @@ use log::{info, warn};
 
 use crate::SocketArgs;
 pub use landlock::{PathAccess, PathRule, TcpRule};
+pub use ::caps::Capability;
 pub use seccomp::Allow;
 
 /// `--sandbox`: whether the daemon confines itself.
@@ -70,6 +72,8 @@ pub struct Policy {
     pub paths: Vec<PathRule>,
     /// The TCP ports.
     pub tcp: Vec<TcpRule>,
+    /// Capabilities kept (if the daemon has them); all others are dropped.
+    pub keep_caps: Vec<::caps::Capability>,
 }
 
 impl Policy {
@@ -86,6 +90,7 @@ impl Policy {
             syscalls: seccomp::BASE.to_vec(),
             paths: Vec::new(),
             tcp: Vec::new(),
+            keep_caps: Vec::new(),
         };
         p.allow_path(std::env::temp_dir(), PathAccess::ScratchDir);
         if let (Some(path), false) = (&socket.socket_path, socket.client) {
@@ -112,6 +117,12 @@ impl Policy {
     /// Adds a TCP rule.
     pub fn allow_tcp(&mut self, rule: TcpRule) -> &mut Self {
         self.tcp.push(rule);
+        self
+    }
+
+    /// Keeps capability `cap`, if the daemon has it.
+    pub fn keep_capability(&mut self, cap: ::caps::Capability) -> &mut Self {
+        self.keep_caps.push(cap);
         self
     }
 
@@ -146,30 +157,68 @@ pub enum Error {
     Seccomp(#[from] seccomp::Error),
 }
 
+/// What [`apply`] did, to be logged once the daemon's startup has
+/// succeeded ([`Report::log`]; a startup error stays one line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// `--sandbox none`.
+    Off,
+    /// The sandbox is on.
+    On {
+        /// What Landlock enforces.
+        landlock: landlock::Applied,
+        /// Path rules.
+        paths: usize,
+        /// Capabilities the daemon had (all dropped).
+        capabilities: usize,
+        /// seccomp list entries.
+        syscalls: usize,
+    },
+}
+
+impl Report {
+    /// Logs the report: one line.
+    pub fn log(&self) {
+        match self {
+            Report::Off => warn!("sandbox off (--sandbox none)"),
+            Report::On {
+                landlock,
+                paths,
+                capabilities,
+                syscalls,
+            } => {
+                let line = format!(
+                    "sandbox on: {landlock} ({paths} path rule(s)), {capabilities} capabilit{} dropped, seccomp list of {syscalls} entries",
+                    if *capabilities == 1 { "y" } else { "ies" }
+                );
+                if landlock.level == landlock::Level::None {
+                    warn!("{line}");
+                } else {
+                    info!("{line}");
+                }
+            }
+        }
+    }
+}
+
 /// Applies `policy` if `mode` is [`SandboxMode::On`] (see the module
-/// documentation), logging what was applied. An error means the daemon
-/// could not be confined as asked; it should not go on.
-pub fn apply(mode: SandboxMode, policy: &Policy) -> Result<(), Error> {
+/// documentation). An error means the daemon could not be confined as
+/// asked; it should not go on.
+pub fn apply(mode: SandboxMode, policy: &Policy) -> Result<Report, Error> {
     if mode == SandboxMode::None {
-        warn!("sandbox off (--sandbox none)");
-        return Ok(());
+        return Ok(Report::Off);
     }
     let applied = landlock::restrict(&policy.paths, &policy.tcp)?;
-    if applied.level == landlock::Level::None {
-        warn!("sandbox: {applied}");
-    }
-    let had = caps::drop_all()?;
+    let had = caps::drop_all(&policy.keep_caps)?;
     // SAFETY: PR_SET_DUMPABLE with 0 only changes this process's flag.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     seccomp::install(policy.name, &policy.syscalls)?;
-    info!(
-        "sandbox on: {applied}, {} path rule(s), {} capabilit{} dropped, seccomp {} system call rule(s)",
-        policy.paths.len(),
-        had,
-        if had == 1 { "y" } else { "ies" },
-        policy.syscalls.len()
-    );
-    Ok(())
+    Ok(Report::On {
+        landlock: applied,
+        paths: policy.paths.len(),
+        capabilities: had,
+        syscalls: policy.syscalls.len(),
+    })
 }
 
 /// A test-only hook, compiled only with the `test-hooks` feature (which
