@@ -224,15 +224,16 @@ pub fn apply(mode: SandboxMode, policy: &Policy) -> Result<Report, Error> {
 /// A test-only hook, compiled only with the `test-hooks` feature (which
 /// the daemons' integration tests enable, never a default build): with
 /// `MIC_TEST_BLOCKED_CALL=N` in its environment, a daemon makes a system
-/// call that no policy allows (`getppid`) when its N-th frontend connects,
-/// so that the tests can check what a blocked call does to a sandboxed
-/// daemon, and to the others.
+/// call that no policy allows (`getppid`) when its N-th and every later
+/// frontend connects (from the daemon loop's thread), so that the tests
+/// can check what a blocked call does to a sandboxed daemon, and to the
+/// others. Without the sandbox the call is harmless.
 #[cfg(feature = "test-hooks")]
 pub fn test_blocked_call(connection: u64) {
     let wanted = std::env::var("MIC_TEST_BLOCKED_CALL")
         .ok()
         .and_then(|v| v.parse::<u64>().ok());
-    if wanted == Some(connection) {
+    if wanted.is_some_and(|n| connection >= n) {
         warn!("test hook: calling getppid");
         // SAFETY: getppid has no arguments and no side effects.
         unsafe { libc::syscall(libc::SYS_getppid) };
