@@ -42,7 +42,13 @@ mod tests {
     use std::path::Path;
 
     fn cfg(args: &[&str]) -> BlkConfig {
-        let mut v = vec!["mic-blk", "--socket-path", "/run/b.sock", "--image", "/i/d.img"];
+        let mut v = vec![
+            "mic-blk",
+            "--socket-path",
+            "/run/b.sock",
+            "--image",
+            "/i/d.img",
+        ];
         v.extend_from_slice(args);
         BlkConfig::from_cli(Cli::try_parse_from(v).unwrap()).unwrap()
     }

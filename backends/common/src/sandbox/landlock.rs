@@ -219,7 +219,7 @@ mod tests {
         if !super::super::tests::in_child("landlock_child") {
             return;
         }
-        let root = PathBuf::from(std::env::args().last().unwrap());
+        let root = PathBuf::from(std::env::args().next_back().unwrap());
         let rules = [
             PathRule {
                 path: root.join("given"),

@@ -35,8 +35,8 @@ use std::path::{Path, PathBuf};
 use log::{info, warn};
 
 use crate::SocketArgs;
-pub use landlock::{PathAccess, PathRule, TcpRule};
 pub use ::caps::Capability;
+pub use landlock::{PathAccess, PathRule, TcpRule};
 pub use seccomp::Allow;
 
 /// `--sandbox`: whether the daemon confines itself.
@@ -291,7 +291,10 @@ pub(crate) mod tests {
         // A client connects and creates nothing; --fd was bound by others.
         let c = Policy::new("mic-x", &SocketArgs::new(Path::new("/s/x"), true));
         assert_eq!(c.paths.len(), 1);
-        assert_eq!(Policy::new("mic-x", &SocketArgs::inherited(3)).paths.len(), 1);
+        assert_eq!(
+            Policy::new("mic-x", &SocketArgs::inherited(3)).paths.len(),
+            1
+        );
         assert_eq!(parent_dir(Path::new("x.sock")), PathBuf::from("."));
     }
 

@@ -296,7 +296,12 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler;
     // for a seccomp SIGSYS its `_sigsys` member is the one filled in, and
     // `si_syscall` lies within the 128-byte structure.
-    let nr = unsafe { info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>().read() };
+    let nr = unsafe {
+        info.cast::<u8>()
+            .add(SI_SYSCALL_OFFSET)
+            .cast::<i32>()
+            .read()
+    };
     let daemon = DAEMON.get().map(String::as_str).unwrap_or("daemon");
     let mut line = [0u8; 160];
     let len = blocked_line(daemon, i64::from(nr), &mut line);
@@ -337,7 +342,11 @@ mod tests {
 
     #[test]
     fn conditions_and_plain_calls() {
-        let r = rules(&[Ioctl(libc::FIONBIO), Call(libc::SYS_read), Socket(libc::AF_UNIX)]);
+        let r = rules(&[
+            Ioctl(libc::FIONBIO),
+            Call(libc::SYS_read),
+            Socket(libc::AF_UNIX),
+        ]);
         assert_eq!(r[&libc::SYS_ioctl].len(), 1);
         assert!(r[&libc::SYS_read].is_empty());
         assert_eq!(r[&libc::SYS_socket].len(), 1);
