@@ -338,4 +338,26 @@ pub(crate) mod tests {
         unsafe { libc::syscall(libc::SYS_getppid) };
         std::process::exit(0);
     }
+
+    /// A panicking thread of a sandboxed daemon (with a backtrace, as the
+    /// tests ask for one) is a panic, not a blocked call.
+    #[test]
+    fn panics_stay_panics() {
+        let status = run_child("panic_child", &[]);
+        assert_eq!(status.code(), Some(CHILD_OK), "{status:?}");
+    }
+
+    #[test]
+    fn panic_child() {
+        if !in_child("panic_child") {
+            return;
+        }
+        let p = Policy::new("mic-x", &SocketArgs::inherited(3));
+        apply(SandboxMode::On, &p).unwrap();
+        let t = std::thread::Builder::new()
+            .spawn(|| panic!("a test panic"))
+            .unwrap();
+        assert!(t.join().is_err());
+        std::process::exit(CHILD_OK);
+    }
 }

@@ -12,7 +12,8 @@
 //! allocator, threads, the shutdown eventfd and signal handling, the
 //! vhost-user connection and its relay (`relay.rs`: a private socket in a
 //! new temporary directory per frontend), guest memory mappings and the
-//! worker threads' epoll loops. Each daemon adds its own (see its
+//! worker threads' epoll loops; and what a panic's backtrace needs (a
+//! panic must stay a panic). Each daemon adds its own (see its
 //! `sandbox.rs`).
 //!
 //! A call outside the list is not executed: the kernel sends `SIGSYS`
@@ -120,6 +121,11 @@ pub const BASE: &[Allow] = &[
     Call(libc::SYS_unlinkat),
     Call(libc::SYS_chmod),
     Call(libc::SYS_umask),
+    // A panic's backtrace: the executable's path and the working directory
+    // (no file is opened that Landlock does not allow).
+    Call(libc::SYS_getcwd),
+    Call(libc::SYS_readlink),
+    Call(libc::SYS_readlinkat),
     // UNIX sockets: the vhost-user socket, the relay, descriptor passing.
     Socket(libc::AF_UNIX),
     Call(libc::SYS_bind),
