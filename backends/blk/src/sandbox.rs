@@ -25,6 +25,8 @@ const IMAGE_IO: &[Allow] = &[
 pub fn policy(cfg: &BlkConfig) -> Policy {
     let mut p = Policy::new("mic-blk", &cfg.socket);
     p.allow_calls(IMAGE_IO);
+    // Workers and I/O helpers: the image I/O, and no file opened.
+    p.allow_worker_calls(IMAGE_IO);
     let access = if cfg.readonly {
         PathAccess::ReadFile
     } else {
@@ -59,6 +61,9 @@ mod tests {
         assert!(p.has_path(Path::new("/i/d.img"), PathAccess::ReadWriteFile));
         assert!(p.has_path(Path::new("/run"), PathAccess::SocketDir));
         assert!(p.syscalls.contains(&Allow::Call(libc::SYS_fallocate)));
+        assert!(p.worker_syscalls.contains(&Allow::Call(libc::SYS_pwritev)));
+        assert!(!p.worker_syscalls.contains(&Allow::Socket(libc::AF_UNIX)));
+        assert!(!p.workers_open_files);
         assert!(p.tcp.is_empty());
         let ro = policy(&cfg(&["--readonly"]));
         assert!(ro.has_path(Path::new("/i/d.img"), PathAccess::ReadFile));
