@@ -15,6 +15,7 @@ use log::{debug, warn};
 use mic_backend_common::limited;
 use mic_backend_common::ratelimit::{per_minute, LogLimiter};
 use mic_backend_common::ring::RingGuards;
+use mic_backend_common::sandbox::ThreadKind;
 use mic_backend_common::WorkerExitEvents;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
@@ -418,6 +419,8 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
+        // A worker thread narrows its seccomp filter once (its sandbox.rs).
+        mic_backend_common::sandbox::enter(ThreadKind::Worker);
         if evset != EventSet::IN {
             warn!("unexpected event set {evset:?}");
             return Ok(());

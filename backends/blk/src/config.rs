@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
+use mic_backend_common::sandbox::{SandboxArgs, SandboxMode};
 use mic_backend_common::SocketArgs;
 
 /// Largest queue size the split virtqueue format allows.
@@ -65,6 +66,9 @@ pub struct Cli {
     /// with the queue workers; 0 disables them [default: host CPUs, at most 4].
     #[arg(long, value_name = "N")]
     pub io_threads: Option<usize>,
+    /// `--sandbox` (shared by all backends).
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 /// Validated configuration.
@@ -86,6 +90,8 @@ pub struct BlkConfig {
     pub queue_size: u16,
     /// I/O helper threads.
     pub io_threads: usize,
+    /// Whether the daemon confines itself (`src/sandbox.rs`).
+    pub sandbox: SandboxMode,
 }
 
 /// A configuration error (one line, printed before exiting).
@@ -143,6 +149,7 @@ impl BlkConfig {
             num_queues,
             queue_size: qs,
             io_threads,
+            sandbox: cli.sandbox.sandbox,
         })
     }
 }

@@ -10,3 +10,4 @@ pub mod disk;
 pub mod fuzz;
 pub mod pool;
 pub mod request;
+pub mod sandbox;

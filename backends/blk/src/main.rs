@@ -11,7 +11,7 @@ use std::sync::Arc;
 use clap::Parser;
 use log::info;
 use mic_backend_common::capabilities::{self, BackendType, Capabilities};
-use mic_backend_common::{init_logging, open_endpoint, serve};
+use mic_backend_common::{init_logging, open_endpoint, sandbox, serve};
 
 use mic_blk::backend::{BlkBackend, BlkParams};
 use mic_blk::config::{BlkConfig, Cli};
@@ -73,10 +73,17 @@ fn main() -> ExitCode {
             cfg.image.display()
         ));
     }
+    // Everything the daemon serves is open: confine it before its socket
+    // appears.
+    let sandbox = match sandbox::apply(cfg.sandbox, &mic_blk::sandbox::policy(&cfg)) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
     let (shutdown, endpoint) = match open_endpoint(&cfg.socket) {
         Ok(x) => x,
         Err(e) => return fail(e),
     };
+    sandbox.log();
     info!(
         "serving {} ({} bytes, {} sectors{}{}), {} queue(s) of up to {} entries",
         cfg.image.display(),

@@ -31,6 +31,10 @@
 //! shared too: `--print-capabilities` ([`capabilities`]), and `--socket-path`
 //! or `--fd` ([`SocketArgs`], [`Endpoint`]).
 //!
+//! [`sandbox`] confines a daemon (Landlock, capabilities, seccomp) before
+//! its socket appears; `--sandbox none` ([`sandbox::SandboxArgs`]) turns
+//! it off.
+//!
 //! [`guest`] has guest-memory and virtqueue helpers for the devices, and
 //! [`ring`] the guard every device takes its chains through.
 
@@ -43,6 +47,7 @@ pub mod guest;
 pub mod ratelimit;
 mod relay;
 pub mod ring;
+pub mod sandbox;
 pub mod terminal;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
@@ -867,6 +872,8 @@ where
         .map_err(Error::Relay)?;
         connections += 1;
         limited!(CONNECTION_LINES, info, "frontend {connections} connected");
+        #[cfg(feature = "test-hooks")]
+        sandbox::test_blocked_call(connections);
         shutdown.set_active(daemon.shutdown_handle());
         match daemon.wait() {
             Ok(())

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use mic_backend_common::sandbox::{SandboxArgs, SandboxMode};
 use mic_backend_common::SocketArgs;
 
 use crate::logfile::MIN_MAX_SIZE;
@@ -51,6 +52,10 @@ pub struct ConsoleArgs {
     /// Maximum size of each virtqueue (the frontend picks the actual size).
     #[arg(long, default_value_t = 1024)]
     pub queue_size: u16,
+
+    /// `--sandbox` (shared by all backends).
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 /// Where the console goes on the host.
@@ -79,6 +84,8 @@ pub struct ConsoleConfig {
     pub multiport: bool,
     /// Maximum virtqueue size.
     pub queue_size: u16,
+    /// Whether the daemon confines itself (`src/sandbox.rs`).
+    pub sandbox: SandboxMode,
 }
 
 /// A configuration error.
@@ -143,6 +150,7 @@ impl ConsoleConfig {
             log_max_size,
             multiport: !a.no_multiport,
             queue_size: a.queue_size,
+            sandbox: a.sandbox.sandbox,
         })
     }
 }

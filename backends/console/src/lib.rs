@@ -11,4 +11,5 @@ pub mod fuzz;
 pub mod host;
 pub mod logfile;
 pub mod rxq;
+pub mod sandbox;
 pub mod txq;

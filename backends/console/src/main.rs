@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use log::info;
 use mic_backend_common::capabilities::{self, BackendType, Capabilities};
-use mic_backend_common::{exit_status, init_logging, open_endpoint, parse_cli, serve_persistent};
+use mic_backend_common::{
+    exit_status, init_logging, open_endpoint, parse_cli, sandbox, serve_persistent,
+};
 
 use mic_console::backend::ConsoleBackend;
 use mic_console::config::ConsoleConfig;
@@ -45,7 +47,16 @@ fn main() -> ExitCode {
         let _ = writeln!(out, "{NAME}: console on {}", p.display());
         let _ = out.flush();
     }
+    let policy = mic_console::sandbox::policy(&cfg, host.pty_path());
     let backend = Arc::new(ConsoleBackend::new(host, cfg.multiport, cfg.queue_size));
+    // The host side is open: confine the daemon before its socket appears.
+    let sandbox = match sandbox::apply(cfg.sandbox, &policy) {
+        Ok(r) => r,
+        Err(e) => {
+            backend.host().restore();
+            return fail(e);
+        }
+    };
     let (shutdown, endpoint) = match open_endpoint(&cfg.socket) {
         Ok(x) => x,
         Err(e) => {
@@ -53,6 +64,7 @@ fn main() -> ExitCode {
             return fail(e);
         }
     };
+    sandbox.log();
     info!(
         "console: {:?}, multiport {}, queue size {}",
         cfg.target, cfg.multiport, cfg.queue_size

@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use mic_backend_common::sandbox::{SandboxArgs, SandboxMode};
 use mic_backend_common::SocketArgs;
 
 /// Largest number of queue pairs accepted on the command line.
@@ -66,6 +67,10 @@ pub struct NetArgs {
     /// Maximum size of each virtqueue.
     #[arg(long, default_value_t = 1024)]
     pub queue_size: u16,
+
+    /// `--sandbox` (shared by all backends).
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 /// A stream transport endpoint.
@@ -129,6 +134,8 @@ pub struct NetConfig {
     pub queue_pairs: u16,
     /// Maximum virtqueue size.
     pub queue_size: u16,
+    /// Whether the daemon confines itself (`src/sandbox.rs`).
+    pub sandbox: SandboxMode,
 }
 
 /// A configuration error, reported as one line.
@@ -319,6 +326,7 @@ impl NetConfig {
             mtu: args.mtu,
             queue_pairs: args.num_queue_pairs,
             queue_size: args.queue_size,
+            sandbox: args.sandbox.sandbox,
         })
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod rxq;
+pub mod sandbox;
 pub mod stream;
 pub mod tap;
 pub mod txq;

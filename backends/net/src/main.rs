@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use log::info;
 use mic_backend_common::capabilities::{self, BackendType, Capabilities};
-use mic_backend_common::{exit_status, init_logging, open_endpoint, parse_cli, serve_persistent};
+use mic_backend_common::{
+    exit_status, init_logging, open_endpoint, parse_cli, sandbox, serve_persistent,
+};
 
 use mic_net::backend::{HostPort, NetBackend};
 use mic_net::config::{format_mac, NetConfig, NetTransport};
@@ -74,10 +76,16 @@ fn main() -> ExitCode {
         Ok(b) => Arc::new(b),
         Err(e) => return fail(e),
     };
+    // The host side is open: confine the daemon before its socket appears.
+    let sandbox = match sandbox::apply(cfg.sandbox, &mic_net::sandbox::policy(&cfg)) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
     let (shutdown, endpoint) = match open_endpoint(&cfg.socket) {
         Ok(x) => x,
         Err(e) => return fail(e),
     };
+    sandbox.log();
     info!(
         "mac {} mtu {} queue pairs {} queue size {}",
         format_mac(&cfg.mac),

@@ -1,0 +1,71 @@
+//! What `mic-blk` may do once sandboxed (`mic_backend_common::sandbox`;
+//! `backends/README.md`, "Sandbox"): on top of what every daemon needs,
+//! the image, read and written (read only with `--readonly`) through the
+//! descriptors opened at startup, synced, and with holes punched
+//! (`DISCARD`, `WRITE_ZEROES`).
+
+use mic_backend_common::sandbox::{Allow, PathAccess, Policy};
+
+use crate::config::BlkConfig;
+
+/// The image I/O of the queue workers and the I/O helper threads
+/// (`disk.rs`): positioned reads and writes, vectored or not, `fdatasync`
+/// for `FLUSH` and write-through, `fallocate` for discard and write-zeroes.
+const IMAGE_IO: &[Allow] = &[
+    Allow::Call(libc::SYS_pread64),
+    Allow::Call(libc::SYS_pwrite64),
+    Allow::Call(libc::SYS_preadv),
+    Allow::Call(libc::SYS_pwritev),
+    Allow::Call(libc::SYS_fdatasync),
+    Allow::Call(libc::SYS_fsync),
+    Allow::Call(libc::SYS_fallocate),
+];
+
+/// `mic-blk`'s sandbox policy for `cfg`.
+pub fn policy(cfg: &BlkConfig) -> Policy {
+    let mut p = Policy::new("mic-blk", &cfg.socket);
+    p.allow_calls(IMAGE_IO);
+    // Workers and I/O helpers: the image I/O, and no file opened.
+    p.allow_worker_calls(IMAGE_IO);
+    let access = if cfg.readonly {
+        PathAccess::ReadFile
+    } else {
+        PathAccess::ReadWriteFile
+    };
+    p.allow_path(&cfg.image, access);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Cli;
+    use clap::Parser;
+    use std::path::Path;
+
+    fn cfg(args: &[&str]) -> BlkConfig {
+        let mut v = vec![
+            "mic-blk",
+            "--socket-path",
+            "/run/b.sock",
+            "--image",
+            "/i/d.img",
+        ];
+        v.extend_from_slice(args);
+        BlkConfig::from_cli(Cli::try_parse_from(v).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn image_and_socket_directory() {
+        let p = policy(&cfg(&[]));
+        assert!(p.has_path(Path::new("/i/d.img"), PathAccess::ReadWriteFile));
+        assert!(p.has_path(Path::new("/run"), PathAccess::SocketDir));
+        assert!(p.syscalls.contains(&Allow::Call(libc::SYS_fallocate)));
+        assert!(p.worker_syscalls.contains(&Allow::Call(libc::SYS_pwritev)));
+        assert!(!p.worker_syscalls.contains(&Allow::Socket(libc::AF_UNIX)));
+        assert!(!p.workers_open_files);
+        assert!(p.tcp.is_empty());
+        let ro = policy(&cfg(&["--readonly"]));
+        assert!(ro.has_path(Path::new("/i/d.img"), PathAccess::ReadFile));
+    }
+}
