@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use super::layout::CardDir;
 use super::process::ProcSpec;
-use super::shared::{keep_running, SharedError};
+use super::shared::{keep_running, Adopt, SharedError};
 
 /// The MAC of card `index`'s link interface: locally administered, and
 /// distinct from `mic-net`'s random `52:54:00:...` ones.
@@ -76,7 +76,12 @@ pub fn hub(qemu: &Path, state_dir: &Path, cards: &[u16]) -> Option<ProcSpec> {
 /// reconnects by itself).
 pub fn run(qemu: &Path, state_dir: &Path, cards: &[u16]) -> Result<(), SharedError> {
     match hub(qemu, state_dir, cards) {
-        Some(spec) => keep_running("the card-to-card link", spec, sockets(state_dir, cards)),
+        Some(spec) => keep_running(
+            "the card-to-card link",
+            spec,
+            sockets(state_dir, cards),
+            Adopt::WithSockets,
+        ),
         None => Ok(()),
     }
 }

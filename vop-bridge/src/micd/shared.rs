@@ -61,13 +61,25 @@ pub enum SharedError {
     },
 }
 
+/// When a process an earlier micd left running is taken over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adopt {
+    /// While it runs and all its sockets are there (a server whose sockets
+    /// stay while clients are connected: the link's hub).
+    WithSockets,
+    /// While it runs (a vhost-user backend removes its socket once its
+    /// frontend connected, and listens again when the frontend goes).
+    Running,
+}
+
 /// Starts `spec` (`what` names it in messages), which creates `socks`, or
-/// adopts the one an earlier micd left running with all of them in place,
-/// and keeps it running.
+/// adopts the one an earlier micd left running (`adopt`), and keeps it
+/// running.
 pub fn keep_running(
     what: &'static str,
     spec: ProcSpec,
     socks: Vec<PathBuf>,
+    adopt: Adopt,
 ) -> Result<(), SharedError> {
     for s in &socks {
         if let Some(dir) = s.parent() {
@@ -82,16 +94,18 @@ pub fn keep_running(
             .map_err(|source| SharedError::Spawn { what, source })
     };
     let mut proc = match spec.adopt() {
+        Some(p) if adopt == Adopt::Running => p,
         Some(p) if socks.iter().all(|s| s.exists()) => p,
         adopted => {
             if let Some(mut p) = adopted {
                 p.stop(Duration::from_secs(1));
             }
             socks.iter().for_each(|s| remove_stale(s));
-            spawn(&spec)?
+            let mut p = spawn(&spec)?;
+            wait_sockets(what, &socks, &mut p)?;
+            p
         }
     };
-    wait_sockets(what, &socks, &mut proc)?;
     info!("{what}: pid {} for {} cards", proc.pid(), socks.len());
     std::thread::Builder::new()
         .name(spec.name.clone())
@@ -145,7 +159,13 @@ mod tests {
     fn a_process_that_creates_no_socket_is_an_error() {
         let t = TempDir::new("micd-shared");
         let d = t.path();
-        let e = keep_running("nothing", spec(d, "exit 3"), vec![d.join("a/x.sock")]).unwrap_err();
+        let e = keep_running(
+            "nothing",
+            spec(d, "exit 3"),
+            vec![d.join("a/x.sock")],
+            Adopt::WithSockets,
+        )
+        .unwrap_err();
         assert!(matches!(
             e,
             SharedError::Socket {
@@ -173,7 +193,13 @@ mod tests {
              s.settimeout(10); s.bind(\"{0}\"); s.listen(); s.accept()'",
             sock.display()
         );
-        keep_running("once", spec(d, &script), vec![sock.clone()]).unwrap();
+        keep_running(
+            "once",
+            spec(d, &script),
+            vec![sock.clone()],
+            Adopt::WithSockets,
+        )
+        .unwrap();
         let first = std::fs::read_to_string(d.join("shared.pid")).unwrap();
         UnixStream::connect(&sock).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);

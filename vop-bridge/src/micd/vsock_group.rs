@@ -20,7 +20,7 @@ use std::path::Path;
 use super::launch::vsock_cid;
 use super::layout::CardDir;
 use super::process::ProcSpec;
-use super::shared::{keep_running, SharedError};
+use super::shared::{keep_running, Adopt, SharedError};
 
 /// The one group micd's cards share.
 pub const GROUP: &str = "mic";
@@ -68,7 +68,13 @@ pub fn pid(vsock: &Path, state_dir: &Path) -> Option<u32> {
 /// micd left running, and keeps it running (`shared.rs`).
 pub fn run(vsock: &Path, state_dir: &Path, cards: &[u16]) -> Result<(), SharedError> {
     match process(vsock, state_dir, cards) {
-        Some(spec) => keep_running("the vsock group", spec, sockets(state_dir, cards)),
+        // Its sockets are gone while the cards' bridges are connected.
+        Some(spec) => keep_running(
+            "the vsock group",
+            spec,
+            sockets(state_dir, cards),
+            Adopt::Running,
+        ),
         None => Ok(()),
     }
 }
