@@ -36,6 +36,24 @@
 //! announces config changes writes them on the duplicate (see
 //! [`crate::PersistentBackend::backend_channel`]).
 //!
+//! In-flight I/O tracking (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`, see
+//! [`crate::inflight`]): `vhost-user-backend` (0.24) answers
+//! `GET_INFLIGHT_FD` and `SET_INFLIGHT_FD` with "not supported" inside its
+//! own request handler, and `vhost` (0.18) only passes them on once the
+//! protocol feature was negotiated, so a device cannot serve them through
+//! `VhostUserBackend` either. For a daemon that tracks in-flight I/O (an
+//! [`InflightHook`] is given), the relay therefore serves both messages
+//! itself and never forwards them: it adds `INFLIGHT_SHMFD` to the
+//! daemon's `GET_PROTOCOL_FEATURES` reply, answers `GET_INFLIGHT_FD` with a
+//! new region ([`InflightRegion::create`]), maps the region that
+//! `SET_INFLIGHT_FD` hands over and gives it to the device through the hook
+//! (acknowledging it if the frontend asked for a reply). With a region set,
+//! every `SET_VRING_KICK` is followed by one kick of that ring's eventfd, so
+//! that the device's worker starts the queue and resubmits what was in
+//! flight even if the driver, waiting for those requests, never kicks
+//! again (a spurious kick is always allowed). A daemon without the hook
+//! gets both messages forwarded, and the feature is not offered.
+//!
 //! Tests: the unit tests below cover the reordering and descriptor passing;
 //! `tests/early_enable.rs` serves a frontend that enables rings before
 //! `SET_FEATURES` through [`crate::serve`] with a minimal device, and
@@ -51,12 +69,14 @@ use std::time::{Duration, Instant};
 
 use log::debug;
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserHeaderFlag, VhostUserU64, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
+    FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserU64,
+    MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
 };
 use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vmm_sys_util::tempdir::TempDir;
 
+use crate::inflight::{self, InflightRegion};
 use crate::poll_in;
 
 /// The vhost-user message header (vhost-user specification, "Message
@@ -220,6 +240,73 @@ pub(crate) const MAX_HELD_ENABLES: usize = 512;
 /// Receives a duplicate of the backend request channel's socket.
 pub(crate) type ChannelHook = Arc<dyn Fn(UnixStream) + Send + Sync>;
 
+/// Receives the in-flight region `SET_INFLIGHT_FD` hands over; given for a
+/// daemon that tracks in-flight I/O.
+pub(crate) type InflightHook = Arc<dyn Fn(InflightRegion) + Send + Sync>;
+
+/// Refused in-flight regions: a frontend can send one per message.
+static INFLIGHT_LINES: crate::ratelimit::LogLimiter = crate::ratelimit::per_minute();
+
+/// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` in the protocol feature bits.
+const INFLIGHT_SHMFD: u64 = VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
+
+/// The reply to `GET_INFLIGHT_FD`: a new region, or on failure a zero
+/// `mmap_size` and no descriptor, which tells the frontend that the
+/// backend has no region to offer (QEMU then goes on without one).
+fn get_inflight_reply(msg: &Msg) -> Msg {
+    let made = inflight::Description::parse(&msg.body)
+        .ok_or(inflight::Error::Description("short message"))
+        .and_then(|want| InflightRegion::create(&want));
+    let (fds, desc) = match made {
+        Ok((fd, desc)) => (vec![fd], desc),
+        Err(e) => {
+            crate::limited!(INFLIGHT_LINES, warn, "GET_INFLIGHT_FD: {e}");
+            (Vec::new(), inflight::Description::default())
+        }
+    };
+    let body = desc.encode(msg.body.len());
+    let mut reply = Msg::new(
+        Header::new(
+            FrontendReq::GET_INFLIGHT_FD,
+            VhostUserHeaderFlag::REPLY,
+            body.len() as u32,
+        ),
+        &body,
+    );
+    reply.fds = fds;
+    reply
+}
+
+/// Maps the region of a `SET_INFLIGHT_FD` message.
+fn set_inflight_region(msg: &Msg) -> Result<InflightRegion, inflight::Error> {
+    let desc = inflight::Description::parse(&msg.body)
+        .ok_or(inflight::Error::Description("short message"))?;
+    let [fd] = &msg.fds[..] else {
+        return Err(inflight::Error::Description("no descriptor"));
+    };
+    InflightRegion::map(fd, &desc)
+}
+
+/// The `REPLY_ACK` answer to `request`: a u64, 0 for success.
+fn ack(request: FrontendReq, ok: bool) -> Msg {
+    let v = VhostUserU64::new(u64::from(!ok));
+    Msg::new(
+        Header::new(
+            request,
+            VhostUserHeaderFlag::REPLY,
+            std::mem::size_of::<VhostUserU64>() as u32,
+        ),
+        v.as_slice(),
+    )
+}
+
+/// Kicks a ring once through its kick eventfd (a duplicate of it).
+fn kick(fd: OwnedFd) {
+    if let Err(e) = std::fs::File::from(fd).write_all(&1u64.to_ne_bytes()) {
+        debug!("cannot kick the ring after SET_VRING_KICK: {e}");
+    }
+}
+
 /// How long a frontend that the daemon accepted may stay silent before its
 /// first message: a peer that connects and never speaks is dropped after
 /// this, so that it does not keep the next frontend waiting (frontends such
@@ -241,8 +328,10 @@ pub(crate) fn pump_requests(
     shutdown_fd: RawFd,
     channel_hook: Option<ChannelHook>,
     first_message: Option<Duration>,
+    inflight_hook: Option<InflightHook>,
 ) {
     let mut features_seen = false;
+    let mut region_set = false;
     let mut held: Vec<Msg> = Vec::new();
     let mut deadline = first_message.map(|t| Instant::now() + t);
     let result: io::Result<()> = (|| {
@@ -294,6 +383,41 @@ pub(crate) fn pump_requests(
                     }
                     send_msg(&back, &msg)?;
                 }
+                Some(FrontendReq::GET_INFLIGHT_FD) if inflight_hook.is_some() => {
+                    send_msg(&front_w.lock().unwrap(), &get_inflight_reply(&msg))?;
+                }
+                Some(FrontendReq::SET_INFLIGHT_FD) if inflight_hook.is_some() => {
+                    let ok = match set_inflight_region(&msg) {
+                        Ok(region) => {
+                            if let Some(hook) = &inflight_hook {
+                                hook(region);
+                            }
+                            region_set = true;
+                            true
+                        }
+                        Err(e) => {
+                            crate::limited!(
+                                INFLIGHT_LINES,
+                                warn,
+                                "SET_INFLIGHT_FD: {e}; in-flight I/O is not tracked"
+                            );
+                            false
+                        }
+                    };
+                    if msg.hdr.need_reply() {
+                        send_msg(
+                            &front_w.lock().unwrap(),
+                            &ack(FrontendReq::SET_INFLIGHT_FD, ok),
+                        )?;
+                    }
+                }
+                Some(FrontendReq::SET_VRING_KICK) if region_set => {
+                    let dup = msg.fds.first().and_then(|fd| fd.try_clone().ok());
+                    send_msg(&back, &msg)?;
+                    if let Some(fd) = dup {
+                        kick(fd);
+                    }
+                }
                 Some(FrontendReq::SET_FEATURES) => {
                     send_msg(&back, &msg)?;
                     features_seen = true;
@@ -312,10 +436,18 @@ pub(crate) fn pump_requests(
     let _ = back.shutdown(std::net::Shutdown::Both);
 }
 
-/// Backend to frontend: forwards replies and backend messages.
-fn pump_replies(back: UnixStream, front_w: Arc<Mutex<UnixStream>>) {
+/// Backend to frontend: forwards replies and backend messages. With
+/// `offer_inflight`, `INFLIGHT_SHMFD` is added to the protocol features.
+fn pump_replies(back: UnixStream, front_w: Arc<Mutex<UnixStream>>, offer_inflight: bool) {
     let result: io::Result<()> = (|| {
-        while let Some(msg) = recv_msg(&back)? {
+        while let Some(mut msg) = recv_msg(&back)? {
+            if offer_inflight
+                && msg.hdr.request() == Some(FrontendReq::GET_PROTOCOL_FEATURES)
+                && msg.body.len() == 8
+            {
+                let f = u64::from_ne_bytes(msg.body[..].try_into().unwrap());
+                msg.body = (f | INFLIGHT_SHMFD).to_ne_bytes().to_vec();
+            }
             let w = front_w.lock().unwrap();
             send_msg(&w, &msg)?;
         }
@@ -374,25 +506,37 @@ impl Relay {
     /// Relays between the frontend's connection `front` and the daemon's
     /// `back` until either side closes, or `shutdown_fd` becomes readable;
     /// then both connections are shut down. `channel_hook` gets a duplicate
-    /// of every backend request channel the frontend sets up.
+    /// of every backend request channel the frontend sets up;
+    /// `inflight_hook`, if given, every in-flight region (see the module
+    /// documentation).
     pub(crate) fn start(
         front: UnixStream,
         back: UnixStream,
         shutdown_fd: RawFd,
         channel_hook: Option<ChannelHook>,
         first_message: Option<Duration>,
+        inflight_hook: Option<InflightHook>,
     ) -> io::Result<Relay> {
+        let offer_inflight = inflight_hook.is_some();
         let front_w = Arc::new(Mutex::new(front.try_clone()?));
         let back2 = back.try_clone()?;
         let fw = front_w.clone();
         let requests = std::thread::Builder::new()
             .name("vu-relay-req".into())
             .spawn(move || {
-                pump_requests(front, fw, back, shutdown_fd, channel_hook, first_message)
+                pump_requests(
+                    front,
+                    fw,
+                    back,
+                    shutdown_fd,
+                    channel_hook,
+                    first_message,
+                    inflight_hook,
+                )
             })?;
         let replies = std::thread::Builder::new()
             .name("vu-relay-rep".into())
-            .spawn(move || pump_replies(back2, front_w))?;
+            .spawn(move || pump_replies(back2, front_w, offer_inflight))?;
         Ok(Relay { requests, replies })
     }
 
@@ -449,7 +593,7 @@ mod tests {
         let (sd_r, sd_w) = UnixStream::pair().unwrap();
         let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
         let t = std::thread::spawn(move || {
-            pump_requests(front, fw, back, sd_r.as_raw_fd(), hook, None)
+            pump_requests(front, fw, back, sd_r.as_raw_fd(), hook, None, None)
         });
         (fe, be, t, sd_w)
     }
