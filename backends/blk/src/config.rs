@@ -65,6 +65,10 @@ pub struct Cli {
     /// with the queue workers; 0 disables them [default: host CPUs, at most 4].
     #[arg(long, value_name = "N")]
     pub io_threads: Option<usize>,
+    /// Report counters as one JSON line to every connection on this UNIX
+    /// socket (created like --socket-path's, removed on exit).
+    #[arg(long, value_name = "PATH")]
+    pub stats_socket: Option<PathBuf>,
 }
 
 /// Validated configuration.
@@ -86,6 +90,8 @@ pub struct BlkConfig {
     pub queue_size: u16,
     /// I/O helper threads.
     pub io_threads: usize,
+    /// Where to report counters, if anywhere.
+    pub stats_socket: Option<PathBuf>,
 }
 
 /// A configuration error (one line, printed before exiting).
@@ -130,6 +136,13 @@ impl BlkConfig {
         if io_threads > MAX_IO_THREADS {
             return Err(ConfigError::IoThreads(io_threads));
         }
+        if cli
+            .stats_socket
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(ConfigError::EmptyPath("--stats-socket"));
+        }
         let serial = match &cli.serial {
             Some(s) => parse_serial(s)?,
             None => default_serial(&cli.image),
@@ -143,6 +156,7 @@ impl BlkConfig {
             num_queues,
             queue_size: qs,
             io_threads,
+            stats_socket: cli.stats_socket,
         })
     }
 }

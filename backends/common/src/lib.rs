@@ -50,6 +50,7 @@ pub mod inflight;
 pub mod ratelimit;
 mod relay;
 pub mod ring;
+pub mod stats;
 pub mod terminal;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
