@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
+use mic_backend_common::inflight::{InflightRegion, QueueTracker, Trackers};
 use mic_backend_common::limited;
 use mic_backend_common::ratelimit::{per_minute, LogLimiter};
-use mic_backend_common::inflight::{InflightRegion, QueueTracker, Trackers};
 use mic_backend_common::ring::RingGuards;
 use mic_backend_common::{InflightTracking, WorkerExitEvents};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};

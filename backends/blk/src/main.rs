@@ -91,9 +91,10 @@ fn main() -> ExitCode {
     // Counters: the requests resubmitted after a restart (in-flight
     // tracking), over every frontend this process served.
     let _stats = match &cfg.stats_socket {
-        Some(p) => match StatsSocket::serve(p, || {
-            serde_json::json!({ "resubmitted": inflight::resubmitted_total() })
-        }) {
+        Some(p) => match StatsSocket::serve(
+            p,
+            || serde_json::json!({ "resubmitted": inflight::resubmitted_total() }),
+        ) {
             Ok(s) => Some(s),
             Err(e) => return fail(e),
         },

@@ -45,7 +45,10 @@ pub fn descriptors(mem: &GuestMemoryMmap, table: u64, size: u16, head: u16) -> V
         };
         if d.flags() & VRING_DESC_F_INDIRECT as u16 != 0 {
             let entries = u64::from(d.len()) / DESC_LEN;
-            if indirect || u64::from(d.len()) % DESC_LEN != 0 || entries > u64::from(u16::MAX) {
+            if indirect
+                || !u64::from(d.len()).is_multiple_of(DESC_LEN)
+                || entries > u64::from(u16::MAX)
+            {
                 break;
             }
             table = d.addr().0;
@@ -139,7 +142,10 @@ mod tests {
         put(2, Descriptor::new(BUFFERS, 1, VRING_DESC_F_NEXT as u16, 9));
         assert_eq!(descriptors(&mem, t, 4, 2).len(), 1);
         // An indirect table of a length that is not a multiple of 16.
-        put(3, Descriptor::new(BUFFERS, 20, VRING_DESC_F_INDIRECT as u16, 0));
+        put(
+            3,
+            Descriptor::new(BUFFERS, 20, VRING_DESC_F_INDIRECT as u16, 0),
+        );
         assert!(descriptors(&mem, t, 4, 3).is_empty());
         // A head outside the table, and a table outside guest memory.
         assert!(descriptors(&mem, t, 4, 4).is_empty());

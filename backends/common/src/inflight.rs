@@ -240,7 +240,7 @@ impl Mapping {
     /// If `off` is out of the mapping or not aligned for `T` (callers
     /// compute offsets from the layout above, so neither happens).
     fn at<T>(&self, off: usize) -> &T {
-        assert!(off + size_of::<T>() <= self.len && off % std::mem::align_of::<T>() == 0);
+        assert!(off + size_of::<T>() <= self.len && off.is_multiple_of(std::mem::align_of::<T>()));
         // SAFETY: in bounds and aligned (checked), the mapping is page
         // aligned and lives as long as `self`; atomics of u8/u16/u64 have
         // the size and alignment of the integers, and any bit pattern is a
@@ -301,7 +301,9 @@ impl InflightRegion {
         desc.check()?;
         let need = region_size(desc.num_queues, desc.queue_size);
         if desc.mmap_size < need as u64 {
-            return Err(Error::Description("mmap size smaller than the queue regions"));
+            return Err(Error::Description(
+                "mmap size smaller than the queue regions",
+            ));
         }
         let region = InflightRegion {
             map: Arc::new(Mapping::new(fd, need, desc.mmap_offset)?),
@@ -362,7 +364,8 @@ impl QueueView {
     }
 
     fn desc<T>(&self, head: u16, field: usize) -> &T {
-        self.map.at(self.base + HDR + DESC * usize::from(head) + field)
+        self.map
+            .at(self.base + HDR + DESC * usize::from(head) + field)
     }
 
     fn version(&self) -> u16 {
@@ -599,7 +602,10 @@ mod tests {
 
     /// The tracker a backend started again on the same region gets.
     fn restarted(fd: &OwnedFd, desc: &Description, queue: u16) -> QueueTracker {
-        InflightRegion::map(fd, desc).unwrap().tracker(queue).unwrap()
+        InflightRegion::map(fd, desc)
+            .unwrap()
+            .tracker(queue)
+            .unwrap()
     }
 
     #[test]
@@ -689,7 +695,10 @@ mod tests {
         r.view(0).inflight(2).store(1, Ordering::Release);
         let mut t = restarted(&fd, &desc, 0);
         assert_eq!(r.view(0).version(), 1);
-        assert!(t.recover(0).is_empty(), "an uninitialised region holds nothing");
+        assert!(
+            t.recover(0).is_empty(),
+            "an uninitialised region holds nothing"
+        );
     }
 
     #[test]
@@ -821,15 +830,14 @@ mod tests {
         assert!(resubmitted_total() >= before + 2);
         let got: Vec<u16> = again.iter().map(|r| r.head).collect();
         assert_eq!(got, [heads[0], heads[2]]);
-        let addrs: Vec<u64> = again[1]
-            .descs
-            .iter()
-            .map(|d| d.addr().0)
-            .collect();
+        let addrs: Vec<u64> = again[1].descs.iter().map(|d| d.addr().0).collect();
         assert_eq!(addrs, [BUFFERS + 0x200, BUFFERS + 0x280]);
         // used 1 + 2 in flight: the fourth chain is next.
         assert_eq!(q2.next_avail(), 3);
-        assert_eq!(q2.pop_descriptor_chain(&mem).unwrap().head_index(), heads[3]);
+        assert_eq!(
+            q2.pop_descriptor_chain(&mem).unwrap().head_index(),
+            heads[3]
+        );
     }
 
     #[test]

@@ -389,6 +389,7 @@ pub(crate) fn pump_requests(
                 Some(FrontendReq::SET_INFLIGHT_FD) if inflight_hook.is_some() => {
                     let ok = match set_inflight_region(&msg) {
                         Ok(region) => {
+                            debug!("in-flight region of {} queue(s) set", region.num_queues());
                             if let Some(hook) = &inflight_hook {
                                 hook(region);
                             }
@@ -721,6 +722,108 @@ mod tests {
         assert_eq!(&b, b"ping");
         drop(fe);
         t.join().unwrap();
+    }
+
+    #[test]
+    fn inflight_messages_are_served_by_the_relay() {
+        const GET_PROTOCOL_FEATURES: u32 = 15;
+        const SET_VRING_KICK: u32 = 12;
+        const GET_INFLIGHT_FD: u32 = 31;
+        const SET_INFLIGHT_FD: u32 = 32;
+        assert_eq!(u32::from(FrontendReq::GET_INFLIGHT_FD), GET_INFLIGHT_FD);
+        assert_eq!(u32::from(FrontendReq::SET_INFLIGHT_FD), SET_INFLIGHT_FD);
+        assert_eq!(INFLIGHT_SHMFD, 1 << 12);
+        let got: Arc<Mutex<Vec<u16>>> = Arc::default();
+        let g = got.clone();
+        let hook: InflightHook = Arc::new(move |r| g.lock().unwrap().push(r.num_queues()));
+        let (fe, front) = UnixStream::pair().unwrap();
+        let (back, be) = UnixStream::pair().unwrap();
+        let (sd_r, _sd_w) = UnixStream::pair().unwrap();
+        let relay = Relay::start(front, back, sd_r.as_raw_fd(), None, None, Some(hook)).unwrap();
+        // The daemon's protocol features gain INFLIGHT_SHMFD.
+        let feats = parse(
+            &msg(
+                GET_PROTOCOL_FEATURES,
+                FLAG_VERSION | FLAG_REPLY,
+                &0x200u64.to_ne_bytes(),
+            ),
+            Vec::new(),
+        );
+        send_msg(&be, &feats).unwrap();
+        let r = recv_msg(&fe).unwrap().unwrap();
+        assert_eq!(r.body, (0x200u64 | 1 << 12).to_ne_bytes());
+        // GET_INFLIGHT_FD: answered with a region, 24-byte payload as QEMU.
+        let want = inflight::Description {
+            num_queues: 2,
+            queue_size: 16,
+            ..Default::default()
+        };
+        send_msg(
+            &fe,
+            &parse(
+                &msg(GET_INFLIGHT_FD, FLAG_VERSION, &want.encode(24)),
+                Vec::new(),
+            ),
+        )
+        .unwrap();
+        let mut r = recv_msg(&fe).unwrap().unwrap();
+        assert_eq!(r.hdr.flags, FLAG_VERSION | FLAG_REPLY);
+        let desc = inflight::Description::parse(&r.body).unwrap();
+        assert_eq!(r.body.len(), 24);
+        assert_eq!(desc.mmap_size, inflight::region_size(2, 16) as u64);
+        let fd = r.fds.pop().expect("the region's memfd");
+        // SET_INFLIGHT_FD with a reply requested: the hook gets the region.
+        let mut set = parse(
+            &msg(
+                SET_INFLIGHT_FD,
+                FLAG_VERSION | FLAG_NEED_REPLY,
+                &desc.encode(24),
+            ),
+            Vec::new(),
+        );
+        set.fds.push(fd);
+        send_msg(&fe, &set).unwrap();
+        let r = recv_msg(&fe).unwrap().unwrap();
+        assert_eq!(r.body, 0u64.to_ne_bytes(), "acknowledged");
+        assert_eq!(*got.lock().unwrap(), [2]);
+        // SET_VRING_KICK reaches the daemon, and the ring is kicked once.
+        let kick_fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let mut k = parse(
+            &msg(SET_VRING_KICK, FLAG_VERSION, &0u64.to_ne_bytes()),
+            Vec::new(),
+        );
+        // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor that we own.
+        let dup = unsafe { libc::fcntl(kick_fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        assert!(dup >= 0);
+        // SAFETY: `dup` is new and owned by nothing else.
+        k.fds.push(unsafe { OwnedFd::from_raw_fd(dup) });
+        send_msg(&fe, &k).unwrap();
+        // Only the kick: neither in-flight message was forwarded.
+        let r = recv_msg(&be).unwrap().unwrap();
+        assert_eq!(r.hdr.request, SET_VRING_KICK);
+        assert_eq!(r.fds.len(), 1);
+        assert_eq!(kick_fd.read().unwrap(), 1);
+        drop(fe);
+        relay.join();
+    }
+
+    #[test]
+    fn without_tracking_inflight_messages_pass_and_nothing_is_offered() {
+        let (fe, front) = UnixStream::pair().unwrap();
+        let (back, be) = UnixStream::pair().unwrap();
+        let (sd_r, _sd_w) = UnixStream::pair().unwrap();
+        let relay = Relay::start(front, back, sd_r.as_raw_fd(), None, None, None).unwrap();
+        let feats = parse(
+            &msg(15, FLAG_VERSION | FLAG_REPLY, &0x200u64.to_ne_bytes()),
+            Vec::new(),
+        );
+        send_msg(&be, &feats).unwrap();
+        assert_eq!(recv_msg(&fe).unwrap().unwrap().body, 0x200u64.to_ne_bytes());
+        let get = parse(&msg(31, FLAG_VERSION, &[0; 24]), Vec::new());
+        send_msg(&fe, &get).unwrap();
+        assert_eq!(wire(&recv_msg(&be).unwrap().unwrap()), wire(&get));
+        drop(fe);
+        relay.join();
     }
 
     #[test]

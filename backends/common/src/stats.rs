@@ -31,8 +31,8 @@ impl StatsSocket {
         let Endpoint::Listen { listener, .. } = &endpoint else {
             unreachable!("Endpoint::listen makes a listening endpoint");
         };
-        let fd = dup_listener(listener.as_raw_fd())
-            .map_err(|e| Error::Listen(path.to_path_buf(), e))?;
+        let fd =
+            dup_listener(listener.as_raw_fd()).map_err(|e| Error::Listen(path.to_path_buf(), e))?;
         std::thread::Builder::new()
             .name("stats".into())
             .spawn(move || {
@@ -74,9 +74,10 @@ mod tests {
         let p = dir.as_path().join("stats.sock");
         let n = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let m = n.clone();
-        let s = StatsSocket::serve(&p, move || {
-            serde_json::json!({"n": m.fetch_add(1, std::sync::atomic::Ordering::SeqCst)})
-        })
+        let s = StatsSocket::serve(
+            &p,
+            move || serde_json::json!({"n": m.fetch_add(1, std::sync::atomic::Ordering::SeqCst)}),
+        )
         .unwrap();
         for want in 0..2 {
             let mut out = String::new();
