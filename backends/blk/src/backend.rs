@@ -5,6 +5,13 @@
 //! acked features and the write-cache mode starts fresh); the [`Disk`] is
 //! shared between connections. Every queue has its own worker thread
 //! (`queues_per_thread`), and each worker owns reusable request buffers.
+//!
+//! In-flight I/O is tracked in the frontend's region when it hands one over
+//! (`mic_backend_common::inflight`): a head is marked when it is taken from
+//! the ring (`RingGuard::next`), and cleared around its used entry
+//! (`add_used`); the first time a queue is served with a new region, the
+//! requests an earlier backend left in flight are executed again before
+//! anything else (`resubmit`).
 
 use std::io;
 use std::mem::offset_of;
@@ -12,11 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
+use mic_backend_common::inflight::{InflightRegion, QueueTracker, Trackers};
 use mic_backend_common::limited;
 use mic_backend_common::ratelimit::{per_minute, LogLimiter};
 use mic_backend_common::ring::RingGuards;
 use mic_backend_common::sandbox::ThreadKind;
-use mic_backend_common::WorkerExitEvents;
+use mic_backend_common::{InflightTracking, WorkerExitEvents};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::*;
@@ -39,6 +47,9 @@ const OFFLOAD_BYTES: u64 = 64 << 10;
 /// Failed used-ring notifications: the call eventfd is the frontend's, and a
 /// broken one fails once per request.
 static SIGNAL_LINES: LogLimiter = per_minute();
+
+/// Resubmission lines: a frontend can reconnect in a loop.
+static RESUBMIT_LINES: LogLimiter = per_minute();
 
 type GM = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -93,6 +104,7 @@ struct Inner {
     pool: Option<IoPool>,
     exit: WorkerExitEvents,
     guards: RingGuards,
+    inflight: Trackers,
 }
 
 const fn bit(b: u32) -> u64 {
@@ -106,6 +118,7 @@ impl BlkBackend {
             .map(|_| Mutex::new(Scratch::default()))
             .collect();
         let guards = RingGuards::new(usize::from(params.num_queues));
+        let inflight = Trackers::new(usize::from(params.num_queues));
         let pool = match params.io_threads {
             0 => None,
             n => Some(IoPool::new(n)?),
@@ -122,6 +135,7 @@ impl BlkBackend {
                 pool,
                 exit: WorkerExitEvents::new(),
                 guards,
+                inflight,
             }),
         })
     }
@@ -207,6 +221,10 @@ impl BlkBackend {
         // Each worker serves one queue: its thread index is the queue's.
         let guard = self.inner.guards.get(thread_id);
         let mut state = vring.get_mut();
+        let mut tracker = self.inner.inflight.lock(thread_id);
+        if let Some(t) = tracker.as_mut().filter(|t| t.needs_recovery()) {
+            Self::resubmit(t, &mut state, mem, &ctx, &mut scratch);
+        }
         loop {
             if event_idx {
                 let _ = state.get_queue_mut().disable_notification(mem);
@@ -217,6 +235,9 @@ impl BlkBackend {
             let mut local_large = None;
             let mut batch = None;
             while let Some(chain) = guard.next(state.get_queue_mut(), mem) {
+                if let Some(t) = tracker.as_mut() {
+                    t.take(chain.head_index());
+                }
                 if let Some(pool) = pool {
                     let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
                     if bytes >= OFFLOAD_BYTES {
@@ -245,7 +266,7 @@ impl BlkBackend {
                 }
                 let head = chain.head_index();
                 let len = request::process(mem, chain, &ctx, &mut scratch);
-                Self::add_used(&mut state, mem, head, len);
+                Self::add_used(&mut state, mem, tracker.as_ref(), head, len);
                 completed = true;
                 // After a large transfer, tell the driver right away if it
                 // asked for a notification, so it can refill the ring while
@@ -261,14 +282,14 @@ impl BlkBackend {
             if let Some(chain) = local_large.take() {
                 let head = chain.head_index();
                 let len = request::process(mem, chain, &ctx, &mut scratch);
-                Self::add_used(&mut state, mem, head, len);
+                Self::add_used(&mut state, mem, tracker.as_ref(), head, len);
                 completed = true;
             }
             if let (Some(b), Some(pool)) = (batch.take(), pool) {
                 // Help with what the helpers have not started yet.
                 while pool.run_one(&mut scratch) {}
                 for (head, len) in b.wait() {
-                    Self::add_used(&mut state, mem, head, len);
+                    Self::add_used(&mut state, mem, tracker.as_ref(), head, len);
                 }
                 completed = true;
             }
@@ -288,10 +309,58 @@ impl BlkBackend {
         }
     }
 
-    fn add_used(state: &mut VringState<GM>, mem: &GuestMemoryMmap, head: u16, len: u32) {
-        if let Err(e) = state.get_queue_mut().add_used(mem, head, len) {
+    /// Publishes `head`'s used entry, keeping the in-flight region (if
+    /// any) in step (`inflight` module: steps 2 and 3).
+    fn add_used(
+        state: &mut VringState<GM>,
+        mem: &GuestMemoryMmap,
+        tracker: Option<&QueueTracker>,
+        head: u16,
+        len: u32,
+    ) {
+        if let Some(t) = tracker {
+            t.completing(head);
+        }
+        let q = state.get_queue_mut();
+        if let Err(e) = q.add_used(mem, head, len) {
             // Guest-controlled (bad head index): not worth more than debug.
             debug!("cannot add used entry for head {head}: {e}");
+        }
+        if let Some(t) = tracker {
+            t.completed(head, q.next_used());
+        }
+    }
+
+    /// Executes again the requests an earlier backend left in flight (the
+    /// queue's first service with a new region), oldest first, and tells
+    /// the driver. Resubmitted writes and reads write the same bytes
+    /// again, so a request that had partly or fully run completes as if it
+    /// had run once.
+    fn resubmit(
+        t: &mut QueueTracker,
+        state: &mut VringState<GM>,
+        mem: &GuestMemoryMmap,
+        ctx: &Context,
+        scratch: &mut Scratch,
+    ) {
+        let Some(chains) = t.recover_queue(state.get_queue_mut(), mem) else {
+            return;
+        };
+        if chains.is_empty() {
+            return;
+        }
+        limited!(
+            RESUBMIT_LINES,
+            info,
+            "resubmitting {} request(s) left in flight",
+            chains.len()
+        );
+        for c in chains {
+            let len = request::process(mem, c.descs.into_iter(), ctx, scratch);
+            Self::add_used(state, mem, Some(t), c.head, len);
+        }
+        if let Err(e) = state.signal_used_queue() {
+            limited!(SIGNAL_LINES, warn, "cannot signal the used queue: {e}");
         }
     }
 
@@ -307,6 +376,12 @@ impl BlkBackend {
             }
         }
         notify
+    }
+}
+
+impl InflightTracking for BlkBackend {
+    fn set_inflight_region(&self, region: InflightRegion) {
+        self.inner.inflight.install(&region);
     }
 }
 

@@ -69,6 +69,10 @@ pub struct Cli {
     /// `--sandbox` (shared by all backends).
     #[command(flatten)]
     pub sandbox: SandboxArgs,
+    /// Report counters as one JSON line to every connection on this UNIX
+    /// socket (created like --socket-path's, removed on exit).
+    #[arg(long, value_name = "PATH")]
+    pub stats_socket: Option<PathBuf>,
 }
 
 /// Validated configuration.
@@ -92,6 +96,8 @@ pub struct BlkConfig {
     pub io_threads: usize,
     /// Whether the daemon confines itself (`src/sandbox.rs`).
     pub sandbox: SandboxMode,
+    /// Where to report counters, if anywhere.
+    pub stats_socket: Option<PathBuf>,
 }
 
 /// A configuration error (one line, printed before exiting).
@@ -136,6 +142,13 @@ impl BlkConfig {
         if io_threads > MAX_IO_THREADS {
             return Err(ConfigError::IoThreads(io_threads));
         }
+        if cli
+            .stats_socket
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(ConfigError::EmptyPath("--stats-socket"));
+        }
         let serial = match &cli.serial {
             Some(s) => parse_serial(s)?,
             None => default_serial(&cli.image),
@@ -150,6 +163,7 @@ impl BlkConfig {
             queue_size: qs,
             io_threads,
             sandbox: cli.sandbox.sandbox,
+            stats_socket: cli.stats_socket,
         })
     }
 }

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use clap::Parser;
 use log::info;
 use mic_backend_common::capabilities::{self, BackendType, Capabilities};
-use mic_backend_common::{init_logging, open_endpoint, sandbox, serve};
+use mic_backend_common::stats::StatsSocket;
+use mic_backend_common::{inflight, init_logging, open_endpoint, sandbox, serve_tracking};
 
 use mic_blk::backend::{BlkBackend, BlkParams};
 use mic_blk::config::{BlkConfig, Cli};
@@ -94,13 +95,25 @@ fn main() -> ExitCode {
         cfg.num_queues,
         cfg.queue_size
     );
+    // Counters: the requests resubmitted after a restart (in-flight
+    // tracking), over every frontend this process served.
+    let _stats = match &cfg.stats_socket {
+        Some(p) => match StatsSocket::serve(
+            p,
+            || serde_json::json!({ "resubmitted": inflight::resubmitted_total() }),
+        ) {
+            Ok(s) => Some(s),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
     let params = BlkParams {
         serial: cfg.serial,
         num_queues: cfg.num_queues,
         queue_size: cfg.queue_size,
         io_threads: cfg.io_threads,
     };
-    match serve("mic-blk", endpoint, &shutdown, || {
+    match serve_tracking("mic-blk", endpoint, &shutdown, || {
         BlkBackend::new(disk.clone(), params.clone())
     }) {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,7 @@
 //! descriptors opened at startup, synced, and with holes punched
 //! (`DISCARD`, `WRITE_ZEROES`).
 
-use mic_backend_common::sandbox::{Allow, PathAccess, Policy};
+use mic_backend_common::sandbox::{parent_dir, Allow, PathAccess, Policy};
 
 use crate::config::BlkConfig;
 
@@ -21,10 +21,20 @@ const IMAGE_IO: &[Allow] = &[
     Allow::Call(libc::SYS_fallocate),
 ];
 
+/// In-flight tracking (`mic_backend_common::inflight`): the relay makes the
+/// region (a memfd of the size the frontend's queues need) when the
+/// frontend asks for one, and maps whatever region the frontend hands back.
+const INFLIGHT_REGION: &[Allow] = &[
+    Allow::Call(libc::SYS_memfd_create),
+    Allow::Call(libc::SYS_ftruncate),
+];
+
 /// `mic-blk`'s sandbox policy for `cfg`.
 pub fn policy(cfg: &BlkConfig) -> Policy {
     let mut p = Policy::new("mic-blk", &cfg.socket);
     p.allow_calls(IMAGE_IO);
+    p.allow_calls(INFLIGHT_REGION);
+    p.allow_relay_calls(INFLIGHT_REGION);
     // Workers and I/O helpers: the image I/O, and no file opened.
     p.allow_worker_calls(IMAGE_IO);
     let access = if cfg.readonly {
@@ -33,6 +43,11 @@ pub fn policy(cfg: &BlkConfig) -> Policy {
         PathAccess::ReadWriteFile
     };
     p.allow_path(&cfg.image, access);
+    // The stats socket is made (a stale one replaced) once the sandbox is
+    // on, and removed on exit, as the vhost-user socket is.
+    if let Some(stats) = &cfg.stats_socket {
+        p.allow_path(parent_dir(stats), PathAccess::SocketDir);
+    }
     p
 }
 
@@ -63,8 +78,16 @@ mod tests {
         assert!(p.syscalls.contains(&Allow::Call(libc::SYS_fallocate)));
         assert!(p.worker_syscalls.contains(&Allow::Call(libc::SYS_pwritev)));
         assert!(!p.worker_syscalls.contains(&Allow::Socket(libc::AF_UNIX)));
+        assert!(p
+            .relay_syscalls
+            .contains(&Allow::Call(libc::SYS_memfd_create)));
+        assert!(!p
+            .worker_syscalls
+            .contains(&Allow::Call(libc::SYS_memfd_create)));
         assert!(!p.workers_open_files);
         assert!(p.tcp.is_empty());
+        let stats = policy(&cfg(&["--stats-socket", "/st/s.sock"]));
+        assert!(stats.has_path(Path::new("/st"), PathAccess::SocketDir));
         let ro = policy(&cfg(&["--readonly"]));
         assert!(ro.has_path(Path::new("/i/d.img"), PathAccess::ReadFile));
     }

@@ -147,7 +147,18 @@ pub fn relay(data: &[u8]) {
 
     let front_w = Arc::new(std::sync::Mutex::new(front.try_clone().expect("dup")));
     let hook: crate::relay::ChannelHook = Arc::new(|s: UnixStream| drop(s));
-    crate::relay::pump_requests(front, front_w, back, shutdown.as_raw_fd(), Some(hook), None);
+    // With in-flight tracking on, so the messages the relay serves itself
+    // are fuzzed too.
+    let inflight: crate::relay::InflightHook = Arc::new(drop);
+    crate::relay::pump_requests(
+        front,
+        front_w,
+        back,
+        shutdown.as_raw_fd(),
+        Some(hook),
+        None,
+        Some(inflight),
+    );
     let out = reader.join().expect("reader");
     // Only whole messages reach the daemon.
     let mut at = 0;

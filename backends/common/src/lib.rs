@@ -37,17 +37,25 @@
 //!
 //! [`guest`] has guest-memory and virtqueue helpers for the devices, and
 //! [`ring`] the guard every device takes its chains through.
+//!
+//! A device that tracks in-flight I/O ([`inflight`], vhost-user's
+//! `INFLIGHT_SHMFD`) implements [`InflightTracking`] and is served with
+//! [`serve_tracking`]; the relay then serves the in-flight messages and
+//! hands each connection's region to that connection's backend.
 
 #![deny(missing_docs)]
 
 pub mod capabilities;
+pub mod chain;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod guest;
+pub mod inflight;
 pub mod ratelimit;
 mod relay;
 pub mod ring;
 pub mod sandbox;
+pub mod stats;
 pub mod terminal;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
@@ -64,7 +72,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use log::{debug, error, info, warn};
-use relay::{ChannelHook, PrivateSocket, Relay};
+use relay::{ChannelHook, InflightHook, PrivateSocket, Relay};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::bitmap::BitmapReplace;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
@@ -716,6 +724,44 @@ pub trait PersistentBackend {
     fn backend_channel(&self, _channel: UnixStream) {}
 }
 
+/// A device that tracks in-flight I/O in the frontend's shared region
+/// (vhost-user `INFLIGHT_SHMFD`, see [`inflight`]), served with
+/// [`serve_tracking`].
+pub trait InflightTracking {
+    /// The region the frontend handed over (`SET_INFLIGHT_FD`), before it
+    /// sets up the rings: the device tracks its queues in it from now on,
+    /// and recovers each queue from it when the queue starts.
+    fn set_inflight_region(&self, region: inflight::InflightRegion);
+}
+
+/// Serve frontends until shutdown, like [`serve`], for a device that
+/// tracks in-flight I/O: the protocol feature is offered and every
+/// connection's region goes to that connection's backend.
+pub fn serve_tracking<B, N>(
+    name: &str,
+    endpoint: Endpoint,
+    shutdown: &Shutdown,
+    new_backend: N,
+) -> Result<()>
+where
+    B: DaemonBackend + InflightTracking + Send + Sync,
+    N: FnMut() -> io::Result<B>,
+{
+    fn hook<B: InflightTracking + Clone + Send + Sync + 'static>(b: &B) -> InflightHook {
+        let b = b.clone();
+        Arc::new(move |region| b.set_inflight_region(region))
+    }
+    run_daemon_hooked(
+        name,
+        endpoint,
+        shutdown,
+        new_backend,
+        |_| Ok(()),
+        None,
+        Some(hook::<B>),
+    )
+}
+
 /// Serve frontends until shutdown with one long-lived backend; see
 /// [`run_daemon`] and [`PersistentBackend`].
 pub fn serve_persistent<B>(
@@ -748,6 +794,7 @@ where
             Ok(())
         },
         Some(hook),
+        None,
     )
 }
 
@@ -818,11 +865,13 @@ where
     N: FnMut() -> io::Result<B>,
     S: FnMut(&VhostUserDaemon<B>) -> io::Result<()>,
 {
-    run_daemon_hooked(name, endpoint, shutdown, new_backend, on_start, None)
+    run_daemon_hooked(name, endpoint, shutdown, new_backend, on_start, None, None)
 }
 
 /// [`run_daemon`], handing the backend request channel of every frontend
-/// to `channel_hook` (see [`PersistentBackend::backend_channel`]).
+/// to `channel_hook` (see [`PersistentBackend::backend_channel`]) and, with
+/// `inflight_hook`, every in-flight region to the hook it makes for that
+/// frontend's backend (see [`serve_tracking`]).
 fn run_daemon_hooked<B, N, S>(
     name: &str,
     endpoint: Endpoint,
@@ -830,6 +879,7 @@ fn run_daemon_hooked<B, N, S>(
     mut new_backend: N,
     mut on_start: S,
     channel_hook: Option<ChannelHook>,
+    inflight_hook: Option<fn(&B) -> InflightHook>,
 ) -> Result<()>
 where
     B: DaemonBackend,
@@ -839,6 +889,7 @@ where
     let mut connections: u64 = 0;
     while let Some(front) = next_frontend(&endpoint, shutdown) {
         let backend = new_backend().map_err(Error::Backend)?;
+        let inflight = inflight_hook.map(|make| make(&backend));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new());
         let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
@@ -868,6 +919,7 @@ where
             shutdown.fd(),
             channel_hook.clone(),
             first_message,
+            inflight,
         )
         .map_err(Error::Relay)?;
         connections += 1;

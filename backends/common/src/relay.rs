@@ -36,6 +36,24 @@
 //! announces config changes writes them on the duplicate (see
 //! [`crate::PersistentBackend::backend_channel`]).
 //!
+//! In-flight I/O tracking (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`, see
+//! [`crate::inflight`]): `vhost-user-backend` (0.24) answers
+//! `GET_INFLIGHT_FD` and `SET_INFLIGHT_FD` with "not supported" inside its
+//! own request handler, and `vhost` (0.18) only passes them on once the
+//! protocol feature was negotiated, so a device cannot serve them through
+//! `VhostUserBackend` either. For a daemon that tracks in-flight I/O (an
+//! [`InflightHook`] is given), the relay therefore serves both messages
+//! itself and never forwards them: it adds `INFLIGHT_SHMFD` to the
+//! daemon's `GET_PROTOCOL_FEATURES` reply, answers `GET_INFLIGHT_FD` with a
+//! new region ([`InflightRegion::create`]), maps the region that
+//! `SET_INFLIGHT_FD` hands over and gives it to the device through the hook
+//! (acknowledging it if the frontend asked for a reply). With a region set,
+//! every `SET_VRING_KICK` is followed by one kick of that ring's eventfd, so
+//! that the device's worker starts the queue and resubmits what was in
+//! flight even if the driver, waiting for those requests, never kicks
+//! again (a spurious kick is always allowed). A daemon without the hook
+//! gets both messages forwarded, and the feature is not offered.
+//!
 //! Tests: the unit tests below cover the reordering and descriptor passing;
 //! `tests/early_enable.rs` serves a frontend that enables rings before
 //! `SET_FEATURES` through [`crate::serve`] with a minimal device, and
@@ -51,12 +69,14 @@ use std::time::{Duration, Instant};
 
 use log::debug;
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserHeaderFlag, VhostUserU64, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
+    FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserU64,
+    MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
 };
 use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vmm_sys_util::tempdir::TempDir;
 
+use crate::inflight::{self, InflightRegion};
 use crate::poll_in;
 
 /// The vhost-user message header (vhost-user specification, "Message
@@ -220,6 +240,73 @@ pub(crate) const MAX_HELD_ENABLES: usize = 512;
 /// Receives a duplicate of the backend request channel's socket.
 pub(crate) type ChannelHook = Arc<dyn Fn(UnixStream) + Send + Sync>;
 
+/// Receives the in-flight region `SET_INFLIGHT_FD` hands over; given for a
+/// daemon that tracks in-flight I/O.
+pub(crate) type InflightHook = Arc<dyn Fn(InflightRegion) + Send + Sync>;
+
+/// Refused in-flight regions: a frontend can send one per message.
+static INFLIGHT_LINES: crate::ratelimit::LogLimiter = crate::ratelimit::per_minute();
+
+/// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` in the protocol feature bits.
+const INFLIGHT_SHMFD: u64 = VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
+
+/// The reply to `GET_INFLIGHT_FD`: a new region, or on failure a zero
+/// `mmap_size` and no descriptor, which tells the frontend that the
+/// backend has no region to offer (QEMU then goes on without one).
+fn get_inflight_reply(msg: &Msg) -> Msg {
+    let made = inflight::Description::parse(&msg.body)
+        .ok_or(inflight::Error::Description("short message"))
+        .and_then(|want| InflightRegion::create(&want));
+    let (fds, desc) = match made {
+        Ok((fd, desc)) => (vec![fd], desc),
+        Err(e) => {
+            crate::limited!(INFLIGHT_LINES, warn, "GET_INFLIGHT_FD: {e}");
+            (Vec::new(), inflight::Description::default())
+        }
+    };
+    let body = desc.encode(msg.body.len());
+    let mut reply = Msg::new(
+        Header::new(
+            FrontendReq::GET_INFLIGHT_FD,
+            VhostUserHeaderFlag::REPLY,
+            body.len() as u32,
+        ),
+        &body,
+    );
+    reply.fds = fds;
+    reply
+}
+
+/// Maps the region of a `SET_INFLIGHT_FD` message.
+fn set_inflight_region(msg: &Msg) -> Result<InflightRegion, inflight::Error> {
+    let desc = inflight::Description::parse(&msg.body)
+        .ok_or(inflight::Error::Description("short message"))?;
+    let [fd] = &msg.fds[..] else {
+        return Err(inflight::Error::Description("no descriptor"));
+    };
+    InflightRegion::map(fd, &desc)
+}
+
+/// The `REPLY_ACK` answer to `request`: a u64, 0 for success.
+fn ack(request: FrontendReq, ok: bool) -> Msg {
+    let v = VhostUserU64::new(u64::from(!ok));
+    Msg::new(
+        Header::new(
+            request,
+            VhostUserHeaderFlag::REPLY,
+            std::mem::size_of::<VhostUserU64>() as u32,
+        ),
+        v.as_slice(),
+    )
+}
+
+/// Kicks a ring once through its kick eventfd (a duplicate of it).
+fn kick(fd: OwnedFd) {
+    if let Err(e) = std::fs::File::from(fd).write_all(&1u64.to_ne_bytes()) {
+        debug!("cannot kick the ring after SET_VRING_KICK: {e}");
+    }
+}
+
 /// How long a frontend that the daemon accepted may stay silent before its
 /// first message: a peer that connects and never speaks is dropped after
 /// this, so that it does not keep the next frontend waiting (frontends such
@@ -241,9 +328,11 @@ pub(crate) fn pump_requests(
     shutdown_fd: RawFd,
     channel_hook: Option<ChannelHook>,
     first_message: Option<Duration>,
+    inflight_hook: Option<InflightHook>,
 ) {
     crate::sandbox::enter(crate::sandbox::ThreadKind::Relay);
     let mut features_seen = false;
+    let mut region_set = false;
     let mut held: Vec<Msg> = Vec::new();
     let mut deadline = first_message.map(|t| Instant::now() + t);
     let result: io::Result<()> = (|| {
@@ -295,6 +384,42 @@ pub(crate) fn pump_requests(
                     }
                     send_msg(&back, &msg)?;
                 }
+                Some(FrontendReq::GET_INFLIGHT_FD) if inflight_hook.is_some() => {
+                    send_msg(&front_w.lock().unwrap(), &get_inflight_reply(&msg))?;
+                }
+                Some(FrontendReq::SET_INFLIGHT_FD) if inflight_hook.is_some() => {
+                    let ok = match set_inflight_region(&msg) {
+                        Ok(region) => {
+                            debug!("in-flight region of {} queue(s) set", region.num_queues());
+                            if let Some(hook) = &inflight_hook {
+                                hook(region);
+                            }
+                            region_set = true;
+                            true
+                        }
+                        Err(e) => {
+                            crate::limited!(
+                                INFLIGHT_LINES,
+                                warn,
+                                "SET_INFLIGHT_FD: {e}; in-flight I/O is not tracked"
+                            );
+                            false
+                        }
+                    };
+                    if msg.hdr.need_reply() {
+                        send_msg(
+                            &front_w.lock().unwrap(),
+                            &ack(FrontendReq::SET_INFLIGHT_FD, ok),
+                        )?;
+                    }
+                }
+                Some(FrontendReq::SET_VRING_KICK) if region_set => {
+                    let dup = msg.fds.first().and_then(|fd| fd.try_clone().ok());
+                    send_msg(&back, &msg)?;
+                    if let Some(fd) = dup {
+                        kick(fd);
+                    }
+                }
                 Some(FrontendReq::SET_FEATURES) => {
                     send_msg(&back, &msg)?;
                     features_seen = true;
@@ -313,11 +438,19 @@ pub(crate) fn pump_requests(
     let _ = back.shutdown(std::net::Shutdown::Both);
 }
 
-/// Backend to frontend: forwards replies and backend messages.
-fn pump_replies(back: UnixStream, front_w: Arc<Mutex<UnixStream>>) {
+/// Backend to frontend: forwards replies and backend messages. With
+/// `offer_inflight`, `INFLIGHT_SHMFD` is added to the protocol features.
+fn pump_replies(back: UnixStream, front_w: Arc<Mutex<UnixStream>>, offer_inflight: bool) {
     crate::sandbox::enter(crate::sandbox::ThreadKind::Relay);
     let result: io::Result<()> = (|| {
-        while let Some(msg) = recv_msg(&back)? {
+        while let Some(mut msg) = recv_msg(&back)? {
+            if offer_inflight
+                && msg.hdr.request() == Some(FrontendReq::GET_PROTOCOL_FEATURES)
+                && msg.body.len() == 8
+            {
+                let f = u64::from_ne_bytes(msg.body[..].try_into().unwrap());
+                msg.body = (f | INFLIGHT_SHMFD).to_ne_bytes().to_vec();
+            }
             let w = front_w.lock().unwrap();
             send_msg(&w, &msg)?;
         }
@@ -376,25 +509,37 @@ impl Relay {
     /// Relays between the frontend's connection `front` and the daemon's
     /// `back` until either side closes, or `shutdown_fd` becomes readable;
     /// then both connections are shut down. `channel_hook` gets a duplicate
-    /// of every backend request channel the frontend sets up.
+    /// of every backend request channel the frontend sets up;
+    /// `inflight_hook`, if given, every in-flight region (see the module
+    /// documentation).
     pub(crate) fn start(
         front: UnixStream,
         back: UnixStream,
         shutdown_fd: RawFd,
         channel_hook: Option<ChannelHook>,
         first_message: Option<Duration>,
+        inflight_hook: Option<InflightHook>,
     ) -> io::Result<Relay> {
+        let offer_inflight = inflight_hook.is_some();
         let front_w = Arc::new(Mutex::new(front.try_clone()?));
         let back2 = back.try_clone()?;
         let fw = front_w.clone();
         let requests = std::thread::Builder::new()
             .name("vu-relay-req".into())
             .spawn(move || {
-                pump_requests(front, fw, back, shutdown_fd, channel_hook, first_message)
+                pump_requests(
+                    front,
+                    fw,
+                    back,
+                    shutdown_fd,
+                    channel_hook,
+                    first_message,
+                    inflight_hook,
+                )
             })?;
         let replies = std::thread::Builder::new()
             .name("vu-relay-rep".into())
-            .spawn(move || pump_replies(back2, front_w))?;
+            .spawn(move || pump_replies(back2, front_w, offer_inflight))?;
         Ok(Relay { requests, replies })
     }
 
@@ -451,7 +596,7 @@ mod tests {
         let (sd_r, sd_w) = UnixStream::pair().unwrap();
         let fw = Arc::new(Mutex::new(front.try_clone().unwrap()));
         let t = std::thread::spawn(move || {
-            pump_requests(front, fw, back, sd_r.as_raw_fd(), hook, None)
+            pump_requests(front, fw, back, sd_r.as_raw_fd(), hook, None, None)
         });
         (fe, be, t, sd_w)
     }
@@ -579,6 +724,108 @@ mod tests {
         assert_eq!(&b, b"ping");
         drop(fe);
         t.join().unwrap();
+    }
+
+    #[test]
+    fn inflight_messages_are_served_by_the_relay() {
+        const GET_PROTOCOL_FEATURES: u32 = 15;
+        const SET_VRING_KICK: u32 = 12;
+        const GET_INFLIGHT_FD: u32 = 31;
+        const SET_INFLIGHT_FD: u32 = 32;
+        assert_eq!(u32::from(FrontendReq::GET_INFLIGHT_FD), GET_INFLIGHT_FD);
+        assert_eq!(u32::from(FrontendReq::SET_INFLIGHT_FD), SET_INFLIGHT_FD);
+        assert_eq!(INFLIGHT_SHMFD, 1 << 12);
+        let got: Arc<Mutex<Vec<u16>>> = Arc::default();
+        let g = got.clone();
+        let hook: InflightHook = Arc::new(move |r| g.lock().unwrap().push(r.num_queues()));
+        let (fe, front) = UnixStream::pair().unwrap();
+        let (back, be) = UnixStream::pair().unwrap();
+        let (sd_r, _sd_w) = UnixStream::pair().unwrap();
+        let relay = Relay::start(front, back, sd_r.as_raw_fd(), None, None, Some(hook)).unwrap();
+        // The daemon's protocol features gain INFLIGHT_SHMFD.
+        let feats = parse(
+            &msg(
+                GET_PROTOCOL_FEATURES,
+                FLAG_VERSION | FLAG_REPLY,
+                &0x200u64.to_ne_bytes(),
+            ),
+            Vec::new(),
+        );
+        send_msg(&be, &feats).unwrap();
+        let r = recv_msg(&fe).unwrap().unwrap();
+        assert_eq!(r.body, (0x200u64 | 1 << 12).to_ne_bytes());
+        // GET_INFLIGHT_FD: answered with a region, 24-byte payload as QEMU.
+        let want = inflight::Description {
+            num_queues: 2,
+            queue_size: 16,
+            ..Default::default()
+        };
+        send_msg(
+            &fe,
+            &parse(
+                &msg(GET_INFLIGHT_FD, FLAG_VERSION, &want.encode(24)),
+                Vec::new(),
+            ),
+        )
+        .unwrap();
+        let mut r = recv_msg(&fe).unwrap().unwrap();
+        assert_eq!(r.hdr.flags, FLAG_VERSION | FLAG_REPLY);
+        let desc = inflight::Description::parse(&r.body).unwrap();
+        assert_eq!(r.body.len(), 24);
+        assert_eq!(desc.mmap_size, inflight::region_size(2, 16) as u64);
+        let fd = r.fds.pop().expect("the region's memfd");
+        // SET_INFLIGHT_FD with a reply requested: the hook gets the region.
+        let mut set = parse(
+            &msg(
+                SET_INFLIGHT_FD,
+                FLAG_VERSION | FLAG_NEED_REPLY,
+                &desc.encode(24),
+            ),
+            Vec::new(),
+        );
+        set.fds.push(fd);
+        send_msg(&fe, &set).unwrap();
+        let r = recv_msg(&fe).unwrap().unwrap();
+        assert_eq!(r.body, 0u64.to_ne_bytes(), "acknowledged");
+        assert_eq!(*got.lock().unwrap(), [2]);
+        // SET_VRING_KICK reaches the daemon, and the ring is kicked once.
+        let kick_fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let mut k = parse(
+            &msg(SET_VRING_KICK, FLAG_VERSION, &0u64.to_ne_bytes()),
+            Vec::new(),
+        );
+        // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor that we own.
+        let dup = unsafe { libc::fcntl(kick_fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        assert!(dup >= 0);
+        // SAFETY: `dup` is new and owned by nothing else.
+        k.fds.push(unsafe { OwnedFd::from_raw_fd(dup) });
+        send_msg(&fe, &k).unwrap();
+        // Only the kick: neither in-flight message was forwarded.
+        let r = recv_msg(&be).unwrap().unwrap();
+        assert_eq!(r.hdr.request, SET_VRING_KICK);
+        assert_eq!(r.fds.len(), 1);
+        assert_eq!(kick_fd.read().unwrap(), 1);
+        drop(fe);
+        relay.join();
+    }
+
+    #[test]
+    fn without_tracking_inflight_messages_pass_and_nothing_is_offered() {
+        let (fe, front) = UnixStream::pair().unwrap();
+        let (back, be) = UnixStream::pair().unwrap();
+        let (sd_r, _sd_w) = UnixStream::pair().unwrap();
+        let relay = Relay::start(front, back, sd_r.as_raw_fd(), None, None, None).unwrap();
+        let feats = parse(
+            &msg(15, FLAG_VERSION | FLAG_REPLY, &0x200u64.to_ne_bytes()),
+            Vec::new(),
+        );
+        send_msg(&be, &feats).unwrap();
+        assert_eq!(recv_msg(&fe).unwrap().unwrap().body, 0x200u64.to_ne_bytes());
+        let get = parse(&msg(31, FLAG_VERSION, &[0; 24]), Vec::new());
+        send_msg(&fe, &get).unwrap();
+        assert_eq!(wire(&recv_msg(&be).unwrap().unwrap()), wire(&get));
+        drop(fe);
+        relay.join();
     }
 
     #[test]

@@ -81,6 +81,10 @@ pub struct Policy {
     /// [`seccomp::THREAD_BASE`] and [`seccomp::WORKER_BASE`]), once they
     /// [`enter`] [`ThreadKind::Worker`].
     pub worker_syscalls: Vec<Allow>,
+    /// The system calls of its relay threads (with
+    /// [`seccomp::THREAD_BASE`] and [`seccomp::RELAY`]), once they
+    /// [`enter`] [`ThreadKind::Relay`].
+    pub relay_syscalls: Vec<Allow>,
     /// Whether its worker threads open files (otherwise `openat` fails
     /// with `EACCES` in them).
     pub workers_open_files: bool,
@@ -102,6 +106,7 @@ impl Policy {
             tcp: Vec::new(),
             keep_caps: Vec::new(),
             worker_syscalls: [seccomp::THREAD_BASE, seccomp::WORKER_BASE].concat(),
+            relay_syscalls: [seccomp::THREAD_BASE, seccomp::RELAY].concat(),
             workers_open_files: false,
         };
         p.allow_path(std::env::temp_dir(), PathAccess::ScratchDir);
@@ -135,6 +140,12 @@ impl Policy {
     /// Adds system calls for the worker threads.
     pub fn allow_worker_calls(&mut self, calls: &[Allow]) -> &mut Self {
         self.worker_syscalls.extend_from_slice(calls);
+        self
+    }
+
+    /// Adds system calls for the relay threads.
+    pub fn allow_relay_calls(&mut self, calls: &[Allow]) -> &mut Self {
+        self.relay_syscalls.extend_from_slice(calls);
         self
     }
 
@@ -236,7 +247,11 @@ pub fn apply(mode: SandboxMode, policy: &Policy) -> Result<Report, Error> {
     let had = caps::drop_all(&policy.keep_caps)?;
     // SAFETY: PR_SET_DUMPABLE with 0 only changes this process's flag.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-    threads::prepare(&policy.worker_syscalls, policy.workers_open_files)?;
+    threads::prepare(
+        &policy.worker_syscalls,
+        &policy.relay_syscalls,
+        policy.workers_open_files,
+    )?;
     seccomp::install(policy.name, &policy.syscalls)?;
     Ok(Report::On {
         landlock: applied,

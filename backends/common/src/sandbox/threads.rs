@@ -56,10 +56,14 @@ thread_local! {
 }
 
 /// Compiles the thread filters of a policy and keeps them for [`enter`].
-pub(crate) fn prepare(worker: &[Allow], workers_open: bool) -> Result<(), seccomp::Error> {
+pub(crate) fn prepare(
+    worker: &[Allow],
+    relay: &[Allow],
+    workers_open: bool,
+) -> Result<(), seccomp::Error> {
     let programs = Programs {
         worker: seccomp::compile(worker)?,
-        relay: seccomp::compile(&[seccomp::THREAD_BASE, seccomp::RELAY].concat())?,
+        relay: seccomp::compile(relay)?,
         no_open: seccomp::compile_refusal(&[libc::SYS_openat], libc::EACCES)?,
         workers_open,
     };
