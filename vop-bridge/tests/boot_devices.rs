@@ -4,7 +4,10 @@
 use std::io::{Seek, SeekFrom, Write};
 use std::time::Duration;
 
-use mic_test_support::{image, sha256_range, sum_in, wait_for, Blk, Card, CardOptions};
+use mic_test_support::{
+    has_thread, image, load_result, load_script_command, resubmitted, sha256_range, sum_in,
+    wait_doing_io, wait_for, Blk, Card, CardOptions, TempDir,
+};
 
 const MIB: u64 = 1 << 20;
 const CMD: Duration = Duration::from_secs(120);
@@ -188,4 +191,71 @@ fn write_through_chosen_by_the_card_survives_a_backend_restart() {
 fn backend_wce_ready(card: &Card) -> bool {
     vop_bridge::control::request(&card.path("ctl.sock"), "config 1")
         .is_ok_and(|a| a.len() >= 2 * (BLK_WCE + 1) && !a.starts_with("error"))
+}
+
+/// mic-blk killed (SIGKILL) ten times while the card writes and reads its
+/// disk with checksums (`mic_test_support::crash`): the bridge keeps the
+/// in-flight region across the restarts (`docs/architecture.md`, "Backend
+/// restarts"), each new mic-blk resubmits what the dead one had in flight,
+/// and the card sees no I/O error and no wrong data.
+#[test]
+fn sigkilled_mic_blk_resubmits_in_flight_requests_under_the_bridge() {
+    const KILLS: usize = 10;
+    let tmp = TempDir::new("inflight-vop");
+    let img = image(tmp.path(), "disk.img", 64 * MIB);
+    let stats = tmp.join("stats.sock");
+    let mut card = Card::boot(CardOptions {
+        blk: Blk::MicBlk(img),
+        // O_DIRECT: requests wait for the host's disk, so kills find some
+        // in flight.
+        blk_args: ["--direct", "--io-threads", "2", "--stats-socket"]
+            .iter()
+            .map(|a| a.to_string())
+            .chain([stats.display().to_string()])
+            .collect(),
+        expect: "console,blk",
+        ..Default::default()
+    });
+    card.run("dmesg -c > /dev/null", CMD);
+    card.run(&load_script_command(), CMD);
+    card.run("sh /tmp/load.sh </dev/null >/tmp/load.log 2>&1 &", CMD);
+
+    let mut total = 0;
+    for _ in 0..KILLS {
+        wait_doing_io(card.blk_pid().unwrap(), Duration::from_secs(5));
+        total += resubmitted(&stats).unwrap_or(0);
+        card.restart_blk(Duration::ZERO);
+        // The bridge reconnects: the new daemon relays its control channel.
+        let pid = card.blk_pid().unwrap();
+        wait_for(Duration::from_secs(30), "the bridge to reconnect", || {
+            has_thread(pid, "vu-relay-req").then_some(())
+        });
+    }
+
+    let out = card.run("cat /tmp/result", CMD);
+    assert!(out.contains("ok="), "the load made no progress: {out}");
+    card.run("touch /tmp/stop", CMD);
+    let result = wait_for(CMD, "the load to stop", || {
+        let out = card.run("cat /tmp/result", CMD);
+        out.contains("done").then_some(out)
+    });
+    total += resubmitted(&stats).unwrap_or(0);
+    let (ok, bad) = load_result(&result);
+    let ioerrs: u64 = card
+        .run("dmesg | grep -c 'I/O error' || true", CMD)
+        .trim()
+        .parse()
+        .unwrap();
+    eprintln!("card: ok={ok} bad={bad} I/O errors={ioerrs}; resubmitted {total}");
+    assert!(ok > 0, "no round completed");
+    assert_eq!(bad, 0, "a read-back differed or a dd failed");
+    assert_eq!(ioerrs, 0, "the card saw I/O errors");
+    assert!(total > 0, "no kill caught a request in flight");
+    assert!(
+        card.history()
+            .iter()
+            .filter(|e| e.as_str() == "backend 1 back")
+            .count()
+            >= KILLS
+    );
 }

@@ -9,77 +9,19 @@
 //!
 //! Needs the project's QEMU and card image (`MIC_QEMU`, `MIC_CARD_DIR`).
 
-use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mic_test_support::{
-    bin, card_boot_args, image, qemu, wait_for, Daemon, Process, Shell, TempDir, BOOT_TIMEOUT,
+    bin, card_boot_args, has_thread, image, load_result, load_script_command, qemu, resubmitted,
+    wait_doing_io, wait_for, Daemon, Process, Shell, TempDir, BOOT_TIMEOUT,
 };
 
 const MIB: u64 = 1 << 20;
 const KILLS: usize = 20;
 const CMD: Duration = Duration::from_secs(120);
-
-/// The guest's load: four writers at once, each writing 1 MiB of fresh
-/// random data with O_DIRECT in 64 KiB requests and a flush (`fsync`) to
-/// its own area, then
-/// reading it back with O_DIRECT and comparing checksums, until
-/// /tmp/stop exists. Counts go to /tmp/result as `ok=N bad=N`; a failed
-/// dd counts as bad. (No single quotes: it is typed as quoted lines.)
-const LOAD: &str = r#"
-ok=0; bad=0; n=0
-while [ ! -e /tmp/stop ]; do
-  dd if=/dev/urandom of=/tmp/src bs=64k count=16 2>/dev/null
-  want=$(sha256sum < /tmp/src | cut -d" " -f1)
-  for j in 0 1 2 3; do
-    dd if=/tmp/src of=/dev/vda bs=64k seek=$(( (n % 8) * 64 + j * 16 )) oflag=direct conv=notrunc,fsync 2>/dev/null > /tmp/st$j || echo fail > /tmp/st$j &
-  done
-  wait
-  for j in 0 1 2 3; do
-    got=$(dd if=/dev/vda bs=64k skip=$(( (n % 8) * 64 + j * 16 )) count=16 iflag=direct 2>/dev/null | sha256sum | cut -d" " -f1)
-    if [ "$got" = "$want" ] && [ ! -s /tmp/st$j ]; then ok=$((ok+1)); else bad=$((bad+1)); fi
-  done
-  n=$((n+1))
-  echo "ok=$ok bad=$bad" > /tmp/result.new && mv /tmp/result.new /tmp/result
-done
-echo done >> /tmp/result
-"#;
-
-/// The `resubmitted` count of the mic-blk serving `stats`, if it answers.
-fn resubmitted(stats: &Path) -> Option<u64> {
-    let mut s = UnixStream::connect(stats).ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-    v["resubmitted"].as_u64()
-}
-
-/// Whether a thread of `pid` is blocked in the kernel (state `D`, proc(5)):
-/// a worker waiting for the image, with a request in flight.
-fn doing_io(pid: u32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|t| {
-        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
-            // The state follows the parenthesised command name.
-            s.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('D'))
-        })
-    })
-}
-
-/// Whether `pid` has a thread named `name`.
-fn has_thread(pid: u32, name: &str) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
-        tasks
-            .flatten()
-            .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
-    })
-}
 
 fn start_blk(dir: &TempDir, img: &Path, n: usize) -> Daemon {
     let sock = dir.join("blk.sock");
@@ -151,12 +93,7 @@ fn sigkilled_mic_blk_resubmits_in_flight_requests_under_stock_qemu() {
             .then_some(())
     });
     shell.run("dmesg -c > /dev/null", CMD);
-    assert!(!LOAD.contains('\''));
-    let lines: Vec<String> = LOAD.trim().lines().map(|l| format!("'{l}'")).collect();
-    shell.run(
-        &format!("printf '%s\\n' {} > /tmp/load.sh", lines.join(" ")),
-        CMD,
-    );
+    shell.run(&load_script_command(), CMD);
     shell.run("(sh /tmp/load.sh > /tmp/load.log 2>&1 &)", CMD);
 
     let mut total = 0;
@@ -164,11 +101,7 @@ fn sigkilled_mic_blk_resubmits_in_flight_requests_under_stock_qemu() {
         // Kill while a worker waits for the image (mic-blk runs with
         // O_DIRECT, so requests block in the host's disk: a request in
         // flight), or after a few seconds of whatever the guest does.
-        let pid = blk.child.id();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !doing_io(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        wait_doing_io(blk.child.id(), Duration::from_secs(5));
         total += resubmitted(&stats).unwrap_or(0);
         blk.signal_and_wait(libc::SIGKILL, Duration::from_secs(10))
             .expect("mic-blk dies");
@@ -192,17 +125,7 @@ fn sigkilled_mic_blk_resubmits_in_flight_requests_under_stock_qemu() {
     });
     total += resubmitted(&stats).unwrap_or(0);
 
-    let line = result
-        .lines()
-        .find(|l| l.trim_start().starts_with("ok="))
-        .unwrap_or_else(|| panic!("no result line: {result}"));
-    let field = |name: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|f| f.strip_prefix(name))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {line}"))
-    };
-    let (ok, bad) = (field("ok="), field("bad="));
+    let (ok, bad) = load_result(&result);
     let ioerrs = shell.run("dmesg | grep -c 'I/O error' || true", CMD);
     let ioerrs: u64 = ioerrs
         .lines()

@@ -89,6 +89,8 @@ pub struct CardOptions {
     pub console: ConsoleMode,
     /// Disk.
     pub blk: Blk,
+    /// More arguments for `mic-blk` ([`Blk::MicBlk`]).
+    pub blk_args: Vec<String>,
     /// Network.
     pub net: Net,
     /// Card memory in MiB.
@@ -112,6 +114,7 @@ impl Default for CardOptions {
         CardOptions {
             console: ConsoleMode::Unix,
             blk: Blk::None,
+            blk_args: Vec::new(),
             net: Net::None,
             memory_mib: 512,
             cmdline: String::new(),
@@ -179,6 +182,7 @@ impl Card {
             Blk::MicBlk(img) => {
                 let mut c = Command::new(bin("mic-blk"));
                 c.arg("--socket-path").arg(&sock).arg("--image").arg(img);
+                c.args(&self.options.blk_args);
                 c.env("RUST_LOG", "info");
                 Some(c)
             }
@@ -197,6 +201,11 @@ impl Card {
                 Some(c)
             }
         }
+    }
+
+    /// The block backend's pid while it runs.
+    pub fn blk_pid(&self) -> Option<u32> {
+        self.blk.as_ref().map(Process::pid)
     }
 
     /// Kills the block backend hard (SIGKILL) and starts a new one on the same

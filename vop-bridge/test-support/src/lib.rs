@@ -17,7 +17,8 @@
 //!   (`--print-capabilities`, `--fd`, descriptor files);
 //! - [`frontend`]: a vhost-user frontend that drives a backend's
 //!   virtqueues itself;
-//! - [`peers`]: peers that connect to a daemon and stall.
+//! - [`peers`]: peers that connect to a daemon and stall;
+//! - [`crash`]: a block backend killed under a checking load.
 //!
 //! Everything is also re-exported at the crate root, but for the
 //! frontend's `Error` and `Result`.
@@ -26,6 +27,7 @@
 
 pub mod card;
 pub mod conventions;
+pub mod crash;
 pub mod data;
 pub mod frontend;
 pub mod paths;
@@ -37,6 +39,7 @@ pub mod temp;
 pub mod wait;
 
 pub use card::*;
+pub use crash::*;
 pub use data::*;
 // The frontend's `Error` and `Result` stay in their module: a glob import
 // of the crate must not shadow std's.
