@@ -23,7 +23,9 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
 };
@@ -552,6 +554,10 @@ pub struct FrontendOptions {
     /// Set up the backend request channel (`SET_BACKEND_REQ_FD`) when the
     /// backend offers `BACKEND_REQ`; see [`TestFrontend::backend_requests`].
     pub backend_requests: bool,
+    /// Ask for the backend's in-flight region (`GET_INFLIGHT_FD`, then
+    /// `SET_INFLIGHT_FD`, before the rings) when it offers
+    /// `INFLIGHT_SHMFD`, as QEMU's `vhost-user-blk` does.
+    pub inflight: bool,
 }
 
 impl Default for FrontendOptions {
@@ -563,6 +569,7 @@ impl Default for FrontendOptions {
             features: u64::MAX,
             connect_timeout: Duration::from_secs(10),
             backend_requests: false,
+            inflight: false,
         }
     }
 }
@@ -660,6 +667,9 @@ pub struct TestFrontend {
     /// The backend request channel, if asked for
     /// ([`FrontendOptions::backend_requests`]) and negotiated.
     pub backend_requests: Option<BackendRequests>,
+    /// The backend's in-flight region, if asked for
+    /// ([`FrontendOptions::inflight`]) and negotiated.
+    pub inflight: Option<File>,
 }
 
 impl TestFrontend {
@@ -707,6 +717,9 @@ impl TestFrontend {
             if opts.backend_requests {
                 ours |= VhostUserProtocolFeatures::BACKEND_REQ;
             }
+            if opts.inflight {
+                ours |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            }
             protocol = ours & theirs;
             frontend.set_protocol_features(protocol)?;
         }
@@ -732,6 +745,24 @@ impl TestFrontend {
             handler.set_reply_ack_flag(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
             frontend.set_backend_request_fd(&handler.get_tx_raw_fd())?;
             backend_requests = Some(BackendRequests { handler, counter });
+        }
+
+        let mut inflight = None;
+        if protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            let ask = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: opts.num_queues as u16,
+                queue_size: opts.queue_size,
+            };
+            let (info, file) = frontend.get_inflight_fd(&ask)?;
+            let info = VhostUserInflight {
+                num_queues: ask.num_queues,
+                queue_size: ask.queue_size,
+                ..info
+            };
+            frontend.set_inflight_fd(&info, file.as_raw_fd())?;
+            inflight = Some(file);
         }
 
         let mut queues = Vec::new();
@@ -768,6 +799,7 @@ impl TestFrontend {
             acked_features: acked,
             protocol_features: protocol,
             backend_requests,
+            inflight,
         })
     }
 

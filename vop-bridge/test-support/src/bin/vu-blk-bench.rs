@@ -35,6 +35,10 @@ struct Args {
     /// Queue depth of the sequential workloads.
     #[arg(long, default_value_t = 4)]
     seq_depth: usize,
+    /// Ask the backend for its in-flight region, as QEMU's vhost-user-blk
+    /// does, so that a backend that tracks in-flight requests does.
+    #[arg(long)]
+    inflight: bool,
     /// Only run workloads whose name contains this string.
     #[arg(long)]
     only: Option<String>,
@@ -252,6 +256,7 @@ fn main() {
             num_queues: 1,
             queue_size: args.queue_size,
             mem_size: 256 << 20,
+            inflight: args.inflight,
             ..Default::default()
         },
     )
@@ -259,9 +264,10 @@ fn main() {
     let cfg = f.get_config(0, 8).expect("read the capacity (CONFIG)");
     let capacity = u64::from_le_bytes(cfg[0..8].try_into().unwrap()) * 512;
     eprintln!(
-        "capacity {} MiB, features {:#x}",
+        "capacity {} MiB, features {:#x}, in-flight region: {}",
         capacity >> 20,
-        f.acked_features
+        f.acked_features,
+        if f.inflight.is_some() { "yes" } else { "no" }
     );
     let q = &mut f.queues[0];
     for w in selected() {
