@@ -35,12 +35,17 @@
 //! its socket appears; `--sandbox none` ([`sandbox::SandboxArgs`]) turns
 //! it off.
 //!
+//! [`throttle`] has the rate limits' token buckets and [`timer`] the
+//! timer a throttled queue waits on; [`stats`] the per-queue counters,
+//! which [`control`] serves on the stats socket and dumps on `SIGUSR1`.
+//!
 //! [`guest`] has guest-memory and virtqueue helpers for the devices, and
 //! [`ring`] the guard every device takes its chains through.
 
 #![deny(missing_docs)]
 
 pub mod capabilities;
+pub mod control;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod guest;
@@ -48,7 +53,10 @@ pub mod ratelimit;
 mod relay;
 pub mod ring;
 pub mod sandbox;
+pub mod stats;
 pub mod terminal;
+pub mod throttle;
+pub mod timer;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod worker;
