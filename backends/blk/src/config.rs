@@ -10,6 +10,8 @@ use clap::Parser;
 use mic_backend_common::sandbox::{SandboxArgs, SandboxMode};
 use mic_backend_common::SocketArgs;
 
+use crate::limits::LimitArgs;
+
 /// Largest queue size the split virtqueue format allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Largest number of queues (one worker thread per queue; queue masks are u64).
@@ -69,6 +71,9 @@ pub struct Cli {
     /// `--sandbox` (shared by all backends).
     #[command(flatten)]
     pub sandbox: SandboxArgs,
+    /// Rate limits and the stats socket (`limits.rs`).
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 /// Validated configuration.
@@ -92,6 +97,8 @@ pub struct BlkConfig {
     pub io_threads: usize,
     /// Whether the daemon confines itself (`src/sandbox.rs`).
     pub sandbox: SandboxMode,
+    /// Rate limits and the stats socket.
+    pub limits: LimitArgs,
 }
 
 /// A configuration error (one line, printed before exiting).
@@ -150,6 +157,7 @@ impl BlkConfig {
             queue_size: qs,
             io_threads,
             sandbox: cli.sandbox.sandbox,
+            limits: cli.limits,
         })
     }
 }

@@ -2,9 +2,10 @@
 //! `backends/README.md`, "Sandbox"): on top of what every daemon needs,
 //! the image, read and written (read only with `--readonly`) through the
 //! descriptors opened at startup, synced, and with holes punched
-//! (`DISCARD`, `WRITE_ZEROES`).
+//! (`DISCARD`, `WRITE_ZEROES`); the rate limits' timers and the stats
+//! thread (`limits.rs`).
 
-use mic_backend_common::sandbox::{Allow, PathAccess, Policy};
+use mic_backend_common::sandbox::{parent_dir, Allow, PathAccess, Policy};
 
 use crate::config::BlkConfig;
 
@@ -21,6 +22,15 @@ const IMAGE_IO: &[Allow] = &[
     Allow::Call(libc::SYS_fallocate),
 ];
 
+/// Rate limits and stats (`limits.rs`, `mic_backend_common::control`).
+const LIMITS: &[Allow] = &[
+    // A throttled queue arms its wakeup (a timerfd created at startup).
+    Allow::Call(libc::SYS_timerfd_settime),
+    // The stats thread reads SIGUSR1 from a signalfd, created once the
+    // sandbox is on.
+    Allow::Call(libc::SYS_signalfd4),
+];
+
 /// `mic-blk`'s sandbox policy for `cfg`.
 pub fn policy(cfg: &BlkConfig) -> Policy {
     let mut p = Policy::new("mic-blk", &cfg.socket);
@@ -31,6 +41,12 @@ pub fn policy(cfg: &BlkConfig) -> Policy {
         PathAccess::ReadWriteFile
     };
     p.allow_path(&cfg.image, access);
+    p.allow_calls(LIMITS);
+    // The stats socket is bound (a stale one replaced) once the sandbox is
+    // on, and removed on exit.
+    if let Some(stats) = &cfg.limits.stats_socket {
+        p.allow_path(parent_dir(stats), PathAccess::SocketDir);
+    }
     p
 }
 
@@ -62,5 +78,8 @@ mod tests {
         assert!(p.tcp.is_empty());
         let ro = policy(&cfg(&["--readonly"]));
         assert!(ro.has_path(Path::new("/i/d.img"), PathAccess::ReadFile));
+        assert!(p.syscalls.contains(&Allow::Call(libc::SYS_timerfd_settime)));
+        let s = policy(&cfg(&["--stats-socket", "/run/mic/s.sock"]));
+        assert!(s.has_path(Path::new("/run/mic"), PathAccess::SocketDir));
     }
 }

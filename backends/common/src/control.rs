@@ -212,7 +212,8 @@ impl StatsServer {
         let (listener, socket) = match path {
             Some(p) => {
                 let l = bind(p).map_err(|e| Error::Socket(p.to_path_buf(), e))?;
-                let meta = fs::symlink_metadata(p).map_err(|e| Error::Socket(p.to_path_buf(), e))?;
+                let meta =
+                    fs::symlink_metadata(p).map_err(|e| Error::Socket(p.to_path_buf(), e))?;
                 info!("stats socket {}", p.display());
                 (Some(l), Some((p.to_path_buf(), (meta.dev(), meta.ino()))))
             }

@@ -55,10 +55,10 @@ pub mod ring;
 pub mod sandbox;
 pub mod stats;
 pub mod terminal;
-pub mod throttle;
-pub mod timer;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod throttle;
+pub mod timer;
 pub mod worker;
 
 use std::fs;

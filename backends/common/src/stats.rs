@@ -211,7 +211,10 @@ pub struct DeviceStats {
 
 impl DeviceStats {
     /// Counters for the queues named `names` of daemon `device`.
-    pub fn new<S: Into<String>>(device: &'static str, names: impl IntoIterator<Item = S>) -> DeviceStats {
+    pub fn new<S: Into<String>>(
+        device: &'static str,
+        names: impl IntoIterator<Item = S>,
+    ) -> DeviceStats {
         DeviceStats {
             device,
             started: Instant::now(),
@@ -323,6 +326,9 @@ mod tests {
             t.join().unwrap();
         }
         let s = q.snapshot();
-        assert_eq!((s.requests, s.bytes_read, s.bytes_written), (40_000, 40_000, 80_000));
+        assert_eq!(
+            (s.requests, s.bytes_read, s.bytes_written),
+            (40_000, 40_000, 80_000)
+        );
     }
 }

@@ -396,7 +396,13 @@ mod tests {
             },
             t0,
         );
-        assert_eq!(l.ops, Some(Rate { rate: 100, burst: 1 }));
+        assert_eq!(
+            l.ops,
+            Some(Rate {
+                rate: 100,
+                burst: 1
+            })
+        );
         assert!(t.active());
         t.charge_at(1, 0, t0);
         assert_eq!(t.admit_at(t0), Some(ms(10)));
@@ -419,7 +425,13 @@ mod tests {
             },
             t0,
         );
-        assert_eq!(l.ops, Some(Rate { rate: 1000, burst: 5 }));
+        assert_eq!(
+            l.ops,
+            Some(Rate {
+                rate: 1000,
+                burst: 5
+            })
+        );
         assert_eq!(l.bytes, Some(Rate::per_second(1 << 20)));
         // 0 removes a limit.
         let l = t.change_at(

@@ -26,9 +26,8 @@ impl Wakeup {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` was just created and is owned by nothing else.
-        Ok(Wakeup {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Wakeup { fd })
     }
 
     /// Arms the timer to fire once, `after` from now (at least 1 ns: a
@@ -46,7 +45,8 @@ impl Wakeup {
             },
         };
         // SAFETY: `spec` is a valid itimerspec; no old value is asked for.
-        let rc = unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        let rc =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
