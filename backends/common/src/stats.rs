@@ -130,6 +130,15 @@ impl QueueStats {
         self.record(bytes_read, bytes_written, error, started.elapsed());
     }
 
+    /// Counts `n` requests that failed before any work was timed (a
+    /// malformed chain, a frame dropped for want of buffers).
+    pub fn record_failed(&self, n: u64) {
+        if n != 0 {
+            self.requests.fetch_add(n, Relaxed);
+            self.errors.fetch_add(n, Relaxed);
+        }
+    }
+
     /// Counts one stop for the rate limit.
     pub fn record_throttled(&self) {
         self.throttled.fetch_add(1, Relaxed);
@@ -276,6 +285,7 @@ mod tests {
         }
         q.record(0, 512, false, Duration::from_micros(50));
         q.record_throttled();
+        q.record_failed(0);
         let s = q.snapshot();
         assert_eq!(s.queue, "0");
         assert_eq!(s.requests, 101);
@@ -293,6 +303,10 @@ mod tests {
         within(s.latency_ns.max, 100);
         let line = s.line();
         assert!(line.starts_with("queue 0: 101 requests"), "{line}");
+        q.record_failed(2);
+        let s = q.snapshot();
+        assert_eq!((s.requests, s.errors), (103, 3));
+        within(s.latency_ns.p50, 50);
     }
 
     #[test]
