@@ -79,7 +79,7 @@ pub struct Accounting {
     /// Per-queue counters.
     pub stats: Arc<DeviceStats>,
     /// One wakeup per queue (each queue has its worker thread).
-    wakeups: Vec<Wakeup>,
+    wakeups: Vec<Arc<Wakeup>>,
 }
 
 impl Accounting {
@@ -92,7 +92,7 @@ impl Accounting {
                 (0..num_queues).map(|q| q.to_string()),
             )),
             wakeups: (0..num_queues)
-                .map(|_| Wakeup::new())
+                .map(|_| Wakeup::new().map(Arc::new))
                 .collect::<io::Result<_>>()?,
         })
     }
@@ -102,6 +102,7 @@ impl Accounting {
     pub fn served(&self) -> Served {
         Served {
             stats: self.stats.clone(),
+            wakeups: self.wakeups.clone(),
             throttles: vec![NamedThrottle {
                 prefix: "",
                 ops: "iops",
@@ -146,7 +147,7 @@ impl Accounting {
 
     /// Consumes queue `queue`'s wakeup; whether it had fired.
     pub fn woken(&self, queue: usize) -> bool {
-        self.wakeups.get(queue).is_some_and(Wakeup::consume)
+        self.wakeups.get(queue).is_some_and(|w| w.consume())
     }
 
     /// Charges a request taken from queue's ring, whose buffers add up to

@@ -204,3 +204,46 @@ fn bps_limit_holds() {
     );
     assert_eq!(ask(&stats, "stats")["limits"]["bps"], 2 << 20);
 }
+
+/// A queue waiting under a limit goes by a new one at once: under `--bps
+/// 1Ki`, a 64 KiB read leaves a debt of a minute; lifting the limit lets
+/// the next request through (the frontend's wait is 10 s).
+#[test]
+fn lifting_a_limit_wakes_a_waiting_queue() {
+    let s = Setup::new(1 << 20, 0);
+    let stats = s.dir.path().join("stats.sock");
+    let _d = s.spawn(&[
+        "--num-queues",
+        "1",
+        "--bps",
+        "1Ki",
+        "--stats-socket",
+        stats.to_str().unwrap(),
+    ]);
+    let mut f = connect(&s, 1);
+    let q = &mut f.queues[0];
+    assert_eq!(read(q, 0, 64 << 10).0, S_OK);
+    // The next request waits in the ring.
+    let r = Req::alloc(q, 4096);
+    q.mem().write(r.hdr, &header(T_IN, 0)).unwrap();
+    q.mem().write(r.status, &[0xff]).unwrap();
+    let head = q
+        .add_chain(&[
+            Desc::out(r.hdr, 16),
+            Desc::inp(r.data, 4096),
+            Desc::inp(r.status, 1),
+        ])
+        .unwrap();
+    q.kick().unwrap();
+    assert!(q.no_used_within(Duration::from_millis(500)));
+    assert!(
+        ask(&stats, "stats")["queues"][0]["throttled"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(ask(&stats, "limit bps=0")["limits"]["bps"], 0);
+    q.wait_for(head, TIMEOUT).unwrap();
+    assert_eq!(q.mem().read(r.status, 1).unwrap()[0], S_OK);
+    assert_eq!(ask(&stats, "stats")["queues"][0]["requests"], 2);
+}

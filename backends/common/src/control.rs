@@ -28,6 +28,7 @@ use serde_json::{Map, Value};
 
 use crate::stats::{DeviceStats, QueueSnapshot};
 use crate::throttle::{Change, Limits, Throttle};
+use crate::timer::Wakeup;
 
 /// Longest command line taken.
 const MAX_LINE: u64 = 4096;
@@ -54,6 +55,10 @@ pub struct Served {
     pub stats: Arc<DeviceStats>,
     /// Its throttles.
     pub throttles: Vec<NamedThrottle>,
+    /// The wakeups of the queues that wait on those throttles: armed to
+    /// fire at once after a change, so that a queue waiting under the old
+    /// limits goes by the new ones without delay.
+    pub wakeups: Vec<Arc<Wakeup>>,
 }
 
 /// A field of a throttle's [`Change`].
@@ -129,6 +134,11 @@ impl Served {
         let now = Instant::now();
         for (t, c) in self.throttles.iter().zip(changes) {
             t.throttle.change_at(c, now);
+        }
+        for w in &self.wakeups {
+            if let Err(e) = w.arm(Duration::ZERO) {
+                warn!("cannot wake a throttled queue: {e}");
+            }
         }
         let limits = self.limits();
         info!("limits now {}", Value::Object(limits.clone()));
@@ -371,6 +381,7 @@ mod tests {
         let tx = Arc::new(Throttle::new(Limits::default()));
         Served {
             stats,
+            wakeups: vec![Arc::new(Wakeup::new().unwrap())],
             throttles: vec![
                 NamedThrottle {
                     prefix: "rx_",
@@ -415,6 +426,9 @@ mod tests {
         assert_eq!(l["tx_bps"], 1 << 20);
         assert_eq!(l["tx_bps_burst"], 64 << 10);
         assert!(!s.throttles[0].throttle.active());
+        // The queues waiting on the old limits are woken.
+        assert_eq!(crate::poll_in(&[s.wakeups[0].as_raw_fd()], 5000), Some(0));
+        assert!(s.wakeups[0].consume());
         // One bad word: nothing changes.
         for bad in [
             "limit tx_pps=5 bogus=1",

@@ -98,7 +98,7 @@ pub struct Accounting {
     /// Queues `rx0`, `tx0`, `rx1`... in queue order.
     pub stats: Arc<DeviceStats>,
     /// One wakeup per queue pair (each pair has its worker thread).
-    wakeups: Vec<Wakeup>,
+    wakeups: Vec<Arc<Wakeup>>,
 }
 
 impl Accounting {
@@ -110,7 +110,7 @@ impl Accounting {
             tx: Arc::new(Throttle::new(tx)),
             stats: Arc::new(DeviceStats::new("mic-net", names)),
             wakeups: (0..pairs)
-                .map(|_| Wakeup::new())
+                .map(|_| Wakeup::new().map(Arc::new))
                 .collect::<io::Result<_>>()?,
         })
     }
@@ -124,6 +124,7 @@ impl Accounting {
         };
         Served {
             stats: self.stats.clone(),
+            wakeups: self.wakeups.clone(),
             throttles: vec![named("rx_", &self.rx), named("tx_", &self.tx)],
         }
     }
@@ -138,7 +139,7 @@ impl Accounting {
 
     /// Consumes pair `pair`'s wakeup; whether it had fired.
     pub fn woken(&self, pair: usize) -> bool {
-        self.wakeups.get(pair).is_some_and(Wakeup::consume)
+        self.wakeups.get(pair).is_some_and(|w| w.consume())
     }
 
     /// The counters of pair `pair`'s RX queue.
