@@ -17,6 +17,7 @@ use mic_backend_common::guest::vring_ready;
 use mic_backend_common::limited;
 use mic_backend_common::ratelimit::{per_minute, LogLimiter};
 use mic_backend_common::ring::RingGuards;
+use mic_backend_common::sandbox::ThreadKind;
 use mic_backend_common::WorkerExitEvents;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
@@ -459,6 +460,8 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
+        // A worker thread narrows its seccomp filter once (its sandbox.rs).
+        mic_backend_common::sandbox::enter(ThreadKind::Worker);
         if evset != EventSet::IN {
             warn!("unexpected event set {evset:?}");
             return Ok(());

@@ -75,6 +75,8 @@ impl IoPool {
 }
 
 fn helper(s: &Shared) {
+    // The helpers do the workers' I/O: the same seccomp list (sandbox.rs).
+    mic_backend_common::sandbox::enter(mic_backend_common::sandbox::ThreadKind::Worker);
     let mut scratch = Scratch::default();
     loop {
         let task = {

@@ -31,10 +31,15 @@ const LIMITS: &[Allow] = &[
     Allow::Call(libc::SYS_signalfd4),
 ];
 
+/// What a worker thread adds for the rate limits: arming its wakeup.
+const WORKER_LIMITS: &[Allow] = &[Allow::Call(libc::SYS_timerfd_settime)];
+
 /// `mic-blk`'s sandbox policy for `cfg`.
 pub fn policy(cfg: &BlkConfig) -> Policy {
     let mut p = Policy::new("mic-blk", &cfg.socket);
     p.allow_calls(IMAGE_IO);
+    // Workers and I/O helpers: the image I/O, and no file opened.
+    p.allow_worker_calls(IMAGE_IO);
     let access = if cfg.readonly {
         PathAccess::ReadFile
     } else {
@@ -42,6 +47,8 @@ pub fn policy(cfg: &BlkConfig) -> Policy {
     };
     p.allow_path(&cfg.image, access);
     p.allow_calls(LIMITS);
+    // A worker arms its queue's wakeup when the rate limit stops it.
+    p.allow_worker_calls(WORKER_LIMITS);
     // The stats socket is bound (a stale one replaced) once the sandbox is
     // on, and removed on exit.
     if let Some(stats) = &cfg.limits.stats_socket {
@@ -75,10 +82,16 @@ mod tests {
         assert!(p.has_path(Path::new("/i/d.img"), PathAccess::ReadWriteFile));
         assert!(p.has_path(Path::new("/run"), PathAccess::SocketDir));
         assert!(p.syscalls.contains(&Allow::Call(libc::SYS_fallocate)));
+        assert!(p.worker_syscalls.contains(&Allow::Call(libc::SYS_pwritev)));
+        assert!(!p.worker_syscalls.contains(&Allow::Socket(libc::AF_UNIX)));
+        assert!(!p.workers_open_files);
         assert!(p.tcp.is_empty());
         let ro = policy(&cfg(&["--readonly"]));
         assert!(ro.has_path(Path::new("/i/d.img"), PathAccess::ReadFile));
         assert!(p.syscalls.contains(&Allow::Call(libc::SYS_timerfd_settime)));
+        assert!(p
+            .worker_syscalls
+            .contains(&Allow::Call(libc::SYS_timerfd_settime)));
         let s = policy(&cfg(&["--stats-socket", "/run/mic/s.sock"]));
         assert!(s.has_path(Path::new("/run/mic"), PathAccess::SocketDir));
     }

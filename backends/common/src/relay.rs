@@ -242,6 +242,7 @@ pub(crate) fn pump_requests(
     channel_hook: Option<ChannelHook>,
     first_message: Option<Duration>,
 ) {
+    crate::sandbox::enter(crate::sandbox::ThreadKind::Relay);
     let mut features_seen = false;
     let mut held: Vec<Msg> = Vec::new();
     let mut deadline = first_message.map(|t| Instant::now() + t);
@@ -314,6 +315,7 @@ pub(crate) fn pump_requests(
 
 /// Backend to frontend: forwards replies and backend messages.
 fn pump_replies(back: UnixStream, front_w: Arc<Mutex<UnixStream>>) {
+    crate::sandbox::enter(crate::sandbox::ThreadKind::Relay);
     let result: io::Result<()> = (|| {
         while let Some(msg) = recv_msg(&back)? {
             let w = front_w.lock().unwrap();

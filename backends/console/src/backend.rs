@@ -26,6 +26,7 @@ use log::{debug, info, warn};
 use mic_backend_common::guest::{read_config, vring_ready, GuestMem, MemorySlot};
 use mic_backend_common::ratelimit::{per_minute, LogLimiter};
 use mic_backend_common::ring::RingGuards;
+use mic_backend_common::sandbox::ThreadKind;
 use mic_backend_common::worker::Worker;
 use mic_backend_common::{limited, PersistentBackend, WorkerExitEvents};
 use vhost::vhost_user::message::{BackendReq, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -572,6 +573,8 @@ impl VhostUserBackend for ConsoleBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // A worker thread narrows its seccomp filter once (its sandbox.rs).
+        mic_backend_common::sandbox::enter(ThreadKind::Worker);
         let ev = u64::from(device_event);
         let base = self.nq() + 1;
         match (thread_id, ev) {

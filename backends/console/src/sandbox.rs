@@ -10,6 +10,10 @@
 //!   (it is bound at startup and clients are accepted on it);
 //! - `--log FILE`: the log's directory, to append to the log, create a new
 //!   one and rename the full one to `FILE.1` (`rename`);
+//! - worker threads: the above but the directories (the transmit worker
+//!   writes and rotates the log, the receive worker accepts `--unix`
+//!   clients, the control worker checks the size); they open files only
+//!   with `--log`;
 //! - with `--stdio`, Ctrl-] ends the daemon by signalling itself (`kill`
 //!   of its own pid, allowed to every daemon).
 
@@ -32,6 +36,16 @@ const TERMINAL: &[Allow] = &[
     Allow::Call(libc::SYS_timerfd_gettime),
 ];
 
+/// The workers: the receive worker reads the host side and accepts a new
+/// `--unix` client; the control worker checks the terminal size.
+const WORKER: &[Allow] = &[
+    Allow::Call(libc::SYS_accept4),
+    Allow::Call(libc::SYS_shutdown),
+    Allow::Call(libc::SYS_recvfrom),
+    Allow::Call(libc::SYS_sendto),
+    Allow::Ioctl(libc::FIONBIO),
+];
+
 /// Log rotation (`logfile.rs`).
 const LOG: &[Allow] = &[Allow::Call(libc::SYS_rename)];
 
@@ -40,6 +54,8 @@ const LOG: &[Allow] = &[Allow::Call(libc::SYS_rename)];
 pub fn policy(cfg: &ConsoleConfig, pty: Option<&Path>) -> Policy {
     let mut p = Policy::new("mic-console", &cfg.socket);
     p.allow_calls(TERMINAL);
+    p.allow_worker_calls(TERMINAL);
+    p.allow_worker_calls(WORKER);
     match &cfg.target {
         ConsoleTarget::Pty => {
             p.allow_path("/dev/ptmx", PathAccess::ReadWriteFile);
@@ -54,6 +70,9 @@ pub fn policy(cfg: &ConsoleConfig, pty: Option<&Path>) -> Policy {
     }
     if let Some(log) = &cfg.log {
         p.allow_calls(LOG);
+        // The transmit worker writes and rotates the log.
+        p.allow_worker_calls(LOG);
+        p.workers_open_files();
         p.allow_path(parent_dir(log), PathAccess::LogDir);
     }
     p
@@ -82,6 +101,11 @@ mod tests {
         assert!(unix.has_path(Path::new("/l"), PathAccess::LogDir));
         assert!(unix.has_path(Path::new("/run"), PathAccess::SocketDir));
         assert!(unix.syscalls.contains(&Allow::Call(libc::SYS_rename)));
+        assert!(unix
+            .worker_syscalls
+            .contains(&Allow::Call(libc::SYS_rename)));
+        assert!(unix.workers_open_files);
+        assert!(!pty.workers_open_files);
         let stdio = policy(&cfg(&["--stdio"]), None);
         assert_eq!(stdio.paths.len(), 2, "temporary and socket directories");
     }

@@ -20,6 +20,7 @@ use log::{debug, warn};
 use mic_backend_common::guest::{vring_ready, GuestMem, MemorySlot};
 use mic_backend_common::ratelimit::{per_minute, LogLimiter};
 use mic_backend_common::ring::RingGuards;
+use mic_backend_common::sandbox::ThreadKind;
 use mic_backend_common::worker::Worker;
 use mic_backend_common::{limited, PersistentBackend, WorkerExitEvents};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -488,6 +489,8 @@ impl VhostUserBackend for NetBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // A worker thread narrows its seccomp filter once (its sandbox.rs).
+        mic_backend_common::sandbox::enter(ThreadKind::Worker);
         if thread_id >= self.queue_pairs || vrings.len() < 2 {
             return Ok(());
         }

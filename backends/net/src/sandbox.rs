@@ -11,6 +11,11 @@
 //!   `resolv.conf`; UDP for DNS). A `unix:` peer is connected to by path,
 //!   which Landlock (up to ABI 7) does not restrict; a listening stream
 //!   socket was bound at startup.
+//! - worker threads (each owns a queue pair and its tap queue or the
+//!   stream connection): a tap worker only moves frames (`read`, `write`,
+//!   `readv`, `writev`); a stream worker also reconnects or accepts a new
+//!   peer and uses its timer; only with `tcp:` may it open files (for
+//!   name resolution).
 //! - connecting to a `unix:` peer keeps `CAP_DAC_OVERRIDE` (when the
 //!   daemon has it, as root): passt started as root runs as `nobody`, and
 //!   its socket (mode 0755) takes a connect only from its owner or a
@@ -48,6 +53,9 @@ const LIMITS: &[Allow] = &[
     Allow::Call(libc::SYS_signalfd4),
 ];
 
+/// What a worker thread adds for the rate limits: arming its wakeup.
+const WORKER_LIMITS: &[Allow] = &[Allow::Call(libc::SYS_timerfd_settime)];
+
 /// TCP streams: IPv4 and IPv6 sockets, and what the C library's name
 /// resolution does (the `nscd` socket, DNS over UDP).
 const TCP: &[Allow] = &[
@@ -57,6 +65,22 @@ const TCP: &[Allow] = &[
     Allow::Call(libc::SYS_getpeername),
     Allow::Call(libc::SYS_sendmmsg),
     Allow::Call(libc::SYS_uname),
+];
+
+/// A worker with a stream peer: it reconnects, accepts a new peer with
+/// `--listen`, and moves frames over the connection (`stream.rs`).
+const STREAM_WORKER: &[Allow] = &[
+    Allow::Socket(libc::AF_UNIX),
+    Allow::Call(libc::SYS_connect),
+    Allow::Call(libc::SYS_accept4),
+    Allow::Call(libc::SYS_shutdown),
+    Allow::Call(libc::SYS_recvfrom),
+    Allow::Call(libc::SYS_sendto),
+    Allow::Call(libc::SYS_recvmsg),
+    Allow::Call(libc::SYS_sendmsg),
+    Allow::Call(libc::SYS_getsockopt),
+    Allow::Call(libc::SYS_setsockopt),
+    Allow::Ioctl(libc::FIONBIO),
 ];
 
 /// The port of `host:port` (the last `:`, so `[::1]:80` works too).
@@ -74,11 +98,16 @@ pub fn policy(cfg: &NetConfig) -> Policy {
         }
         NetTransport::Stream { addr, listen } => {
             p.allow_calls(STREAM);
+            p.allow_worker_calls(STREAM);
+            p.allow_worker_calls(STREAM_WORKER);
             if let (StreamAddr::Unix(_), false) = (addr, listen) {
                 p.keep_capability(Capability::CAP_DAC_OVERRIDE);
             }
             if let StreamAddr::Tcp(a) = addr {
                 p.allow_calls(TCP);
+                // Name resolution in the worker that reconnects.
+                p.allow_worker_calls(TCP);
+                p.workers_open_files();
                 p.allow_path("/etc", PathAccess::ReadTree);
                 if let Some(port) = port(a) {
                     p.allow_tcp(if *listen {
@@ -91,6 +120,8 @@ pub fn policy(cfg: &NetConfig) -> Policy {
         }
     }
     p.allow_calls(LIMITS);
+    // A worker arms its queue's wakeup when the rate limit stops it.
+    p.allow_worker_calls(WORKER_LIMITS);
     // The stats socket is bound (a stale one replaced) once the sandbox is
     // on, and removed on exit.
     if let Some(stats) = &cfg.limits.stats_socket {
@@ -118,6 +149,10 @@ mod tests {
         let tap = policy(&cfg(&["--tap", "mic0"]));
         assert!(tap.syscalls.contains(&Allow::Ioctl(libc::TUNSETOFFLOAD)));
         assert!(tap.tcp.is_empty());
+        assert!(!tap
+            .worker_syscalls
+            .contains(&Allow::Call(libc::SYS_connect)));
+        assert!(!tap.workers_open_files);
         let unix = policy(&cfg(&["--stream", "unix:/x/p.sock"]));
         assert!(!unix.syscalls.contains(&Allow::Socket(libc::AF_INET)));
         assert!(unix.tcp.is_empty());
@@ -126,10 +161,15 @@ mod tests {
         let tcp = policy(&cfg(&["--stream", "tcp:localhost:5555"]));
         assert!(tcp.syscalls.contains(&Allow::Socket(libc::AF_INET6)));
         assert_eq!(tcp.tcp, [TcpRule::Connect(5555)]);
+        assert!(tcp.worker_syscalls.contains(&Allow::Socket(libc::AF_INET)));
+        assert!(tcp.workers_open_files);
         let l = policy(&cfg(&["--stream", "tcp:[::1]:7", "--listen"]));
         assert_eq!(l.tcp, [TcpRule::Bind(7)]);
         assert!(tap
             .syscalls
+            .contains(&Allow::Call(libc::SYS_timerfd_settime)));
+        assert!(tap
+            .worker_syscalls
             .contains(&Allow::Call(libc::SYS_timerfd_settime)));
         let s = policy(&cfg(&["--tap", "mic0", "--stats-socket", "/tmp/s.sock"]));
         assert!(s.has_path(Path::new("/tmp"), PathAccess::SocketDir));

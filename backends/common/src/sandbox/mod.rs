@@ -12,7 +12,8 @@
 //!    no `ptrace` by other processes of the same user).
 //! 4. seccomp ([`seccomp`]): only the system calls of its policy; any other
 //!    call ends the daemon with one line on stderr naming the call, killed
-//!    by `SIGSYS`.
+//!    by `SIGSYS`. The vring workers and the relay threads narrow their own
+//!    lists further when they start work ([`threads`]).
 //!
 //! Each daemon declares what it needs in one place, its `sandbox.rs`,
 //! starting from [`Policy::new`], which holds what every daemon needs (the
@@ -29,6 +30,7 @@ pub mod caps;
 pub mod landlock;
 pub mod seccomp;
 pub mod syscall_names;
+pub mod threads;
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +40,7 @@ use crate::SocketArgs;
 pub use ::caps::Capability;
 pub use landlock::{PathAccess, PathRule, TcpRule};
 pub use seccomp::Allow;
+pub use threads::{enter, ThreadKind};
 
 /// `--sandbox`: whether the daemon confines itself.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,6 +77,13 @@ pub struct Policy {
     pub tcp: Vec<TcpRule>,
     /// Capabilities kept (if the daemon has them); all others are dropped.
     pub keep_caps: Vec<::caps::Capability>,
+    /// The system calls of its vring worker threads (with
+    /// [`seccomp::THREAD_BASE`] and [`seccomp::WORKER_BASE`]), once they
+    /// [`enter`] [`ThreadKind::Worker`].
+    pub worker_syscalls: Vec<Allow>,
+    /// Whether its worker threads open files (otherwise `openat` fails
+    /// with `EACCES` in them).
+    pub workers_open_files: bool,
 }
 
 impl Policy {
@@ -91,6 +101,8 @@ impl Policy {
             paths: Vec::new(),
             tcp: Vec::new(),
             keep_caps: Vec::new(),
+            worker_syscalls: [seccomp::THREAD_BASE, seccomp::WORKER_BASE].concat(),
+            workers_open_files: false,
         };
         p.allow_path(std::env::temp_dir(), PathAccess::ScratchDir);
         if let (Some(path), false) = (&socket.socket_path, socket.client) {
@@ -117,6 +129,18 @@ impl Policy {
     /// Adds a TCP rule.
     pub fn allow_tcp(&mut self, rule: TcpRule) -> &mut Self {
         self.tcp.push(rule);
+        self
+    }
+
+    /// Adds system calls for the worker threads.
+    pub fn allow_worker_calls(&mut self, calls: &[Allow]) -> &mut Self {
+        self.worker_syscalls.extend_from_slice(calls);
+        self
+    }
+
+    /// Lets the worker threads open files (Landlock still limits which).
+    pub fn workers_open_files(&mut self) -> &mut Self {
+        self.workers_open_files = true;
         self
     }
 
@@ -212,6 +236,7 @@ pub fn apply(mode: SandboxMode, policy: &Policy) -> Result<Report, Error> {
     let had = caps::drop_all(&policy.keep_caps)?;
     // SAFETY: PR_SET_DUMPABLE with 0 only changes this process's flag.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    threads::prepare(&policy.worker_syscalls, policy.workers_open_files)?;
     seccomp::install(policy.name, &policy.syscalls)?;
     Ok(Report::On {
         landlock: applied,
@@ -262,6 +287,7 @@ pub(crate) mod tests {
             "seccomp_child" => format!("seccomp::tests::{name}"),
             "landlock_child" => format!("landlock::tests::{name}"),
             "caps_child" => format!("caps::tests::{name}"),
+            "threads_child" | "threads_socket_child" => format!("threads::tests::{name}"),
             _ => format!("tests::{name}"),
         }
     }

@@ -51,8 +51,13 @@ pub enum Allow {
     /// (`clone3` passes its flags in memory, where a filter cannot look;
     /// it is in [`BASE`] as a plain call.)
     CloneThread,
-    /// `prctl(PR_SET_NAME, ...)`: naming threads.
-    SetThreadName,
+    /// `prctl(option, ...)` for this option (`PR_SET_NAME`: naming
+    /// threads).
+    Prctl(libc::c_int),
+    /// `seccomp(SECCOMP_SET_MODE_FILTER, ...)`: a thread adding a filter
+    /// of its own (filters only ever narrow what a thread may do), with
+    /// `prctl(PR_SET_NO_NEW_PRIVS)`, which `seccompiler` calls first.
+    AddFilter,
 }
 
 use Allow::{Call, Ioctl, Socket};
@@ -77,7 +82,7 @@ pub const BASE: &[Allow] = &[
     Call(libc::SYS_gettid),
     Call(libc::SYS_getpid),
     Call(libc::SYS_getrandom),
-    Allow::SetThreadName,
+    Allow::Prctl(libc::PR_SET_NAME),
     Call(libc::SYS_exit),
     Call(libc::SYS_exit_group),
     // Signals: SIGINT/SIGTERM handling, the alternate stack of new threads,
@@ -88,6 +93,8 @@ pub const BASE: &[Allow] = &[
     Call(libc::SYS_sigaltstack),
     Call(libc::SYS_restart_syscall),
     Allow::SignalSelf,
+    // Threads narrowing their own filter (`threads.rs`).
+    Allow::AddFilter,
     // Time and waiting.
     Call(libc::SYS_clock_gettime),
     Call(libc::SYS_clock_nanosleep),
@@ -139,6 +146,74 @@ pub const BASE: &[Allow] = &[
     Call(libc::SYS_sendto),
     Call(libc::SYS_recvmsg),
     Call(libc::SYS_recvfrom),
+];
+
+/// What any thread of a daemon needs, whatever it does: memory, locks,
+/// signals, ending itself or the process, waiting, its descriptors, and a
+/// panic's backtrace. The lists of the thread kinds (`threads.rs`) start
+/// from it.
+pub const THREAD_BASE: &[Allow] = &[
+    Call(libc::SYS_brk),
+    Call(libc::SYS_mmap),
+    Call(libc::SYS_munmap),
+    Call(libc::SYS_mremap),
+    Call(libc::SYS_mprotect),
+    Call(libc::SYS_madvise),
+    Call(libc::SYS_futex),
+    Call(libc::SYS_sched_getaffinity),
+    Call(libc::SYS_sched_yield),
+    Call(libc::SYS_gettid),
+    Call(libc::SYS_getpid),
+    Call(libc::SYS_getrandom),
+    Allow::Prctl(libc::PR_SET_NAME),
+    Call(libc::SYS_exit),
+    Call(libc::SYS_exit_group),
+    Call(libc::SYS_rt_sigprocmask),
+    Call(libc::SYS_rt_sigreturn),
+    Call(libc::SYS_sigaltstack),
+    Call(libc::SYS_restart_syscall),
+    Allow::SignalSelf,
+    Call(libc::SYS_clock_gettime),
+    Call(libc::SYS_clock_nanosleep),
+    Call(libc::SYS_nanosleep),
+    Call(libc::SYS_poll),
+    Call(libc::SYS_ppoll),
+    Call(libc::SYS_read),
+    Call(libc::SYS_readv),
+    Call(libc::SYS_write),
+    Call(libc::SYS_writev),
+    Call(libc::SYS_close),
+    Call(libc::SYS_fcntl),
+    Call(libc::SYS_getcwd),
+    Call(libc::SYS_readlink),
+    Call(libc::SYS_readlinkat),
+    // Refused with EACCES for kinds that open nothing (`threads.rs`).
+    Call(libc::SYS_openat),
+    Call(libc::SYS_newfstatat),
+    Call(libc::SYS_statx),
+    Call(libc::SYS_lseek),
+];
+
+/// A vring worker thread (`vhost-user-backend`'s `VringEpollHandler`):
+/// [`THREAD_BASE`] and its epoll loop over kick eventfds and the device's
+/// own descriptors. Each daemon adds its device's calls.
+pub const WORKER_BASE: &[Allow] = &[
+    Call(libc::SYS_epoll_wait),
+    Call(libc::SYS_epoll_pwait),
+    Call(libc::SYS_epoll_ctl),
+];
+
+/// A relay thread (`relay.rs`): [`THREAD_BASE`] and messages with
+/// descriptors on its two UNIX sockets, their timeouts, and shutting them
+/// down.
+pub const RELAY: &[Allow] = &[
+    Call(libc::SYS_recvmsg),
+    Call(libc::SYS_recvfrom),
+    Call(libc::SYS_sendmsg),
+    Call(libc::SYS_sendto),
+    Call(libc::SYS_setsockopt),
+    Call(libc::SYS_getsockopt),
+    Call(libc::SYS_shutdown),
 ];
 
 /// Errors building or installing a filter.
@@ -199,10 +274,27 @@ pub fn rules(allow: &[Allow]) -> BTreeMap<i64, Vec<SeccompRule>> {
                     vec![rule(vec![cond(0, Qword, MaskedEq(t), t)])],
                 )
             }
-            Allow::SetThreadName => (
+            Allow::Prctl(option) => (
                 libc::SYS_prctl,
-                vec![rule(vec![cond(0, Dword, Eq, libc::PR_SET_NAME as u64)])],
+                vec![rule(vec![cond(0, Dword, Eq, option as u64)])],
             ),
+            Allow::AddFilter => {
+                map.entry(libc::SYS_prctl).or_default().push(rule(vec![cond(
+                    0,
+                    Dword,
+                    Eq,
+                    libc::PR_SET_NO_NEW_PRIVS as u64,
+                )]));
+                (
+                    libc::SYS_seccomp,
+                    vec![rule(vec![cond(
+                        0,
+                        Dword,
+                        Eq,
+                        u64::from(libc::SECCOMP_SET_MODE_FILTER),
+                    )])],
+                )
+            }
         };
         map.entry(nr).or_default().extend(rules);
     }
@@ -220,6 +312,20 @@ pub fn compile(allow: &[Allow]) -> Result<BpfProgram, Error> {
         rules(allow),
         SeccompAction::Trap,
         SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(Error::Build)?;
+    filter.try_into().map_err(Error::Build)
+}
+
+/// A filter under which the calls `calls` fail with `errno` and every
+/// other call is left to the thread's other filters.
+pub fn compile_refusal(calls: &[libc::c_long], errno: i32) -> Result<BpfProgram, Error> {
+    let rules = calls.iter().map(|nr| (*nr, vec![])).collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno as u32),
         TargetArch::x86_64,
     )
     .map_err(Error::Build)?;
