@@ -654,6 +654,52 @@ fn killed_backend_and_bridge_are_restarted_and_the_disk_keeps_its_data() {
     assert_eq!(m.card("mic0").boots, 1);
 }
 
+/// `micctl stats` reads the stats sockets micd gives the card's mic-blk
+/// (`backends/README.md`, "Stats"); `micctl limit` changes its limits.
+#[test]
+fn micctl_shows_backend_stats_and_changes_limits() {
+    let m = Micd::start("[mic0]\nmemory = 512\nnet = \"none\"\n[[mic0.disk]]\nsize_mib = 32\n");
+    m.wait_state(&["mic0"], "online");
+    let img = m.state().join("mic0/disk0.img");
+    let mut con = m.console("mic0");
+    write_disk(&mut con, &img, 1);
+    let v: serde_json::Value = serde_json::from_str(&m.ok(&["stats", "mic0", "--json"])).unwrap();
+    assert_eq!(v["card"], "mic0");
+    let blk = &v["backends"]["blk0"];
+    assert_eq!(blk["device"], "mic-blk");
+    let written: u64 = blk["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["bytes_written"].as_u64().unwrap())
+        .sum();
+    assert!(written >= MIB, "{v}");
+    assert_eq!(blk["limits"]["iops"], 0);
+    // The text form: a line for the backend, one per queue.
+    let text = m.ok(&["stats", "mic0"]);
+    assert!(text.lines().count() > 1, "{text}");
+
+    m.ok(&["limit", "mic0", "blk0", "iops=2000", "bps=100Mi"]);
+    let v: serde_json::Value = serde_json::from_str(&m.ok(&["stats", "mic0", "--json"])).unwrap();
+    assert_eq!(v["backends"]["blk0"]["limits"]["iops"], 2000);
+    assert_eq!(v["backends"]["blk0"]["limits"]["bps"], 100 << 20);
+    // The card's disk still works under the limits.
+    write_disk(&mut con, &img, 2);
+    assert_eq!(
+        m.micctl(&["limit", "mic0", "blk0", "bogus=1"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        m.micctl(&["limit", "mic0", "net", "rx_bps=1"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(m.micctl(&["stats", "mic9"]).status.code(), Some(4));
+}
+
 #[test]
 fn restarted_micd_adopts_running_cards() {
     // Two cards with every default: 1 GiB, a (sparse) disk, passt.

@@ -17,8 +17,10 @@ use std::io;
 use std::mem::offset_of;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use log::{debug, warn};
+use mic_backend_common::guest::vring_ready;
 use mic_backend_common::inflight::{InflightRegion, QueueTracker, Trackers};
 use mic_backend_common::limited;
 use mic_backend_common::ratelimit::{per_minute, LogLimiter};
@@ -37,6 +39,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::config::SEG_MAX;
 use crate::disk::Disk;
+use crate::limits::{wakeup_event, Accounting};
 use crate::pool::{Batch, IoPool};
 use crate::request::{self, Context, Scratch, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 
@@ -105,6 +108,8 @@ struct Inner {
     exit: WorkerExitEvents,
     guards: RingGuards,
     inflight: Trackers,
+    /// Rate limits and stats (`limits.rs`), shared with later connections.
+    acct: Arc<Accounting>,
 }
 
 const fn bit(b: u32) -> u64 {
@@ -112,8 +117,20 @@ const fn bit(b: u32) -> u64 {
 }
 
 impl BlkBackend {
-    /// A backend serving `disk` with `params`.
+    /// A backend serving `disk` with `params`, no rate limits, counters of
+    /// its own.
     pub fn new(disk: Arc<Disk>, params: BlkParams) -> io::Result<BlkBackend> {
+        let acct = Arc::new(Accounting::new(params.num_queues, Default::default())?);
+        Self::with_accounting(disk, params, acct)
+    }
+
+    /// A backend serving `disk` with `params`, limited and counted by
+    /// `acct` (the daemon keeps one for all connections).
+    pub fn with_accounting(
+        disk: Arc<Disk>,
+        params: BlkParams,
+        acct: Arc<Accounting>,
+    ) -> io::Result<BlkBackend> {
         let scratch = (0..params.num_queues)
             .map(|_| Mutex::new(Scratch::default()))
             .collect();
@@ -136,6 +153,7 @@ impl BlkBackend {
                 exit: WorkerExitEvents::new(),
                 guards,
                 inflight,
+                acct,
             }),
         })
     }
@@ -220,6 +238,8 @@ impl BlkBackend {
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
         // Each worker serves one queue: its thread index is the queue's.
         let guard = self.inner.guards.get(thread_id);
+        let acct = &self.inner.acct;
+        let mut throttled = false;
         let mut state = vring.get_mut();
         let mut tracker = self.inner.inflight.lock(thread_id);
         if let Some(t) = tracker.as_mut().filter(|t| t.needs_recovery()) {
@@ -234,15 +254,30 @@ impl BlkBackend {
             // further large ones go to the helper pool.
             let mut local_large = None;
             let mut batch = None;
-            while let Some(chain) = guard.next(state.get_queue_mut(), mem) {
+            loop {
+                // Over the rate limit: take nothing more until the queue's
+                // wakeup fires (`limits.rs`).
+                if !acct.admit(thread_id) {
+                    throttled = true;
+                    break;
+                }
+                let Some(chain) = guard.next(state.get_queue_mut(), mem) else {
+                    break;
+                };
+                let started = Instant::now();
+                let bytes: u64 = if pool.is_some() || acct.throttle.active() {
+                    chain.clone().map(|d| u64::from(d.len())).sum()
+                } else {
+                    0
+                };
+                acct.charge(bytes);
                 if let Some(t) = tracker.as_mut() {
                     t.take(chain.head_index());
                 }
                 if let Some(pool) = pool {
-                    let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
                     if bytes >= OFFLOAD_BYTES {
                         if local_large.is_none() {
-                            local_large = Some(chain);
+                            local_large = Some((chain, started));
                             continue;
                         }
                         let head = chain.head_index();
@@ -252,6 +287,7 @@ impl BlkBackend {
                         let m = mem_arc.clone();
                         let disk = self.inner.disk.clone();
                         let serial = self.inner.params.serial;
+                        let acct = acct.clone();
                         pool.spawn(Box::new(move |s| {
                             let ctx = Context {
                                 disk: &disk,
@@ -259,6 +295,7 @@ impl BlkBackend {
                                 writethrough,
                             };
                             let len = request::process(&*m, descs.into_iter(), &ctx, s);
+                            acct.record(thread_id, s, started);
                             b.done(head, len);
                         }));
                         continue;
@@ -266,6 +303,7 @@ impl BlkBackend {
                 }
                 let head = chain.head_index();
                 let len = request::process(mem, chain, &ctx, &mut scratch);
+                acct.record(thread_id, &scratch, started);
                 Self::add_used(&mut state, mem, tracker.as_ref(), head, len);
                 completed = true;
                 // After a large transfer, tell the driver right away if it
@@ -279,9 +317,10 @@ impl BlkBackend {
                     completed = false;
                 }
             }
-            if let Some(chain) = local_large.take() {
+            if let Some((chain, started)) = local_large.take() {
                 let head = chain.head_index();
                 let len = request::process(mem, chain, &ctx, &mut scratch);
+                acct.record(thread_id, &scratch, started);
                 Self::add_used(&mut state, mem, tracker.as_ref(), head, len);
                 completed = true;
             }
@@ -296,7 +335,9 @@ impl BlkBackend {
             if completed {
                 Self::signal_if_needed(&mut state, mem);
             }
-            if !event_idx {
+            // A throttled queue leaves notifications off: its wakeup, not
+            // the driver, runs it again.
+            if !event_idx || throttled {
                 break;
             }
             // Re-enable notifications; loop if the driver added requests
@@ -498,6 +539,15 @@ impl VhostUserBackend for BlkBackend {
         mic_backend_common::sandbox::enter(ThreadKind::Worker);
         if evset != EventSet::IN {
             warn!("unexpected event set {evset:?}");
+            return Ok(());
+        }
+        // The queue's rate-limit wakeup: worker `i` serves queue `i`.
+        if device_event == wakeup_event(self.inner.params.num_queues) {
+            if self.inner.acct.woken(thread_id) {
+                if let Some(vring) = vrings.get(thread_id).filter(|v| vring_ready(v)) {
+                    self.process_vring(vring, thread_id);
+                }
+            }
             return Ok(());
         }
         // Each worker owns exactly one queue, at index 0 of its vrings.

@@ -10,6 +10,8 @@ use clap::Parser;
 use mic_backend_common::sandbox::{SandboxArgs, SandboxMode};
 use mic_backend_common::SocketArgs;
 
+use crate::limits::LimitArgs;
+
 /// Largest queue size the split virtqueue format allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Largest number of queues (one worker thread per queue; queue masks are u64).
@@ -69,10 +71,9 @@ pub struct Cli {
     /// `--sandbox` (shared by all backends).
     #[command(flatten)]
     pub sandbox: SandboxArgs,
-    /// Report counters as one JSON line to every connection on this UNIX
-    /// socket (created like --socket-path's, removed on exit).
-    #[arg(long, value_name = "PATH")]
-    pub stats_socket: Option<PathBuf>,
+    /// Rate limits and the stats socket (`limits.rs`).
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 /// Validated configuration.
@@ -96,8 +97,8 @@ pub struct BlkConfig {
     pub io_threads: usize,
     /// Whether the daemon confines itself (`src/sandbox.rs`).
     pub sandbox: SandboxMode,
-    /// Where to report counters, if anywhere.
-    pub stats_socket: Option<PathBuf>,
+    /// Rate limits and the stats socket.
+    pub limits: LimitArgs,
 }
 
 /// A configuration error (one line, printed before exiting).
@@ -143,6 +144,7 @@ impl BlkConfig {
             return Err(ConfigError::IoThreads(io_threads));
         }
         if cli
+            .limits
             .stats_socket
             .as_ref()
             .is_some_and(|p| p.as_os_str().is_empty())
@@ -163,7 +165,7 @@ impl BlkConfig {
             queue_size: qs,
             io_threads,
             sandbox: cli.sandbox.sandbox,
-            stats_socket: cli.stats_socket,
+            limits: cli.limits,
         })
     }
 }

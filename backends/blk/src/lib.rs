@@ -8,6 +8,7 @@ pub mod disk;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
+pub mod limits;
 pub mod pool;
 pub mod request;
 pub mod sandbox;

@@ -11,12 +11,14 @@ use std::sync::Arc;
 use clap::Parser;
 use log::info;
 use mic_backend_common::capabilities::{self, BackendType, Capabilities};
-use mic_backend_common::stats::StatsSocket;
-use mic_backend_common::{inflight, init_logging, open_endpoint, sandbox, serve_tracking};
+use mic_backend_common::control::StatsServer;
+use mic_backend_common::worker::Worker;
+use mic_backend_common::{init_logging, open_endpoint, sandbox, serve_tracking};
 
 use mic_blk::backend::{BlkBackend, BlkParams};
 use mic_blk::config::{BlkConfig, Cli};
 use mic_blk::disk::Disk;
+use mic_blk::limits::Accounting;
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("mic-blk: {msg}");
@@ -74,10 +76,21 @@ fn main() -> ExitCode {
             cfg.image.display()
         ));
     }
+    // Rate limits and counters live as long as the daemon (their timers are
+    // created before the sandbox).
+    let acct = match Accounting::new(cfg.num_queues, cfg.limits.limits()) {
+        Ok(a) => Arc::new(a),
+        Err(e) => return fail(format_args!("cannot create the throttle timers: {e}")),
+    };
     // Everything the daemon serves is open: confine it before its socket
     // appears.
     let sandbox = match sandbox::apply(cfg.sandbox, &mic_blk::sandbox::policy(&cfg)) {
         Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    // Before any other thread starts (SIGUSR1 is blocked in all of them).
+    let stats = match StatsServer::start(cfg.limits.stats_socket.as_deref(), acct.served()) {
+        Ok(s) => s,
         Err(e) => return fail(e),
     };
     let (shutdown, endpoint) = match open_endpoint(&cfg.socket) {
@@ -95,27 +108,28 @@ fn main() -> ExitCode {
         cfg.num_queues,
         cfg.queue_size
     );
-    // Counters: the requests resubmitted after a restart (in-flight
-    // tracking), over every frontend this process served.
-    let _stats = match &cfg.stats_socket {
-        Some(p) => match StatsSocket::serve(
-            p,
-            || serde_json::json!({ "resubmitted": inflight::resubmitted_total() }),
-        ) {
-            Ok(s) => Some(s),
-            Err(e) => return fail(e),
-        },
-        None => None,
-    };
     let params = BlkParams {
         serial: cfg.serial,
         num_queues: cfg.num_queues,
         queue_size: cfg.queue_size,
         io_threads: cfg.io_threads,
     };
-    match serve_tracking("mic-blk", endpoint, &shutdown, || {
-        BlkBackend::new(disk.clone(), params.clone())
-    }) {
+    let result = serve_tracking(
+        "mic-blk",
+        endpoint,
+        &shutdown,
+        || BlkBackend::with_accounting(disk.clone(), params.clone(), acct.clone()),
+        |daemon| {
+            let workers: Vec<Worker> = daemon
+                .get_epoll_handlers()
+                .into_iter()
+                .map(|h| h as Worker)
+                .collect();
+            acct.attach(&workers)
+        },
+    );
+    drop(stats);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }

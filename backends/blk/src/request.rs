@@ -59,6 +59,10 @@ pub struct Scratch {
     bounce: AlignedBuf,
     /// Data bytes moved by the last request processed (0 for non-I/O).
     pub last_bytes: u64,
+    /// Whether the last request was a write (its bytes went to the disk).
+    pub last_write: bool,
+    /// Whether the last request completed with `VIRTIO_BLK_S_OK`.
+    pub last_ok: bool,
 }
 
 // SAFETY: the iovecs only hold pointers during one request (they are
@@ -73,6 +77,8 @@ impl Default for Scratch {
             iovecs: Vec::with_capacity(256),
             bounce: AlignedBuf::empty(),
             last_bytes: 0,
+            last_write: false,
+            last_ok: false,
         }
     }
 }
@@ -199,6 +205,8 @@ where
     s.readable.clear();
     s.writable.clear();
     s.last_bytes = 0;
+    s.last_write = false;
+    s.last_ok = false;
     let mut malformed = false;
     let mut last_has_next = false;
     for d in descs {
@@ -262,6 +270,7 @@ where
     if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
         return 0;
     }
+    s.last_ok = status == VIRTIO_BLK_S_OK;
     written + 1
 }
 
@@ -367,6 +376,7 @@ fn rw<M: GuestMemoryBackend + ?Sized>(
         return Ok(());
     }
     s.last_bytes = len;
+    s.last_write = write;
     let (segs, skip) = if write {
         (&s.readable, HEADER_LEN)
     } else {

@@ -2,7 +2,8 @@
 //! `backends/README.md`, "Sandbox"): on top of what every daemon needs,
 //! the image, read and written (read only with `--readonly`) through the
 //! descriptors opened at startup, synced, and with holes punched
-//! (`DISCARD`, `WRITE_ZEROES`).
+//! (`DISCARD`, `WRITE_ZEROES`); the rate limits' timers and the stats
+//! thread (`limits.rs`).
 
 use mic_backend_common::sandbox::{parent_dir, Allow, PathAccess, Policy};
 
@@ -29,6 +30,18 @@ const INFLIGHT_REGION: &[Allow] = &[
     Allow::Call(libc::SYS_ftruncate),
 ];
 
+/// Rate limits and stats (`limits.rs`, `mic_backend_common::control`).
+const LIMITS: &[Allow] = &[
+    // A throttled queue arms its wakeup (a timerfd created at startup).
+    Allow::Call(libc::SYS_timerfd_settime),
+    // The stats thread reads SIGUSR1 from a signalfd, created once the
+    // sandbox is on.
+    Allow::Call(libc::SYS_signalfd4),
+];
+
+/// What a worker thread adds for the rate limits: arming its wakeup.
+const WORKER_LIMITS: &[Allow] = &[Allow::Call(libc::SYS_timerfd_settime)];
+
 /// `mic-blk`'s sandbox policy for `cfg`.
 pub fn policy(cfg: &BlkConfig) -> Policy {
     let mut p = Policy::new("mic-blk", &cfg.socket);
@@ -43,9 +56,12 @@ pub fn policy(cfg: &BlkConfig) -> Policy {
         PathAccess::ReadWriteFile
     };
     p.allow_path(&cfg.image, access);
-    // The stats socket is made (a stale one replaced) once the sandbox is
-    // on, and removed on exit, as the vhost-user socket is.
-    if let Some(stats) = &cfg.stats_socket {
+    p.allow_calls(LIMITS);
+    // A worker arms its queue's wakeup when the rate limit stops it.
+    p.allow_worker_calls(WORKER_LIMITS);
+    // The stats socket is bound (a stale one replaced) once the sandbox is
+    // on, and removed on exit.
+    if let Some(stats) = &cfg.limits.stats_socket {
         p.allow_path(parent_dir(stats), PathAccess::SocketDir);
     }
     p
@@ -90,5 +106,11 @@ mod tests {
         assert!(stats.has_path(Path::new("/st"), PathAccess::SocketDir));
         let ro = policy(&cfg(&["--readonly"]));
         assert!(ro.has_path(Path::new("/i/d.img"), PathAccess::ReadFile));
+        assert!(p.syscalls.contains(&Allow::Call(libc::SYS_timerfd_settime)));
+        assert!(p
+            .worker_syscalls
+            .contains(&Allow::Call(libc::SYS_timerfd_settime)));
+        let s = policy(&cfg(&["--stats-socket", "/run/mic/s.sock"]));
+        assert!(s.has_path(Path::new("/run/mic"), PathAccess::SocketDir));
     }
 }

@@ -35,6 +35,10 @@
 //! its socket appears; `--sandbox none` ([`sandbox::SandboxArgs`]) turns
 //! it off.
 //!
+//! [`throttle`] has the rate limits' token buckets and [`timer`] the
+//! timer a throttled queue waits on; [`stats`] the per-queue counters,
+//! which [`control`] serves on the stats socket and dumps on `SIGUSR1`.
+//!
 //! [`guest`] has guest-memory and virtqueue helpers for the devices, and
 //! [`ring`] the guard every device takes its chains through.
 //!
@@ -47,6 +51,7 @@
 
 pub mod capabilities;
 pub mod chain;
+pub mod control;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod guest;
@@ -59,6 +64,8 @@ pub mod stats;
 pub mod terminal;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod throttle;
+pub mod timer;
 pub mod worker;
 
 use std::fs;
@@ -734,18 +741,21 @@ pub trait InflightTracking {
     fn set_inflight_region(&self, region: inflight::InflightRegion);
 }
 
-/// Serve frontends until shutdown, like [`serve`], for a device that
-/// tracks in-flight I/O: the protocol feature is offered and every
-/// connection's region goes to that connection's backend.
-pub fn serve_tracking<B, N>(
+/// Serve frontends until shutdown, like [`run_daemon`] (`on_start` runs
+/// for every frontend, before it is served), for a device that tracks
+/// in-flight I/O: the protocol feature is offered and every connection's
+/// region goes to that connection's backend.
+pub fn serve_tracking<B, N, S>(
     name: &str,
     endpoint: Endpoint,
     shutdown: &Shutdown,
     new_backend: N,
+    on_start: S,
 ) -> Result<()>
 where
     B: DaemonBackend + InflightTracking + Send + Sync,
     N: FnMut() -> io::Result<B>,
+    S: FnMut(&VhostUserDaemon<B>) -> io::Result<()>,
 {
     fn hook<B: InflightTracking + Clone + Send + Sync + 'static>(b: &B) -> InflightHook {
         let b = b.clone();
@@ -756,7 +766,7 @@ where
         endpoint,
         shutdown,
         new_backend,
-        |_| Ok(()),
+        on_start,
         None,
         Some(hook::<B>),
     )

@@ -13,7 +13,8 @@ use std::io;
 use std::mem::offset_of;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use log::{debug, warn};
 use mic_backend_common::guest::{vring_ready, GuestMem, MemorySlot};
@@ -33,6 +34,7 @@ use vm_memory::ByteValued;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use crate::limits::{Accounting, LimitedSink};
 use crate::rxq::{self, RxOutcome};
 use crate::stream::{self, StreamPort, MAX_FRAME};
 use crate::tap::{TapQueue, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
@@ -136,7 +138,13 @@ pub struct NetBackend {
     guards: RingGuards,
     /// Traffic counters.
     pub counters: Counters,
+    /// Rate limits and per-queue stats (`limits.rs`).
+    acct: Arc<Accounting>,
 }
+
+/// Offset of the rate-limit wakeup's event id from the host port's: the
+/// stream port uses the ids just after the host port's (`stream::EV_*`).
+const WAKEUP_OFFSET: u64 = 16;
 
 impl NetBackend {
     /// Builds the device from its host ports (one per queue pair).
@@ -200,7 +208,24 @@ impl NetBackend {
             exit: WorkerExitEvents::new(),
             guards: RingGuards::new(2 * queue_pairs),
             counters: Counters::default(),
+            acct: Arc::new(Accounting::new(
+                queue_pairs,
+                Default::default(),
+                Default::default(),
+            )?),
         })
+    }
+
+    /// The device limited and counted by `acct` (made for as many queue
+    /// pairs) instead of its own unlimited counters.
+    pub fn with_accounting(mut self, acct: Arc<Accounting>) -> Self {
+        self.acct = acct;
+        self
+    }
+
+    /// Event id of the queue pairs' rate-limit wakeups.
+    fn wakeup_event(&self) -> u64 {
+        self.host_event() + WAKEUP_OFFSET
     }
 
     fn num_queues_total(&self) -> u64 {
@@ -311,23 +336,37 @@ impl NetBackend {
         loop {
             let len = match st.rx_pending {
                 Some(l) => l,
+                // Over the rate limit: the frames stay on the host side
+                // until the pair's wakeup fires (`limits.rs`).
+                None if !self.acct.admit_rx(pair) => break,
                 None => match Self::read_host_frame(st, hdr_len) {
-                    Some(l) => l,
+                    Some(l) => {
+                        self.acct.rx.charge(1, (l - hdr_len) as u64);
+                        l
+                    }
                     None => break,
                 },
             };
             st.rx_pending = Some(len);
+            let started = Instant::now();
             let (outcome, used) =
                 rxq::deliver(q, &mem, guard, &mut st.rx_frame[..len], mrg, hdr_len);
             used_any |= used;
+            let stats = self.acct.rx_stats(pair);
             match outcome {
                 RxOutcome::Delivered => {
                     st.rx_pending = None;
                     self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    if let Some(q) = stats {
+                        q.record_since((len - hdr_len) as u64, 0, false, started);
+                    }
                 }
                 RxOutcome::Dropped => {
                     st.rx_pending = None;
                     self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    if let Some(q) = stats {
+                        q.record_failed(1);
+                    }
                 }
                 RxOutcome::NoBuffers { seen } => {
                     // Ask for a kick when buffers arrive; go on if some
@@ -353,14 +392,23 @@ impl NetBackend {
         }
         let hdr_len = self.hdr_len();
         let mut vr = vring.get_mut();
+        let mut sink = LimitedSink::new(&mut st.host, &self.acct.tx, self.acct.tx_stats(pair));
         let tally = txq::drain(
             vr.get_queue_mut(),
             &mem,
             self.guards.get(2 * pair + 1),
             &mut st.tx_buf,
             hdr_len,
-            &mut st.host,
+            &mut sink,
         );
+        // Over the rate limit: the chains stay in the ring until the
+        // pair's wakeup fires.
+        if let Some(wait) = sink.wait.get() {
+            self.acct.stop(pair, 2 * pair + 1, wait);
+        }
+        if let Some(q) = self.acct.tx_stats(pair) {
+            q.record_failed(tally.malformed);
+        }
         let c = &self.counters;
         c.tx_frames.fetch_add(tally.sent, Ordering::Relaxed);
         c.tx_dropped
@@ -464,6 +512,12 @@ impl VhostUserBackend for NetBackend {
                     self.process_rx(thread_id, st, &vrings[0])?;
                 }
             }
+            e if e == self.wakeup_event() => {
+                if self.acct.woken(thread_id) {
+                    self.process_rx(thread_id, st, &vrings[0])?;
+                    self.process_tx(thread_id, st, &vrings[1])?;
+                }
+            }
             e if e > host => {
                 if let HostPort::Stream(s) = &mut st.host {
                     s.handle_control_event(e - host);
@@ -494,6 +548,9 @@ impl PersistentBackend for NetBackend {
                 }
                 HostPort::Stream(s) => s.attach(w.clone(), ev),
             }
+        }
+        if let Err(e) = self.acct.attach(workers, self.wakeup_event()) {
+            warn!("cannot watch the rate-limit timers: {e}");
         }
     }
 

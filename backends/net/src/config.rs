@@ -12,6 +12,8 @@ use clap::Parser;
 use mic_backend_common::sandbox::{SandboxArgs, SandboxMode};
 use mic_backend_common::SocketArgs;
 
+use crate::limits::LimitArgs;
+
 /// Largest number of queue pairs accepted on the command line.
 pub const MAX_QUEUE_PAIRS: u16 = 16;
 /// Largest virtqueue size accepted on the command line.
@@ -71,6 +73,10 @@ pub struct NetArgs {
     /// `--sandbox` (shared by all backends).
     #[command(flatten)]
     pub sandbox: SandboxArgs,
+
+    /// Rate limits and the stats socket (`limits.rs`).
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 /// A stream transport endpoint.
@@ -136,6 +142,8 @@ pub struct NetConfig {
     pub queue_size: u16,
     /// Whether the daemon confines itself (`src/sandbox.rs`).
     pub sandbox: SandboxMode,
+    /// Rate limits and the stats socket.
+    pub limits: LimitArgs,
 }
 
 /// A configuration error, reported as one line.
@@ -327,6 +335,7 @@ impl NetConfig {
             queue_pairs: args.num_queue_pairs,
             queue_size: args.queue_size,
             sandbox: args.sandbox.sandbox,
+            limits: args.limits,
         })
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
+pub mod limits;
 pub mod rxq;
 pub mod sandbox;
 pub mod stream;

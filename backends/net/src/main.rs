@@ -9,12 +9,14 @@ use std::sync::Arc;
 
 use log::info;
 use mic_backend_common::capabilities::{self, BackendType, Capabilities};
+use mic_backend_common::control::StatsServer;
 use mic_backend_common::{
     exit_status, init_logging, open_endpoint, parse_cli, sandbox, serve_persistent,
 };
 
 use mic_net::backend::{HostPort, NetBackend};
 use mic_net::config::{format_mac, NetConfig, NetTransport};
+use mic_net::limits::Accounting;
 use mic_net::{stream, tap};
 
 const NAME: &str = "mic-net";
@@ -72,13 +74,24 @@ fn main() -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
+    // Rate limits and counters (their timers are created before the
+    // sandbox).
+    let acct = match Accounting::new(ports.len(), cfg.limits.rx(), cfg.limits.tx()) {
+        Ok(a) => Arc::new(a),
+        Err(e) => return fail(format_args!("cannot create the throttle timers: {e}")),
+    };
     let backend = match NetBackend::new(ports, cfg.mac, cfg.mtu, cfg.queue_size) {
-        Ok(b) => Arc::new(b),
+        Ok(b) => Arc::new(b.with_accounting(acct.clone())),
         Err(e) => return fail(e),
     };
     // The host side is open: confine the daemon before its socket appears.
     let sandbox = match sandbox::apply(cfg.sandbox, &mic_net::sandbox::policy(&cfg)) {
         Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    // Before any other thread starts (SIGUSR1 is blocked in all of them).
+    let stats = match StatsServer::start(cfg.limits.stats_socket.as_deref(), acct.served()) {
+        Ok(s) => s,
         Err(e) => return fail(e),
     };
     let (shutdown, endpoint) = match open_endpoint(&cfg.socket) {
@@ -95,5 +108,7 @@ fn main() -> ExitCode {
     );
     // The host side (tap, stream peer) lives as long as the process; the
     // device state is reset for every new frontend.
-    exit_status(NAME, serve_persistent(NAME, endpoint, &shutdown, &backend))
+    let result = serve_persistent(NAME, endpoint, &shutdown, &backend);
+    drop(stats);
+    exit_status(NAME, result)
 }

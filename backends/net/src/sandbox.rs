@@ -21,10 +21,13 @@
 //!   its socket (mode 0755) takes a connect only from its owner or a
 //!   process with that capability; the daemon reconnects whenever passt
 //!   restarts.
+//! - rate limits and stats (`limits.rs`): the queue pairs' throttle timers
+//!   (`timerfd`, created at startup), the stats thread's `signalfd` for
+//!   `SIGUSR1`, and the stats socket in its directory.
 
 use std::path::Path;
 
-use mic_backend_common::sandbox::{Allow, Capability, PathAccess, Policy, TcpRule};
+use mic_backend_common::sandbox::{parent_dir, Allow, Capability, PathAccess, Policy, TcpRule};
 
 use crate::config::{NetConfig, NetTransport, StreamAddr};
 
@@ -40,6 +43,18 @@ const STREAM: &[Allow] = &[
     Allow::Call(libc::SYS_timerfd_settime),
     Allow::Call(libc::SYS_timerfd_gettime),
 ];
+
+/// Rate limits and stats (`limits.rs`, `mic_backend_common::control`).
+const LIMITS: &[Allow] = &[
+    // A throttled queue pair arms its wakeup (a timerfd).
+    Allow::Call(libc::SYS_timerfd_settime),
+    // The stats thread reads SIGUSR1 from a signalfd, created once the
+    // sandbox is on.
+    Allow::Call(libc::SYS_signalfd4),
+];
+
+/// What a worker thread adds for the rate limits: arming its wakeup.
+const WORKER_LIMITS: &[Allow] = &[Allow::Call(libc::SYS_timerfd_settime)];
 
 /// TCP streams: IPv4 and IPv6 sockets, and what the C library's name
 /// resolution does (the `nscd` socket, DNS over UDP).
@@ -104,6 +119,14 @@ pub fn policy(cfg: &NetConfig) -> Policy {
             }
         }
     }
+    p.allow_calls(LIMITS);
+    // A worker arms its queue's wakeup when the rate limit stops it.
+    p.allow_worker_calls(WORKER_LIMITS);
+    // The stats socket is bound (a stale one replaced) once the sandbox is
+    // on, and removed on exit.
+    if let Some(stats) = &cfg.limits.stats_socket {
+        p.allow_path(parent_dir(stats), PathAccess::SocketDir);
+    }
     // Tests and odd hosts: only paths that exist can be rules.
     p.paths.retain(|r| Path::new(&r.path).exists());
     p
@@ -142,5 +165,13 @@ mod tests {
         assert!(tcp.workers_open_files);
         let l = policy(&cfg(&["--stream", "tcp:[::1]:7", "--listen"]));
         assert_eq!(l.tcp, [TcpRule::Bind(7)]);
+        assert!(tap
+            .syscalls
+            .contains(&Allow::Call(libc::SYS_timerfd_settime)));
+        assert!(tap
+            .worker_syscalls
+            .contains(&Allow::Call(libc::SYS_timerfd_settime)));
+        let s = policy(&cfg(&["--tap", "mic0", "--stats-socket", "/tmp/s.sock"]));
+        assert!(s.has_path(Path::new("/tmp"), PathAccess::SocketDir));
     }
 }

@@ -18,6 +18,8 @@ use clap::{Parser, Subcommand};
 
 #[path = "micctl/agent.rs"]
 mod agent;
+#[path = "micctl/stats.rs"]
+mod stats;
 
 use vop_bridge::control::request;
 use vop_bridge::micd::console::{self, Ended};
@@ -132,6 +134,28 @@ enum Cmd {
         #[arg(required = true, num_args = 1..=2)]
         args: Vec<String>,
     },
+    /// Per-queue stats of the card's mic-blk and mic-net backends:
+    /// requests, bytes, errors, latency percentiles and rate limits.
+    Stats {
+        /// The card.
+        card: String,
+        /// Print `{"card": ..., "backends": {NAME: STATS}}` (each STATS as
+        /// the backend's stats socket answers; backends/README.md, "Stats").
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the rate limits of one of the card's backends at run time:
+    /// CARD BACKEND KEY=N... (blk0: iops, bps; net, link: rx_bps, rx_pps,
+    /// tx_bps, tx_pps; each also KEY_burst; 0 is unlimited).
+    Limit {
+        /// The card.
+        card: String,
+        /// The backend (`blk0`, `net`...).
+        backend: String,
+        /// KEY=N settings.
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
     /// Run a command on the card through its agent; exits with its status.
     Exec(agent::ExecArgs),
     /// Copy a file to (`HOST CARD:PATH`) or from (`CARD:PATH HOST`) the card.
@@ -221,6 +245,9 @@ fn micd_request(cmd: &Cmd) -> Option<Request> {
             settings: settings.clone(),
         },
         Cmd::Log { card } => Request::Log { card: card.clone() },
+        Cmd::Stats { card, .. } | Cmd::Limit { card, .. } => Request::Status {
+            cards: vec![card.clone()],
+        },
         Cmd::Console { card, .. } => Request::Status {
             cards: vec![card.clone()],
         },
@@ -278,6 +305,22 @@ fn micd(socket: &Path, cmd: &Cmd, resp: Response) -> i32 {
         }
         Cmd::Config { .. } => {}
         Cmd::Console { card, follow } => return console(socket, card, *follow, &resp),
+        Cmd::Stats { card, json } => {
+            return match resp.cards.first() {
+                Some(c) => stats::show(c, *json),
+                None => fail(4, &format!("no card {card}")),
+            }
+        }
+        Cmd::Limit {
+            card,
+            backend,
+            settings,
+        } => {
+            return match resp.cards.first() {
+                Some(c) => stats::limit(c, backend, settings),
+                None => fail(4, &format!("no card {card}")),
+            }
+        }
         _ => {
             let text = resp.text.unwrap_or_default();
             print!("{text}");

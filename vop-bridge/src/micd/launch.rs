@@ -190,6 +190,14 @@ impl CardPlan {
         };
         let mut backends = Vec::new();
         let mut backend_sockets = Vec::new();
+        // mic-blk's and mic-net's stats sockets (`micctl stats`).
+        let mut stats_sockets = Vec::new();
+        let mut stats_arg = |backend: &str, args: &mut Vec<OsString>| {
+            let s = dir.stats_socket(backend);
+            args.push("--stats-socket".into());
+            args.push(path_arg(&s));
+            stats_sockets.push(s);
+        };
         let mut devices = Vec::new();
         let mut expect = Vec::new();
         if cfg.console {
@@ -213,12 +221,13 @@ impl CardPlan {
             let image = d.image.clone().unwrap_or_else(|| dir.disk_image(i));
             let name = format!("blk{i}");
             let sock = dir.vhost_socket(&name);
-            let args = vec![
+            let mut args = vec![
                 "--socket-path".into(),
                 path_arg(&sock),
                 "--image".into(),
                 path_arg(&image),
             ];
+            stats_arg(&name, &mut args);
             backends.push(proc(&name, tools.bin_dir.join("mic-blk"), args));
             backend_sockets.push(sock.clone());
             devices.push(DevicePlan {
@@ -256,6 +265,7 @@ impl CardPlan {
             } else {
                 args.extend(os(&["--tap", name, "--host-ip", &n.host_cidr()]));
             }
+            stats_arg("net", &mut args);
             backends.push(proc("net", tools.bin_dir.join("mic-net"), args));
             backend_sockets.push(sock.clone());
             devices.push(DevicePlan {
@@ -270,7 +280,7 @@ impl CardPlan {
             let sock = dir.vhost_socket("link");
             let mut stream = OsString::from("unix:");
             stream.push(dir.link_socket().as_os_str());
-            let args = vec![
+            let mut args = vec![
                 "--socket-path".into(),
                 path_arg(&sock),
                 "--stream".into(),
@@ -278,6 +288,7 @@ impl CardPlan {
                 "--mac".into(),
                 mac.into(),
             ];
+            stats_arg("link", &mut args);
             backends.push(proc("link", tools.bin_dir.join("mic-net"), args));
             backend_sockets.push(sock.clone());
             devices.push(DevicePlan {
@@ -449,7 +460,7 @@ impl CardPlan {
             net,
             device_socket: dir.device_socket(),
             bridge_socket: dir.bridge_socket(),
-            other_sockets,
+            other_sockets: other_sockets.into_iter().chain(stats_sockets).collect(),
             external_sockets,
         }
     }
@@ -550,6 +561,17 @@ mod tests {
             ]
         ));
         assert_eq!(p.backend_sockets.len(), 5);
+        // mic-blk and mic-net serve their stats beside their sockets.
+        assert!(has(
+            &p.backends[1].args,
+            &["--stats-socket", "/s/mic1/stats-blk0.sock"]
+        ));
+        assert!(has(
+            &p.backends[3].args,
+            &["--stats-socket", "/s/mic1/stats-net.sock"]
+        ));
+        assert!(p.all_sockets().contains(&dir.stats_socket("blk0")));
+        assert!(p.all_sockets().contains(&dir.stats_socket("net")));
     }
 
     #[test]
@@ -672,6 +694,10 @@ mod tests {
             ]
         );
         assert!(p.cmdline.ends_with(" mic.link=02:6d:69:63:00:01"));
+        assert!(has(
+            &link.args,
+            &["--stats-socket", "/s/mic1/stats-link.sock"]
+        ));
         // The hub's socket is not the card's to remove.
         assert!(!p.all_sockets().contains(&dir.link_socket()));
     }

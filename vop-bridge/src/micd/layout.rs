@@ -44,6 +44,12 @@ pub fn private_socket(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
+/// The file name of a backend's stats socket in its card's directory,
+/// beside its vhost-user socket (`micctl stats` finds it there).
+pub fn stats_socket_name(backend: &str) -> String {
+    format!("stats-{backend}.sock")
+}
+
 /// The files of one card, in `<state-dir>/micN/`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CardDir {
@@ -92,6 +98,12 @@ impl CardDir {
     /// The vhost-user socket of a backend (`console`, `blk0`, `net`).
     pub fn vhost_socket(&self, backend: &str) -> PathBuf {
         self.file(&format!("vhost-{backend}.sock"))
+    }
+
+    /// The stats socket of a backend (`blk0`, `net`, `link`): per-queue
+    /// stats and run-time rate limits (`backends/README.md`, "Stats").
+    pub fn stats_socket(&self, backend: &str) -> PathBuf {
+        self.file(&stats_socket_name(backend))
     }
 
     /// The card's console as a unix socket (`mic-console --unix`).

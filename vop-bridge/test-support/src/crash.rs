@@ -6,7 +6,7 @@
 //! boot_devices.rs`), which give the card the same load and kill the
 //! backend the same way.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -58,13 +58,15 @@ pub fn load_result(result: &str) -> (u64, u64) {
     (field("ok="), field("bad="))
 }
 
-/// The `resubmitted` count of the mic-blk whose stats socket is `stats`,
-/// if it answers.
+/// The `resubmitted` count of the mic-blk whose stats socket is `stats`
+/// (`stats` on it, `backends/README.md`, "Stats"), if it answers.
 pub fn resubmitted(stats: &Path) -> Option<u64> {
     let mut s = UnixStream::connect(stats).ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let v: serde_json::Value = serde_json::from_str(out.lines().next()?).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"stats\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
     v["resubmitted"].as_u64()
 }
 
