@@ -193,14 +193,14 @@ fn backend_wce_ready(card: &Card) -> bool {
         .is_ok_and(|a| a.len() >= 2 * (BLK_WCE + 1) && !a.starts_with("error"))
 }
 
-/// mic-blk killed (SIGKILL) ten times while the card writes and reads its
+/// mic-blk killed (SIGKILL) 20 times while the card writes and reads its
 /// disk with checksums (`mic_test_support::crash`): the bridge keeps the
 /// in-flight region across the restarts (`docs/architecture.md`, "Backend
 /// restarts"), each new mic-blk resubmits what the dead one had in flight,
 /// and the card sees no I/O error and no wrong data.
 #[test]
 fn sigkilled_mic_blk_resubmits_in_flight_requests_under_the_bridge() {
-    const KILLS: usize = 10;
+    const KILLS: usize = 20;
     let tmp = TempDir::new("inflight-vop");
     let img = image(tmp.path(), "disk.img", 64 * MIB);
     let stats = tmp.join("stats.sock");
@@ -220,8 +220,13 @@ fn sigkilled_mic_blk_resubmits_in_flight_requests_under_the_bridge() {
     card.run(&load_script_command(), CMD);
     card.run("sh /tmp/load.sh </dev/null >/tmp/load.log 2>&1 &", CMD);
 
+    // At least KILLS kills, and on (up to three times as many) until the
+    // new daemons have found a request in flight: when a kill lands is up
+    // to the scheduler.
     let mut total = 0;
-    for _ in 0..KILLS {
+    let mut kills = 0;
+    while kills < KILLS || (total == 0 && kills < 3 * KILLS) {
+        kills += 1;
         wait_doing_io(card.blk_pid().unwrap(), Duration::from_secs(5));
         total += resubmitted(&stats).unwrap_or(0);
         card.restart_blk(Duration::ZERO);
@@ -250,7 +255,7 @@ fn sigkilled_mic_blk_resubmits_in_flight_requests_under_the_bridge() {
         .trim()
         .parse()
         .unwrap();
-    eprintln!("card: ok={ok} bad={bad} I/O errors={ioerrs}; resubmitted {total}");
+    eprintln!("card: ok={ok} bad={bad} I/O errors={ioerrs}; {kills} kills, resubmitted {total}");
     assert!(ok > 0, "no round completed");
     assert_eq!(bad, 0, "a read-back differed or a dd failed");
     assert_eq!(ioerrs, 0, "the card saw I/O errors");
