@@ -102,12 +102,13 @@ fn run_card_boots_takes_console_input_and_ends_on_poweroff() {
         "{err}"
     );
     // mic1 was shut down with the session: no QEMU of either card is left,
-    // nor the link's hub.
-    let hub: u64 = read(&work.join("link.pid")).trim().parse().unwrap();
-    for pid in qemus.into_iter().chain([hub]) {
+    // nor the link's hub, nor the vsock group's backend.
+    let shared =
+        ["link.pid", "vsock-group.pid"].map(|f| read(&work.join(f)).trim().parse::<u64>().unwrap());
+    for pid in qemus.into_iter().chain(shared) {
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            "QEMU {pid} still runs"
+            "process {pid} still runs"
         );
     }
 }
