@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use mic_test_support::{
-    bin, card_boot_args, image, qemu, sha256_range, sum_in, wait_for, Shell, TempDir, BOOT_TIMEOUT,
+    bin, card_boot_args, image, qemu, serial_shell_online, sha256_range, sum_in, wait_for, TempDir,
+    BOOT_TIMEOUT,
 };
 
 const MIB: u64 = 1 << 20;
@@ -105,17 +106,7 @@ fn stock_qemu_frontends_are_served_by_our_backends() {
         &dir,
         "qemu.log",
     );
-    wait_for(Duration::from_secs(20), "QEMU's serial socket", || {
-        p("serial.sock").exists().then_some(())
-    });
-    let serial = UnixStream::connect(p("serial.sock")).unwrap();
-    let mut shell = Shell::new(Box::new(serial.try_clone().unwrap()), Box::new(serial));
-    wait_for(BOOT_TIMEOUT, "the VM to come up", || {
-        shell
-            .output()
-            .contains("mic-card: online devices=")
-            .then_some(())
-    });
+    let mut shell = serial_shell_online(&p("serial.sock"));
     assert!(
         shell.output().contains("mic-card: online devices=net,blk"),
         "{}",

@@ -9,14 +9,13 @@
 //!
 //! Needs the project's QEMU and card image (`MIC_QEMU`, `MIC_CARD_DIR`).
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use mic_test_support::{
     bin, card_boot_args, has_thread, image, load_result, load_script_command, qemu, resubmitted,
-    wait_doing_io, wait_for, Daemon, Process, Shell, TempDir, BOOT_TIMEOUT,
+    serial_shell_online, wait_doing_io, wait_for, Daemon, Process, TempDir,
 };
 
 const MIB: u64 = 1 << 20;
@@ -81,17 +80,7 @@ fn sigkilled_mic_blk_resubmits_in_flight_requests_under_stock_qemu() {
             .spawn()
             .unwrap(),
     );
-    wait_for(Duration::from_secs(20), "QEMU's serial socket", || {
-        dir.join("serial.sock").exists().then_some(())
-    });
-    let serial = UnixStream::connect(dir.join("serial.sock")).unwrap();
-    let mut shell = Shell::new(Box::new(serial.try_clone().unwrap()), Box::new(serial));
-    wait_for(BOOT_TIMEOUT, "the VM to come up", || {
-        shell
-            .output()
-            .contains("mic-card: online devices=")
-            .then_some(())
-    });
+    let mut shell = serial_shell_online(&dir.join("serial.sock"));
     shell.run("dmesg -c > /dev/null", CMD);
     shell.run(&load_script_command(), CMD);
     shell.run("(sh /tmp/load.sh > /tmp/load.log 2>&1 &)", CMD);

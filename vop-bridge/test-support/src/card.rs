@@ -45,6 +45,24 @@ pub fn card_boot_args(extra: &str) -> Vec<std::ffi::OsString> {
     args
 }
 
+/// A shell on the serial console that a VM (stock QEMU booting the card OS
+/// with [`card_boot_args`]) serves on the unix socket `sock`, once the card
+/// OS says it is online.
+pub fn serial_shell_online(sock: &Path) -> Shell {
+    wait_for(Duration::from_secs(20), "QEMU's serial socket", || {
+        sock.exists().then_some(())
+    });
+    let serial = UnixStream::connect(sock).unwrap();
+    let shell = Shell::new(Box::new(serial.try_clone().unwrap()), Box::new(serial));
+    wait_for(BOOT_TIMEOUT, "the VM to come up", || {
+        shell
+            .output()
+            .contains("mic-card: online devices=")
+            .then_some(())
+    });
+    shell
+}
+
 /// The block backend of a card.
 #[allow(clippy::enum_variant_names)] // MicBlk names the daemon.
 pub enum Blk {
