@@ -53,6 +53,11 @@ module_param(reset_timeout_ms, uint, 0644);
 MODULE_PARM_DESC(reset_timeout_ms,
 		 "how long a device reset waits for the host's host_ack");
 
+static bool queue_vectors = true;
+module_param(queue_vectors, bool, 0644);
+MODULE_PARM_DESC(queue_vectors,
+		 "give each virtqueue its own MSI-X vector where the host offers it and vectors remain (docs/vop-abi.md 5.7)");
+
 static unsigned int heartbeat_ms = 1000;
 module_param(heartbeat_ms, uint, 0444);
 MODULE_PARM_DESC(heartbeat_ms,
@@ -89,6 +94,9 @@ struct vop_vdev {
 
 	unsigned int nvqs;
 	struct virtqueue *vqs[MIC_MAX_VQS];
+	/* a queue's own vector (h2c_vq_db), 0 while it shares vector */
+	unsigned int vq_vector[MIC_MAX_VQS];
+	char vq_irq_name[MIC_MAX_VQS][32];
 };
 
 struct vop_card {
@@ -299,15 +307,97 @@ static bool vop_notify(struct virtqueue *vq)
 	return true;
 }
 
+/* the device's vector: every queue without a vector of its own */
 static irqreturn_t vop_vdev_interrupt(int irq, void *opaque)
 {
 	struct vop_vdev *vd = opaque;
 	unsigned int i;
 
 	for (i = 0; i < vd->nvqs; i++)
-		if (vd->vqs[i])
+		if (vd->vqs[i] && !vd->vq_vector[i])
 			vring_interrupt(irq, vd->vqs[i]);
 	return IRQ_HANDLED;
+}
+
+/* a queue's own vector */
+static irqreturn_t vop_vq_interrupt(int irq, void *opaque)
+{
+	return vring_interrupt(irq, opaque);
+}
+
+static int vop_alloc_vector(struct vop_card *card);
+static void vop_free_vector(struct vop_card *card, unsigned int v);
+
+/*
+ * Gives back the queues' own vectors (docs/vop-abi.md 5.7) and tells the
+ * host that they share the device's again (-1: the offer stands).
+ */
+static void vop_put_queue_vectors(struct vop_vdev *vd)
+{
+	struct pci_dev *pdev = vd->card->pdev;
+	unsigned int i;
+
+	for (i = 0; i < vd->nvqs; i++) {
+		if (!vd->vq_vector[i])
+			continue;
+		if (!vd->detached)
+			WRITE_ONCE(vd->vqconfig[i].h2c_vq_db, -1);
+		free_irq(pci_irq_vector(pdev, vd->vq_vector[i]), vd->vqs[i]);
+		vop_free_vector(vd->card, vd->vq_vector[i]);
+		vd->vq_vector[i] = 0;
+	}
+}
+
+/*
+ * A vector for each queue that has a callback, when the host offers it
+ * (h2c_vq_db is -1 in every such queue: a 1.1 host leaves 0) and enough
+ * vectors remain; otherwise every queue shares the device's vector, as
+ * before ABI 1.2.  Runs before DRIVER_OK, when the host reads them.
+ */
+static void vop_get_queue_vectors(struct vop_vdev *vd)
+{
+	struct pci_dev *pdev = vd->card->pdev;
+	unsigned int i, wanted = 0;
+	int v, err;
+
+	if (!queue_vectors)
+		return;
+	for (i = 0; i < vd->nvqs; i++) {
+		if (!vd->vqs[i] || !vd->vqs[i]->callback)
+			continue;
+		if (READ_ONCE(vd->vqconfig[i].h2c_vq_db) != -1)
+			return;
+		wanted++;
+	}
+	if (wanted < 2)
+		return;		/* one queue: the device's vector is its own */
+	for (i = 0; i < vd->nvqs; i++) {
+		if (!vd->vqs[i] || !vd->vqs[i]->callback)
+			continue;
+		v = vop_alloc_vector(vd->card);
+		if (v < 0) {
+			dev_info(&vd->vdev.dev,
+				 "MSI-X vectors run short: queues share vector %u\n",
+				 vd->vector);
+			goto fallback;
+		}
+		snprintf(vd->vq_irq_name[i], sizeof(vd->vq_irq_name[i]),
+			 "%s-vdev%u-q%u", DRV_NAME, vd->vdev.index, i);
+		err = request_irq(pci_irq_vector(pdev, v), vop_vq_interrupt, 0,
+				  vd->vq_irq_name[i], vd->vqs[i]);
+		if (err) {
+			vop_free_vector(vd->card, v);
+			dev_warn(&vd->vdev.dev,
+				 "cannot request vector %d: %d; queues share vector %u\n",
+				 v, err, vd->vector);
+			goto fallback;
+		}
+		vd->vq_vector[i] = v;
+		WRITE_ONCE(vd->vqconfig[i].h2c_vq_db, v);
+	}
+	return;
+fallback:
+	vop_put_queue_vectors(vd);
 }
 
 static void vop_del_vqs(struct virtio_device *vdev)
@@ -315,6 +405,7 @@ static void vop_del_vqs(struct virtio_device *vdev)
 	struct vop_vdev *vd = to_vop_vdev(vdev);
 	unsigned int i;
 
+	vop_put_queue_vectors(vd);
 	if (vd->irq_requested) {
 		free_irq(pci_irq_vector(vd->card->pdev, vd->vector), vd);
 		vd->irq_requested = false;
@@ -445,6 +536,7 @@ static int vop_find_vqs_info(struct virtio_device *vdev, unsigned int nvqs,
 	err = vop_start_vqs(vd);
 	if (err)
 		goto fail;
+	vop_get_queue_vectors(vd);
 	return 0;
 fail:
 	vop_del_vqs(vdev);
@@ -486,9 +578,14 @@ static int vop_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
 static void vop_synchronize_cbs(struct virtio_device *vdev)
 {
 	struct vop_vdev *vd = to_vop_vdev(vdev);
+	unsigned int i;
 
 	if (vd->irq_requested)
 		synchronize_irq(pci_irq_vector(vd->card->pdev, vd->vector));
+	for (i = 0; i < vd->nvqs; i++)
+		if (vd->vq_vector[i])
+			synchronize_irq(pci_irq_vector(vd->card->pdev,
+						       vd->vq_vector[i]));
 }
 
 static const char *vop_bus_name(struct virtio_device *vdev)
@@ -520,17 +617,19 @@ static void vop_release_vdev(struct device *dev)
 	kfree(to_vop_vdev(vdev));
 }
 
+/*
+ * Atomic, without card->lock: queues take vectors from find_vqs, which a
+ * virtio driver's probe calls with or without that lock held.
+ */
 static int vop_alloc_vector(struct vop_card *card)
 {
 	unsigned int v;
 
-	lockdep_assert_held(&card->lock);
 	/* vector 0 is the control vector */
-	v = find_next_zero_bit(card->vectors_used, card->nvec, 1);
-	if (v >= card->nvec)
-		return -ENOSPC;
-	set_bit(v, card->vectors_used);
-	return v;
+	for (v = 1; v < card->nvec; v++)
+		if (!test_and_set_bit(v, card->vectors_used))
+			return v;
+	return -ENOSPC;
 }
 
 static void vop_free_vector(struct vop_card *card, unsigned int v)

@@ -78,7 +78,7 @@ typedef uint64_t __le64;
 
 #define MIC_REGS_MAGIC		0x5843494d	/* "MICX" */
 #define MIC_ABI_VERSION_MAJOR	1
-#define MIC_ABI_VERSION_MINOR	1	/* 1: the heartbeat block (5.6) */
+#define MIC_ABI_VERSION_MINOR	2	/* 1: the heartbeat block (5.6); 2: a vector per queue (5.7) */
 #define MIC_ABI_VERSION		((MIC_ABI_VERSION_MAJOR << 16) | MIC_ABI_VERSION_MINOR)
 #define MIC_FAMILY_X100		100
 
@@ -180,7 +180,8 @@ struct mic_vqconfig {
 	__le64 address;
 	__le64 used_address;
 	__le16 num;
-	__u8 pad[6];
+	__s8 h2c_vq_db;		/* 5.7: the queue's own vector (ABI 1.2) */
+	__u8 pad[5];
 } MIC_PACKED;
 
 /* 5.2: last in a descriptor */

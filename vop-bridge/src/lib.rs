@@ -30,6 +30,7 @@ pub mod fuzz;
 pub mod heartbeat;
 pub mod log_limit;
 pub mod micd;
+pub mod net_control;
 pub mod page;
 pub mod signals;
 pub mod watchdog;

@@ -345,6 +345,7 @@ fn rust_structs() -> BTreeMap<&'static str, Mirror> {
                 address => address,
                 used_address => used_address,
                 num => num,
+                h2c_vq_db => h2c_vq_db,
                 pad => pad,
             }),
         ),

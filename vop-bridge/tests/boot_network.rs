@@ -623,3 +623,170 @@ fn stream_network_carries_pings_and_data_both_ways() {
     );
     println!("{}", relay.stats());
 }
+
+// ---------------------------------------------------------------------------
+// Multiqueue: two queue pairs on a card with two CPUs (`docs/vop-abi.md`
+// 5.7 and 5.8).
+
+/// Bytes each of the card's two senders sends.
+const MQ_TRANSFER: usize = 4 * MIB;
+
+/// A listener in the host's namespace that returns the checksum of what
+/// one connection sent.
+fn sink(ns: &Netns) -> (u16, JoinHandle<io::Result<(usize, String)>>) {
+    let listener = ns
+        .run(|| TcpListener::bind((HOST_IP, 0)))
+        .expect("listening in the host namespace");
+    let port = listener.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        if !readable(listener.as_raw_fd(), TRANSFER_TIMEOUT) {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no connection"));
+        }
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let mut data = Vec::with_capacity(MQ_TRANSFER);
+        s.read_to_end(&mut data)?;
+        Ok((data.len(), sha256(&data)))
+    });
+    (port, h)
+}
+
+/// The card's interrupt counts of its network device's queues that have a
+/// vector of their own (`mic_x100_vop-vdevN-qM` in /proc/interrupts),
+/// by queue.
+fn queue_interrupts(card: &mut Card) -> Vec<(u32, u64)> {
+    let dev = card.run("basename $(readlink /sys/class/net/eth0/device)", CMD);
+    let index = dev.trim().trim_start_matches("virtio").to_string();
+    let table = card.run("cat /proc/interrupts", CMD);
+    let tag = format!("mic_x100_vop-vdev{index}-q");
+    table
+        .lines()
+        .filter_map(|l| {
+            let name = l.split_whitespace().last()?;
+            let q: u32 = name.strip_prefix(&tag)?.parse().ok()?;
+            // "IRQ: count-per-CPU... chip hwirq-type name"
+            let counts: u64 = l
+                .split_whitespace()
+                .skip(1)
+                .map_while(|c| c.parse::<u64>().ok())
+                .sum();
+            Some((q, counts))
+        })
+        .collect()
+}
+
+/// Boots a card with two CPUs and `mic-net --num-queue-pairs 2`, sends
+/// from each CPU at once, and returns the card and mic-net's stats.
+fn multiqueue_card(ns: &Netns, stats: &std::path::Path, cmdline: &str) -> Card {
+    let card = Card::boot(CardOptions {
+        net: Net::Tap {
+            name: "mic0".into(),
+            netns: ns.name().into(),
+        },
+        net_args: vec![
+            "--num-queue-pairs".into(),
+            "2".into(),
+            "--stats-socket".into(),
+            stats.to_str().unwrap().into(),
+        ],
+        smp: 2,
+        cmdline: cmdline.into(),
+        expect: "console,net",
+        ..Default::default()
+    });
+    assert_card_net_up(&card);
+    card
+}
+
+/// Two transfers at once, one pinned to each of the card's CPUs; both
+/// must arrive whole.
+fn send_from_both_cpus(card: &mut Card, ns: &Netns) {
+    let out = card.run(
+        &format!(
+            "dd if=/dev/urandom of=/tmp/a bs=1M count={n} 2>/dev/null; \
+             dd if=/dev/urandom of=/tmp/b bs=1M count={n} 2>/dev/null; \
+             sha256sum /tmp/a /tmp/b",
+            n = MQ_TRANSFER / MIB
+        ),
+        CMD,
+    );
+    let sums: Vec<String> = out.lines().map(sum_in).collect();
+    let (p0, h0) = sink(ns);
+    let (p1, h1) = sink(ns);
+    let (out, code) = card.run_status(
+        &format!(
+            "taskset 1 nc {HOST_IP} {p0} < /tmp/a & a=$!; \
+             taskset 2 nc {HOST_IP} {p1} < /tmp/b & b=$!; \
+             wait $a && wait $b"
+        ),
+        TRANSFER_TIMEOUT,
+    );
+    assert_eq!(code, 0, "the card's senders failed: {out}");
+    for (h, sum) in [(h0, &sums[0]), (h1, &sums[1])] {
+        let (len, got) = h.join().unwrap().expect("a transfer from the card");
+        assert_eq!(len, MQ_TRANSFER);
+        assert_eq!(
+            &got, sum,
+            "the host received other bytes than the card sent"
+        );
+    }
+    card.run("rm /tmp/a /tmp/b", CMD);
+}
+
+#[test]
+fn multiqueue_network_carries_traffic_on_every_pair_with_its_own_vectors() {
+    let ns = Netns::new();
+    let dir = TempDir::new("mq");
+    let stats = dir.join("net-stats.sock");
+    let mut card = multiqueue_card(&ns, &stats, "");
+    let _log = LogOnPanic("mic-net", card.path("mic-net.log"));
+    check_ping(&mut card, &ns);
+    // The card's driver took both pairs through the control queue.
+    let queues = card.run("ls /sys/class/net/eth0/queues | sort | tr '\\n' ' '", CMD);
+    assert_eq!(queues.trim(), "rx-0 rx-1 tx-0 tx-1", "{queues}");
+
+    send_from_both_cpus(&mut card, &ns);
+
+    // Every queue of both pairs carried frames (mic-net's counters).
+    let requests = mic_test_support::queue_requests(&mic_test_support::ask(&stats, "stats"));
+    for name in ["rx0", "tx0", "rx1", "tx1"] {
+        let n = requests
+            .iter()
+            .find(|(q, _)| q == name)
+            .map_or(0, |(_, n)| *n);
+        assert!(n > 0, "queue {name} carried nothing: {requests:?}");
+    }
+    // Each of the four queues has its own vector, and both receive queues'
+    // vectors fired.
+    let irqs = queue_interrupts(&mut card);
+    let queues: Vec<u32> = irqs.iter().map(|(q, _)| *q).collect();
+    assert_eq!(queues, vec![0, 1, 2, 3], "per-queue vectors: {irqs:?}");
+    for rx in [0, 2] {
+        assert!(
+            irqs.iter().any(|&(q, n)| q == rx && n > 0),
+            "receive queue {rx}'s vector never fired: {irqs:?}"
+        );
+    }
+}
+
+#[test]
+fn multiqueue_network_shares_one_vector_when_the_card_asks() {
+    let ns = Netns::new();
+    let dir = TempDir::new("mq-shared");
+    let stats = dir.join("net-stats.sock");
+    let mut card = multiqueue_card(&ns, &stats, "mic_x100_vop.queue_vectors=0");
+    let _log = LogOnPanic("mic-net", card.path("mic-net.log"));
+    check_ping(&mut card, &ns);
+    send_from_both_cpus(&mut card, &ns);
+    assert!(
+        queue_interrupts(&mut card).is_empty(),
+        "the queues got vectors of their own"
+    );
+    let requests = mic_test_support::queue_requests(&mic_test_support::ask(&stats, "stats"));
+    for name in ["rx1", "tx1"] {
+        assert!(
+            requests.iter().any(|(q, n)| q == name && *n > 0),
+            "queue {name} carried nothing: {requests:?}"
+        );
+    }
+}

@@ -5,25 +5,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use mic_test_support::ask;
 use mic_test_support::{Desc, VirtQueue};
-use serde_json::Value;
 
 /// Sends one command line to the stats socket; the JSON answer.
-fn ask(socket: &Path, line: &str) -> Value {
-    let c = UnixStream::connect(socket).unwrap();
-    let mut w = c.try_clone().unwrap();
-    writeln!(w, "{line}").unwrap();
-    let mut answer = String::new();
-    BufReader::new(c).read_line(&mut answer).unwrap();
-    serde_json::from_str(&answer).unwrap()
-}
-
 /// Reads 4 KiB blocks at queue depth 1 for `warmup` (not counted in the
 /// rate: it empties the burst), then for `measure`; returns (requests
 /// completed in all, requests per second over `measure`).

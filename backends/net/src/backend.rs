@@ -109,6 +109,9 @@ struct PairState {
     rx_frame: Vec<u8>,
     rx_pending: Option<usize>,
     tx_buf: Vec<u8>,
+    /// Its queue of a multi-queue tap is detached: the driver disabled the
+    /// pair (see [`NetBackend::follow_enable`]).
+    tap_detached: bool,
 }
 
 /// Traffic counters, for logging and tests.
@@ -193,6 +196,7 @@ impl NetBackend {
                     rx_frame: vec![0; BUF_LEN],
                     rx_pending: None,
                     tx_buf: vec![0; BUF_LEN],
+                    tap_detached: false,
                 })
             })
             .collect();
@@ -317,7 +321,47 @@ impl NetBackend {
         }
     }
 
+    /// Keeps a multi-queue tap from steering packets to a pair the driver
+    /// disabled (`SET_VRING_ENABLE`; a virtio-net driver uses the pairs it
+    /// set through its control queue): the pair's tap queue is detached
+    /// while its receive ring is started but disabled, and attached again
+    /// when the ring is enabled. Pair 0 is always in use and stays attached;
+    /// with no driver the queues stay as they are, and input waits in them.
+    ///
+    /// `vhost-user-backend` tells a backend nothing when a ring is enabled,
+    /// so this runs where the ring's state matters: on the pair's receive
+    /// events. A packet steered to a disabled pair is one; a ring being
+    /// enabled with its kick pending (the frontend kicks every ring once
+    /// when it starts them, and a driver kicks when it posts buffers) is the
+    /// other.
+    fn follow_enable(&self, pair: usize, st: &mut PairState, vring: &Vring) {
+        let HostPort::Tap(tap) = &st.host else {
+            return;
+        };
+        if pair == 0 || self.queue_pairs == 1 {
+            return;
+        }
+        let (ready, enabled) = {
+            let s = vring.get_ref();
+            (virtio_queue::QueueT::ready(s.get_queue()), s.is_enabled())
+        };
+        if !ready || enabled != st.tap_detached {
+            return;
+        }
+        match tap.set_attached(enabled) {
+            Ok(()) => {
+                st.tap_detached = !enabled;
+                debug!(
+                    "tap queue {pair} {}",
+                    if enabled { "attached" } else { "detached" }
+                );
+            }
+            Err(e) => warn!("tap queue {pair}: cannot follow the pair's enable: {e}"),
+        }
+    }
+
     fn process_rx(&self, pair: usize, st: &mut PairState, vring: &Vring) -> io::Result<()> {
+        self.follow_enable(pair, st, vring);
         let hdr_len = self.hdr_len();
         let Some(mem) = self.mem.get() else {
             return Ok(());

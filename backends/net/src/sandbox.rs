@@ -3,7 +3,9 @@
 //!
 //! - on a tap: the tap's queues were opened and configured at startup;
 //!   afterwards the daemon only sets their vnet header size and offloads
-//!   when a driver's features arrive (`TUNSETVNETHDRSZ`, `TUNSETOFFLOAD`).
+//!   when a driver's features arrive (`TUNSETVNETHDRSZ`, `TUNSETOFFLOAD`),
+//!   and a worker detaches or attaches its queue of a multi-queue tap as
+//!   the driver disables or enables the pair (`TUNSETQUEUE`).
 //!   `/dev/net/tun` stays readable and writable (nothing reopens it today).
 //! - on a stream: the reconnect timer (`timerfd`); for `tcp:HOST:PORT`,
 //!   TCP sockets to that port (Landlock), reconnecting with the name
@@ -36,6 +38,9 @@ const TAP: &[Allow] = &[
     Allow::Ioctl(libc::TUNSETVNETHDRSZ),
     Allow::Ioctl(libc::TUNSETOFFLOAD),
 ];
+
+/// What a tap worker adds: following its pair's enable (`backend.rs`).
+const TAP_WORKER: &[Allow] = &[Allow::Ioctl(libc::TUNSETQUEUE)];
 
 /// The stream port's reconnect and accept timer (`stream.rs`).
 const STREAM: &[Allow] = &[
@@ -94,6 +99,8 @@ pub fn policy(cfg: &NetConfig) -> Policy {
     match &cfg.transport {
         NetTransport::Tap { .. } => {
             p.allow_calls(TAP);
+            p.allow_calls(TAP_WORKER);
+            p.allow_worker_calls(TAP_WORKER);
             p.allow_path("/dev/net/tun", PathAccess::ReadWriteFile);
         }
         NetTransport::Stream { addr, listen } => {

@@ -15,7 +15,8 @@ use crate::config::HostIp;
 
 // `linux/if_tun.h`, as the libc crate has it.
 use libc::{
-    IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ,
+    IFF_ATTACH_QUEUE, IFF_DETACH_QUEUE, IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR,
+    TUNSETIFF, TUNSETOFFLOAD, TUNSETQUEUE, TUNSETVNETHDRSZ,
 };
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
@@ -138,6 +139,26 @@ impl TapQueue {
     pub fn set_offload(&self, flags: u32) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes the flags by value.
         let ret = unsafe { ioctl_with_val(&self.file, TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Attaches the queue to its multi-queue tap, or detaches it: the
+    /// kernel steers no packets to a detached queue and drops what it held
+    /// (`TUNSETQUEUE`, `Documentation/networking/tuntap.rst`).
+    pub fn set_attached(&self, attached: bool) -> io::Result<()> {
+        // Only the flags are read; the name is not looked at.
+        let mut req = IfReq::new("q")?;
+        let flags = if attached {
+            IFF_ATTACH_QUEUE
+        } else {
+            IFF_DETACH_QUEUE
+        };
+        req.set_short(flags as libc::c_short);
+        // SAFETY: TUNSETQUEUE reads a struct ifreq, which `req` is.
+        let ret = unsafe { ioctl_with_ref(&self.file, TUNSETQUEUE, &req) };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -2,15 +2,15 @@
 //! and "Stats"), sandbox on: mic-net in stream mode with the test as its
 //! peer, driven by the test frontend of `mic-test-support`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mic_test_support::ask;
 use mic_test_support::{Daemon, Desc, FrontendOptions, TempDir, TestFrontend, VIRTIO_F_VERSION_1};
-use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mic-net");
 const T: Duration = Duration::from_secs(10);
@@ -71,15 +71,6 @@ fn setup(extra: &[&str]) -> Setup {
         peer,
         fe,
     }
-}
-
-fn ask(socket: &Path, line: &str) -> Value {
-    let c = UnixStream::connect(socket).unwrap();
-    let mut w = c.try_clone().unwrap();
-    writeln!(w, "{line}").unwrap();
-    let mut answer = String::new();
-    BufReader::new(c).read_line(&mut answer).unwrap();
-    serde_json::from_str(&answer).unwrap()
 }
 
 /// Reads frames from the peer side until it closes; counts their bytes.

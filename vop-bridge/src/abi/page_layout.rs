@@ -91,9 +91,16 @@ pub struct VqConfig {
     pub used_address: u64,
     /// Ring size in entries.
     pub num: u16,
+    /// The queue's own MSI-X vector (ABI 1.2, `docs/vop-abi.md` 5.7): the
+    /// host writes [`VQ_VECTOR_OFFERED`], the card a vector or leaves it.
+    pub h2c_vq_db: i8,
     /// Padding.
-    pub pad: [u8; 6],
+    pub pad: [u8; 5],
 }
+
+/// `h2c_vq_db` as a 1.2 host writes it: the card may give the queue a
+/// vector of its own (`docs/vop-abi.md` 5.7). A 1.1 host leaves 0 there.
+pub const VQ_VECTOR_OFFERED: i8 = -1;
 
 /// `mic_device_ctrl`: a device's control block.
 #[repr(C)]
@@ -362,6 +369,8 @@ mod tests {
         assert_eq!(offset_of!(VqConfig, address), 0);
         assert_eq!(offset_of!(VqConfig, used_address), 8);
         assert_eq!(offset_of!(VqConfig, num), 16);
+        assert_eq!(offset_of!(VqConfig, h2c_vq_db), 18);
+        assert_eq!(offset_of!(VqConfig, pad), 19);
     }
 
     #[test]

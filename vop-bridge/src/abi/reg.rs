@@ -33,8 +33,9 @@ pub const DOORBELL_BASE: u32 = 0x200;
 
 /// Value of the `MAGIC` register ("MICX").
 pub const MAGIC_VALUE: u32 = 0x5843_494d;
-/// ABI version this crate implements (1.1: 1.0 and the heartbeat block).
-pub const ABI_VERSION_VALUE: u32 = 0x0001_0001;
+/// ABI version this crate implements (1.1: the heartbeat block; 1.2: a
+/// vector per queue).
+pub const ABI_VERSION_VALUE: u32 = 0x0001_0002;
 /// Value of the `FAMILY` register for an X100.
 pub const FAMILY_X100: u32 = 100;
 /// Stepping A0.

@@ -11,7 +11,9 @@ pub(super) const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolF
     .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
 
 /// virtio-net features that need a control virtqueue, which vhost-user leaves
-/// to the frontend; the bridge keeps out of the data path, so it offers none.
+/// to the frontend. The bridge serves the control queue for
+/// [`NET_SERVED_CTRL_FEATURES`] alone (`net_control.rs`) and withholds the
+/// rest.
 pub(super) const NET_CTRL_FEATURES: u64 = bit(virtio_net::VIRTIO_NET_F_CTRL_VQ)
     | bit(virtio_net::VIRTIO_NET_F_CTRL_RX)
     | bit(virtio_net::VIRTIO_NET_F_CTRL_VLAN)
@@ -22,6 +24,11 @@ pub(super) const NET_CTRL_FEATURES: u64 = bit(virtio_net::VIRTIO_NET_F_CTRL_VQ)
     | bit(virtio_net::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
     | bit(virtio_net::VIRTIO_NET_F_RSS)
     | bit(virtio_net::VIRTIO_NET_F_HASH_REPORT);
+
+/// What the bridge's control queue serves: multiqueue (`VQ_PAIRS_SET`).
+/// Offered only when the backend has `VIRTIO_NET_F_MQ` and several pairs.
+pub(super) const NET_SERVED_CTRL_FEATURES: u64 =
+    bit(virtio_net::VIRTIO_NET_F_CTRL_VQ) | bit(virtio_net::VIRTIO_NET_F_MQ);
 
 /// virtio-console `VIRTIO_CONSOLE_F_MULTIPORT` (virtio 1.2, 5.3.3);
 /// virtio-bindings has no virtio_console module, so the bit is stated here.

@@ -19,7 +19,7 @@ use vhost::vhost_user::{
     VhostUserVirtioFeatures,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_bindings::virtio_blk;
+use virtio_bindings::{virtio_blk, virtio_net};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::abi;
@@ -33,6 +33,10 @@ use crate::watchdog::Watchdog;
 /// for requests in flight.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Most queue pairs a network card gets: its rings and the control queue
+/// fit in [`abi::MAX_VQS`].
+pub const MAX_NET_PAIRS: u16 = (abi::MAX_VQS as u16 - 1) / 2;
+
 mod device_config;
 mod error;
 mod features;
@@ -41,7 +45,9 @@ mod inflight;
 pub use device_config::ConfigChangeFlag;
 use device_config::{card_config_to_replay, config_len};
 pub use error::{BackendError, Step};
-use features::{bit, NET_CTRL_FEATURES, VIRTIO_CONSOLE_F_MULTIPORT, WANTED_PROTOCOL};
+use features::{
+    bit, NET_CTRL_FEATURES, NET_SERVED_CTRL_FEATURES, VIRTIO_CONSOLE_F_MULTIPORT, WANTED_PROTOCOL,
+};
 pub use inflight::InflightRegion;
 
 /// Where one ring is and which eventfds serve it.
@@ -74,6 +80,8 @@ pub struct Backend {
     requests: Option<FrontendReqHandler<ConfigChangeFlag>>,
     flag: Arc<ConfigChangeFlag>,
     started: bool,
+    /// Rings handed over by the last start (what `stop` takes back).
+    running: usize,
 }
 
 impl Backend {
@@ -149,6 +157,7 @@ impl Backend {
             requests: None,
             flag: Arc::new(ConfigChangeFlag::default()),
             started: false,
+            running: 0,
         };
         b.handshake()?;
         info!(
@@ -230,6 +239,14 @@ impl Backend {
                 q as usize
             }
             DeviceKind::Blk => 1,
+            DeviceKind::Net if self.features & bit(virtio_net::VIRTIO_NET_F_MQ) != 0 => {
+                // max_virtqueue_pairs; the control queue takes one more.
+                let bytes = self.config.get(8..10).ok_or_else(|| short(10))?;
+                let pairs = u16::from_le_bytes(bytes.try_into().map_err(|_| short(10))?)
+                    .clamp(1, MAX_NET_PAIRS);
+                self.config[8..10].copy_from_slice(&pairs.to_le_bytes());
+                2 * pairs as usize
+            }
             DeviceKind::Net => 2,
             // rx, tx and the event queue (virtio 1.2, 5.10.2); the backend
             // gets all three, the event queue included, and the card's driver
@@ -259,9 +276,40 @@ impl Backend {
         &self.socket
     }
 
-    /// Number of virtqueues.
+    /// Number of virtqueues the backend serves.
     pub fn num_queues(&self) -> usize {
         self.num_queues
+    }
+
+    /// Whether the card gets a network control queue, which the bridge
+    /// serves (`net_control.rs`): the backend has several queue pairs.
+    pub fn has_net_control(&self) -> bool {
+        self.kind == DeviceKind::Net
+            && self.features & bit(virtio_net::VIRTIO_NET_F_MQ) != 0
+            && self.num_queues > 2
+    }
+
+    /// Number of virtqueues the card gets: the backend's, and the network
+    /// control queue after them.
+    pub fn card_queues(&self) -> usize {
+        self.num_queues + usize::from(self.has_net_control())
+    }
+
+    /// How many of the device's rings the backend runs with these acked
+    /// features: a network card without `VIRTIO_NET_F_MQ` uses one pair.
+    pub fn backend_queues(&self, acked: u64) -> usize {
+        if self.kind == DeviceKind::Net && acked & bit(virtio_net::VIRTIO_NET_F_MQ) == 0 {
+            self.num_queues.min(2)
+        } else {
+            self.num_queues
+        }
+    }
+
+    /// Index of the network control queue with these acked features (it
+    /// follows the rings the backend runs; virtio 1.2, 5.1.2), if any.
+    pub fn net_control_queue(&self, acked: u64) -> Option<usize> {
+        (self.has_net_control() && acked & bit(virtio_net::VIRTIO_NET_F_CTRL_VQ) != 0)
+            .then(|| self.backend_queues(acked))
     }
 
     /// Whether the rings run.
@@ -274,6 +322,9 @@ impl Backend {
         let mut f = self.features & !abi::UNSUPPORTED_FEATURES;
         if self.kind == DeviceKind::Net {
             f &= !NET_CTRL_FEATURES;
+            if self.has_net_control() {
+                f |= NET_SERVED_CTRL_FEATURES;
+            }
         }
         f
     }
@@ -287,7 +338,7 @@ impl Backend {
     pub fn spec(&self, queue_size: u16) -> DeviceSpec {
         DeviceSpec {
             device_type: self.kind.virtio_id(),
-            queue_sizes: vec![queue_size; self.num_queues],
+            queue_sizes: vec![queue_size; self.card_queues()],
             features: self.card_features(),
             config: self.config.clone(),
         }
@@ -302,16 +353,25 @@ impl Backend {
         Ok(())
     }
 
-    /// Starts the rings with the features the card acked.
+    /// Whether the backend speaks vhost-user's protocol features (and so
+    /// has rings that start disabled and take `SET_VRING_ENABLE`).
+    fn has_protocol(&self) -> bool {
+        !self.protocol.is_empty()
+            || self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Starts the rings with the features the card acked, and enables the
+    /// first `enabled` of them (the rest wait for [`Backend::enable_rings`]).
     pub fn start(
         &mut self,
         acked: u64,
         regions: &[VhostUserMemoryRegionInfo],
         rings: &[RingSetup<'_>],
+        enabled: usize,
     ) -> Result<(), BackendError> {
-        let proto = !self.protocol.is_empty()
-            || self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
-        let mut features = acked & self.card_features();
+        let proto = self.has_protocol();
+        // The bridge's own features (the control queue) are not the backend's.
+        let mut features = acked & self.card_features() & self.features;
         if proto {
             features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         }
@@ -333,14 +393,31 @@ impl Backend {
             self.call(FrontendReq::SET_VRING_CALL, |f| f.set_vring_call(q, r.call))?;
             self.call(FrontendReq::SET_VRING_KICK, |f| f.set_vring_kick(q, r.kick))?;
         }
-        if proto {
-            for q in 0..rings.len() {
-                self.call(FrontendReq::SET_VRING_ENABLE, |f| {
-                    f.set_vring_enable(q, true)
-                })?;
-            }
-        }
         self.started = true;
+        self.running = rings.len();
+        if proto {
+            self.enable_rings(0..enabled.min(rings.len()), true)?;
+        }
+        Ok(())
+    }
+
+    /// Enables or disables running rings (`SET_VRING_ENABLE`): the queue
+    /// pairs a network card chose through its control queue. A backend
+    /// without protocol features runs every ring and ignores this.
+    pub fn enable_rings(
+        &mut self,
+        rings: std::ops::Range<usize>,
+        enable: bool,
+    ) -> Result<(), BackendError> {
+        if !self.has_protocol() {
+            return Ok(());
+        }
+        let running = self.running;
+        for q in rings.take_while(|&q| q < running) {
+            self.call(FrontendReq::SET_VRING_ENABLE, |f| {
+                f.set_vring_enable(q, enable)
+            })?;
+        }
         Ok(())
     }
 
@@ -350,10 +427,9 @@ impl Backend {
             return Ok(Vec::new());
         }
         self.started = false;
-        let proto = !self.protocol.is_empty()
-            || self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
-        let mut bases = Vec::with_capacity(self.num_queues);
-        for q in 0..self.num_queues {
+        let proto = self.has_protocol();
+        let mut bases = Vec::with_capacity(self.running);
+        for q in 0..self.running {
             if proto {
                 self.call(FrontendReq::SET_VRING_ENABLE, |f| {
                     f.set_vring_enable(q, false)
@@ -441,6 +517,9 @@ impl Backend {
             }
             if self.kind == DeviceKind::Blk && cfg.len() >= 36 {
                 cfg[34..36].copy_from_slice(&self.config[34..36]);
+            }
+            if self.kind == DeviceKind::Net && cfg.len() >= 10 {
+                cfg[8..10].copy_from_slice(&self.config[8..10]);
             }
             self.config = cfg.clone();
             return Ok(Some(cfg));

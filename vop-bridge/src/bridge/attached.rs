@@ -103,6 +103,17 @@ impl Attached {
         })
     }
 
+    /// Guest physical address of the aperture (BAR2), while the card has
+    /// it mapped.
+    pub fn aperture_gpa(&self) -> Option<u64> {
+        self.att.ram.memory().iter().find_map(|r| {
+            let fo = r.file_offset()?;
+            let m = fo.file().metadata().ok()?;
+            ((m.dev(), m.ino()) == self.aperture_id)
+                .then(|| r.start_addr().0.wrapping_sub(fo.start()))
+        })
+    }
+
     /// The card's RAM as a vhost-user memory table.
     pub fn vhost_regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
         self.att
@@ -131,10 +142,11 @@ impl Attached {
                 fd: None,
             });
         }
-        let _ = self.link.send(&HostMessage::SetVectorFd {
-            vector: w.vector,
-            fd: None,
-        });
+        for vector in w.distinct_vectors() {
+            let _ = self
+                .link
+                .send(&HostMessage::SetVectorFd { vector, fd: None });
+        }
     }
 
     /// Completes the card's device reset in the page (`docs/vop-abi.md` 7.3).

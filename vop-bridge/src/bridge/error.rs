@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use crate::backend::BackendError;
 use crate::device_protocol::ProtocolError;
 use crate::event_loop::EventLoopError;
+use crate::net_control::ControlQueueError;
 use crate::page::PageError;
 use crate::signals::SignalsError;
 
@@ -23,6 +24,9 @@ pub enum BridgeError {
     /// Reading or writing the device page failed.
     #[error("device page")]
     Page(#[from] PageError),
+    /// A network device's control queue could not be served.
+    #[error("the card's network commands")]
+    NetControl(#[from] ControlQueueError),
     /// The event loop failed.
     #[error("event loop")]
     EventLoop(#[from] EventLoopError),

@@ -47,6 +47,8 @@ impl Bridge {
             backend: Some(backend),
             wiring: None,
             inflight: None,
+            net_control: None,
+            net_pairs: 0,
             last_config: spec.config,
             state,
             reconnects: 0,

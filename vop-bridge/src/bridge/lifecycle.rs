@@ -152,10 +152,10 @@ impl Bridge {
         let mut configs = Vec::with_capacity(live.len());
         for ((slot, s), d) in live.iter().zip(&self.devices) {
             if let Some(b) = &d.backend {
-                if b.num_queues() != s.rings.len() {
+                if b.card_queues() != s.rings.len() {
                     return Err(BridgeError::QueueMismatch {
                         socket: d.cfg.socket.clone(),
-                        backend: b.num_queues(),
+                        backend: b.card_queues(),
                         page: s.rings.len(),
                     });
                 }

@@ -90,9 +90,7 @@ impl Bridge {
                             );
                         }
                     }
-                    DoorbellValue::Kick(q) => {
-                        debug!("kick of queue {q} of device {i} before it started")
-                    }
+                    DoorbellValue::Kick(q) => self.device_kick(a, i, q),
                     DoorbellValue::Reserved(v) => {
                         crate::limited!(
                             self.card_lines,

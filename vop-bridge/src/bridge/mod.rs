@@ -2,7 +2,8 @@
 //! device page, wires each backend's rings to the card's doorbells and
 //! vectors, and follows the card's lifecycle. It never touches the data path:
 //! once a device runs, kicks and interrupts go between QEMU and the backend
-//! through eventfds alone.
+//! through eventfds alone. The one queue it reads is a network device's
+//! control queue, which vhost-user leaves to the frontend (`net_queue`).
 //!
 //! A [`Bridge`] owns neither the process's signals nor the event loop: it
 //! registers its descriptors with an [`EventLoop`] and handles the tokens
@@ -13,6 +14,8 @@
 //! - `lifecycle`: attaching, adopting, card events, detaching;
 //! - `messages`: the device's messages and the control doorbells;
 //! - `wiring`: starting and stopping a device's rings;
+//! - `net_queue`: the network control queue, the one queue the bridge
+//!   serves itself;
 //! - `backends`: backend loss, reconnection and requests;
 //! - `hotplug`: hot add and removal;
 //! - `requests`: answering the control socket;
@@ -26,6 +29,7 @@ mod history;
 mod hotplug;
 mod lifecycle;
 mod messages;
+mod net_queue;
 mod requests;
 mod wiring;
 
@@ -45,6 +49,7 @@ use crate::control::{ControlClient, ControlServer};
 use crate::event_loop::{EventLoop, Flow, Token};
 use crate::heartbeat::HeartbeatMonitor;
 use crate::log_limit::LogLimiter;
+use crate::net_control::ControlQueue;
 
 use attached::Attached;
 use device::{DeviceAction, DeviceEvent, DeviceState};
@@ -70,6 +75,11 @@ struct Device {
     /// The backend's in-flight region, kept across its restarts for this
     /// life of the device (`backend/inflight.rs`).
     inflight: Option<InflightRegion>,
+    /// A running network device's control queue (`net_control.rs`).
+    net_control: Option<ControlQueue>,
+    /// Queue pairs the card enabled through it (0: not known yet); kept
+    /// across backend restarts.
+    net_pairs: u16,
     last_config: Vec<u8>,
     state: DeviceState,
     /// Times its backend came back after going away (`devices` shows it).
@@ -137,6 +147,8 @@ impl Bridge {
                 backend: Some(backend),
                 wiring: None,
                 inflight: None,
+                net_control: None,
+                net_pairs: 0,
                 state: DeviceState::new(true),
                 reconnects: 0,
             });

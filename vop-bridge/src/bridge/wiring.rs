@@ -12,11 +12,29 @@ use super::{Bridge, BridgeError, Report};
 use crate::backend::RingSetup;
 use crate::device_protocol::HostMessage;
 use crate::event_loop::{EventLoop, Token};
+use crate::net_control::{ControlQueue, RingOffsets};
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MQ;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// The queue pairs a running network card uses, seen from its rings: the
+/// leading pairs whose receive queue has buffers posted (at least one).
+/// `avail_idx(q)` reads ring `q`'s available index; `queues` is the number
+/// of receive and transmit rings.
+fn pairs_in_use(
+    avail_idx: impl Fn(usize) -> Result<u16, crate::page::PageError>,
+    queues: usize,
+) -> u16 {
+    let posted = (0..queues / 2)
+        .take_while(|p| avail_idx(2 * p).is_ok_and(|idx| idx != 0))
+        .count();
+    posted.max(1) as u16
+}
 
 /// The eventfds of a running device.
 pub(super) struct Wiring {
-    /// The device's interrupt vector (the call eventfds raise it).
-    pub vector: u32,
+    /// Each queue's interrupt vector (its call eventfd raises it): the
+    /// queue's own or the device's (`docs/vop-abi.md` 5.7).
+    pub vectors: Vec<u32>,
     /// The device's card-to-host doorbell (the kick eventfds answer it).
     pub doorbell: u8,
     /// One kick eventfd per queue.
@@ -26,8 +44,9 @@ pub(super) struct Wiring {
 }
 
 impl Wiring {
-    /// A kick and a call eventfd for each of `queues` queues.
-    fn new(vector: u32, doorbell: u8, queues: usize) -> Result<Self, BridgeError> {
+    /// A kick and a call eventfd for each queue, one per entry of `vectors`.
+    fn new(vectors: Vec<u32>, doorbell: u8) -> Result<Self, BridgeError> {
+        let queues = vectors.len();
         let eventfd = || {
             EventFd::new(EFD_NONBLOCK).map_err(|source| BridgeError::Os {
                 what: "eventfd",
@@ -35,7 +54,7 @@ impl Wiring {
             })
         };
         let mut w = Wiring {
-            vector,
+            vectors,
             doorbell,
             kicks: Vec::with_capacity(queues),
             calls: Vec::with_capacity(queues),
@@ -45,6 +64,24 @@ impl Wiring {
             w.calls.push(eventfd()?);
         }
         Ok(w)
+    }
+}
+
+impl Wiring {
+    /// The queues' call eventfds with their vectors.
+    fn calls_by_vector(&self) -> impl Iterator<Item = (u32, RawFd)> + '_ {
+        self.vectors
+            .iter()
+            .zip(&self.calls)
+            .map(|(v, c)| (*v, c.as_raw_fd()))
+    }
+
+    /// The distinct vectors its queues raise.
+    pub fn distinct_vectors(&self) -> Vec<u32> {
+        let mut v = self.vectors.clone();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 }
 
@@ -58,8 +95,9 @@ fn calls_sharing<'a>(
 ) -> Vec<RawFd> {
     wirings
         .filter(|(j, _)| *j != except)
-        .filter_map(|(_, w)| w.filter(|w| w.vector == vector))
-        .flat_map(|w| w.calls.iter().map(|c| c.as_raw_fd()))
+        .filter_map(|(_, w)| w)
+        .flat_map(|w| w.calls_by_vector().filter(|(v, _)| *v == vector))
+        .map(|(_, fd)| fd)
         .collect()
 }
 
@@ -68,20 +106,22 @@ impl Bridge {
     /// eventfds of other devices on the same vector.
     pub(super) fn unwire(&self, a: &mut Attached, i: usize, w: &Wiring) {
         a.unwire(w);
-        let others = calls_sharing(
-            self.devices
-                .iter()
-                .enumerate()
-                .map(|(j, d)| (j, d.wiring.as_ref())),
-            w.vector,
-            i,
-        );
-        for fd in others {
-            if let Err(e) = a.link.send(&HostMessage::SetVectorFd {
-                vector: w.vector,
-                fd: Some(fd),
-            }) {
-                warn!("rewiring vector {}: {e}", w.vector);
+        for vector in w.distinct_vectors() {
+            let others = calls_sharing(
+                self.devices
+                    .iter()
+                    .enumerate()
+                    .map(|(j, d)| (j, d.wiring.as_ref())),
+                vector,
+                i,
+            );
+            for fd in others {
+                if let Err(e) = a.link.send(&HostMessage::SetVectorFd {
+                    vector,
+                    fd: Some(fd),
+                }) {
+                    warn!("rewiring vector {vector}: {e}");
+                }
             }
         }
     }
@@ -100,9 +140,9 @@ impl Bridge {
         let slot = a.page.slots()[slot_index]
             .clone()
             .ok_or(BridgeError::NotPlaced(i))?;
-        let vector = a
+        let vectors = a
             .page
-            .h2c_vdev_db(ap, slot_index)?
+            .queue_vectors(ap, slot_index)?
             .ok_or(BridgeError::NoVector(i))?;
         let base = a.aperture_hva().ok_or(BridgeError::ApertureUnmapped)?;
         let dev = &mut self.devices[i];
@@ -112,9 +152,10 @@ impl Bridge {
         };
         let acked = a.page.acked_features(ap, slot_index)?;
         let regions = a.vhost_regions();
-        let w = Wiring::new(vector, slot.c2h_db, slot.rings.len())?;
-        let mut setups = Vec::with_capacity(slot.rings.len());
-        for (q, r) in slot.rings.iter().enumerate() {
+        let queues = backend.backend_queues(acked).min(slot.rings.len());
+        let w = Wiring::new(vectors[..queues].to_vec(), slot.c2h_db)?;
+        let mut setups = Vec::with_capacity(queues);
+        for (q, r) in slot.rings.iter().enumerate().take(queues) {
             setups.push(RingSetup {
                 num: r.num,
                 desc: base + r.desc(),
@@ -138,9 +179,49 @@ impl Bridge {
         // fresh start after the card reset the device asks for a new one.
         let kept = if resume { dev.inflight.take() } else { None };
         let queue_size = slot.rings.iter().map(|r| r.num).max().unwrap_or(0);
-        dev.inflight = backend.share_inflight(kept, slot.rings.len() as u16, queue_size)?;
-        backend.start(acked, &regions, &setups)?;
-        for q in 0..slot.rings.len() {
+        dev.inflight = backend.share_inflight(kept, queues as u16, queue_size)?;
+        // The network control queue: the bridge serves it (net_control.rs),
+        // and the backend runs the queue pairs the card chose through it.
+        dev.net_control = match backend.net_control_queue(acked) {
+            Some(c) if c < slot.rings.len() => {
+                let r = slot.rings[c];
+                let position = if resume {
+                    a.page.used_idx(ap, slot_index, c)?
+                } else {
+                    0
+                };
+                Some(ControlQueue::new(
+                    c,
+                    r.num,
+                    RingOffsets {
+                        desc: r.desc(),
+                        avail: r.avail(),
+                        used: r.used(),
+                    },
+                    acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+                    position,
+                ))
+            }
+            _ => None,
+        };
+        let enabled = if dev.net_control.is_some() && acked & (1 << VIRTIO_NET_F_MQ) != 0 {
+            if !resume || dev.net_pairs == 0 {
+                // Fresh: the first pair until the card sets more (virtio
+                // 1.2, 5.1.6.5.5). A bridge that takes over a running card
+                // does not know what it set: the pairs with receive
+                // buffers posted are the ones in use.
+                dev.net_pairs = if resume {
+                    pairs_in_use(|q| a.page.avail_idx(ap, slot_index, q), queues)
+                } else {
+                    1
+                };
+            }
+            2 * usize::from(dev.net_pairs)
+        } else {
+            queues
+        };
+        backend.start(acked, &regions, &setups, enabled)?;
+        for (q, &vector) in w.vectors.iter().enumerate() {
             a.link.send(&HostMessage::SetDoorbellFd {
                 doorbell: u32::from(slot.c2h_db),
                 value: q as u32,
@@ -160,10 +241,11 @@ impl Bridge {
             self.card_lines,
             ("device started", i as u32),
             info,
-            "device {i} ({}) started: {} queues, features {acked:#x}, doorbell {}, vector {vector}",
+            "device {i} ({}) started: {} queues, features {acked:#x}, doorbell {}, vector by queue {:?}",
             self.devices[i].name(),
-            slot.rings.len(),
-            slot.c2h_db
+            queues,
+            slot.c2h_db,
+            w.vectors
         );
         self.devices[i].wiring = Some(w);
         Ok(true)
@@ -172,6 +254,7 @@ impl Bridge {
     /// Stops a device's rings and unwires its eventfds (`unwire`: tell the
     /// device; not needed after a reset, when it forgot them already).
     pub(super) fn stop_device(&mut self, a: Option<&mut Attached>, i: usize, unwire: bool) {
+        self.devices[i].net_control = None;
         let Some(w) = self.devices[i].wiring.take() else {
             return;
         };
@@ -229,10 +312,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pairs_in_use_are_those_with_receive_buffers() {
+        let rings = |idx: [u16; 6]| move |q: usize| Ok(idx[q]);
+        assert_eq!(pairs_in_use(rings([256, 3, 0, 0, 0, 0]), 6), 1);
+        assert_eq!(pairs_in_use(rings([256, 3, 256, 0, 0, 0]), 6), 2);
+        assert_eq!(pairs_in_use(rings([256, 0, 256, 0, 256, 9]), 6), 3);
+        // Nothing posted yet: the first pair, as on a fresh start.
+        assert_eq!(pairs_in_use(rings([0; 6]), 6), 1);
+    }
+
+    #[test]
+    fn queues_keep_their_own_vectors() {
+        let w = Wiring::new(vec![5, 6, 5, 9], 0).unwrap();
+        assert_eq!(w.kicks.len(), 4);
+        assert_eq!(w.distinct_vectors(), vec![5, 6, 9]);
+        let all = [Some(&w)];
+        assert_eq!(
+            calls_sharing(all.iter().copied().enumerate(), 5, 7),
+            vec![w.calls[0].as_raw_fd(), w.calls[2].as_raw_fd()]
+        );
+    }
+
+    #[test]
     fn unwiring_keeps_the_calls_of_devices_sharing_the_vector() {
-        let a = Wiring::new(3, 0, 2).unwrap();
-        let b = Wiring::new(3, 1, 1).unwrap();
-        let c = Wiring::new(4, 2, 1).unwrap();
+        let a = Wiring::new(vec![3, 3], 0).unwrap();
+        let b = Wiring::new(vec![3], 1).unwrap();
+        let c = Wiring::new(vec![4], 2).unwrap();
         let all = [Some(&a), Some(&b), None, Some(&c)];
         let it = || all.iter().copied().enumerate();
         // Unwiring a: b's call goes back, c is on another vector.

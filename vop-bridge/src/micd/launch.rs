@@ -264,6 +264,13 @@ impl CardPlan {
                 args.push(a);
             } else {
                 args.extend(os(&["--tap", name, "--host-ip", &n.host_cidr()]));
+                // A queue pair per card CPU, as many as the device page
+                // holds; the card's driver enables them through the control
+                // queue the bridge serves (`docs/vop-abi.md` 5.8).
+                let pairs = cfg.cpus.min(u32::from(crate::backend::MAX_NET_PAIRS));
+                if pairs > 1 {
+                    args.extend(os(&["--num-queue-pairs", &pairs.to_string()]));
+                }
             }
             stats_arg("net", &mut args);
             backends.push(proc("net", tools.bin_dir.join("mic-net"), args));
@@ -780,5 +787,28 @@ mod tests {
             &net.args,
             &["--tap", "mic3", "--host-ip", "172.31.4.254/24"]
         ));
+        assert!(!has(&net.args, &["--num-queue-pairs"]));
+    }
+
+    #[test]
+    fn a_tap_gets_a_queue_pair_per_card_cpu() {
+        let dir = CardDir::new(Path::new("/s"), "mic3");
+        let pairs = |cpus| {
+            let cfg = CardConfig {
+                net: NetMode::Tap,
+                cpus,
+                ..Default::default()
+            };
+            let p = CardPlan::new("mic3", 3, &cfg, &dir, &tools(), "c", Shared::default());
+            let net = p.backends.iter().find(|b| b.name == "net").unwrap();
+            let args: Vec<_> = net.args.iter().map(|a| a.to_str().unwrap()).collect();
+            args.iter()
+                .position(|a| *a == "--num-queue-pairs")
+                .map(|i| args[i + 1].to_string())
+        };
+        assert_eq!(pairs(1), None);
+        assert_eq!(pairs(4).as_deref(), Some("4"));
+        // 7 pairs and the control queue fill the page's 16 queues.
+        assert_eq!(pairs(32).as_deref(), Some("7"));
     }
 }

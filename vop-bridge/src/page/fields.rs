@@ -73,6 +73,31 @@ impl DevicePage {
         Ok((v >= 0 && (v as u32) < abi::NUM_VECTORS).then_some(v as u32))
     }
 
+    /// The vector each of a device's queues raises: its own vector where the
+    /// card gave it one (`h2c_vq_db`, ABI 1.2, `docs/vop-abi.md` 5.7), else
+    /// the device's (`h2c_vdev_db`). `None` while the device has no vector.
+    pub fn queue_vectors(
+        &self,
+        aperture: &Aperture,
+        index: usize,
+    ) -> Result<Option<Vec<u32>>, PageError> {
+        let Some(shared) = self.h2c_vdev_db(aperture, index)? else {
+            return Ok(None);
+        };
+        let s = self.slot(index);
+        let base = self.offset + s.desc_offset as u64;
+        let mut vectors = Vec::with_capacity(s.rings.len());
+        for i in 0..s.rings.len() {
+            let vq: VqConfig = aperture.read_obj(base + s.layout.vqconfig(i) as u64)?;
+            // Vector 0 is the control vector, never a queue's; a 1.1 host's
+            // page has 0 here and the card leaves it.
+            let own = (vq.h2c_vq_db > 0 && (vq.h2c_vq_db as u32) < abi::NUM_VECTORS)
+                .then_some(vq.h2c_vq_db as u32);
+            vectors.push(own.unwrap_or(shared));
+        }
+        Ok(Some(vectors))
+    }
+
     /// Zeroes a device's rings and rewrites their trailers (device reset).
     pub fn reset_rings(&self, aperture: &Aperture, index: usize) -> Result<(), PageError> {
         let s = self.slot(index);
@@ -80,6 +105,12 @@ impl DevicePage {
             init_ring(aperture, r, s.device_type, i as u16)?;
         }
         Ok(())
+    }
+
+    /// The available index of a ring (how far the card has posted).
+    pub fn avail_idx(&self, aperture: &Aperture, index: usize, q: usize) -> Result<u16, PageError> {
+        let r = self.slot(index).rings[q];
+        Ok(aperture.read_obj(r.avail() + 2)?)
     }
 
     /// The used index of a ring (where a restarted backend resumes).
@@ -151,6 +182,30 @@ mod tests {
     use crate::page::tests::{aperture, blk_spec};
 
     #[test]
+    fn queues_raise_their_own_vector_or_the_devices() {
+        let ap = aperture(1 << 20);
+        let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
+        let mut spec = blk_spec();
+        spec.queue_sizes = vec![64; 3];
+        page.add(&ap, &spec).unwrap();
+        let s = page.slots()[0].clone().unwrap();
+        let vq = |i: usize| 0x1000 + s.desc_offset as u64 + s.layout.vqconfig(i) as u64;
+        let ctrl = 0x1000 + s.desc_offset as u64 + s.layout.ctrl() as u64;
+        // The page offers a vector per queue.
+        for i in 0..3 {
+            let c: VqConfig = ap.read_obj(vq(i)).unwrap();
+            assert_eq!(c.h2c_vq_db, abi::VQ_VECTOR_OFFERED);
+        }
+        // The card's device vector 4; queue 1 gets 9, queue 2 a value out of
+        // range (shared), queue 0 the control vector (never a queue's).
+        ap.write_obj(ctrl + 14, 4i8).unwrap();
+        ap.write_obj(vq(1) + 18, 9i8).unwrap();
+        ap.write_obj(vq(2) + 18, 40i8).unwrap();
+        ap.write_obj(vq(0) + 18, 0i8).unwrap();
+        assert_eq!(page.queue_vectors(&ap, 0).unwrap(), Some(vec![4, 9, 4]));
+    }
+
+    #[test]
     fn card_fields_are_read_from_computed_offsets() {
         let ap = aperture(1 << 20);
         let mut page = DevicePage::build(&ap, 0x1000, 1).unwrap();
@@ -165,6 +220,7 @@ mod tests {
         assert_eq!(page.h2c_vdev_db(&ap, 0).unwrap(), Some(5));
         ap.write_obj(0x1000 + 24 + 112 + 14, 77i8).unwrap();
         assert_eq!(page.h2c_vdev_db(&ap, 0).unwrap(), None);
+        assert_eq!(page.queue_vectors(&ap, 0).unwrap(), None);
         // A card that rewrites num_vq cannot change what the host uses.
         ap.write_obj(0x1000 + 25, 16u8).unwrap();
         assert_eq!(page.slots()[0].as_ref().unwrap().rings.len(), 1);

@@ -230,6 +230,7 @@ impl DevicePage {
                 VqConfig {
                     address: r.offset,
                     num: r.num,
+                    h2c_vq_db: abi::VQ_VECTOR_OFFERED,
                     ..Default::default()
                 },
             )?;

@@ -111,6 +111,10 @@ pub struct CardOptions {
     pub blk_args: Vec<String>,
     /// Network.
     pub net: Net,
+    /// More arguments for `mic-net`.
+    pub net_args: Vec<String>,
+    /// Card CPUs.
+    pub smp: u32,
     /// Card memory in MiB.
     pub memory_mib: u32,
     /// Extra kernel command line.
@@ -134,6 +138,8 @@ impl Default for CardOptions {
             blk: Blk::None,
             blk_args: Vec::new(),
             net: Net::None,
+            net_args: Vec::new(),
+            smp: 1,
             memory_mib: 512,
             cmdline: String::new(),
             expect: "console",
@@ -291,6 +297,7 @@ impl Card {
                 Command::new(bin("mic-net"))
                     .args(["--socket-path", &s("net.sock"), "--stream"])
                     .arg(format!("unix:{}", peer.display()))
+                    .args(&self.options.net_args)
                     .env("RUST_LOG", "info"),
                 &d.join("mic-net.log"),
             )),
@@ -300,6 +307,7 @@ impl Card {
                     .arg(bin("mic-net"))
                     .args(["--socket-path", &s("net.sock"), "--tap", name])
                     .args(["--host-ip", "172.31.1.254/24"])
+                    .args(&self.options.net_args)
                     .env("RUST_LOG", "info"),
                 &d.join("mic-net.log"),
             )),
@@ -321,6 +329,7 @@ impl Card {
     pub fn start_qemu(&mut self) {
         let d = self.dir.path();
         let mem = self.options.memory_mib;
+        let smp = self.options.smp.to_string();
         let append = format!(
             "mic.expect={} {}",
             self.options.expect, self.options.cmdline
@@ -332,7 +341,7 @@ impl Card {
             "-cpu",
             "max",
             "-smp",
-            "1",
+            &smp,
             "-m",
             &mem.to_string(),
             "-nodefaults",

@@ -6,8 +6,6 @@
 //! boot_devices.rs`), which give the card the same load and kill the
 //! backend the same way.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -61,13 +59,7 @@ pub fn load_result(result: &str) -> (u64, u64) {
 /// The `resubmitted` count of the mic-blk whose stats socket is `stats`
 /// (`stats` on it, `backends/README.md`, "Stats"), if it answers.
 pub fn resubmitted(stats: &Path) -> Option<u64> {
-    let mut s = UnixStream::connect(stats).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"stats\n").ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-    v["resubmitted"].as_u64()
+    crate::stats::try_ask(stats, "stats")?["resubmitted"].as_u64()
 }
 
 /// Whether a thread of `pid` is blocked in the kernel (state `D`, proc(5)):

@@ -18,7 +18,8 @@
 //! - [`frontend`]: a vhost-user frontend that drives a backend's
 //!   virtqueues itself;
 //! - [`peers`]: peers that connect to a daemon and stall;
-//! - [`crash`]: a block backend killed under a checking load.
+//! - [`crash`]: a block backend killed under a checking load;
+//! - [`stats`]: a daemon's stats socket.
 //!
 //! Everything is also re-exported at the crate root, but for the
 //! frontend's `Error` and `Result`.
@@ -35,6 +36,7 @@ pub mod peers;
 pub mod process;
 pub mod qtest;
 pub mod shell;
+pub mod stats;
 pub mod temp;
 pub mod wait;
 
@@ -54,5 +56,6 @@ pub use peers::*;
 pub use process::*;
 pub use qtest::*;
 pub use shell::*;
+pub use stats::*;
 pub use temp::*;
 pub use wait::*;
