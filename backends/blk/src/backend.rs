@@ -17,7 +17,7 @@ use std::io;
 use std::mem::offset_of;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use mic_backend_common::guest::vring_ready;
@@ -87,6 +87,9 @@ pub struct BlkParams {
     pub queue_size: u16,
     /// I/O helper threads for large requests (0: none).
     pub io_threads: usize,
+    /// How long a worker polls its queue after the last request before it
+    /// sleeps (0: it sleeps at once; `RingGuard::poll`).
+    pub poll: Duration,
 }
 
 /// The vhost-user-blk backend for one frontend connection.
@@ -337,8 +340,12 @@ impl BlkBackend {
             }
             // A throttled queue leaves notifications off: its wakeup, not
             // the driver, runs it again.
-            if !event_idx || throttled {
+            if throttled {
                 break;
+            }
+            // A request soon after the last one is taken without a kick.
+            if guard.poll(state.get_queue_mut(), mem, self.inner.params.poll) {
+                continue;
             }
             // Re-enable notifications; loop if the driver added requests
             // in the meantime. A driver that moved the avail index to an
@@ -578,6 +585,7 @@ mod tests {
                     num_queues: 3,
                     queue_size: 128,
                     io_threads: 1,
+                    poll: Duration::ZERO,
                 },
             )
             .unwrap(),

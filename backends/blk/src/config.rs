@@ -5,6 +5,7 @@
 //! this module touches the socket path.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Parser;
 use mic_backend_common::sandbox::{SandboxArgs, SandboxMode};
@@ -30,6 +31,13 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
 pub const SEG_MAX: u32 = 254;
 /// Upper bound of the default number of queues.
 pub const DEFAULT_MAX_QUEUES: u16 = 8;
+/// Default `--poll-us`: as long as cloud-hypervisor's block backend polls
+/// (`poll_queue`), about one request's round trip through a sleeping
+/// worker on a loaded host (`docs/benchmarks.md`).
+pub const DEFAULT_POLL_US: u64 = 50;
+/// Longest `--poll-us`: beyond a millisecond a worker burns a CPU for
+/// requests that are no longer coming.
+pub const MAX_POLL_US: u64 = 1000;
 
 /// Raw command line of `mic-blk`.
 #[derive(Parser, Debug, Clone, PartialEq, Eq)]
@@ -68,6 +76,10 @@ pub struct Cli {
     /// with the queue workers; 0 disables them [default: host CPUs, at most 4].
     #[arg(long, value_name = "N")]
     pub io_threads: Option<usize>,
+    /// Microseconds a queue worker keeps polling its queue after the last
+    /// request before it sleeps (0: never polls).
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_US)]
+    pub poll_us: u64,
     /// `--sandbox` (shared by all backends).
     #[command(flatten)]
     pub sandbox: SandboxArgs,
@@ -95,6 +107,8 @@ pub struct BlkConfig {
     pub queue_size: u16,
     /// I/O helper threads.
     pub io_threads: usize,
+    /// How long a worker polls its queue after the last request.
+    pub poll: Duration,
     /// Whether the daemon confines itself (`src/sandbox.rs`).
     pub sandbox: SandboxMode,
     /// Rate limits and the stats socket.
@@ -164,6 +178,7 @@ impl BlkConfig {
             num_queues,
             queue_size: qs,
             io_threads,
+            poll: Duration::from_micros(cli.poll_us.min(MAX_POLL_US)),
             sandbox: cli.sandbox.sandbox,
             limits: cli.limits,
         })

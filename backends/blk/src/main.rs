@@ -113,6 +113,7 @@ fn main() -> ExitCode {
         num_queues: cfg.num_queues,
         queue_size: cfg.queue_size,
         io_threads: cfg.io_threads,
+        poll: cfg.poll,
     };
     let result = serve_tracking(
         "mic-blk",

@@ -124,6 +124,12 @@ impl<'a> TestRing<'a> {
         self.write_u16(self.mock.avail_addr().0 + 2, self.avail_idx);
     }
 
+    /// The used ring's flags (`VRING_USED_F_NO_NOTIFY`: the device asks
+    /// for no notifications).
+    pub fn used_flags(&self) -> u16 {
+        self.read_u16(self.used_addr)
+    }
+
     /// Overwrites the available index (a hostile or confused driver).
     pub fn set_avail_idx(&mut self, idx: u16) {
         self.avail_idx = idx;
