@@ -2,7 +2,10 @@
 //! test frontend (mic-test-support) and report IOPS, MB/s and latency percentiles.
 //!
 //! Workloads (one queue): 4 KiB random read/write at queue depth 1 and 32,
-//! 128 KiB sequential read/write at queue depth 4 (configurable).
+//! 128 KiB sequential read/write at queue depth 4 (configurable). With
+//! `--queues N` (N > 1) the frontend sets up N queues and two more
+//! workloads run 4 KiB random reads and writes at depth 32 on every queue
+//! at once, a thread per queue (`randread-4k-qd32-Nq`).
 //! Output: a header line, then one tab-separated line per workload:
 //! `name  iops  MB/s  p50_us  p99_us`.
 //!
@@ -42,6 +45,10 @@ struct Args {
     /// Only run workloads whose name contains this string.
     #[arg(long)]
     only: Option<String>,
+    /// Queues to set up; with more than one, the multi-queue workloads run
+    /// too. The backend must offer as many.
+    #[arg(long, default_value_t = 1)]
+    queues: usize,
 }
 
 struct Slot {
@@ -52,11 +59,38 @@ struct Slot {
 }
 
 struct Workload {
-    name: &'static str,
+    name: String,
     write: bool,
     random: bool,
     bs: u64,
+    /// Requests in flight on each queue.
     depth: usize,
+    /// Queues driven at once, a thread each.
+    queues: usize,
+}
+
+/// What one queue's run measured.
+struct Measured {
+    ops: u64,
+    bytes: u64,
+    elapsed: f64,
+    lat: Vec<u32>,
+}
+
+/// IOPS, MB/s, p50 and p99 latency (µs) of runs made at the same time.
+fn summarize(parts: Vec<Measured>) -> (f64, f64, f64, f64) {
+    let elapsed = parts.iter().map(|m| m.elapsed).fold(0.0, f64::max);
+    let ops: u64 = parts.iter().map(|m| m.ops).sum();
+    let bytes: u64 = parts.iter().map(|m| m.bytes).sum();
+    let mut lat: Vec<u32> = parts.into_iter().flat_map(|m| m.lat).collect();
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64;
+    (
+        ops as f64 / elapsed,
+        bytes as f64 / elapsed / 1e6,
+        pct(0.50),
+        pct(0.99),
+    )
 }
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN as T_IN, VIRTIO_BLK_T_OUT as T_OUT};
@@ -78,11 +112,13 @@ impl Rng {
     }
 }
 
-fn run(q: &mut VirtQueue, capacity: u64, w: &Workload, runtime: Duration) -> (f64, f64, f64, f64) {
+/// Drives one queue with workload `w` for `runtime`; `seed` picks its
+/// blocks. Allocates its buffers from the queue's guest memory (the caller
+/// releases them).
+fn run(q: &mut VirtQueue, capacity: u64, w: &Workload, runtime: Duration, seed: u64) -> Measured {
     let mem = q.mem().clone();
-    let mark = mem.mark();
     let blocks = capacity / w.bs;
-    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut rng = Rng(0x1234_5678_9abc_def1 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut seq = 0u64;
     let mut slots: Vec<Slot> = (0..w.depth)
         .map(|i| {
@@ -159,16 +195,36 @@ fn run(q: &mut VirtQueue, capacity: u64, w: &Workload, runtime: Duration) -> (f6
             q.kick().unwrap();
         }
     }
-    let elapsed = start.elapsed().as_secs_f64();
+    Measured {
+        ops,
+        bytes,
+        elapsed: start.elapsed().as_secs_f64(),
+        lat,
+    }
+}
+
+/// Runs `w` on its queues at once, a thread per queue.
+fn run_queues(
+    queues: &mut [VirtQueue],
+    capacity: u64,
+    w: &Workload,
+    runtime: Duration,
+) -> (f64, f64, f64, f64) {
+    let mem = queues[0].mem().clone();
+    let mark = mem.mark();
+    let parts = std::thread::scope(|s| {
+        let runs: Vec<_> = queues
+            .iter_mut()
+            .take(w.queues)
+            .enumerate()
+            .map(|(i, q)| s.spawn(move || run(q, capacity, w, runtime, i as u64)))
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().expect("a queue's run"))
+            .collect()
+    });
     mem.release(mark);
-    lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64;
-    (
-        ops as f64 / elapsed,
-        bytes as f64 / elapsed / 1e6,
-        pct(0.50),
-        pct(0.99),
-    )
+    summarize(parts)
 }
 
 /// One workload as a single-thread `pread`/`pwrite` loop on `file`.
@@ -208,20 +264,17 @@ fn run_raw(
             break;
         }
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64;
-    (
-        ops as f64 / elapsed,
-        (ops * w.bs) as f64 / elapsed / 1e6,
-        pct(0.50),
-        pct(0.99),
-    )
+    summarize(vec![Measured {
+        ops,
+        bytes: ops * w.bs,
+        elapsed: start.elapsed().as_secs_f64(),
+        lat,
+    }])
 }
 
 fn main() {
     let args = Args::parse();
-    let workloads = workloads(args.seq_depth);
+    let workloads = workloads(args.seq_depth, args.queues);
     println!("workload\tiops\tMB/s\tp50_us\tp99_us");
     let selected = || {
         workloads.iter().filter(|w| {
@@ -253,7 +306,7 @@ fn main() {
     let mut f = TestFrontend::connect_with(
         socket,
         FrontendOptions {
-            num_queues: 1,
+            num_queues: args.queues.max(1),
             queue_size: args.queue_size,
             mem_size: 256 << 20,
             inflight: args.inflight,
@@ -269,56 +322,34 @@ fn main() {
         f.acked_features,
         if f.inflight.is_some() { "yes" } else { "no" }
     );
-    let q = &mut f.queues[0];
     for w in selected() {
-        report(w, run(q, capacity, w, runtime));
+        report(w, run_queues(&mut f.queues, capacity, w, runtime));
     }
 }
 
-/// The workloads, in the order they run; `sd` is the sequential depth.
-fn workloads(sd: usize) -> [Workload; 6] {
-    [
-        Workload {
-            name: "randread-4k-qd1",
-            write: false,
-            random: true,
-            bs: 4096,
-            depth: 1,
-        },
-        Workload {
-            name: "randwrite-4k-qd1",
-            write: true,
-            random: true,
-            bs: 4096,
-            depth: 1,
-        },
-        Workload {
-            name: "randread-4k-qd32",
-            write: false,
-            random: true,
-            bs: 4096,
-            depth: 32,
-        },
-        Workload {
-            name: "randwrite-4k-qd32",
-            write: true,
-            random: true,
-            bs: 4096,
-            depth: 32,
-        },
-        Workload {
-            name: "seqread-128k",
-            write: false,
-            random: false,
-            bs: 128 << 10,
-            depth: sd,
-        },
-        Workload {
-            name: "seqwrite-128k",
-            write: true,
-            random: false,
-            bs: 128 << 10,
-            depth: sd,
-        },
-    ]
+/// The workloads, in the order they run; `sd` is the sequential depth, and
+/// with `queues` > 1 the multi-queue workloads follow.
+fn workloads(sd: usize, queues: usize) -> Vec<Workload> {
+    let w = |name: &str, write, random, bs, depth, queues| Workload {
+        name: name.to_string(),
+        write,
+        random,
+        bs,
+        depth,
+        queues,
+    };
+    let mut all = vec![
+        w("randread-4k-qd1", false, true, 4096, 1, 1),
+        w("randwrite-4k-qd1", true, true, 4096, 1, 1),
+        w("randread-4k-qd32", false, true, 4096, 32, 1),
+        w("randwrite-4k-qd32", true, true, 4096, 32, 1),
+        w("seqread-128k", false, false, 128 << 10, sd, 1),
+        w("seqwrite-128k", true, false, 128 << 10, sd, 1),
+    ];
+    if queues > 1 {
+        let n = format!("-qd32-{queues}q");
+        all.push(w(&format!("randread-4k{n}"), false, true, 4096, 32, queues));
+        all.push(w(&format!("randwrite-4k{n}"), true, true, 4096, 32, queues));
+    }
+    all
 }
