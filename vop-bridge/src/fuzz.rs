@@ -1,6 +1,7 @@
 //! Fuzz-target bodies for what the card or a peer feeds the bridge
 //! (`docs/fuzzing.md`): the device-protocol stream, the device page the card
-//! writes, the control socket, and the configuration files.
+//! writes, the network control queue the card fills, the control socket,
+//! and the configuration files.
 //!
 //! Each body is an ordinary function: the libFuzzer harnesses in
 //! `vop-bridge/fuzz/fuzz_targets/` call it, and the unit tests below replay
@@ -29,6 +30,7 @@ pub type Target = fn(&[u8]);
 pub const TARGETS: &[(&str, Target)] = &[
     ("device_protocol", device_protocol),
     ("device_page", device_page),
+    ("net_control", net_control),
     ("control", control),
     ("config", config),
 ];
@@ -95,6 +97,65 @@ pub fn device_protocol(data: &[u8]) {
         !link.has_pending(),
         "more messages than the stream can hold"
     );
+}
+
+/// Guest memory of the `net_control` target: the ring at 0, buffers after.
+const NET_CONTROL_MEMORY: u64 = 64 << 10;
+
+/// Where `net_control`'s ring of `size` entries lies (virtio 1.2, 2.7: the
+/// split ring's legacy layout, the used ring at the next 4 KiB).
+fn net_control_ring(size: u16) -> crate::net_control::RingOffsets {
+    let avail = 16 * u64::from(size);
+    let used = (avail + 6 + 2 * u64::from(size)).next_multiple_of(4096);
+    crate::net_control::RingOffsets {
+        desc: 0,
+        avail,
+        used,
+    }
+}
+
+/// Fuzz target `net_control`: the card filled its network control queue's
+/// ring and buffers with `data` and kicked it three times; the bridge
+/// serves it (`net_control.rs`, `docs/vop-abi.md` 5.8). Each kick answers
+/// at most one ring of chains, never more malformed ones than answered, and
+/// never fails for a reason other than the ring's own state.
+///
+/// Input: the ring size (`1 << (byte % 9)`), a flags byte (bit 0: EVENT_IDX;
+/// bits 1-3: whether the device accepts each kick's commands), then guest
+/// memory from address 0 (descriptor table, available ring, used ring at
+/// the next 4 KiB, buffers).
+pub fn net_control(data: &[u8]) {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    let mut input = Input::new(data);
+    let size = 1u16 << (input.u8() % 9);
+    let flags = input.u8();
+    let bytes = input.rest();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), NET_CONTROL_MEMORY as usize)])
+        .expect("fuzz memory");
+    let n = bytes.len().min(NET_CONTROL_MEMORY as usize);
+    mem.write_slice(&bytes[..n], GuestAddress(0))
+        .expect("guest bytes");
+    let mut q =
+        crate::net_control::ControlQueue::new(2, size, net_control_ring(size), flags & 1 != 0, 0);
+    for kick in 0..3 {
+        let accept = flags >> (kick + 1) & 1 != 0;
+        let mut seen = 0;
+        match q.serve(&mem, 0, |_| {
+            seen += 1;
+            accept
+        }) {
+            Ok(s) => {
+                assert!(s.commands <= usize::from(size), "more than a ring per kick");
+                assert!(s.malformed <= s.commands);
+                assert_eq!(
+                    seen + s.malformed,
+                    s.commands,
+                    "a chain neither applied nor refused"
+                );
+            }
+            Err(crate::net_control::ControlQueueError::Queue(_)) => {}
+        }
+    }
 }
 
 /// Size of the fuzz aperture: the page and a few rings.
@@ -383,6 +444,27 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         config: vec![2, 0, 0, 0, 0, 1, 1, 0, 0xdc, 5],
     };
 
+    // A network control queue of 8 entries with one VQ_PAIRS_SET (2 pairs):
+    // header, data and status buffers at 8 KiB.
+    let net_control_seed = {
+        let ring = net_control_ring(8);
+        let mut m = vec![0u8; 0x2110];
+        let desc = |m: &mut Vec<u8>, i: usize, addr: u64, len: u32, flags: u16, next: u16| {
+            let d = &mut m[16 * i..16 * i + 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+        };
+        desc(&mut m, 0, 0x2000, 2, 1, 1);
+        desc(&mut m, 1, 0x2002, 2, 1, 2);
+        desc(&mut m, 2, 0x2100, 1, 2, 0);
+        let avail = ring.avail as usize;
+        m[avail + 2..avail + 4].copy_from_slice(&1u16.to_le_bytes());
+        m[0x2000..0x2004].copy_from_slice(&[4, 0, 2, 0]);
+        [&[3u8, 0b1110][..], &m].concat()
+    };
+
     let bridge_toml = "device_socket = \"/run/mic0.sock\"\nqueue_size = 128\n\n[[device]]\ntype = \"blk\"\nsocket = \"/run/blk.sock\"\nqueue_size = 64\n\n[[device]]\ntype = \"console\"\nsocket = \"/run/con.sock\"\n";
     let micd_toml =
         "[mic0]\nmemory = 1024\ncpus = 2\naccel = \"tcg\"\n\n[mic1]\nautoboot = false\n";
@@ -393,6 +475,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("device_protocol", "messages", plain),
         ("device_page", "blk", page(std::slice::from_ref(&blk))),
         ("device_page", "three", page(&[console, blk, net])),
+        ("net_control", "pairs", net_control_seed),
         ("control", "status", b"\x00status\n".to_vec()),
         (
             "control",
@@ -434,6 +517,25 @@ mod tests {
                 assert!(!page.slots().is_empty());
             }
         }
+    }
+
+    #[test]
+    fn the_net_control_seed_sets_two_pairs() {
+        let (_, _, input) = seeds().into_iter().find(|s| s.0 == "net_control").unwrap();
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 10)]).unwrap();
+        mem.write_slice(&input[2..], GuestAddress(0)).unwrap();
+        let mut q = crate::net_control::ControlQueue::new(2, 8, net_control_ring(8), false, 0);
+        let mut cmds = Vec::new();
+        let served = q
+            .serve(&mem, 0, |c| {
+                cmds.push(c);
+                true
+            })
+            .unwrap();
+        assert_eq!(cmds, vec![crate::net_control::Command::SetQueuePairs(2)]);
+        assert_eq!(served.commands, 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2100)).unwrap(), 0);
     }
 
     #[test]
