@@ -93,25 +93,31 @@ impl Attached {
             .is_ok_and(driver_ok)
     }
 
-    /// Base of the aperture in the memory table's userspace addresses.
-    pub fn aperture_hva(&self) -> Option<u64> {
+    /// Where the aperture's offset 0 would be in the memory table, as
+    /// `(guest physical address, userspace address)`, while the card has
+    /// BAR2 mapped.
+    fn aperture_base(&self) -> Option<(u64, u64)> {
         self.att.ram.memory().iter().find_map(|r| {
             let fo = r.file_offset()?;
             let m = fo.file().metadata().ok()?;
-            ((m.dev(), m.ino()) == self.aperture_id)
-                .then(|| (r.as_ptr() as u64).wrapping_sub(fo.start()))
+            ((m.dev(), m.ino()) == self.aperture_id).then(|| {
+                (
+                    r.start_addr().0.wrapping_sub(fo.start()),
+                    (r.as_ptr() as u64).wrapping_sub(fo.start()),
+                )
+            })
         })
+    }
+
+    /// Base of the aperture in the memory table's userspace addresses.
+    pub fn aperture_hva(&self) -> Option<u64> {
+        self.aperture_base().map(|(_, hva)| hva)
     }
 
     /// Guest physical address of the aperture (BAR2), while the card has
     /// it mapped.
     pub fn aperture_gpa(&self) -> Option<u64> {
-        self.att.ram.memory().iter().find_map(|r| {
-            let fo = r.file_offset()?;
-            let m = fo.file().metadata().ok()?;
-            ((m.dev(), m.ino()) == self.aperture_id)
-                .then(|| r.start_addr().0.wrapping_sub(fo.start()))
-        })
+        self.aperture_base().map(|(gpa, _)| gpa)
     }
 
     /// The card's RAM as a vhost-user memory table.

@@ -4,6 +4,8 @@
 use std::os::fd::{AsRawFd, RawFd};
 
 use log::{debug, warn};
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MQ;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -13,8 +15,6 @@ use crate::backend::RingSetup;
 use crate::device_protocol::HostMessage;
 use crate::event_loop::{EventLoop, Token};
 use crate::net_control::{ControlQueue, RingOffsets};
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MQ;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// The queue pairs a running network card uses, seen from its rings: the
 /// leading pairs whose receive queue has buffers posted (at least one).
@@ -65,9 +65,7 @@ impl Wiring {
         }
         Ok(w)
     }
-}
 
-impl Wiring {
     /// The queues' call eventfds with their vectors.
     fn calls_by_vector(&self) -> impl Iterator<Item = (u32, RawFd)> + '_ {
         self.vectors
