@@ -24,6 +24,23 @@ pub(super) fn config_len(kind: DeviceKind) -> u32 {
     }
 }
 
+/// How many queues (block) or queue pairs (network) a multiqueue device
+/// gives the card, before the bridge's own limit: the count in the
+/// backend's config space (`config_count`: `num_queues` or
+/// `max_virtqueue_pairs`) when it has one (protocol feature `CONFIG`),
+/// otherwise what its `GET_QUEUE_NUM` offers (`queue_num`, with protocol
+/// feature `MQ`), `per` queues to the unit. A backend without a config
+/// space leaves that field to its frontend, as QEMU's `queues=` and
+/// cloud-hypervisor's `num_queues` set it (cloud-hypervisor's
+/// `vhost_user_net` has no config space unless given a MAC or an MTU).
+pub(super) fn multiqueue_units(config_count: Option<u16>, queue_num: Option<u64>, per: u64) -> u16 {
+    match (config_count, queue_num) {
+        (Some(n), _) => n,
+        (None, Some(q)) => u16::try_from(q / per).unwrap_or(u16::MAX),
+        (None, None) => 1,
+    }
+}
+
 /// The write-cache byte of a block device's config space (virtio 1.2
 /// 5.2.4, `writeback`; `wce` in virtio-bindings).
 pub(super) const BLK_WCE_OFFSET: usize = std::mem::offset_of!(virtio_blk::virtio_blk_config, wce);
@@ -66,6 +83,19 @@ impl VhostUserFrontendReqHandler for ConfigChangeFlag {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backend_without_config_space_offers_what_its_queue_count_says() {
+        // Its own config space decides when it has one.
+        assert_eq!(multiqueue_units(Some(3), Some(16), 2), 3);
+        // cloud-hypervisor's vhost_user_net, num_queues=4: two pairs.
+        assert_eq!(multiqueue_units(None, Some(4), 2), 2);
+        assert_eq!(multiqueue_units(None, Some(5), 2), 2);
+        assert_eq!(multiqueue_units(None, Some(4), 1), 4);
+        // Neither: one.
+        assert_eq!(multiqueue_units(None, None, 2), 1);
+        assert_eq!(multiqueue_units(None, Some(u64::MAX), 1), u16::MAX);
+    }
 
     #[test]
     fn the_cards_write_cache_choice_is_replayed_to_a_fresh_backend() {

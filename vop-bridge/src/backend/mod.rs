@@ -43,7 +43,7 @@ mod features;
 mod inflight;
 
 pub use device_config::ConfigChangeFlag;
-use device_config::{card_config_to_replay, config_len};
+use device_config::{card_config_to_replay, config_len, multiqueue_units};
 pub use error::{BackendError, Step};
 use features::{
     bit, NET_CTRL_FEATURES, NET_SERVED_CTRL_FEATURES, VIRTIO_CONSOLE_F_MULTIPORT, WANTED_PROTOCOL,
@@ -216,6 +216,12 @@ impl Backend {
 
     /// Number of virtqueues the card gets, and the config adjusted to it.
     fn queue_count(&mut self) -> Result<usize, BackendError> {
+        let has_config = self.protocol.contains(VhostUserProtocolFeatures::CONFIG);
+        let offered = if self.protocol.contains(VhostUserProtocolFeatures::MQ) {
+            Some(self.call(FrontendReq::GET_QUEUE_NUM, |f| f.get_queue_num())?)
+        } else {
+            None
+        };
         let short = |needed: usize| BackendError::ShortConfig {
             socket: self.socket.clone(),
             len: self.config.len(),
@@ -233,7 +239,8 @@ impl Backend {
             DeviceKind::Console => 2,
             DeviceKind::Blk if self.features & bit(virtio_blk::VIRTIO_BLK_F_MQ) != 0 => {
                 let bytes = self.config.get(34..36).ok_or_else(|| short(36))?;
-                let q = u16::from_le_bytes(bytes.try_into().map_err(|_| short(36))?)
+                let own = u16::from_le_bytes(bytes.try_into().map_err(|_| short(36))?);
+                let q = multiqueue_units(has_config.then_some(own), offered, 1)
                     .clamp(1, abi::MAX_VQS as u16);
                 self.config[34..36].copy_from_slice(&q.to_le_bytes());
                 q as usize
@@ -242,8 +249,9 @@ impl Backend {
             DeviceKind::Net if self.features & bit(virtio_net::VIRTIO_NET_F_MQ) != 0 => {
                 // max_virtqueue_pairs; the control queue takes one more.
                 let bytes = self.config.get(8..10).ok_or_else(|| short(10))?;
-                let pairs = u16::from_le_bytes(bytes.try_into().map_err(|_| short(10))?)
-                    .clamp(1, MAX_NET_PAIRS);
+                let own = u16::from_le_bytes(bytes.try_into().map_err(|_| short(10))?);
+                let pairs =
+                    multiqueue_units(has_config.then_some(own), offered, 2).clamp(1, MAX_NET_PAIRS);
                 self.config[8..10].copy_from_slice(&pairs.to_le_bytes());
                 2 * pairs as usize
             }
@@ -253,8 +261,7 @@ impl Backend {
             // refills it on every probe, so a card reset needs nothing more.
             DeviceKind::Vsock => 3,
         };
-        if self.protocol.contains(VhostUserProtocolFeatures::MQ) {
-            let max = self.call(FrontendReq::GET_QUEUE_NUM, |f| f.get_queue_num())? as usize;
+        if let Some(max) = offered.map(|m| usize::try_from(m).unwrap_or(usize::MAX)) {
             if max < n {
                 return Err(BackendError::TooFewQueues {
                     socket: self.socket.clone(),
